@@ -1,0 +1,107 @@
+"""`elt`: run all-etl on this machine and check its configuration."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Optional
+
+import typer
+
+from elt.errors import EltError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="The ELT appliance's command line.")
+
+
+@app.command()
+def run(
+    connection: Annotated[Optional[list[str]], typer.Option("--connection", "-c", help="Sync only this connection (repeatable). Default: all.")] = None,
+    full_refresh: Annotated[bool, typer.Option("--full-refresh", help="Re-sync from scratch and rebuild incremental models.")] = False,
+    select: Annotated[Optional[str], typer.Option("--select", "-s", help="dbt node selection, e.g. 'marts' or '+daily_revenue'.")] = None,
+    exclude: Annotated[Optional[str], typer.Option("--exclude", help="dbt nodes to leave out.")] = None,
+    skip_extract: Annotated[bool, typer.Option("--skip-extract", help="Do not sync Airbyte connections.")] = False,
+    skip_pull: Annotated[bool, typer.Option("--skip-pull", help="Build the checkout as it is, without git pull.")] = False,
+    skip_transform: Annotated[bool, typer.Option("--skip-transform", help="Do not run dbt.")] = False,
+    repo: Annotated[Optional[str], typer.Option("--repo", help="Repo holding the dbt project (URL or path). Default: ELT_GIT_REPO.")] = None,
+    branch: Annotated[Optional[str], typer.Option("--branch", help="Branch to deploy. Default: ELT_GIT_BRANCH.")] = None,
+    project_dir: Annotated[Optional[str], typer.Option("--project-dir", help="dbt project folder in the repo. Default: ELT_DBT_PROJECT_DIR.")] = None,
+    target: Annotated[Optional[str], typer.Option("--target", help="dbt target. Default: ELT_DBT_TARGET or the warehouse.")] = None,
+    connections_file: Annotated[Optional[str], typer.Option("--connections-file", help="Embedded connections file. Default: ELT_AIRBYTE_CONNECTIONS_FILE.")] = None,
+) -> None:
+    """Run the all-etl flow here: sync connections, pull the dbt project, dbt build."""
+    for variable, value in (("ELT_DBT_TARGET", target), ("ELT_AIRBYTE_CONNECTIONS_FILE", connections_file)):
+        if value is not None:
+            os.environ[variable] = value
+    _fail_on_bad_settings()
+    # A temporary Prefect server's first start migrates a fresh SQLite database (~20 s here).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+    from elt.flows import all_etl
+
+    state = all_etl(
+        connections=connection or None,
+        full_refresh=full_refresh,
+        select=select,
+        exclude=exclude,
+        skip_extract=skip_extract,
+        skip_pull=skip_pull,
+        skip_transform=skip_transform,
+        repo=repo,
+        branch=branch,
+        project_dir=project_dir,
+        return_state=True,
+    )
+    if not state.is_completed():
+        typer.secho(f"all-etl {state.name}: {_state_message(state)}", fg="red", err=True)
+        raise typer.Exit(1)
+    _print_summary(state.result())
+
+
+@app.command()
+def doctor() -> None:
+    """Check the configuration and that every configured dependency is reachable."""
+    from elt.doctor import run_checks
+
+    problems = 0
+    for check in run_checks():
+        mark = typer.style("ok  ", fg="green") if check.ok else typer.style("FAIL", fg="red")
+        typer.echo(f"{mark} {check.name}: {check.detail}")
+        problems += not check.ok
+    if problems:
+        typer.secho(f"{problems} problem(s) found", fg="red", err=True)
+        raise typer.Exit(1)
+    typer.echo("all checks passed")
+
+
+def _fail_on_bad_settings() -> None:
+    from elt.settings import load_settings
+
+    try:
+        load_settings()
+    except EltError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
+def _state_message(state) -> str:
+    try:
+        state.result()
+    except Exception as exc:  # the flow's own exception carries the message the user needs
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return state.message or "no message"
+
+
+def _print_summary(summary) -> None:
+    typer.echo("")
+    typer.secho("all-etl completed", fg="green", bold=True)
+    if summary.extract:
+        for name, rows in summary.extract.rows_per_stream.items():
+            typer.echo(f"  loaded   {name:<40} {rows:>10,} rows")
+    if summary.deployed:
+        typer.echo(f"  commit   {summary.deployed.sha} ({summary.deployed.branch})")
+    if summary.dbt_run:
+        counts: dict[str, int] = {}
+        for node in summary.dbt_run.results:
+            counts[node.status] = counts.get(node.status, 0) + 1
+        typer.echo(f"  dbt      {summary.dbt_run.command}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    for table, rows in summary.mart_rows.items():
+        typer.echo(f"  mart     {table:<40} {rows:>10,} rows")

@@ -1,0 +1,128 @@
+"""`elt doctor`: every configured dependency, checked for real, each problem named."""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from elt.errors import EltError
+from elt.settings import AirbyteBackend, Settings, load_settings
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def run_checks() -> Iterator[Check]:
+    try:
+        settings = load_settings()
+    except EltError as exc:
+        yield Check("settings", False, str(exc))
+        return
+    yield Check("settings", True, f"warehouse {settings.warehouse.value}, Airbyte backend {settings.airbyte_backend.value}")
+    for name, check in _checks(settings):
+        try:
+            yield Check(name, True, check())
+        except Exception as exc:  # every failure becomes a reported problem, never a crash
+            yield Check(name, False, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+def _checks(settings: Settings) -> list[tuple[str, Callable[[], str]]]:
+    checks: list[tuple[str, Callable[[], str]]] = []
+    if settings.airbyte_backend is AirbyteBackend.embedded:
+        checks.append(("airbyte connections", lambda: _embedded_connections(settings)))
+    checks += [
+        ("warehouse", lambda: _warehouse(settings)),
+        ("git repo", lambda: _git(settings)),
+        ("dbt project", lambda: _dbt(settings)),
+        ("prefect api", _prefect),
+    ]
+    return checks
+
+
+def _embedded_connections(settings: Settings) -> str:
+    from elt.extract.connections import load_connections
+    from elt.extract.embedded import EmbeddedBackend
+
+    path = settings.path(settings.airbyte_connections_file)
+    connections = load_connections(path)
+    backend = EmbeddedBackend(settings, connections)
+    missing = []
+    for spec in connections:
+        venv = settings.path(settings.connectors_dir) / spec.source.connector / "bin" / spec.source.connector
+        if not (spec.source.executable or venv.exists() or spec.source.pip):
+            missing.append(spec.name)
+    if missing:
+        raise EltError(f"{path}: connection(s) {', '.join(missing)} name a connector that is not installed and has no 'pip' spec")
+    return f"{len(backend.connection_names())} enabled in {path}"
+
+
+def _warehouse(settings: Settings) -> str:
+    from elt.warehouse import check_reachable
+
+    check_reachable(settings)
+    return "reachable"
+
+
+def _git(settings: Settings) -> str:
+    import git
+
+    from elt.git_repo import RepoSource, scrub_location
+
+    source = RepoSource.from_settings(settings)
+    target = source.location
+    if (source.checkout / ".git").exists():
+        repo = git.Repo(source.checkout)
+        tracking = None if repo.head.is_detached else repo.active_branch.tracking_branch()
+        if tracking is None:
+            return f"{source.checkout}: no upstream branch; all-etl deploys local HEAD"
+        target = repo.remote(tracking.remote_name).url
+    try:
+        git.cmd.Git().ls_remote("--heads", target, env={"GIT_TERMINAL_PROMPT": "0"})
+    except git.GitCommandError as exc:
+        raise EltError(f"cannot reach {scrub_location(target)} (ELT_GIT_REPO): {str(exc.stderr).strip()[:200]}") from None
+    return f"{scrub_location(target)} reachable"
+
+
+def _dbt(settings: Settings) -> str:
+    from elt import dbt
+    from elt.git_repo import RepoSource
+
+    folder = RepoSource.from_settings(settings).checkout / settings.dbt_project_dir
+    if not folder.exists():
+        return f"{folder} not checked out yet; all-etl clones it on its first run"
+    project = dbt.DbtProject.at(folder)
+    with tempfile.TemporaryDirectory(prefix="elt-profiles-") as rendered:
+        profiles_dir = project.path if settings.dbt_use_project_profiles else Path(rendered)
+        if not settings.dbt_use_project_profiles:
+            (profiles_dir / "profiles.yml").write_text(dbt.render_profile(settings, project.profile_name))
+        completed = subprocess.run(
+            [dbt.dbt_executable(), "debug", "--project-dir", str(project.path), "--profiles-dir", str(profiles_dir),
+             "--target", settings.effective_dbt_target],
+            cwd=project.path, env=dbt.dbt_environment(settings), capture_output=True, text=True, timeout=120,
+        )
+    if completed.returncode != 0:
+        errors = [line.strip() for line in completed.stdout.splitlines() if "ERROR" in line or "error" in line.lower()]
+        raise EltError(f"dbt debug failed in {project.path}: {' | '.join(errors[:3]) or completed.stdout[-300:]}")
+    return f"{project.path} (profile {project.profile_name}, target {settings.effective_dbt_target}) passes dbt debug"
+
+
+def _prefect() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return "PREFECT_API_URL unset: runs use a temporary local Prefect server"
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        error = client.api_healthcheck()
+    if error:
+        raise EltError(f"PREFECT_API_URL={url} is not healthy: {error}")
+    return f"{url} healthy"

@@ -1,0 +1,23 @@
+"""Exception roots. Each system's module subclasses these and says whether a retry can help."""
+
+from __future__ import annotations
+
+
+class EltError(Exception):
+    """An error the user can act on; its message names the thing to fix."""
+
+    transient: bool = False
+
+
+class TransientError(EltError):
+    """Retrying the same call later may succeed (network blips, a busy server)."""
+
+    transient = True
+
+
+class TerminalError(EltError):
+    """Retrying will fail the same way until someone changes code, config or data."""
+
+
+class ConfigurationError(TerminalError):
+    """A setting, file or parameter is missing or malformed."""

@@ -1,0 +1,135 @@
+"""The appliance's configuration: one typed object read from the environment and `.env`.
+
+Every setting has an `ELT_` variable; Snowflake's use the `SNOWFLAKE_` names that dbt
+profiles conventionally read. Relative paths are resolved against `ELT_HOME` (the
+directory `elt` runs from unless set), so the same `.env` works on a laptop, in CI and
+inside the worker container.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from elt.errors import ConfigurationError
+
+
+class Warehouse(str, Enum):
+    duckdb = "duckdb"
+    snowflake = "snowflake"
+
+
+class AirbyteBackend(str, Enum):
+    embedded = "embedded"
+    server = "server"
+
+
+def _snowflake(name: str) -> AliasChoices:
+    return AliasChoices(f"SNOWFLAKE_{name}", f"ELT_SNOWFLAKE_{name}")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ELT_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    home: Path = Field(
+        default_factory=Path.cwd,
+        description="Directory that relative paths below are resolved against.",
+    )
+    data_dir: Path = Field(
+        Path("data"), description="Where the DuckDB warehouse, checkouts and run state live."
+    )
+    warehouse: Warehouse = Field(
+        Warehouse.duckdb, description="Warehouse that Airbyte loads into and dbt builds in."
+    )
+    duckdb_path: Path = Field(
+        Path("data/warehouse.duckdb"), description="DuckDB database file of the embedded warehouse."
+    )
+
+    airbyte_backend: AirbyteBackend = Field(
+        AirbyteBackend.embedded,
+        description="'embedded' runs connectors in-process with PyAirbyte; 'server' drives an Airbyte server.",
+    )
+    airbyte_connections_file: Path = Field(
+        Path("airbyte/connections.yaml"),
+        description="Embedded connections as code: source connector, config, streams, destination schema.",
+    )
+    connectors_dir: Path = Field(
+        Path(".venv-connectors"),
+        description="One virtualenv per embedded connector, installed on first use from its 'pip' spec.",
+    )
+    extract_concurrency: int = Field(
+        4, ge=1, description="How many connections sync at once."
+    )
+
+    git_repo: str | None = Field(
+        None,
+        description="The repo holding the dbt project: a URL or local path. Unset: the repo ELT_HOME is in, pulled in place.",
+    )
+    git_branch: str | None = Field(
+        None, description="Branch to deploy. Unset: the checkout's current branch (or the remote's default on first clone)."
+    )
+    git_checkout_dir: Path | None = Field(
+        None, description="Where a remote ELT_GIT_REPO is cloned. Unset: data/repos/<repo name>."
+    )
+    git_token: SecretStr | None = Field(
+        None, description="HTTPS token for a private repo (sent through GIT_ASKPASS, never in a URL)."
+    )
+    git_ssh_key_path: Path | None = Field(
+        None, description="Deploy key for an SSH repo URL."
+    )
+
+    dbt_project_dir: Path = Field(
+        Path("dbt"), description="Folder of the dbt project inside the repo."
+    )
+    dbt_target: str | None = Field(
+        None, description="dbt target to build. Unset: the warehouse's name (duckdb or snowflake)."
+    )
+    dbt_use_project_profiles: bool = Field(
+        False,
+        description="Use the repo's own profiles.yml instead of the profile the appliance renders from these settings.",
+    )
+    dbt_threads: int = Field(4, ge=1, description="dbt threads.")
+    dbt_schema: str = Field("main", description="Base schema dbt builds into; marts go to <schema>_marts.")
+
+    snowflake_account: str | None = Field(None, validation_alias=_snowflake("ACCOUNT"))
+    snowflake_user: str | None = Field(None, validation_alias=_snowflake("USER"))
+    snowflake_password: SecretStr | None = Field(None, validation_alias=_snowflake("PASSWORD"))
+    snowflake_role: str | None = Field(None, validation_alias=_snowflake("ROLE"))
+    snowflake_warehouse: str | None = Field(None, validation_alias=_snowflake("WAREHOUSE"))
+    snowflake_database: str | None = Field(None, validation_alias=_snowflake("DATABASE"))
+    snowflake_schema: str = Field("ANALYTICS", validation_alias=_snowflake("SCHEMA"))
+
+    def path(self, value: Path) -> Path:
+        """Resolve a configured path against ELT_HOME."""
+        value = value.expanduser()
+        return value if value.is_absolute() else (self.home / value).resolve()
+
+    @property
+    def effective_dbt_target(self) -> str:
+        return self.dbt_target or self.warehouse.value
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment and `.env`; bad values raise one ConfigurationError.
+
+    >>> load_settings(warehouse="duckdb").warehouse
+    <Warehouse.duckdb: 'duckdb'>
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            variable = f"ELT_{field.upper()}" if not field.startswith("SNOWFLAKE_") else field
+            problems.append(f"{variable}: {error['msg']}")
+        raise ConfigurationError("invalid settings: " + "; ".join(problems)) from None
