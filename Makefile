@@ -1,0 +1,34 @@
+# The README's two commands: `make demo` and `make test`. Everything else supports them.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The uv release PyAirbyte accepts, as in requirements.lock.
+UV_VERSION := 0.8.24
+
+.PHONY: venv demo test doctor lock deploy clean
+
+# The lock holds the whole resolved set (prefect, PyAirbyte, dbt, adapters): installing it
+# never backtracks. `make lock` re-resolves after a change to pyproject.toml.
+$(VENV)/.installed: requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(BIN)/uv pip sync --quiet --python $(BIN)/python requirements.lock
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(BIN)/elt run
+
+test: venv
+	$(BIN)/pytest
+
+doctor: venv
+	$(BIN)/elt doctor
+
+lock:
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+
+clean:
+	rm -rf data dbt/target dbt/logs .venv-connectors

@@ -1,0 +1,178 @@
+"""Shared fixtures: a real Prefect server, a local bare git remote, an isolated appliance home."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY_PROJECT = Path(__file__).parent / "dbt_projects" / "tiny_shop"
+# Connectors are installed once per checkout and shared by every test (a real pip install).
+CONNECTORS_DIR = REPO_ROOT / ".venv-connectors"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No ELT_/SNOWFLAKE_ setting leaks in from the machine; `.env` lookups start in an empty folder."""
+    for name in list(os.environ):
+        if name.startswith(("ELT_", "SNOWFLAKE_")):
+            monkeypatch.delenv(name)
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+
+
+def git(*args: str, cwd: Path) -> str:
+    completed = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True)
+    return completed.stdout.strip()
+
+
+@dataclass
+class GitRemote:
+    """A bare repository on disk and a working clone used to push new commits to it."""
+
+    bare: Path
+    author_clone: Path
+
+    def commit(self, relative: str, content: str, message: str) -> str:
+        path = self.author_clone / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+        git("add", relative, cwd=self.author_clone)
+        git("commit", "-q", "-m", message, cwd=self.author_clone)
+        git("push", "-q", "origin", "HEAD:main", cwd=self.author_clone)
+        return git("rev-parse", "HEAD", cwd=self.author_clone)
+
+    def clone(self, destination: Path) -> Path:
+        git("clone", "-q", str(self.bare), str(destination), cwd=destination.parent)
+        _identify(destination)
+        return destination
+
+
+def _identify(checkout: Path) -> None:
+    git("config", "user.email", "tests@example.invalid", cwd=checkout)
+    git("config", "user.name", "tests", cwd=checkout)
+
+
+def make_remote(root: Path, project: Path, project_dir: str = "dbt") -> GitRemote:
+    """A bare remote whose `main` holds `project` under `project_dir`."""
+    bare = root / "remote.git"
+    git("init", "-q", "--bare", "-b", "main", str(bare), cwd=root)
+    author = root / "author"
+    git("clone", "-q", str(bare), str(author), cwd=root)
+    _identify(author)
+    git("checkout", "-q", "-b", "main", cwd=author)
+    shutil.copytree(project, author / project_dir, ignore=shutil.ignore_patterns("target", "logs", "dbt_packages"))
+    git("add", ".", cwd=author)
+    git("commit", "-q", "-m", "dbt project", cwd=author)
+    git("push", "-q", "origin", "main", cwd=author)
+    return GitRemote(bare, author)
+
+
+@pytest.fixture
+def appliance_remote(tmp_path: Path) -> GitRemote:
+    """A bare remote holding a copy of the appliance's own dbt project."""
+    return make_remote(tmp_path, REPO_ROOT / "dbt")
+
+
+@pytest.fixture
+def tiny_remote(tmp_path: Path) -> GitRemote:
+    """A bare remote holding tests/dbt_projects/tiny_shop (seeds only, no Airbyte sources)."""
+    return make_remote(tmp_path, TINY_PROJECT)
+
+
+@pytest.fixture
+def faker_connections(tmp_path: Path) -> Path:
+    """A connections file that runs the real source-faker with a small row count."""
+    path = tmp_path / "connections.yaml"
+    path.write_text(
+        (REPO_ROOT / "airbyte" / "connections.yaml").read_text().replace("count: 1000", "count: 200")
+    )
+    return path
+
+
+@pytest.fixture
+def appliance_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, faker_connections: Path) -> Path:
+    """ELT_ settings pointing every path of the appliance into this test's folder; returns ELT_HOME."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("ELT_HOME", str(home))
+    monkeypatch.setenv("ELT_CONNECTORS_DIR", str(CONNECTORS_DIR))
+    monkeypatch.setenv("ELT_AIRBYTE_CONNECTIONS_FILE", str(faker_connections))
+    return home
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class PrefectServer:
+    api_url: str
+    home: Path
+    process: subprocess.Popen
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "PREFECT_API_URL": self.api_url, "PREFECT_HOME": str(self.home)}
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(self.api_url + path, timeout=30)
+
+    def post(self, path: str, payload: dict) -> httpx.Response:
+        return httpx.post(self.api_url + path, json=payload, timeout=30)
+
+    def artifacts(self, key: str) -> list[dict]:
+        response = self.post("/artifacts/filter", {"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC"})
+        response.raise_for_status()
+        return response.json()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real `prefect server start` on SQLite, shared by the session; flows in this process report to it."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "w")
+    process = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    server = PrefectServer(f"http://127.0.0.1:{port}/api", home, process)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if server.get("/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    os.environ["PREFECT_API_URL"] = server.api_url
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield server
+    os.environ.pop("PREFECT_API_URL", None)
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()

@@ -1,0 +1,64 @@
+"""`airbyte/connections.yaml`: the shipped file loads, and each kind of mistake is one line naming file, connection and field."""
+
+from pathlib import Path
+
+import pytest
+
+from elt.extract.connections import ConnectionsFileError, load_connections, resolve_config
+from tests.conftest import REPO_ROOT
+
+
+def test_shipped_file_defines_the_faker_connection() -> None:
+    (faker,) = load_connections(REPO_ROOT / "airbyte" / "connections.yaml")
+    assert faker.name == "faker"
+    assert faker.source.connector == "source-faker"
+    assert faker.streams == ["users", "products", "purchases"]
+    assert faker.destination.schema_ == "raw_faker"
+
+
+GOOD = """
+connections:
+  - name: shop
+    source: {connector: source-faker, pip: airbyte-source-faker, config: {count: 5}}
+    streams: [users]
+    destination: {schema: raw_shop}
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("connections: [", "not valid YAML"),
+        ("{}", "connections: Field required"),
+        (GOOD.replace("connector: source-faker", "connector: faker"), "connection 'shop': source.connector: 'faker' does not match"),
+        (GOOD.replace("    streams: [users]\n", ""), "connection 'shop': streams: Field required"),
+        (GOOD.replace("streams: [users]", "streams: []"), "connection 'shop': streams: Value error, list at least one stream"),
+        (GOOD.replace("schema: raw_shop", "schema: raw-shop"), "connection 'shop': destination.schema: Value error, 'raw-shop' is not a plain SQL identifier"),
+        (GOOD.replace("pip: airbyte-source-faker", "pipp: airbyte-source-faker"), "connection 'shop': source.pipp: Extra inputs are not permitted"),
+        (GOOD + GOOD.replace("connections:\n", ""), "connection 'shop': name: defined twice"),
+    ],
+)
+def test_mistakes_are_one_line_naming_file_connection_and_field(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "connections.yaml"
+    path.write_text(text)
+    with pytest.raises(ConnectionsFileError) as error:
+        load_connections(path)
+    message = str(error.value)
+    assert message.startswith(str(path))
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_missing_file_names_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(ConnectionsFileError, match="ELT_AIRBYTE_CONNECTIONS_FILE"):
+        load_connections(tmp_path / "absent.yaml")
+
+
+def test_config_references_are_filled_from_the_environment(tmp_path: Path) -> None:
+    """`${VAR}` keeps secrets out of the file; an unset one names the variable, not its value."""
+    path = tmp_path / "connections.yaml"
+    path.write_text(GOOD.replace("count: 5", "count: 5, api_key: '${SHOP_KEY}'"))
+    (shop,) = load_connections(path)
+    assert resolve_config(shop, {"SHOP_KEY": "k-123"}) == {"count": 5, "api_key": "k-123"}
+    with pytest.raises(ConnectionsFileError, match=r"connection 'shop': source.config refers to \$\{SHOP_KEY\}"):
+        resolve_config(shop, {})
