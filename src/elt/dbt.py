@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -62,7 +63,12 @@ class NodeResult:
 
     @property
     def short_message(self) -> str:
-        return (self.message or "").strip().splitlines()[0][:300] if self.message else "no message"
+        """The line of dbt's message that says what went wrong, without its "Runtime Error in model x" header."""
+        lines = [line.strip() for line in (self.message or "").splitlines() if line.strip()]
+        if not lines:
+            return "no message"
+        specific = [line for line in lines if not re.match(r"^\w+ Error in \w+ ", line)]
+        return (specific or lines)[0][:300]
 
 
 @dataclass
@@ -181,7 +187,7 @@ def run_dbt(
 ) -> DbtRun:
     """Run one dbt command in the project folder and return every node's result.
 
-    `on_node` receives each NodeFinished event's data as dbt emits it.
+    `on_node` is called as each node finishes, with its unique_id, status, seconds and message.
     """
     command = [
         dbt_executable(),
@@ -198,6 +204,7 @@ def run_dbt(
     log.info("Running dbt %s", " ".join(arguments))
     tail: deque[str] = deque(maxlen=30)
     invocation_id = None
+    reported: set[str] = set()
     process = subprocess.Popen(
         command,
         cwd=project.path,
@@ -222,12 +229,29 @@ def run_dbt(
             log.log(logging.WARNING if level == "warn" else logging.ERROR if level == "error" else logging.INFO, "%s", message)
             if level in ("warn", "error"):
                 tail.append(message)
-        if info.get("name") == "NodeFinished" and on_node is not None:
-            on_node(event.get("data", {}))
+        finished = _finished_node(info.get("name", ""), event.get("data") or {})
+        if finished and on_node is not None and finished["unique_id"] not in reported:
+            reported.add(finished["unique_id"])
+            on_node(finished)
     return_code = process.wait()
     run = DbtRun(arguments[0], project.path, return_code, invocation_id, output_tail=list(tail))
     run.results = _read_run_results(project, invocation_id)
     return run
+
+
+def _finished_node(name: str, data: dict) -> dict | None:
+    """A node's outcome from dbt's info-level result events (LogModelResult, LogTestResult, ...)."""
+    node = data.get("node_info") or {}
+    if not node.get("unique_id") or not (name.endswith("Result") or name in ("LogSkipBecauseError", "NodeFinished")):
+        return None
+    return {
+        "unique_id": node["unique_id"],
+        "name": node.get("node_name") or node["unique_id"],
+        "resource_type": node.get("resource_type") or node["unique_id"].split(".")[0],
+        "status": node.get("node_status") or str(data.get("status") or "").lower(),
+        "seconds": data.get("execution_time"),
+        "message": data.get("result_message") or data.get("status"),
+    }
 
 
 def _parse(line: str) -> dict | None:

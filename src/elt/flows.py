@@ -148,24 +148,15 @@ def transform(
     return dbt.check(run)
 
 
-def _emit_node_event(data: dict) -> None:
-    node = data.get("node_info") or {}
-    result = data.get("run_result") or {}
-    unique_id = node.get("unique_id")
-    if not unique_id:
-        return
+def _emit_node_event(node: dict) -> None:
     emit_event(
-        event=f"dbt.node.{str(result.get('status') or node.get('node_status') or 'finished').replace(' ', '_')}",
+        event=f"dbt.node.{str(node['status']).replace(' ', '_')}",
         resource={
-            "prefect.resource.id": f"dbt.node.{unique_id}",
-            "prefect.resource.name": str(node.get("node_name") or unique_id),
-            "dbt.resource_type": str(node.get("resource_type") or ""),
+            "prefect.resource.id": f"dbt.node.{node['unique_id']}",
+            "prefect.resource.name": str(node["name"]),
+            "dbt.resource_type": str(node["resource_type"]),
         },
-        payload={
-            "status": result.get("status"),
-            "execution_time": result.get("execution_time"),
-            "message": result.get("message"),
-        },
+        payload={"status": node["status"], "seconds": node["seconds"], "message": node["message"]},
     )
 
 

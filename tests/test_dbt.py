@@ -1,0 +1,113 @@
+"""dbt as a subprocess, against real DuckDB: results per node, failures named, profiles rendered."""
+
+import shutil
+from pathlib import Path
+
+import duckdb
+import pytest
+import yaml
+
+from elt import dbt
+from elt.settings import load_settings
+from tests.conftest import TINY_PROJECT
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> dbt.DbtProject:
+    folder = tmp_path / "tiny_shop"
+    shutil.copytree(TINY_PROJECT, folder)
+    return dbt.DbtProject.at(folder)
+
+
+@pytest.fixture
+def profiles_dir(tmp_path: Path, project: dbt.DbtProject, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("ELT_DUCKDB_PATH", str(tmp_path / "warehouse.duckdb"))
+    folder = tmp_path / "profiles"
+    folder.mkdir()
+    (folder / "profiles.yml").write_text(dbt.render_profile(load_settings(), project.profile_name))
+    return folder
+
+
+def _build(project: dbt.DbtProject, profiles_dir: Path, *arguments: str) -> dbt.DbtRun:
+    return dbt.run_dbt(
+        project, ["build", *arguments], profiles_dir=profiles_dir, target="duckdb", env=dbt.dbt_environment(load_settings())
+    )
+
+
+def test_profile_is_rendered_under_the_projects_own_profile_name(tmp_path: Path, project: dbt.DbtProject, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ELT_DUCKDB_PATH", str(tmp_path / "w.duckdb"))
+    rendered = yaml.safe_load(dbt.render_profile(load_settings(), project.profile_name))
+    assert list(rendered) == ["tiny_shop_warehouse"]
+    output = rendered["tiny_shop_warehouse"]["outputs"]["duckdb"]
+    assert output["type"] == "duckdb" and output["path"] == str(tmp_path / "w.duckdb")
+
+
+def test_snowflake_profile_keeps_secrets_out_of_the_file(project: dbt.DbtProject, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rendered file refers to the password through env_var(); only the dbt process's environment holds it."""
+    monkeypatch.setenv("ELT_WAREHOUSE", "snowflake")
+    monkeypatch.setenv("SNOWFLAKE_PASSWORD", "p@ss/w0rd@")
+    settings = load_settings()
+    text = dbt.render_profile(settings, project.profile_name)
+    assert "p@ss/w0rd@" not in text
+    output = yaml.safe_load(text)["tiny_shop_warehouse"]["outputs"]["snowflake"]
+    assert output["password"] == "{{ env_var('SNOWFLAKE_PASSWORD') }}"
+    assert dbt.dbt_environment(settings)["SNOWFLAKE_PASSWORD"] == "p@ss/w0rd@"
+
+
+def test_build_reports_every_node(project: dbt.DbtProject, profiles_dir: Path, tmp_path: Path) -> None:
+    seen: list[str] = []
+    run = dbt.run_dbt(
+        project, ["build"], profiles_dir=profiles_dir, target="duckdb",
+        env=dbt.dbt_environment(load_settings()), on_node=lambda node: seen.append(node["unique_id"]),
+    )
+    dbt.check(run)
+    statuses = {node.unique_id: node.status for node in run.results}
+    assert statuses["seed.tiny_shop.orders"] == "success"
+    assert statuses["model.tiny_shop.customer_totals"] == "success"
+    tests = [status for unique_id, status in statuses.items() if unique_id.startswith("test.tiny_shop.")]
+    assert tests == ["pass", "pass"]
+    assert sorted(seen) == sorted(statuses), "every node's result arrives as an event while dbt runs"
+    with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as connection:
+        assert connection.execute("select sum(order_count) from main_marts.customer_totals").fetchone()[0] == 3
+
+
+def test_failed_model_names_the_node_and_skips_downstream(project: dbt.DbtProject, profiles_dir: Path) -> None:
+    (project.path / "models" / "broken.sql").write_text("select * from {{ ref('orders') }} where no_such_column = 1\n")
+    (project.path / "models" / "after_broken.sql").write_text("select * from {{ ref('broken') }}\n")
+    run = _build(project, profiles_dir)
+    with pytest.raises(dbt.DbtBuildFailed) as error:
+        dbt.check(run)
+    assert "model.tiny_shop.broken" in str(error.value)
+    assert "no_such_column" in str(error.value)
+    statuses = {node.unique_id: node.status for node in run.results}
+    assert statuses["model.tiny_shop.after_broken"] == "skipped"
+    assert statuses["model.tiny_shop.customer_totals"] == "success"
+
+
+def test_failed_test_names_the_test(project: dbt.DbtProject, profiles_dir: Path) -> None:
+    (project.path / "seeds" / "orders.csv").write_text("order_id,customer,amount\n1,ada,1\n2,,2\n")
+    with pytest.raises(dbt.DbtBuildFailed, match=r"test\.tiny_shop\.not_null_customer_totals_customer"):
+        dbt.check(_build(project, profiles_dir))
+
+
+def test_retry_rebuilds_only_what_failed(project: dbt.DbtProject, profiles_dir: Path) -> None:
+    """`dbt retry` after a fix runs the failed node and what it skipped, not the whole project."""
+    broken = project.path / "models" / "broken.sql"
+    broken.write_text("select no_such_column from {{ ref('orders') }}\n")
+    first = _build(project, profiles_dir)
+    assert first.failed_nodes
+    broken.write_text("select order_id from {{ ref('orders') }}\n")
+    retried = dbt.check(dbt.run_dbt(project, ["retry"], profiles_dir=profiles_dir, target="duckdb", env=dbt.dbt_environment(load_settings())))
+    assert [node.unique_id for node in retried.results] == ["model.tiny_shop.broken"]
+
+
+def test_unusable_profile_is_an_invocation_error(project: dbt.DbtProject, tmp_path: Path) -> None:
+    (tmp_path / "profiles.yml").write_text("some_other_profile: {target: x, outputs: {x: {type: duckdb, path: ':memory:'}}}\n")
+    run = dbt.run_dbt(project, ["build"], profiles_dir=tmp_path, target="x", env=dbt.dbt_environment(load_settings()))
+    with pytest.raises(dbt.DbtInvocationError, match="tiny_shop_warehouse"):
+        dbt.check(run)
+
+
+def test_missing_project_names_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="ELT_DBT_PROJECT_DIR"):
+        dbt.DbtProject.at(tmp_path)
