@@ -31,7 +31,7 @@ def run(
     for variable, value in (("ELT_DBT_TARGET", target), ("ELT_AIRBYTE_CONNECTIONS_FILE", connections_file)):
         if value is not None:
             os.environ[variable] = value
-    _fail_on_bad_settings()
+    _fail_on_bad_settings(check_connections=not skip_extract)
     # A temporary Prefect server's first start migrates a fresh SQLite database (~20 s here).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
@@ -72,11 +72,15 @@ def doctor() -> None:
     typer.echo("all checks passed")
 
 
-def _fail_on_bad_settings() -> None:
-    from elt.settings import load_settings
+def _fail_on_bad_settings(check_connections: bool) -> None:
+    """Refuse to start a run whose configuration can't work, before Prefect spins up."""
+    from elt.extract.connections import load_connections
+    from elt.settings import AirbyteBackend, load_settings
 
     try:
-        load_settings()
+        settings = load_settings()
+        if check_connections and settings.airbyte_backend is AirbyteBackend.embedded:
+            load_connections(settings.path(settings.airbyte_connections_file))
     except EltError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None

@@ -1,0 +1,124 @@
+"""all-etl against a real Prefect server, real PyAirbyte connectors, real dbt and DuckDB, real git remotes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from elt.flows import all_etl, transform
+from tests.conftest import BIN, TINY_PROJECT, GitRemote, PrefectServer, git, make_remote
+
+pytestmark = pytest.mark.slow
+
+
+def _artifact(server: PrefectServer, key: str, flow_run_id: str | None = None) -> dict:
+    artifacts = server.artifacts(key)
+    if flow_run_id:
+        artifacts = [artifact for artifact in artifacts if artifact["flow_run_id"] == flow_run_id]
+    assert artifacts, f"no '{key}' artifact"
+    return artifacts[0]
+
+
+def test_cli_runs_all_etl_end_to_end(prefect_server: PrefectServer, appliance_remote: GitRemote, appliance_env: Path) -> None:
+    """`elt run`: source-faker → DuckDB → git clone → dbt build; marts have rows, every dbt test passes,
+    and the run's artifacts show rows per stream, the commit SHA and per-node results."""
+    completed = subprocess.run(
+        [str(BIN / "elt"), "run", "--repo", str(appliance_remote.bare), "--branch", "main"],
+        env=prefect_server.env() | {"ELT_HOME": str(appliance_env)},
+        cwd=appliance_env, capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:] + completed.stdout[-3000:]
+    sha = git("rev-parse", "HEAD", cwd=appliance_remote.author_clone)
+    assert "all-etl completed" in completed.stdout
+    assert sha in completed.stdout
+    assert "main_marts.customer_lifetime_value" in completed.stdout
+
+    with duckdb.connect(str(appliance_env / "data" / "warehouse.duckdb"), read_only=True) as warehouse:
+        assert warehouse.execute("select count(*) from raw_faker.users").fetchone()[0] == 200
+        assert warehouse.execute("select count(*) from main_marts.customer_lifetime_value").fetchone()[0] == 200
+        assert warehouse.execute("select count(*) from main_marts.daily_revenue").fetchone()[0] > 0
+
+    summary = _artifact(prefect_server, "all-etl-summary")
+    assert sha in summary["data"] and "faker.users" in summary["data"]
+    nodes = _artifact(prefect_server, "dbt-node-results")["data"]
+    rows = nodes if isinstance(nodes, list) else json.loads(nodes)
+    statuses = {row["node"]: row["status"] for row in rows}
+    assert statuses["model.elt_appliance.customer_lifetime_value"] == "success"
+    assert {status for node, status in statuses.items() if node.startswith("test.")} == {"pass"}
+    extract_rows = _artifact(prefect_server, "extract-load-results")["data"]
+    assert "purchases" in str(extract_rows)
+
+
+def test_failing_model_fails_the_run_and_names_the_node(prefect_server: PrefectServer, tiny_remote: GitRemote, appliance_env: Path) -> None:
+    tiny_remote.commit("dbt/models/broken.sql", "select missing_column from {{ ref('orders') }}\n", "break a model")
+    state = all_etl(skip_extract=True, repo=str(tiny_remote.bare), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match=r"model\.tiny_shop\.broken .*missing_column"):
+        state.result()
+    summary = _artifact(prefect_server, "all-etl-summary", str(state.state_details.flow_run_id))
+    assert "model.tiny_shop.broken" in summary["data"]
+
+
+def test_failed_extract_fails_the_run_before_transform(prefect_server: PrefectServer, tiny_remote: GitRemote, appliance_env: Path, faker_connections: Path) -> None:
+    """A connector that fails mid-sync fails extract-load and all-etl; dbt never builds on partial data."""
+    faker_connections.write_text(faker_connections.read_text().replace("count: 200", "count: not-a-number"))
+    state = all_etl(repo=str(tiny_remote.bare), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="1 of 1 connections failed to sync: faker"):
+        state.result()
+    warehouse = appliance_env / "data" / "warehouse.duckdb"
+    if warehouse.exists():
+        with duckdb.connect(str(warehouse), read_only=True) as connection:
+            schemas = {row[0] for row in connection.execute("select schema_name from information_schema.schemata").fetchall()}
+        assert not any(schema.endswith("marts") for schema in schemas)
+
+
+def test_bad_connections_file_is_one_line_from_the_cli(appliance_env: Path, faker_connections: Path) -> None:
+    faker_connections.write_text(faker_connections.read_text().replace("streams:", "stream:"))
+    completed = subprocess.run([str(BIN / "elt"), "run"], cwd=appliance_env, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2
+    error = completed.stderr.strip()
+    assert len(error.splitlines()) == 1
+    assert str(faker_connections) in error and "connection 'faker'" in error and "stream" in error
+
+
+def test_retry_of_all_etl_runs_dbt_retry(prefect_server: PrefectServer, tmp_path: Path, appliance_env: Path) -> None:
+    """On the parent's second attempt the transform runs `dbt retry`: only the failed node is rebuilt."""
+    project = tmp_path / "flaky_project"
+    shutil.copytree(TINY_PROJECT, project)
+    (project / "models" / "flaky.sql").write_text("select * from {{ target.schema }}.created_after_first_run\n")
+    with (project / "dbt_project.yml").open("a") as config:
+        config.write(
+            "on-run-end:\n  - \"create table if not exists {{ target.schema }}.created_after_first_run as select 1 as id\"\n"
+        )
+    (tmp_path / "flaky").mkdir()
+    remote = make_remote(tmp_path / "flaky", project)
+    flow = all_etl.with_options(retries=1, retry_delay_seconds=0)
+    state = flow(skip_extract=True, repo=str(remote.bare), return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary.dbt_run.command == "retry"
+    rebuilt = [node.unique_id for node in summary.dbt_run.results if not node.unique_id.startswith("operation.")]
+    assert rebuilt == ["model.tiny_shop.flaky"]
+
+
+def test_transform_installs_packages_first(prefect_server: PrefectServer, tmp_path: Path, appliance_env: Path) -> None:
+    """A project with packages.yml gets `dbt deps` before `dbt build` (a local package: no network)."""
+    package = tmp_path / "greetings_pkg"
+    (package / "macros").mkdir(parents=True)
+    (package / "dbt_project.yml").write_text("name: greetings\nversion: '1.0.0'\nconfig-version: 2\n")
+    (package / "macros" / "hello.sql").write_text("{% macro hello() %}'hello'{% endmacro %}\n")
+    project = tmp_path / "project"
+    shutil.copytree(TINY_PROJECT, project)
+    (project / "packages.yml").write_text(f"packages:\n  - local: {package}\n")
+    (project / "models" / "greeting.sql").write_text("select {{ greetings.hello() }} as greeting\n")
+
+    run = transform(str(project))
+    statuses = {node.unique_id: node.status for node in run.results}
+    assert statuses["model.tiny_shop.greeting"] == "success"
+    assert (project / "dbt_packages" / "greetings").exists()
