@@ -27,6 +27,12 @@ test: venv
 doctor: venv
 	$(BIN)/elt doctor
 
+# Creates the process work pool if missing and (re)deploys all-etl from prefect/prefect.yaml
+# to the Prefect server in PREFECT_API_URL.
+deploy: venv
+	$(BIN)/prefect work-pool inspect elt >/dev/null 2>&1 || $(BIN)/prefect work-pool create elt --type process
+	ELT_HOME=$(CURDIR) $(BIN)/prefect --no-prompt deploy --all --prefect-file prefect/prefect.yaml
+
 lock:
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
 

@@ -1,0 +1,51 @@
+"""The all-etl deployment from prefect/prefect.yaml, run by a real process worker against a real Prefect server."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from tests.conftest import BIN, REPO_ROOT, GitRemote, PrefectServer
+
+pytestmark = pytest.mark.slow
+
+
+def _run(command: list[str], env: dict[str, str], cwd: Path = REPO_ROOT, timeout: int = 300) -> str:
+    completed = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert completed.returncode == 0, f"{' '.join(command)}:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}"
+    return completed.stdout
+
+
+def test_worker_picks_up_and_completes_a_deployment_run(
+    prefect_server: PrefectServer, appliance_remote: GitRemote, appliance_env: Path, faker_connections: Path
+) -> None:
+    env = prefect_server.env()
+    _run(["make", "--no-print-directory", "deploy", f"VENV={BIN.parent}"], env | {"ELT_HOME": str(REPO_ROOT)})
+
+    deployment = prefect_server.get("/deployments/name/all-etl/all-etl").json()
+    assert deployment["global_concurrency_limit"]["limit"] == 1
+    assert deployment["work_pool_name"] == "elt"
+    assert deployment["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(REPO_ROOT)
+
+    flow_run = prefect_server.post(f"/deployments/{deployment['id']}/create_flow_run", {}).json()
+
+    worker_env = env | {
+        "ELT_HOME": str(appliance_env),
+        "ELT_GIT_REPO": str(appliance_remote.bare),
+        "ELT_AIRBYTE_CONNECTIONS_FILE": str(faker_connections),
+    }
+    _run([str(BIN / "prefect"), "worker", "start", "--pool", "elt", "--run-once"], worker_env, cwd=appliance_env, timeout=600)
+
+    deadline = time.monotonic() + 60
+    while True:
+        state = prefect_server.get(f"/flow_runs/{flow_run['id']}").json()["state"]
+        if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert state["type"] == "COMPLETED", state
+    with duckdb.connect(str(appliance_env / "data" / "warehouse.duckdb"), read_only=True) as warehouse:
+        assert warehouse.execute("select count(*) from main_marts.daily_revenue").fetchone()[0] > 0
