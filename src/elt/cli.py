@@ -34,6 +34,7 @@ def run(
     _fail_on_bad_settings(check_connections=not skip_extract)
     # A temporary Prefect server's first start migrates a fresh SQLite database (~20 s here).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
     from elt.flows import all_etl
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,7 +73,7 @@ class EmbeddedBackend:
 
     def sync(self, connection: str, *, full_refresh: bool) -> SyncResult:
         spec = self.connection(connection)
-        executable = ensure_connector(spec, self.settings.path(self.settings.connectors_dir))
+        executable = ensure_connector(spec, self.settings.path(self.settings.connectors_dir), self.connections_file)
         config = resolve_config(spec, _environment())
         started = time.monotonic()
 
@@ -129,13 +130,14 @@ class EmbeddedBackend:
         )
 
 
-def ensure_connector(spec: ConnectionSpec, connectors_dir: Path) -> Path:
+def ensure_connector(spec: ConnectionSpec, connectors_dir: Path, connections_file: Path) -> Path:
     """The connector's executable, installed into its own virtualenv if needed."""
     source = spec.source
+    where = f"{connections_file}: connection '{spec.name}'"
     if source.executable:
         if not source.executable.exists():
             raise ConnectorNotInstalled(
-                f"connection '{spec.name}': source.executable {source.executable} does not exist"
+                f"{where}: source.executable: {source.executable} does not exist"
             )
         return source.executable
 
@@ -150,22 +152,22 @@ def ensure_connector(spec: ConnectionSpec, connectors_dir: Path) -> Path:
             if found:
                 return Path(found)
             raise ConnectorNotInstalled(
-                f"connection '{spec.name}': source.connector '{source.connector}' is not installed "
+                f"{where}: source.connector: '{source.connector}' is not installed "
                 f"(looked in {venv} and on PATH); add its PyPI package as source.pip, "
                 f"e.g. pip: airbyte-{source.connector}"
             )
         logger.info("Installing %s from '%s' into %s", source.connector, source.pip, venv)
-        _install(spec, venv)
+        _install(spec, venv, where)
         if not executable.exists():
             raise ConnectorInstallFailed(
-                f"connection '{spec.name}': installing '{source.pip}' did not provide the "
+                f"{where}: source.connector: installing '{source.pip}' did not provide the "
                 f"'{source.connector}' command; check source.connector and source.pip"
             )
         installed_from.write_text(source.pip)
         return executable
 
 
-def _install(spec: ConnectionSpec, venv: Path) -> None:
+def _install(spec: ConnectionSpec, venv: Path, where: str) -> None:
     assert spec.source.pip is not None
     uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
     if venv.exists():
@@ -184,10 +186,8 @@ def _install(spec: ConnectionSpec, venv: Path) -> None:
     for command in commands:
         completed = subprocess.run(command, capture_output=True, text=True)
         if completed.returncode != 0:
-            tail = " | ".join(completed.stderr.strip().splitlines()[-3:])
-            raise ConnectorInstallFailed(
-                f"connection '{spec.name}': installing source.pip '{spec.source.pip}' failed: {tail}"
-            )
+            tail = " | ".join(line.strip() for line in completed.stderr.strip().splitlines()[-3:])
+            raise ConnectorInstallFailed(f"{where}: source.pip: installing '{spec.source.pip}' failed: {tail}")
 
 
 def _import_pyairbyte():
@@ -197,8 +197,10 @@ def _import_pyairbyte():
     handlers_before = list(root.handlers)
     # airbyte_cdk's entrypoint runs logging.config.dictConfig at import time, which closes every
     # existing handler and sends all logs through its JSON formatter; put Prefect's logging back.
-    import airbyte
-    import airbyte_cdk.entrypoint  # noqa: F401
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # google-cloud's Python 3.11 end-of-life notices
+        import airbyte
+        import airbyte_cdk.entrypoint  # noqa: F401
 
     if root.handlers != handlers_before:
         from prefect.logging.configuration import setup_logging
