@@ -64,10 +64,10 @@ def test_failing_model_fails_the_run_and_names_the_node(prefect_server: PrefectS
     assert "model.tiny_shop.broken" in summary["data"]
 
 
-def test_failed_extract_fails_the_run_before_transform(prefect_server: PrefectServer, tiny_remote: GitRemote, appliance_env: Path, faker_connections: Path) -> None:
-    """A connector that fails mid-sync fails extract-load and all-etl; dbt never builds on partial data."""
+def test_failed_extract_fails_the_run_and_skips_what_it_feeds(prefect_server: PrefectServer, appliance_remote: GitRemote, appliance_env: Path, faker_connections: Path) -> None:
+    """A connector that fails fails extract-load and all-etl; dbt builds nothing downstream of its sources."""
     faker_connections.write_text(faker_connections.read_text().replace("count: 200", "count: not-a-number"))
-    state = all_etl(repo=str(tiny_remote.bare), return_state=True)
+    state = all_etl(repo=str(appliance_remote.bare), return_state=True)
     assert state.is_failed()
     with pytest.raises(Exception, match="1 of 1 connections failed to sync: faker"):
         state.result()

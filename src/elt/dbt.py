@@ -145,6 +145,12 @@ def render_profile(settings: Settings, profile_name: str) -> str:
     return yaml.safe_dump(profile, sort_keys=False)
 
 
+def prepare_warehouse(settings: Settings) -> None:
+    """dbt-duckdb creates the database file but not its folder."""
+    if settings.effective_dbt_target == Warehouse.duckdb.value:
+        settings.path(settings.duckdb_path).parent.mkdir(parents=True, exist_ok=True)
+
+
 def dbt_environment(settings: Settings) -> dict[str, str]:
     env = {
         **os.environ,
@@ -254,6 +260,49 @@ def _finished_node(name: str, data: dict) -> dict | None:
     }
 
 
+def downstream_of_connections(
+    project: DbtProject, connections: list[str], *, profiles_dir: Path, target: str, env: dict[str, str]
+) -> list[str]:
+    """Selectors for every source fed by these Airbyte connections and all that depends on them.
+
+    A source names its connection in `meta: {airbyte_connection: <name>}` (a name or a list).
+    """
+    command = [
+        dbt_executable(), "ls", "--resource-type", "source", "--output", "json",
+        "--output-keys", "unique_id meta config", "--quiet",
+        "--project-dir", str(project.path), "--profiles-dir", str(profiles_dir), "--target", target,
+    ]
+    completed = subprocess.run(command, cwd=project.path, env=env, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise DbtInvocationError(f"dbt ls in {project.path} could not list sources: {completed.stdout[-300:]}")
+    selectors = []
+    for line in completed.stdout.splitlines():
+        source = _parse(line.strip())
+        if not source or "unique_id" not in source:
+            continue
+        meta = {**(source.get("config") or {}).get("meta", {}), **(source.get("meta") or {})}
+        fed_by = meta.get("airbyte_connection")
+        fed_by = [fed_by] if isinstance(fed_by, str) else list(fed_by or [])
+        if set(fed_by) & set(connections):
+            _, _, source_name, table = source["unique_id"].split(".", 3)
+            selectors.append(f"source:{source_name}.{table}+")
+    return selectors
+
+
+_NOISE = re.compile(r"^(Encountered an error:?|\w+ Error|Traceback .*|File \".*|During handling .*|\^+|~+)$")
+
+
+def _meaningful_lines(messages: list[str]) -> list[str]:
+    """What dbt said went wrong, without headers and traceback frames, each line once."""
+    lines: dict[str, None] = {}
+    for message in messages:
+        for line in message.splitlines():
+            line = line.strip()
+            if line and not _NOISE.match(line) and not line.startswith(("File ", "return ", "raise ")):
+                lines.setdefault(line[:300])
+    return list(lines)
+
+
 def _parse(line: str) -> dict | None:
     if not line.startswith("{"):
         return None
@@ -291,6 +340,6 @@ def check(run: DbtRun) -> DbtRun:
     if run.failed_nodes:
         raise DbtBuildFailed(run.command, run.failed_nodes)
     if run.return_code != 0:
-        detail = " | ".join(run.output_tail[-5:]) or f"exit code {run.return_code}"
+        detail = " | ".join(_meaningful_lines(run.output_tail)[-4:]) or f"exit code {run.return_code}"
         raise DbtInvocationError(f"dbt {run.command} in {run.project_dir} could not run: {detail}")
     return run

@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from elt import dbt, git_repo, warehouse
+from elt.errors import EltError
 from elt.extract.base import (
     ExtractBackend,
     ExtractFailed,
@@ -37,58 +38,84 @@ class EtlSummary:
     error: str | None = None
 
 
-def make_backend(settings: Settings) -> ExtractBackend:
+def make_backend(settings: Settings, tag: str | None = None) -> ExtractBackend:
     if settings.airbyte_backend is AirbyteBackend.embedded:
         from elt.extract.embedded import EmbeddedBackend
 
         return EmbeddedBackend(settings)
-    raise NotImplementedError("ELT_AIRBYTE_BACKEND=server is not available in this version; use 'embedded'")
+    from elt.extract.server import ServerBackend
+
+    return ServerBackend(settings, tag=tag)
 
 
 @task(task_run_name="sync-{connection}", cache_policy=NO_CACHE)
 def sync_connection(backend: ExtractBackend, connection: str, full_refresh: bool) -> SyncResult:
     result = backend.sync(connection, full_refresh=full_refresh)
+    detail = ", ".join(f"{stream} {rows}" for stream, rows in (result.rows_per_stream or {}).items())
     get_run_logger().info(
-        "%s: %d rows (%s) in %.1fs",
-        connection,
-        result.rows,
-        ", ".join(f"{stream} {rows}" for stream, rows in result.rows_per_stream.items()),
-        result.seconds,
+        "%s: %d rows%s in %.1fs", connection, result.rows, f" ({detail})" if detail else "", result.seconds
     )
     return result
 
 
 @flow(name="extract-load")
-def extract_load(connections: list[str] | None = None, full_refresh: bool = False) -> ExtractReport:
-    """Sync the chosen connections (all when none are named) concurrently; fail if any sync fails."""
+def extract_load(
+    connections: list[str] | None = None, full_refresh: bool = False, tag: str | None = None
+) -> ExtractReport:
+    """Sync the chosen connections (all, or those with `tag`, when none are named) concurrently.
+
+    Every sync runs to its end even when another fails; the stage then fails naming the failed ones.
+    """
     settings = load_settings()
-    backend = make_backend(settings)
-    names = connections or backend.connection_names()
-    unknown = sorted(set(names) - set(backend.connection_names()))
+    backend = make_backend(settings, tag)
+    known = backend.connection_names()
+    names = connections or known
+    unknown = sorted(set(names) - set(known))
     if unknown:
-        raise UnknownConnections(unknown, backend.connection_names())
+        raise UnknownConnections(unknown, known)
 
-    futures = {name: sync_connection.submit(backend, name, full_refresh) for name in names}
     report = ExtractReport()
-    for name, future in futures.items():
-        try:
-            report.synced.append(future.result())
-        except Exception as exc:  # each failure is recorded; the stage fails below, after all syncs end
-            report.failed.append(SyncFailure(name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+    futures = {name: sync_connection.submit(backend, name, full_refresh) for name in names}
+    try:
+        for name, future in futures.items():
+            try:
+                report.synced.append(future.result())
+            except Exception as exc:  # recorded; the stage fails below, once every sync has ended
+                report.failed.append(SyncFailure(name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+    except BaseException:
+        # The flow run is being cancelled or killed: stop the syncs this run started.
+        backend.cancel_started_jobs()
+        raise
 
-    create_table_artifact(
-        key="extract-load-results",
-        table=[
-            {"connection": result.connection, "stream": stream, "rows": rows, "seconds": round(result.seconds, 1)}
-            for result in report.synced
-            for stream, rows in result.rows_per_stream.items()
-        ]
-        + [{"connection": failure.connection, "stream": "-", "rows": None, "seconds": None, "error": failure.error} for failure in report.failed],
-        description="Rows loaded per stream by this run's syncs",
-    )
+    create_table_artifact(key="extract-load-results", table=_sync_rows(report), description="This run's syncs")
     if report.failed:
         raise ExtractFailed(report)
     return report
+
+
+def _sync_rows(report: ExtractReport) -> list[dict]:
+    rows = []
+    for result in report.synced:
+        streams = result.rows_per_stream or {"": result.rows}
+        rows += [
+            {
+                "connection": result.connection,
+                "stream": stream,
+                "status": "succeeded",
+                "rows": count,
+                "bytes": result.bytes_synced,
+                "seconds": round(result.seconds, 1),
+                "job": result.job_id,
+                "link": result.job_url,
+            }
+            for stream, count in streams.items()
+        ]
+    rows += [
+        {"connection": failure.connection, "stream": "", "status": "failed", "rows": None, "bytes": None,
+         "seconds": None, "job": None, "link": failure.error}
+        for failure in report.failed
+    ]
+    return rows
 
 
 @flow(name="update-code")
@@ -113,13 +140,19 @@ def transform(
     exclude: str | None = None,
     full_refresh: bool = False,
     retry_failed: bool = False,
+    skip_downstream_of: list[str] | None = None,
 ) -> dbt.DbtRun:
-    """`dbt deps` when needed, then `dbt build` (or `dbt retry` when the parent run is retrying)."""
+    """`dbt deps` when needed, then `dbt build` (or `dbt retry` when the parent run is retrying).
+
+    `skip_downstream_of`: connections whose sync failed; their sources and everything built on
+    them are left out, so nothing stale is rebuilt as if it were fresh.
+    """
     settings = load_settings()
     logger = get_run_logger()
     project = dbt.DbtProject.at(Path(project_dir))
     env = dbt.dbt_environment(settings)
     target = settings.effective_dbt_target
+    dbt.prepare_warehouse(settings)
 
     with tempfile.TemporaryDirectory(prefix="elt-profiles-") as rendered:
         profiles_dir = project.path if settings.dbt_use_project_profiles else Path(rendered)
@@ -130,19 +163,24 @@ def transform(
         if not settings.dbt_use_project_profiles:
             (profiles_dir / "profiles.yml").write_text(dbt.render_profile(settings, project.profile_name))
 
-        run_dbt = dict(profiles_dir=profiles_dir, target=target, env=env, log=logger)
+        options = dict(profiles_dir=profiles_dir, target=target, env=env)
         if project.has_packages:
-            dbt.check(dbt.run_dbt(project, ["deps"], **run_dbt))
+            dbt.check(dbt.run_dbt(project, ["deps"], log=logger, **options))
 
         if retry_failed and project.run_results_path.exists():
             logger.info("Parent run is a retry: running `dbt retry` to rebuild only what failed or was skipped")
             arguments = ["retry"]
         else:
+            excluded = [exclude] if exclude else []
+            if skip_downstream_of:
+                stale = dbt.downstream_of_connections(project, skip_downstream_of, **options)
+                logger.warning("Not building %s: downstream of failed connection(s) %s", " ".join(stale) or "nothing", ", ".join(skip_downstream_of))
+                excluded += stale
             arguments = ["build"]
             arguments += ["--select", select] if select else []
-            arguments += ["--exclude", exclude] if exclude else []
+            arguments += ["--exclude", " ".join(excluded)] if excluded else []
             arguments += ["--full-refresh"] if full_refresh else []
-        run = dbt.run_dbt(project, arguments, on_node=_emit_node_event, **run_dbt)
+        run = dbt.run_dbt(project, arguments, on_node=_emit_node_event, log=logger, **options)
 
     _publish_node_results(run)
     return dbt.check(run)
@@ -191,18 +229,27 @@ def all_etl(
     repo: str | None = None,
     branch: str | None = None,
     project_dir: str | None = None,
+    tag: str | None = None,
 ) -> EtlSummary:
     """Sync the Airbyte connections, `git pull` the dbt project's repo, then `dbt build`.
 
     `connections`: names to sync (all when empty). `select`/`exclude`: dbt node selection.
     `repo`, `branch`, `project_dir`: override ELT_GIT_REPO, ELT_GIT_BRANCH, ELT_DBT_PROJECT_DIR.
+    `tag`: sync only Airbyte connections with this tag (server backend).
+    A failed sync does not stop the run: dbt builds everything not downstream of it, then the
+    run fails naming the failed connections.
     """
     settings = load_settings()
     summary = EtlSummary()
+    extract_failure: ExtractFailed | None = None
     try:
         if not skip_extract:
             runner = ThreadPoolTaskRunner(max_workers=settings.extract_concurrency)
-            summary.extract = extract_load.with_options(task_runner=runner)(connections, full_refresh)
+            state = extract_load.with_options(task_runner=runner)(connections, full_refresh, tag, return_state=True)
+            try:
+                summary.extract = state.result()
+            except ExtractFailed as failure:
+                summary.extract, extract_failure = failure.report, failure
 
         source = git_repo.RepoSource.from_settings(settings, repo, branch)
         if not skip_pull:
@@ -210,13 +257,20 @@ def all_etl(
 
         if not skip_transform:
             folder = source.checkout / (project_dir or settings.dbt_project_dir)
+            failed_connections = [failure.connection for failure in extract_failure.report.failed] if extract_failure else None
             summary.dbt_run = transform(
-                str(folder), select, exclude, full_refresh, retry_failed=(flow_run.run_count or 1) > 1
+                str(folder), select, exclude, full_refresh,
+                retry_failed=(flow_run.run_count or 1) > 1, skip_downstream_of=failed_connections,
             )
             if settings.warehouse is Warehouse.duckdb:
                 summary.mart_rows = warehouse.mart_row_counts(settings)
+        if extract_failure:
+            raise extract_failure
     except Exception as exc:
         summary.error = str(exc)
+        if extract_failure and exc is not extract_failure:
+            summary.error = f"{extract_failure}; and then: {exc}"
+            raise EltError(summary.error) from exc
         raise
     finally:
         create_markdown_artifact(key="all-etl-summary", markdown=render_summary(summary), description="What this all-etl run did")

@@ -66,9 +66,28 @@ class Settings(BaseSettings):
         Path(".venv-connectors"),
         description="One virtualenv per embedded connector, installed on first use from its 'pip' spec.",
     )
-    extract_concurrency: int = Field(
-        4, ge=1, description="How many connections sync at once."
+    extract_concurrency: int = Field(10, ge=1, description="How many connections sync at once.")
+
+    airbyte_url: str = Field(
+        "http://localhost:8000",
+        description="Airbyte server (ELT_AIRBYTE_BACKEND=server); its public API is served under /api/public/v1.",
     )
+    airbyte_client_id: str | None = Field(
+        None, description="Application client id (`abctl local credentials`). Unset: Airbyte runs with --disable-auth."
+    )
+    airbyte_client_secret: SecretStr | None = Field(None, description="Application client secret.")
+    airbyte_workspace_id: str | None = Field(None, description="Only sync connections of this workspace.")
+    airbyte_connection_tag: str | None = Field(
+        None, description="Only sync connections carrying this tag (when no names are given)."
+    )
+    airbyte_poll_seconds: float = Field(5.0, gt=0, description="How often each running job is polled.")
+    airbyte_sync_timeout_seconds: float = Field(
+        6 * 3600, gt=0, description="A sync running longer is cancelled in Airbyte and fails."
+    )
+    airbyte_request_attempts: int = Field(
+        6, ge=1, description="Attempts per API call on connection errors, 5xx and 429 (exponential backoff)."
+    )
+    airbyte_request_timeout_seconds: float = Field(30.0, gt=0, description="Timeout of one API request.")
 
     git_repo: str | None = Field(
         None,
@@ -112,6 +131,11 @@ class Settings(BaseSettings):
         """Resolve a configured path against ELT_HOME."""
         value = value.expanduser()
         return value if value.is_absolute() else (self.home / value).resolve()
+
+    @property
+    def airbyte_api_url(self) -> str:
+        url = self.airbyte_url.rstrip("/")
+        return url if url.endswith("/api/public/v1") else f"{url}/api/public/v1"
 
     @property
     def effective_dbt_target(self) -> str:

@@ -10,14 +10,15 @@ from elt.errors import ConfigurationError, TerminalError
 
 @dataclass(frozen=True)
 class SyncResult:
-    connection: str
-    rows_per_stream: dict[str, int]
-    seconds: float
-    job_id: str | None = None
+    """One connection's finished sync. An Airbyte server reports rows per job, PyAirbyte per stream."""
 
-    @property
-    def rows(self) -> int:
-        return sum(self.rows_per_stream.values())
+    connection: str
+    rows: int
+    seconds: float
+    rows_per_stream: dict[str, int] | None = None
+    bytes_synced: int | None = None
+    job_id: str | None = None
+    job_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,14 @@ class ExtractReport:
 
     @property
     def rows_per_stream(self) -> dict[str, int]:
-        return {
-            f"{result.connection}.{stream}": rows
-            for result in self.synced
-            for stream, rows in result.rows_per_stream.items()
-        }
+        """Rows keyed `connection.stream`, or `connection` alone where only a total is known."""
+        rows: dict[str, int] = {}
+        for result in self.synced:
+            if result.rows_per_stream is None:
+                rows[result.connection] = result.rows
+            else:
+                rows.update({f"{result.connection}.{stream}": count for stream, count in result.rows_per_stream.items()})
+        return rows
 
 
 class ExtractFailed(TerminalError):
@@ -61,3 +65,6 @@ class ExtractBackend(Protocol):
 
     def sync(self, connection: str, *, full_refresh: bool) -> SyncResult:
         """Run one connection's sync to completion; raise on failure."""
+
+    def cancel_started_jobs(self) -> None:
+        """Stop every sync this backend started that has not finished (the flow run is being cancelled)."""

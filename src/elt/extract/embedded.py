@@ -106,11 +106,16 @@ class EmbeddedBackend:
                 cache.close()
         # PyAirbyte counts records per stream on its progress tracker and exposes only the total.
         counts = dict(result._progress_tracker.stream_read_counts)  # noqa: SLF001
+        rows_per_stream = {stream: counts.get(stream, 0) for stream in streams}
         return SyncResult(
             connection=spec.name,
-            rows_per_stream={stream: counts.get(stream, 0) for stream in streams},
+            rows=sum(rows_per_stream.values()),
+            rows_per_stream=rows_per_stream,
             seconds=time.monotonic() - started,
         )
+
+    def cancel_started_jobs(self) -> None:
+        """Connectors run in this process's children; they end with it."""
 
     def _destination(self, spec: ConnectionSpec) -> tuple[CacheBase, str]:
         from airbyte.caches import DuckDBCache

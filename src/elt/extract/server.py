@@ -1,0 +1,399 @@
+"""The server backend: a self-hosted Airbyte (abctl) driven through its public API with airbyte-api.
+
+`AirbyteClient` makes the calls — token exchange, list connections, start, poll and cancel
+jobs — and owns auth, retries and error messages. `ServerBackend` runs one connection's
+sync to its end on top of it. `prefect-airbyte` is not used: it does not import on Prefect 3.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+from urllib.parse import parse_qs, urlparse
+
+import requests
+from airbyte_api import AirbyteAPI, api, errors, models
+
+from elt.errors import ConfigurationError, TerminalError, TransientError
+from elt.extract.base import SyncResult
+from elt.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+FINISHED_STATUSES = frozenset({"succeeded", "failed", "cancelled", "incomplete"})
+_PAGE_SIZE = 100
+
+
+class AirbyteUnavailable(TransientError):
+    """Connection errors, 5xx or 429 outlasted every retry."""
+
+
+class AirbyteRequestRejected(TerminalError):
+    """A 4xx other than an expired token: retrying the same request cannot help."""
+
+
+class AirbyteAuthFailed(ConfigurationError):
+    pass
+
+
+class AirbyteJobFailed(TerminalError):
+    pass
+
+
+class AirbyteJobTimedOut(TerminalError):
+    pass
+
+
+@dataclass(frozen=True)
+class Connection:
+    id: str
+    name: str
+    workspace_id: str
+    status: str
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    connection_id: str
+    status: str
+    job_type: str
+    rows: int | None = None
+    bytes_synced: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED_STATUSES
+
+
+class AirbyteClient:
+    """The public API calls the appliance needs, each retried on transient failures."""
+
+    def __init__(
+        self,
+        api_url: str,
+        client_id: str | None = None,
+        client_secret: str | None = None,
+        *,
+        attempts: int = 6,
+        timeout_seconds: float = 30.0,
+        backoff_seconds: float = 1.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.api_url = api_url.rstrip("/")
+        self._client_id = client_id
+        self._client_secret = client_secret
+        self._attempts = attempts
+        self._backoff_seconds = backoff_seconds
+        self._sleep = sleep
+        self._session = _TimeoutSession(timeout_seconds)
+        self._token: str | None = None
+        self._token_expires_at = 0.0
+        self._token_lock = threading.Lock()
+        self.requests_made = 0
+        self._sdk = AirbyteAPI(server_url=self.api_url, security=self._security, client=self._session)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "AirbyteClient":
+        if bool(settings.airbyte_client_id) != bool(settings.airbyte_client_secret):
+            raise ConfigurationError(
+                "set both ELT_AIRBYTE_CLIENT_ID and ELT_AIRBYTE_CLIENT_SECRET (from `abctl local credentials`), or neither for --disable-auth"
+            )
+        return cls(
+            settings.airbyte_api_url,
+            settings.airbyte_client_id,
+            settings.airbyte_client_secret.get_secret_value() if settings.airbyte_client_secret else None,
+            attempts=settings.airbyte_request_attempts,
+            timeout_seconds=settings.airbyte_request_timeout_seconds,
+        )
+
+    # -- auth ---------------------------------------------------------------------------------
+
+    def _security(self) -> models.Security:
+        if not self._client_id:
+            return models.Security()
+        with self._token_lock:
+            # Refresh a minute early: tokens live 3 to 15 minutes and a poll may straddle expiry.
+            if self._token is None or time.monotonic() > self._token_expires_at - 60:
+                self._refresh_token()
+            return models.Security(bearer_auth=self._token)
+
+    def _refresh_token(self) -> None:
+        # Airbyte's spec names the field `grant-type`; airbyte-api's own token hook posts a form
+        # with `grant_type` to a URL without /api/public/v1, so the exchange is made here.
+        url = f"{self.api_url}/applications/token"
+        body = {"client_id": self._client_id, "client_secret": self._client_secret, "grant-type": "client_credentials"}
+        response = self._with_retries(
+            "POST /applications/token", lambda: self._checked(self._session.post(url, json=body))
+        )
+        payload = response.json()
+        self._token = payload["access_token"]
+        self._token_expires_at = time.monotonic() + float(payload.get("expires_in") or 180)
+
+    def _forget_token(self) -> None:
+        with self._token_lock:
+            self._token = None
+
+    def _checked(self, response: requests.Response) -> requests.Response:
+        self.requests_made += 1
+        if response.status_code >= 400:
+            raise errors.SDKError("API error occurred", response.status_code, response.text, response)
+        return response
+
+    # -- calls --------------------------------------------------------------------------------
+
+    def health(self) -> None:
+        self._call("GET /health", lambda: self._sdk.health.get_health_check())
+
+    def list_connections(self, workspace_id: str | None = None) -> list[Connection]:
+        """Every non-deleted connection, across all pages."""
+        connections: list[Connection] = []
+        offset = 0
+        while True:
+            request = api.ListConnectionsRequest(
+                limit=_PAGE_SIZE, offset=offset, workspace_ids=[workspace_id] if workspace_id else None
+            )
+            page = self._call("GET /connections", lambda: self._sdk.connections.list_connections(request))
+            body = page.connections_response
+            connections += [
+                Connection(
+                    id=item.connection_id,
+                    name=item.name,
+                    workspace_id=item.workspace_id,
+                    status=getattr(item.status, "value", str(item.status)),
+                    tags=tuple(tag.name for tag in item.tags or ()),
+                )
+                for item in body.data
+            ]
+            if not body.next or not body.data:
+                return connections
+            offset = int(parse_qs(urlparse(body.next).query).get("offset", [offset + len(body.data)])[0])
+
+    def start_job(self, connection_id: str, job_type: str) -> tuple[Job, bool]:
+        """Start a job; on 409 (one is already running) attach to it. Returns the job and whether it is new."""
+        request = models.JobCreateRequest(connection_id=connection_id, job_type=models.JobTypeEnum(job_type))
+        try:
+            response = self._call("POST /jobs", lambda: self._sdk.jobs.create_job(request), conflict_is_error=False)
+        except _Conflict:
+            running = self.running_job(connection_id)
+            if running is None:
+                raise AirbyteRequestRejected(
+                    f"POST /jobs for connection {connection_id}: Airbyte says a job is running, but none is listed"
+                ) from None
+            logger.info("Connection %s already has job %s running; attaching to it", connection_id, running.id)
+            return running, False
+        return _job(response.job_response), True
+
+    def running_job(self, connection_id: str) -> Job | None:
+        for status in (models.JobStatusEnum.RUNNING, models.JobStatusEnum.PENDING):
+            request = api.ListJobsRequest(connection_id=connection_id, status=status, limit=5, order_by="createdAt|DESC")
+            jobs = self._call("GET /jobs", lambda: self._sdk.jobs.list_jobs(request)).jobs_response.data
+            if jobs:
+                return _job(jobs[0])
+        return None
+
+    def get_job(self, job_id: int) -> Job:
+        try:
+            response = self._call(f"GET /jobs/{job_id}", lambda: self._sdk.jobs.get_job(api.GetJobRequest(job_id=job_id)))
+        except ValueError as exc:
+            # airbyte-api 0.53 (the release PyAirbyte allows) rejects statuses newer than its
+            # enum, such as 'queued'. An unknown status means the job has not finished.
+            status = re.search(r"'([^']+)' is not a valid JobStatusEnum", str(exc))
+            if not status:
+                raise
+            return Job(job_id, "", f"unrecognized:{status.group(1)}", "sync")
+        return _job(response.job_response)
+
+    def cancel_job(self, job_id: int) -> None:
+        self._call(f"DELETE /jobs/{job_id}", lambda: self._sdk.jobs.cancel_job(api.CancelJobRequest(job_id=job_id)))
+
+    # -- retries ------------------------------------------------------------------------------
+
+    def _call(self, description: str, call: Callable[[], T], conflict_is_error: bool = True) -> T:
+        refreshed = False
+        while True:
+            try:
+                return self._with_retries(description, lambda: self._counted(call))
+            except errors.SDKError as exc:
+                if exc.status_code == 401 and self._client_id and not refreshed:
+                    logger.info("%s: token rejected (401); fetching a new one", description)
+                    self._forget_token()
+                    refreshed = True
+                    continue
+                if exc.status_code == 409 and not conflict_is_error:
+                    raise _Conflict() from None
+                raise self._rejected(description, exc) from None
+
+    def _counted(self, call: Callable[[], T]) -> T:
+        self.requests_made += 1
+        return call()
+
+    def _with_retries(self, description: str, call: Callable[[], T]) -> T:
+        delay = self._backoff_seconds
+        for attempt in range(1, self._attempts + 1):
+            try:
+                return call()
+            except errors.SDKError as exc:
+                if not (exc.status_code == 429 or exc.status_code >= 500) or attempt == self._attempts:
+                    if exc.status_code == 429 or exc.status_code >= 500:
+                        raise AirbyteUnavailable(
+                            f"{description}: Airbyte at {self.api_url} answered {exc.status_code} {attempt} times: {_problem(exc)}"
+                        ) from None
+                    raise
+                reason = f"{exc.status_code} {_problem(exc)}"
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                if attempt == self._attempts:
+                    raise AirbyteUnavailable(
+                        f"{description}: Airbyte at {self.api_url} unreachable after {attempt} attempts: {type(exc).__name__}"
+                    ) from None
+                reason = type(exc).__name__
+            logger.warning("%s: %s; retry %d of %d in %.1fs", description, reason, attempt, self._attempts - 1, delay)
+            self._sleep(delay)
+            delay = min(delay * 2, 30.0)
+        raise AssertionError("unreachable")
+
+    def _rejected(self, description: str, exc: errors.SDKError) -> Exception:
+        if exc.status_code == 200:
+            return ConfigurationError(
+                f"{description}: {self.api_url} answered with a web page, not the API; "
+                "set ELT_AIRBYTE_URL to the Airbyte host (e.g. http://host.docker.internal:8000)"
+            )
+        if exc.status_code in (401, 403):
+            return AirbyteAuthFailed(
+                f"{description}: Airbyte refused the credentials ({exc.status_code} {_problem(exc)}); "
+                "check ELT_AIRBYTE_CLIENT_ID and ELT_AIRBYTE_CLIENT_SECRET (`abctl local credentials`)"
+            )
+        return AirbyteRequestRejected(f"{description}: Airbyte answered {exc.status_code}: {_problem(exc)}")
+
+
+class _Conflict(Exception):
+    pass
+
+
+class _TimeoutSession(requests.Session):
+    def __init__(self, timeout_seconds: float) -> None:
+        super().__init__()
+        self._timeout_seconds = timeout_seconds
+
+    def send(self, request, **kwargs):  # type: ignore[override]
+        kwargs["timeout"] = kwargs.get("timeout") or self._timeout_seconds
+        return super().send(request, **kwargs)
+
+
+def _job(response: models.JobResponse) -> Job:
+    return Job(
+        id=int(response.job_id),
+        connection_id=response.connection_id,
+        status=getattr(response.status, "value", str(response.status)),
+        job_type=getattr(response.job_type, "value", str(response.job_type)),
+        rows=response.rows_synced,
+        bytes_synced=response.bytes_synced,
+    )
+
+
+def _problem(exc: errors.SDKError) -> str:
+    """Airbyte's problem detail (title and detail), or the start of the body."""
+    try:
+        body = json.loads(exc.body)
+    except (TypeError, ValueError):
+        return (exc.body or "").strip()[:200] or "no body"
+    if not isinstance(body, dict):
+        return str(body)[:200]
+    parts = [str(body[key]) for key in ("title", "detail") if body.get(key)]
+    return ": ".join(parts) or str(body)[:200]
+
+
+class ServerBackend:
+    """Runs each connection's sync on an Airbyte server until it ends."""
+
+    def __init__(self, settings: Settings, client: AirbyteClient | None = None, tag: str | None = None) -> None:
+        self.settings = settings
+        self.client = client or AirbyteClient.from_settings(settings)
+        self.tag = tag or settings.airbyte_connection_tag
+        self._connections: dict[str, Connection] | None = None
+        self._started: dict[int, str] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    @property
+    def ui_url(self) -> str:
+        return self.client.api_url.removesuffix("/api/public/v1")
+
+    def connections(self) -> dict[str, Connection]:
+        if self._connections is None:
+            listed = self.client.list_connections(self.settings.airbyte_workspace_id)
+            active = [connection for connection in listed if connection.status == "active"]
+            if self.tag:
+                active = [connection for connection in active if self.tag in connection.tags]
+            self._connections = {connection.name: connection for connection in active}
+        return self._connections
+
+    def connection_names(self) -> list[str]:
+        return list(self.connections())
+
+    def job_url(self, connection: Connection, job_id: int) -> str:
+        return f"{self.ui_url}/workspaces/{connection.workspace_id}/connections/{connection.id}/job-history#{job_id}::0"
+
+    def sync(self, connection: str, *, full_refresh: bool) -> SyncResult:
+        target = self.connections()[connection]
+        started = time.monotonic()
+        if full_refresh:
+            self._run_job(target, "clear", started)
+        job = self._run_job(target, "sync", started)
+        return SyncResult(
+            connection=connection,
+            rows=job.rows or 0,
+            seconds=time.monotonic() - started,
+            bytes_synced=job.bytes_synced,
+            job_id=str(job.id),
+            job_url=self.job_url(target, job.id),
+        )
+
+    def _run_job(self, connection: Connection, job_type: str, started: float) -> Job:
+        job, is_new = self.client.start_job(connection.id, job_type)
+        if is_new:
+            with self._lock:
+                self._started[job.id] = connection.name
+        logger.info("%s: %s job %s %s", connection.name, job_type, job.id, "started" if is_new else "attached")
+        try:
+            while not job.finished:
+                if self._stopping.wait(self.settings.airbyte_poll_seconds):
+                    raise AirbyteJobFailed(f"connection '{connection.name}': stopped while job {job.id} ran")
+                if time.monotonic() - started > self.settings.airbyte_sync_timeout_seconds:
+                    self.client.cancel_job(job.id)
+                    raise AirbyteJobTimedOut(
+                        f"connection '{connection.name}': {job_type} job {job.id} ran over "
+                        f"ELT_AIRBYTE_SYNC_TIMEOUT_SECONDS={self.settings.airbyte_sync_timeout_seconds:g} and was cancelled "
+                        f"({self.job_url(connection, job.id)})"
+                    )
+                polled = self.client.get_job(job.id)
+                if polled.status.startswith("unrecognized:"):
+                    logger.info("%s: job %s reports status %s; still waiting", connection.name, job.id, polled.status.split(":", 1)[1])
+                    continue
+                job = polled
+        finally:
+            with self._lock:
+                self._started.pop(job.id, None)
+        if job.status != "succeeded":
+            raise AirbyteJobFailed(
+                f"connection '{connection.name}': {job_type} job {job.id} ended {job.status} ({self.job_url(connection, job.id)})"
+            )
+        return job
+
+    def cancel_started_jobs(self) -> None:
+        with self._lock:
+            started = dict(self._started)
+        self._stopping.set()
+        for job_id, name in started.items():
+            try:
+                self.client.cancel_job(job_id)
+                logger.warning("Cancelled Airbyte job %s of connection '%s'", job_id, name)
+            except Exception as exc:  # best effort: the flow run is already going down
+                logger.error("Could not cancel Airbyte job %s of connection '%s': %s", job_id, name, exc)
