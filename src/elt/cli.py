@@ -25,6 +25,7 @@ def run(
     branch: Annotated[Optional[str], typer.Option("--branch", help="Branch to deploy. Default: ELT_GIT_BRANCH.")] = None,
     project_dir: Annotated[Optional[str], typer.Option("--project-dir", help="dbt project folder in the repo. Default: ELT_DBT_PROJECT_DIR.")] = None,
     target: Annotated[Optional[str], typer.Option("--target", help="dbt target. Default: ELT_DBT_TARGET or the warehouse.")] = None,
+    tag: Annotated[Optional[str], typer.Option("--tag", help="Sync only Airbyte connections with this tag (server backend).")] = None,
     connections_file: Annotated[Optional[str], typer.Option("--connections-file", help="Embedded connections file. Default: ELT_AIRBYTE_CONNECTIONS_FILE.")] = None,
 ) -> None:
     """Run the all-etl flow here: sync connections, pull the dbt project, dbt build."""
@@ -49,6 +50,7 @@ def run(
         repo=repo,
         branch=branch,
         project_dir=project_dir,
+        tag=tag,
         return_state=True,
     )
     if not state.is_completed():

@@ -37,6 +37,8 @@ def _checks(settings: Settings) -> list[tuple[str, Callable[[], str]]]:
     checks: list[tuple[str, Callable[[], str]]] = []
     if settings.airbyte_backend is AirbyteBackend.embedded:
         checks.append(("airbyte connections", lambda: _embedded_connections(settings)))
+    else:
+        checks.append(("airbyte server", lambda: _airbyte_server(settings)))
     checks += [
         ("warehouse", lambda: _warehouse(settings)),
         ("git repo", lambda: _git(settings)),
@@ -61,6 +63,21 @@ def _embedded_connections(settings: Settings) -> str:
     if missing:
         raise EltError(f"{path}: connection(s) {', '.join(missing)} name a connector that is not installed and has no 'pip' spec")
     return f"{len(backend.connection_names())} enabled in {path}"
+
+
+def _airbyte_server(settings: Settings) -> str:
+    """Reachable, credentials accepted, and the connections all-etl would sync exist and are active."""
+    from elt.extract.server import AirbyteClient, ServerBackend
+
+    client = AirbyteClient.from_settings(settings)
+    client.health()
+    backend = ServerBackend(settings, client)
+    names = backend.connection_names()  # lists connections: proves the token works
+    if not names:
+        scope = f" tagged '{settings.airbyte_connection_tag}'" if settings.airbyte_connection_tag else ""
+        raise EltError(f"{settings.airbyte_api_url}: no active connections{scope}; create them in the Airbyte UI (docs/airbyte.md)")
+    auth = "client credentials" if settings.airbyte_client_id else "no auth"
+    return f"{settings.airbyte_api_url} ({auth}): {len(names)} active connection(s): {', '.join(sorted(names))}"
 
 
 def _warehouse(settings: Settings) -> str:
