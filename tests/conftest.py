@@ -176,3 +176,24 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
     except subprocess.TimeoutExpired:
         process.kill()
     log.close()
+
+
+@pytest.fixture
+def fake_airbyte():
+    """A fake Airbyte server that checks every request and response against the pinned public API
+    spec (tests/fakes/airbyte_server.py); any contract violation fails the test."""
+    from tests.fakes.airbyte_server import FakeAirbyte
+
+    with FakeAirbyte() as fake:
+        yield fake
+        fake.assert_no_violations()
+
+
+@pytest.fixture
+def airbyte_env(monkeypatch: pytest.MonkeyPatch, fake_airbyte) -> None:
+    """Settings that point the server backend at the fake, with fast polling."""
+    monkeypatch.setenv("ELT_AIRBYTE_BACKEND", "server")
+    monkeypatch.setenv("ELT_AIRBYTE_URL", fake_airbyte.ui_url)
+    monkeypatch.setenv("ELT_AIRBYTE_CLIENT_ID", "fake-client-id")
+    monkeypatch.setenv("ELT_AIRBYTE_CLIENT_SECRET", "fake-client-secret")
+    monkeypatch.setenv("ELT_AIRBYTE_POLL_SECONDS", "0.2")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from urllib.parse import parse_qs, urlparse
 
 import requests
 from airbyte_api import AirbyteAPI, api, errors, models
+from airbyte_api._hooks.types import AfterSuccessHook
 
 from elt.errors import ConfigurationError, TerminalError, TransientError
 from elt.extract.base import SyncResult
@@ -27,7 +27,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 FINISHED_STATUSES = frozenset({"succeeded", "failed", "cancelled", "incomplete"})
-_PAGE_SIZE = 100
 
 
 class AirbyteUnavailable(TransientError):
@@ -85,6 +84,7 @@ class AirbyteClient:
         attempts: int = 6,
         timeout_seconds: float = 30.0,
         backoff_seconds: float = 1.0,
+        page_size: int = 100,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.api_url = api_url.rstrip("/")
@@ -92,6 +92,7 @@ class AirbyteClient:
         self._client_secret = client_secret
         self._attempts = attempts
         self._backoff_seconds = backoff_seconds
+        self._page_size = page_size
         self._sleep = sleep
         self._session = _TimeoutSession(timeout_seconds)
         self._token: str | None = None
@@ -99,6 +100,7 @@ class AirbyteClient:
         self._token_lock = threading.Lock()
         self.requests_made = 0
         self._sdk = AirbyteAPI(server_url=self.api_url, security=self._security, client=self._session)
+        self._sdk.sdk_configuration.get_hooks().register_after_success_hook(_UnknownJobStatusIsRunning())
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "AirbyteClient":
@@ -130,9 +132,15 @@ class AirbyteClient:
         # with `grant_type` to a URL without /api/public/v1, so the exchange is made here.
         url = f"{self.api_url}/applications/token"
         body = {"client_id": self._client_id, "client_secret": self._client_secret, "grant-type": "client_credentials"}
-        response = self._with_retries(
-            "POST /applications/token", lambda: self._checked(self._session.post(url, json=body))
-        )
+        try:
+            response = self._with_retries(
+                "POST /applications/token", lambda: self._checked(self._session.post(url, json=body))
+            )
+        except errors.SDKError as exc:
+            raise AirbyteAuthFailed(
+                f"POST /applications/token: Airbyte refused the client credentials ({exc.status_code} {_problem(exc)}); "
+                "check ELT_AIRBYTE_CLIENT_ID and ELT_AIRBYTE_CLIENT_SECRET (`abctl local credentials`)"
+            ) from None
         payload = response.json()
         self._token = payload["access_token"]
         self._token_expires_at = time.monotonic() + float(payload.get("expires_in") or 180)
@@ -158,7 +166,7 @@ class AirbyteClient:
         offset = 0
         while True:
             request = api.ListConnectionsRequest(
-                limit=_PAGE_SIZE, offset=offset, workspace_ids=[workspace_id] if workspace_id else None
+                limit=self._page_size, offset=offset, workspace_ids=[workspace_id] if workspace_id else None
             )
             page = self._call("GET /connections", lambda: self._sdk.connections.list_connections(request))
             body = page.connections_response
@@ -200,15 +208,7 @@ class AirbyteClient:
         return None
 
     def get_job(self, job_id: int) -> Job:
-        try:
-            response = self._call(f"GET /jobs/{job_id}", lambda: self._sdk.jobs.get_job(api.GetJobRequest(job_id=job_id)))
-        except ValueError as exc:
-            # airbyte-api 0.53 (the release PyAirbyte allows) rejects statuses newer than its
-            # enum, such as 'queued'. An unknown status means the job has not finished.
-            status = re.search(r"'([^']+)' is not a valid JobStatusEnum", str(exc))
-            if not status:
-                raise
-            return Job(job_id, "", f"unrecognized:{status.group(1)}", "sync")
+        response = self._call(f"GET /jobs/{job_id}", lambda: self._sdk.jobs.get_job(api.GetJobRequest(job_id=job_id)))
         return _job(response.job_response)
 
     def cancel_job(self, job_id: int) -> None:
@@ -271,6 +271,29 @@ class AirbyteClient:
                 "check ELT_AIRBYTE_CLIENT_ID and ELT_AIRBYTE_CLIENT_SECRET (`abctl local credentials`)"
             )
         return AirbyteRequestRejected(f"{description}: Airbyte answered {exc.status_code}: {_problem(exc)}")
+
+
+class _UnknownJobStatusIsRunning(AfterSuccessHook):
+    """airbyte-api 0.53 (the release PyAirbyte allows) fails to parse job statuses newer than its
+    enum, such as 'queued'. An unknown status means the job has not finished: read it as running."""
+
+    _known = frozenset(status.value for status in models.JobStatusEnum)
+
+    def after_success(self, hook_ctx, response: requests.Response) -> requests.Response:
+        if hook_ctx.operation_id not in ("createJob", "getJob", "listJobs", "cancelJob"):
+            return response
+        try:
+            body = response.json()
+        except ValueError:
+            return response
+        jobs = body.get("data") if isinstance(body, dict) and "data" in body else [body]
+        unknown = [job for job in jobs if isinstance(job, dict) and job.get("status") not in self._known]
+        for job in unknown:
+            logger.info("Job %s reports status '%s'; treating it as running", job.get("jobId"), job.get("status"))
+            job["status"] = models.JobStatusEnum.RUNNING.value
+        if unknown:
+            response._content = json.dumps(body).encode()  # requests keeps the parsed body here
+        return response
 
 
 class _Conflict(Exception):
@@ -373,11 +396,7 @@ class ServerBackend:
                         f"ELT_AIRBYTE_SYNC_TIMEOUT_SECONDS={self.settings.airbyte_sync_timeout_seconds:g} and was cancelled "
                         f"({self.job_url(connection, job.id)})"
                     )
-                polled = self.client.get_job(job.id)
-                if polled.status.startswith("unrecognized:"):
-                    logger.info("%s: job %s reports status %s; still waiting", connection.name, job.id, polled.status.split(":", 1)[1])
-                    continue
-                job = polled
+                job = self.client.get_job(job.id)
         finally:
             with self._lock:
                 self._started.pop(job.id, None)
