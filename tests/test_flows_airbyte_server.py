@@ -1,0 +1,89 @@
+"""all-etl with the server backend: a real Prefect server, real dbt and DuckDB, and the fake Airbyte
+that enforces the pinned public API spec (see tests/fakes/airbyte_server.py for what it simulates)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from elt.flows import all_etl
+from tests.conftest import PrefectServer, make_remote
+from tests.fakes.airbyte_server import FakeAirbyte
+
+pytestmark = pytest.mark.slow
+
+SOURCES = """
+version: 2
+sources:
+  - name: shop
+    schema: raw_shop
+    meta: {airbyte_connection: shop}
+    tables: [{name: orders}]
+  - name: crm
+    schema: raw_crm
+    meta: {airbyte_connection: crm}
+    tables: [{name: contacts}]
+"""
+
+
+@pytest.fixture
+def two_source_remote(tmp_path: Path):
+    """A dbt project whose two sources are loaded by the Airbyte connections 'shop' and 'crm'."""
+    project = tmp_path / "two_sources"
+    (project / "models").mkdir(parents=True)
+    (project / "dbt_project.yml").write_text("name: two_sources\nversion: '1.0'\nconfig-version: 2\nprofile: warehouse\n")
+    (project / "models" / "sources.yml").write_text(SOURCES)
+    (project / "models" / "shop_revenue.sql").write_text("select sum(amount) as revenue from {{ source('shop', 'orders') }}\n")
+    (project / "models" / "crm_contacts.sql").write_text("select * from {{ source('crm', 'contacts') }}\n")
+    (project / "models" / "contacts_with_revenue.sql").write_text(
+        "select * from {{ ref('crm_contacts') }} cross join {{ ref('shop_revenue') }}\n"
+    )
+    (tmp_path / "remote").mkdir()
+    return make_remote(tmp_path / "remote", project)
+
+
+@pytest.fixture
+def raw_tables(appliance_env: Path) -> Path:
+    """The raw tables Airbyte would have loaded (the fake moves no data)."""
+    path = appliance_env / "data" / "warehouse.duckdb"
+    path.parent.mkdir(parents=True)
+    with duckdb.connect(str(path)) as connection:
+        connection.execute("create schema raw_shop; create table raw_shop.orders as select 10.5 as amount")
+        connection.execute("create schema raw_crm; create table raw_crm.contacts as select 'ada' as name")
+    return path
+
+
+def test_twenty_syncs_one_fails_and_dbt_builds_what_it_does_not_feed(
+    prefect_server: PrefectServer, fake_airbyte: FakeAirbyte, airbyte_env: None, two_source_remote, raw_tables: Path
+) -> None:
+    fake_airbyte.add_connection("shop", sync_seconds=1.0)
+    fake_airbyte.add_connection("crm", sync_seconds=1.0, outcome="failed")
+    for index in range(18):
+        fake_airbyte.add_connection(f"other-{index:02d}", sync_seconds=1.0)
+
+    state = all_etl(repo=str(two_source_remote.bare), return_state=True)
+
+    assert state.is_failed()
+    with pytest.raises(Exception, match=r"1 of 20 connections failed to sync: crm: connection 'crm': sync job \d+ ended failed"):
+        state.result()
+    assert fake_airbyte.count("POST", "/jobs") == 20
+    with duckdb.connect(str(raw_tables), read_only=True) as warehouse:
+        tables = {row[0] for row in warehouse.execute("select table_name from information_schema.tables").fetchall()}
+    assert "shop_revenue" in tables
+    assert not {"crm_contacts", "contacts_with_revenue"} & tables
+    rows = prefect_server.artifacts("extract-load-results")[0]["data"]
+    assert "crm" in str(rows) and "job-history" in str(rows)
+
+
+def test_unknown_connection_stops_before_any_sync(
+    prefect_server: PrefectServer, fake_airbyte: FakeAirbyte, airbyte_env: None, two_source_remote, raw_tables: Path
+) -> None:
+    fake_airbyte.add_connection("shop")
+    fake_airbyte.add_connection("crm")
+    state = all_etl(connections=["shop", "hubspot"], repo=str(two_source_remote.bare), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match=r"no connection named hubspot; known connections: shop, crm"):
+        state.result()
+    assert fake_airbyte.count("POST", "/jobs") == 0
