@@ -49,3 +49,55 @@ def test_worker_picks_up_and_completes_a_deployment_run(
     assert state["type"] == "COMPLETED", state
     with duckdb.connect(str(appliance_env / "data" / "warehouse.duckdb"), read_only=True) as warehouse:
         assert warehouse.execute("select count(*) from main_marts.daily_revenue").fetchone()[0] > 0
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def test_cancelling_the_flow_run_cancels_the_airbyte_jobs_it_started(
+    prefect_server: PrefectServer, fake_airbyte, appliance_env: Path
+) -> None:
+    """Cancel a running all-etl in Prefect: the worker stops the flow process, which cancels its
+    Airbyte job (DELETE /jobs/{id}) on the fake Airbyte server (tests/fakes/airbyte_server.py)."""
+    connection_id = fake_airbyte.add_connection("endless", outcome="never")
+    env = prefect_server.env()
+    _run(["make", "--no-print-directory", "deploy", f"VENV={BIN.parent}"], env | {"ELT_HOME": str(REPO_ROOT)})
+    deployment = prefect_server.get("/deployments/name/all-etl/all-etl").json()
+    flow_run = prefect_server.post(
+        f"/deployments/{deployment['id']}/create_flow_run",
+        {"parameters": {"skip_pull": True, "skip_transform": True}},
+    ).json()
+
+    worker_env = env | {
+        "ELT_HOME": str(appliance_env),
+        "ELT_AIRBYTE_BACKEND": "server",
+        "ELT_AIRBYTE_URL": fake_airbyte.ui_url,
+        "ELT_AIRBYTE_CLIENT_ID": "fake-client-id",
+        "ELT_AIRBYTE_CLIENT_SECRET": "fake-client-secret",
+        "ELT_AIRBYTE_POLL_SECONDS": "0.5",
+    }
+    worker = subprocess.Popen(
+        [str(BIN / "prefect"), "worker", "start", "--pool", "elt", "--run-once"],
+        env=worker_env, cwd=appliance_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        _wait_for(lambda: fake_airbyte.count("GET", "/jobs/") >= 2, 180, "the Airbyte job to be polled")
+        cancel = prefect_server.post(
+            f"/flow_runs/{flow_run['id']}/set_state", {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True}
+        )
+        assert cancel.status_code in (200, 201), cancel.text
+        _wait_for(lambda: fake_airbyte.jobs_for(connection_id)[-1]["status"] == "cancelled", 120, "the Airbyte job to be cancelled")
+        _wait_for(
+            lambda: prefect_server.get(f"/flow_runs/{flow_run['id']}").json()["state"]["type"] == "CANCELLED",
+            60, "the flow run to be Cancelled",
+        )
+        assert fake_airbyte.count("DELETE", "/jobs/") == 1
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        worker.communicate(timeout=30)
