@@ -35,3 +35,25 @@ def test_every_problem_is_listed_with_what_to_fix(appliance_env: Path, faker_con
     assert "FAIL warehouse: ELT_WAREHOUSE=snowflake needs SNOWFLAKE_ACCOUNT, SNOWFLAKE_USER" in out
     assert "FAIL git repo: cannot reach" in out and "no-such-repo" in out
     assert "problem(s) found" in completed.stderr
+
+
+def test_airbyte_server_checks(fake_airbyte, appliance_remote: GitRemote, appliance_env: Path, tmp_path: Path) -> None:
+    """With the server backend, doctor proves the fake Airbyte (tests/fakes) answers, the client
+    credentials work and lists the active connections; a wrong secret is reported by variable name."""
+    fake_airbyte.add_connection("stripe")
+    fake_airbyte.add_connection("paused", status="inactive")
+    checkout = appliance_remote.clone(tmp_path / "checkout")
+    env = {
+        "ELT_HOME": str(checkout),
+        "ELT_AIRBYTE_BACKEND": "server",
+        "ELT_AIRBYTE_URL": fake_airbyte.ui_url,
+        "ELT_AIRBYTE_CLIENT_ID": "fake-client-id",
+        "ELT_AIRBYTE_CLIENT_SECRET": "fake-client-secret",
+    }
+    healthy = _doctor(env, checkout)
+    assert "ok   airbyte server: " in healthy.stdout and "1 active connection(s): stripe" in healthy.stdout
+
+    wrong = _doctor(env | {"ELT_AIRBYTE_CLIENT_SECRET": "not-the-secret"}, checkout)
+    assert wrong.returncode == 1
+    assert "FAIL airbyte server: " in wrong.stdout and "ELT_AIRBYTE_CLIENT_SECRET" in wrong.stdout
+    assert "not-the-secret" not in wrong.stdout + wrong.stderr
