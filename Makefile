@@ -18,10 +18,18 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 
 venv: $(VENV)/.installed
 
+# fakesnow (Snowflake emulated on DuckDB, for the tests) needs duckdb 2, which PyAirbyte's pin
+# excludes: it runs as a server from a virtualenv of its own.
+FAKESNOW_VENV := .venv-fakesnow
+$(FAKESNOW_VENV)/.installed: tests/fakesnow.lock $(VENV)/.installed
+	$(BIN)/uv venv --quiet --python $(PYTHON) $(FAKESNOW_VENV)
+	$(BIN)/uv pip sync --quiet --python $(FAKESNOW_VENV)/bin/python tests/fakesnow.lock
+	touch $@
+
 demo: venv
 	$(BIN)/elt run
 
-test: venv
+test: venv $(FAKESNOW_VENV)/.installed
 	$(BIN)/pytest
 
 doctor: venv
@@ -37,4 +45,4 @@ lock:
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
 
 clean:
-	rm -rf data dbt/target dbt/logs .venv-connectors
+	rm -rf data dbt/target dbt/logs .venv-connectors $(FAKESNOW_VENV)

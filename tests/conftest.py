@@ -197,3 +197,64 @@ def airbyte_env(monkeypatch: pytest.MonkeyPatch, fake_airbyte) -> None:
     monkeypatch.setenv("ELT_AIRBYTE_CLIENT_ID", "fake-client-id")
     monkeypatch.setenv("ELT_AIRBYTE_CLIENT_SECRET", "fake-client-secret")
     monkeypatch.setenv("ELT_AIRBYTE_POLL_SECONDS", "0.2")
+
+
+FAKESNOW = REPO_ROOT / ".venv-fakesnow" / "bin" / "fakesnow"
+
+
+@dataclass
+class FakesnowServer:
+    port: int
+    data_dir: Path
+
+    def env(self) -> dict[str, str]:
+        """Settings that point the appliance at this server. The password has the characters
+        URL-style DSNs choke on, to prove it is passed through intact."""
+        return {
+            "ELT_WAREHOUSE": "snowflake",
+            "SNOWFLAKE_ACCOUNT": "acme-test",
+            "SNOWFLAKE_USER": "TRANSFORMER",
+            "SNOWFLAKE_PASSWORD": "p@ss:w/rd@#%!",
+            "SNOWFLAKE_ROLE": "TRANSFORMER",
+            "SNOWFLAKE_WAREHOUSE": "TRANSFORMING",
+            "SNOWFLAKE_DATABASE": "ANALYTICS",
+            "SNOWFLAKE_SCHEMA": "DBT",
+            "SNOWFLAKE_HOST": "127.0.0.1",
+            "SNOWFLAKE_PORT": str(self.port),
+            "SNOWFLAKE_PROTOCOL": "http",
+        }
+
+
+@pytest.fixture(scope="session")
+def fakesnow_server(tmp_path_factory: pytest.TempPathFactory):
+    """fakesnow 0.12's server mode (Snowflake's wire protocol over DuckDB), from its own venv
+    (`make test` creates .venv-fakesnow: it needs duckdb 2, which PyAirbyte excludes)."""
+    if not FAKESNOW.exists():
+        raise RuntimeError(f"{FAKESNOW} is missing: run `make test`, which installs it from tests/fakesnow.lock")
+    data_dir = tmp_path_factory.mktemp("fakesnow")
+    port = _free_port()
+    log = open(data_dir / "server.log", "w")
+    process = subprocess.Popen(
+        [str(FAKESNOW), "-s", "--host", "127.0.0.1", "-p", str(port), "-d", str(data_dir)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"fakesnow did not start: {(data_dir / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.3)
+    yield FakesnowServer(port, data_dir)
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture
+def snowflake_env(monkeypatch: pytest.MonkeyPatch, fakesnow_server: FakesnowServer) -> FakesnowServer:
+    for name, value in fakesnow_server.env().items():
+        monkeypatch.setenv(name, value)
+    return fakesnow_server

@@ -125,17 +125,9 @@ def render_profile(settings: Settings, profile_name: str) -> str:
             "threads": settings.dbt_threads,
         }
     elif target == Warehouse.snowflake.value:
-        output = {
-            "type": "snowflake",
-            "account": "{{ env_var('SNOWFLAKE_ACCOUNT') }}",
-            "user": "{{ env_var('SNOWFLAKE_USER') }}",
-            "password": "{{ env_var('SNOWFLAKE_PASSWORD') }}",
-            "role": "{{ env_var('SNOWFLAKE_ROLE', '') }}",
-            "warehouse": "{{ env_var('SNOWFLAKE_WAREHOUSE') }}",
-            "database": "{{ env_var('SNOWFLAKE_DATABASE') }}",
-            "schema": "{{ env_var('SNOWFLAKE_SCHEMA') }}",
-            "threads": settings.dbt_threads,
-        }
+        from elt import snowflake
+
+        output = snowflake.dbt_output(settings)
     else:
         raise ConfigurationError(
             f"ELT_DBT_TARGET={target}: the appliance renders 'duckdb' and 'snowflake' targets; "
@@ -158,16 +150,10 @@ def dbt_environment(settings: Settings) -> dict[str, str]:
         "DBT_USE_COLORS": "false",
         "DBT_PRINTER_WIDTH": "120",
     }
-    snowflake = {
-        "SNOWFLAKE_ACCOUNT": settings.snowflake_account,
-        "SNOWFLAKE_USER": settings.snowflake_user,
-        "SNOWFLAKE_PASSWORD": settings.snowflake_password.get_secret_value() if settings.snowflake_password else None,
-        "SNOWFLAKE_ROLE": settings.snowflake_role,
-        "SNOWFLAKE_WAREHOUSE": settings.snowflake_warehouse,
-        "SNOWFLAKE_DATABASE": settings.snowflake_database,
-        "SNOWFLAKE_SCHEMA": settings.snowflake_schema,
-    }
-    env.update({key: value for key, value in snowflake.items() if value is not None})
+    if settings.effective_dbt_target == Warehouse.snowflake.value:
+        from elt import snowflake
+
+        env.update(snowflake.dbt_environment(settings))
     return env
 
 

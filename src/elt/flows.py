@@ -16,7 +16,7 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from elt import dbt, git_repo, warehouse
+from elt import dbt, git_repo, snowflake, warehouse
 from elt.errors import EltError
 from elt.extract.base import (
     ExtractBackend,
@@ -26,7 +26,7 @@ from elt.extract.base import (
     SyncResult,
     UnknownConnections,
 )
-from elt.settings import AirbyteBackend, Settings, Warehouse, load_settings
+from elt.settings import AirbyteBackend, Settings, load_settings
 
 
 @dataclass
@@ -150,7 +150,7 @@ def transform(
     settings = load_settings()
     logger = get_run_logger()
     project = dbt.DbtProject.at(Path(project_dir))
-    env = dbt.dbt_environment(settings)
+    env = dbt.dbt_environment(settings) | {snowflake.QUERY_TAG_VARIABLE: snowflake.query_tag(flow_run.id)}
     target = settings.effective_dbt_target
     dbt.prepare_warehouse(settings)
 
@@ -262,8 +262,7 @@ def all_etl(
                 str(folder), select, exclude, full_refresh,
                 retry_failed=(flow_run.run_count or 1) > 1, skip_downstream_of=failed_connections,
             )
-            if settings.warehouse is Warehouse.duckdb:
-                summary.mart_rows = warehouse.mart_row_counts(settings)
+            summary.mart_rows = warehouse.mart_row_counts(settings)
         if extract_failure:
             raise extract_failure
     except Exception as exc:

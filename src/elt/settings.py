@@ -126,6 +126,19 @@ class Settings(BaseSettings):
     snowflake_warehouse: str | None = Field(None, validation_alias=_snowflake("WAREHOUSE"))
     snowflake_database: str | None = Field(None, validation_alias=_snowflake("DATABASE"))
     snowflake_schema: str = Field("ANALYTICS", validation_alias=_snowflake("SCHEMA"))
+    snowflake_private_key: SecretStr | None = Field(
+        None,
+        validation_alias=_snowflake("PRIVATE_KEY"),
+        description="Key-pair auth: a PEM, its base64 body without newlines, or a path to the key file.",
+    )
+    snowflake_private_key_passphrase: SecretStr | None = Field(
+        None, validation_alias=_snowflake("PRIVATE_KEY_PASSPHRASE")
+    )
+    snowflake_host: str | None = Field(
+        None, validation_alias=_snowflake("HOST"), description="Only for private link or a test server."
+    )
+    snowflake_port: int | None = Field(None, validation_alias=_snowflake("PORT"))
+    snowflake_protocol: str | None = Field(None, validation_alias=_snowflake("PROTOCOL"))
 
     def path(self, value: Path) -> Path:
         """Resolve a configured path against ELT_HOME."""

@@ -14,10 +14,8 @@ class WarehouseUnreachable(TransientError):
 
 def mart_row_counts(settings: Settings) -> dict[str, int]:
     """Rows in every table of every schema whose name ends in `marts`, keyed `schema.table`."""
-    if settings.warehouse is not Warehouse.duckdb:
-        raise ConfigurationError(
-            f"ELT_WAREHOUSE={settings.warehouse.value}: row counts are read from duckdb only in this version"
-        )
+    if settings.warehouse is Warehouse.snowflake:
+        return _snowflake_mart_row_counts(settings)
     import duckdb
 
     path = settings.path(settings.duckdb_path)
@@ -34,6 +32,23 @@ def mart_row_counts(settings: Settings) -> dict[str, int]:
         }
 
 
+def _snowflake_mart_row_counts(settings: Settings) -> dict[str, int]:
+    from elt import snowflake
+
+    with closing(snowflake.connect(settings, snowflake.query_tag(None))) as connection:
+        cursor = connection.cursor()
+        tables = cursor.execute(
+            f'select table_schema, table_name from "{settings.snowflake_database}".information_schema.tables '
+            "where table_schema ilike '%marts' and table_type = 'BASE TABLE' order by 1, 2"
+        ).fetchall()
+        return {
+            f"{schema}.{table}".lower(): cursor.execute(
+                f'select count(*) from "{settings.snowflake_database}"."{schema}"."{table}"'
+            ).fetchone()[0]
+            for schema, table in tables
+        }
+
+
 def check_reachable(settings: Settings) -> None:
     if settings.warehouse is Warehouse.duckdb:
         import duckdb
@@ -46,27 +61,12 @@ def check_reachable(settings: Settings) -> None:
         except Exception as exc:  # duckdb raises IOException, PermissionError, lock errors...
             raise WarehouseUnreachable(f"ELT_DUCKDB_PATH={path}: cannot open the DuckDB file: {exc}") from None
         return
-    missing = [
-        f"SNOWFLAKE_{name.upper()}"
-        for name in ("account", "user", "password", "warehouse", "database")
-        if not getattr(settings, f"snowflake_{name}")
-    ]
-    if missing:
-        raise ConfigurationError(f"ELT_WAREHOUSE=snowflake needs {', '.join(missing)}")
-    import snowflake.connector
+    from elt import snowflake
 
     try:
-        with closing(
-            snowflake.connector.connect(
-                account=settings.snowflake_account,
-                user=settings.snowflake_user,
-                password=settings.snowflake_password.get_secret_value(),
-                role=settings.snowflake_role,
-                warehouse=settings.snowflake_warehouse,
-                database=settings.snowflake_database,
-                login_timeout=20,
-            )
-        ) as connection:
+        with closing(snowflake.connect(settings)) as connection:
             connection.cursor().execute("select 1")
+    except ConfigurationError:
+        raise
     except Exception as exc:
         raise WarehouseUnreachable(f"Snowflake account {settings.snowflake_account}: {str(exc).splitlines()[0]}") from None

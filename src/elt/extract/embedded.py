@@ -94,8 +94,8 @@ class EmbeddedBackend:
             )
         source.select_streams(streams)
 
-        cache, lock_key = self._destination(spec)
-        with _warehouse_locks[lock_key]:
+        cache, cache_path = self._cache(spec)
+        with _warehouse_locks[str(cache_path)]:
             try:
                 result = source.read(cache=cache, force_full_refresh=full_refresh)
             except Exception as exc:
@@ -104,6 +104,16 @@ class EmbeddedBackend:
                 ) from exc
             finally:
                 cache.close()
+            if self.settings.warehouse is Warehouse.snowflake:
+                from elt import snowflake
+
+                try:
+                    snowflake.replace_tables_from_duckdb(self.settings, cache_path, spec.destination.schema_, streams)
+                except Exception as exc:
+                    raise EmbeddedSyncFailed(
+                        f"connection '{spec.name}': loading into Snowflake {self.settings.snowflake_database}."
+                        f"{spec.destination.schema_} failed: {_first_line(exc)}"
+                    ) from exc
         # PyAirbyte counts records per stream on its progress tracker and exposes only the total.
         counts = dict(result._progress_tracker.stream_read_counts)  # noqa: SLF001
         rows_per_stream = {stream: counts.get(stream, 0) for stream in streams}
@@ -117,22 +127,22 @@ class EmbeddedBackend:
     def cancel_started_jobs(self) -> None:
         """Connectors run in this process's children; they end with it."""
 
-    def _destination(self, spec: ConnectionSpec) -> tuple[CacheBase, str]:
+    def _cache(self, spec: ConnectionSpec) -> tuple[CacheBase, Path]:
+        """Where PyAirbyte writes: the DuckDB warehouse itself, or a DuckDB staging file that is
+        then published to Snowflake (PyAirbyte keeps incremental state beside the rows)."""
         from airbyte.caches import DuckDBCache
 
         if self.settings.warehouse is Warehouse.duckdb:
             path = self.settings.path(self.settings.duckdb_path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            cache = DuckDBCache(
-                db_path=path,
-                schema_name=spec.destination.schema_,
-                cache_dir=self.settings.path(self.settings.data_dir) / "airbyte-cache",
-            )
-            return cache, str(path)
-        raise ConfigurationError(
-            f"ELT_WAREHOUSE={self.settings.warehouse.value}: the embedded backend loads into duckdb only "
-            "in this version; set ELT_WAREHOUSE=duckdb or ELT_AIRBYTE_BACKEND=server"
+        else:
+            path = self.settings.path(self.settings.data_dir) / "airbyte-staging.duckdb"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cache = DuckDBCache(
+            db_path=path,
+            schema_name=spec.destination.schema_,
+            cache_dir=self.settings.path(self.settings.data_dir) / "airbyte-cache",
         )
+        return cache, path
 
 
 def ensure_connector(spec: ConnectionSpec, connectors_dir: Path, connections_file: Path) -> Path:

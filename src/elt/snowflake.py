@@ -1,0 +1,232 @@
+"""Snowflake: one place that turns settings into credentials for snowflake-connector-python and dbt-snowflake.
+
+Auth is a key pair (SNOWFLAKE_PRIVATE_KEY as a PEM, as the base64 body of one, or as a path,
+with SNOWFLAKE_PRIVATE_KEY_PASSPHRASE when encrypted) or a password. The key is normalised
+once to unencrypted PKCS#8 DER: the connector takes the bytes, dbt-snowflake the base64 of
+them (it reads a `private_key` not starting with '-' as base64 DER). Neither the key nor the
+password is ever written to a file or a message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+
+from elt.errors import ConfigurationError
+from elt.settings import Settings
+
+DBT_KEY_VARIABLE = "ELT_SNOWFLAKE_PRIVATE_KEY_DER_BASE64"
+QUERY_TAG_VARIABLE = "ELT_SNOWFLAKE_QUERY_TAG"
+_ACCEPTED_FORMS = (
+    "a PEM ('-----BEGIN PRIVATE KEY-----' ...), its base64 body with the header, footer and newlines "
+    "removed, or the path to a .p8/.pem file"
+)
+
+
+class SnowflakeKeyError(ConfigurationError):
+    pass
+
+
+def private_key_der(value: str, passphrase: str | None = None) -> bytes:
+    """The key as unencrypted PKCS#8 DER, whichever accepted form it came in."""
+    text = value.strip().replace("\\n", "\n")
+    password = passphrase.encode() if passphrase else None
+    if text.startswith("-----BEGIN"):
+        return _normalise(lambda: serialization.load_pem_private_key(text.encode(), password), "PEM", passphrase)
+    if "/" in text or text.startswith("~") or text.endswith((".p8", ".pem", ".der")):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise SnowflakeKeyError(f"SNOWFLAKE_PRIVATE_KEY looks like a path, but {path} is not a file; expected {_ACCEPTED_FORMS}")
+        data = path.read_bytes()
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return _normalise(lambda: serialization.load_pem_private_key(data, password), f"PEM file {path}", passphrase)
+        return _normalise(lambda: serialization.load_der_private_key(data, password), f"DER file {path}", passphrase)
+    try:
+        der = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise SnowflakeKeyError(f"SNOWFLAKE_PRIVATE_KEY is not a key; expected {_ACCEPTED_FORMS}") from None
+    return _normalise(lambda: serialization.load_der_private_key(der, password), "base64 body", passphrase)
+
+
+def _normalise(load, form: str, passphrase: str | None) -> bytes:
+    try:
+        key = load()
+    except TypeError:
+        if passphrase:
+            raise SnowflakeKeyError("SNOWFLAKE_PRIVATE_KEY_PASSPHRASE is set but the key is not encrypted; unset it") from None
+        raise SnowflakeKeyError("SNOWFLAKE_PRIVATE_KEY is encrypted: set SNOWFLAKE_PRIVATE_KEY_PASSPHRASE") from None
+    except ValueError:
+        if passphrase:
+            raise SnowflakeKeyError(
+                f"SNOWFLAKE_PRIVATE_KEY ({form}) could not be read with SNOWFLAKE_PRIVATE_KEY_PASSPHRASE: "
+                f"a wrong passphrase, or not a key; expected {_ACCEPTED_FORMS}"
+            ) from None
+        raise SnowflakeKeyError(f"SNOWFLAKE_PRIVATE_KEY ({form}) is not a valid private key; expected {_ACCEPTED_FORMS}") from None
+    return key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def _required(settings: Settings) -> None:
+    missing = [
+        f"SNOWFLAKE_{name.upper()}"
+        for name in ("account", "user", "warehouse", "database")
+        if not getattr(settings, f"snowflake_{name}")
+    ]
+    if not (settings.snowflake_password or settings.snowflake_private_key):
+        missing.append("SNOWFLAKE_PRIVATE_KEY or SNOWFLAKE_PASSWORD")
+    if missing:
+        raise ConfigurationError(f"ELT_WAREHOUSE=snowflake needs {', '.join(missing)}")
+
+
+def connect_kwargs(settings: Settings, query_tag: str | None = None) -> dict[str, Any]:
+    """Arguments for snowflake.connector.connect."""
+    _required(settings)
+    kwargs: dict[str, Any] = {
+        "account": settings.snowflake_account,
+        "user": settings.snowflake_user,
+        "role": settings.snowflake_role,
+        "warehouse": settings.snowflake_warehouse,
+        "database": settings.snowflake_database,
+        "schema": settings.snowflake_schema,
+        "login_timeout": 30,
+        "network_timeout": 120,
+        "application": "elt-appliance",
+    }
+    if settings.snowflake_private_key:
+        passphrase = settings.snowflake_private_key_passphrase
+        kwargs["private_key"] = private_key_der(
+            settings.snowflake_private_key.get_secret_value(), passphrase.get_secret_value() if passphrase else None
+        )
+    else:
+        kwargs["password"] = settings.snowflake_password.get_secret_value()
+    for name in ("host", "port", "protocol"):
+        if getattr(settings, f"snowflake_{name}") is not None:
+            kwargs[name] = getattr(settings, f"snowflake_{name}")
+    if query_tag:
+        kwargs["session_parameters"] = {"QUERY_TAG": query_tag}
+    return {key: value for key, value in kwargs.items() if value is not None}
+
+
+def connect(settings: Settings, query_tag: str | None = None):
+    import snowflake.connector
+
+    return snowflake.connector.connect(**connect_kwargs(settings, query_tag))
+
+
+def dbt_output(settings: Settings) -> dict[str, Any]:
+    """The profile's snowflake output: every secret is an env_var() reference, filled by dbt_environment."""
+    output: dict[str, Any] = {
+        "type": "snowflake",
+        "account": "{{ env_var('SNOWFLAKE_ACCOUNT') }}",
+        "user": "{{ env_var('SNOWFLAKE_USER') }}",
+        "warehouse": "{{ env_var('SNOWFLAKE_WAREHOUSE') }}",
+        "database": "{{ env_var('SNOWFLAKE_DATABASE') }}",
+        "schema": "{{ env_var('SNOWFLAKE_SCHEMA') }}",
+        "query_tag": f"{{{{ env_var('{QUERY_TAG_VARIABLE}', 'elt') }}}}",
+        "threads": settings.dbt_threads,
+        "connect_timeout": 30,
+    }
+    if settings.snowflake_role:
+        output["role"] = "{{ env_var('SNOWFLAKE_ROLE') }}"
+    if settings.snowflake_private_key:
+        output["private_key"] = f"{{{{ env_var('{DBT_KEY_VARIABLE}') }}}}"
+    else:
+        output["password"] = "{{ env_var('SNOWFLAKE_PASSWORD') }}"
+    for name in ("host", "port", "protocol"):
+        value = getattr(settings, f"snowflake_{name}")
+        if value is not None:
+            output[name] = value
+    return output
+
+
+def dbt_environment(settings: Settings) -> dict[str, str]:
+    """The variables dbt_output refers to."""
+    _required(settings)
+    env = {
+        "SNOWFLAKE_ACCOUNT": settings.snowflake_account,
+        "SNOWFLAKE_USER": settings.snowflake_user,
+        "SNOWFLAKE_ROLE": settings.snowflake_role,
+        "SNOWFLAKE_WAREHOUSE": settings.snowflake_warehouse,
+        "SNOWFLAKE_DATABASE": settings.snowflake_database,
+        "SNOWFLAKE_SCHEMA": settings.snowflake_schema,
+    }
+    if settings.snowflake_private_key:
+        kwargs = connect_kwargs(settings)
+        env[DBT_KEY_VARIABLE] = base64.b64encode(kwargs["private_key"]).decode()
+    else:
+        env["SNOWFLAKE_PASSWORD"] = settings.snowflake_password.get_secret_value()
+    return {key: value for key, value in env.items() if value is not None}
+
+
+def query_tag(flow_run_id: str | None) -> str:
+    """The tag every query of a run carries; dbt adds each node's id in its query comment."""
+    return json.dumps({"app": "elt-appliance", "flow_run_id": flow_run_id}, separators=(",", ":"))
+
+
+_DUCKDB_TO_SNOWFLAKE = {
+    "BIGINT": "NUMBER(38,0)",
+    "INTEGER": "NUMBER(38,0)",
+    "HUGEINT": "NUMBER(38,0)",
+    "DOUBLE": "FLOAT",
+    "FLOAT": "FLOAT",
+    "BOOLEAN": "BOOLEAN",
+    "VARCHAR": "VARCHAR",
+    "DATE": "DATE",
+    "TIMESTAMP": "TIMESTAMP_NTZ",
+    "TIMESTAMP WITH TIME ZONE": "TIMESTAMP_TZ",
+    "JSON": "VARCHAR",  # kept as text; PARSE_JSON it in a staging model when needed
+}
+_BATCH_ROWS = 5000
+
+
+def replace_tables_from_duckdb(settings: Settings, duckdb_path: Path, schema: str, tables: list[str]) -> dict[str, int]:
+    """Copy whole tables from a DuckDB file into SNOWFLAKE_DATABASE.<schema>, each replaced in one transaction.
+
+    The embedded backend stages each sync in DuckDB (PyAirbyte keeps incremental state there)
+    and publishes the full tables here: a failure leaves the previous rows in place, never half a load.
+    """
+    import duckdb
+
+    copied: dict[str, int] = {}
+    with duckdb.connect(str(duckdb_path), read_only=True) as source, connect(settings, query_tag("embedded-load")) as target:
+        cursor = target.cursor()
+        cursor.execute(f'create schema if not exists "{settings.snowflake_database}".{schema}')
+        for table in tables:
+            columns = source.execute(
+                "select column_name, data_type from information_schema.columns "
+                "where table_schema = ? and table_name = ? order by ordinal_position",
+                [schema, table],
+            ).fetchall()
+            definition = ", ".join(f"{name} {_snowflake_type(data_type)}" for name, data_type in columns)
+            qualified = f'"{settings.snowflake_database}".{schema}.{table}'
+            cursor.execute(f"create table if not exists {qualified} ({definition})")
+            rows = source.execute(f'select * from "{schema}"."{table}"')
+            placeholders = ", ".join(["%s"] * len(columns))
+            names = ", ".join(name for name, _ in columns)
+            cursor.execute("begin")
+            try:
+                cursor.execute(f"delete from {qualified}")
+                count = 0
+                while batch := rows.fetchmany(_BATCH_ROWS):
+                    cursor.executemany(f"insert into {qualified} ({names}) values ({placeholders})", [_bindable(row) for row in batch])
+                    count += len(batch)
+                cursor.execute("commit")
+            except BaseException:
+                cursor.execute("rollback")
+                raise
+            copied[table] = count
+    return copied
+
+
+def _snowflake_type(duckdb_type: str) -> str:
+    if duckdb_type.startswith("DECIMAL"):
+        return duckdb_type.replace("DECIMAL", "NUMBER")
+    return _DUCKDB_TO_SNOWFLAKE.get(duckdb_type, "VARCHAR")
+
+
+def _bindable(row: tuple) -> tuple:
+    return tuple(json.dumps(value) if isinstance(value, (dict, list)) else value for value in row)
