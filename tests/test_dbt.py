@@ -44,8 +44,9 @@ def test_profile_is_rendered_under_the_projects_own_profile_name(tmp_path: Path,
 
 def test_snowflake_profile_keeps_secrets_out_of_the_file(project: dbt.DbtProject, monkeypatch: pytest.MonkeyPatch) -> None:
     """The rendered file refers to the password through env_var(); only the dbt process's environment holds it."""
-    monkeypatch.setenv("ELT_WAREHOUSE", "snowflake")
-    monkeypatch.setenv("SNOWFLAKE_PASSWORD", "p@ss/w0rd@")
+    for name, value in {"ELT_WAREHOUSE": "snowflake", "SNOWFLAKE_ACCOUNT": "acme", "SNOWFLAKE_USER": "u",
+                        "SNOWFLAKE_WAREHOUSE": "w", "SNOWFLAKE_DATABASE": "d", "SNOWFLAKE_PASSWORD": "p@ss/w0rd@"}.items():
+        monkeypatch.setenv(name, value)
     settings = load_settings()
     text = dbt.render_profile(settings, project.profile_name)
     assert "p@ss/w0rd@" not in text

@@ -10,8 +10,8 @@ password is ever written to a file or a message.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,19 +38,22 @@ def private_key_der(value: str, passphrase: str | None = None) -> bytes:
     password = passphrase.encode() if passphrase else None
     if text.startswith("-----BEGIN"):
         return _normalise(lambda: serialization.load_pem_private_key(text.encode(), password), "PEM", passphrase)
-    if "/" in text or text.startswith("~") or text.endswith((".p8", ".pem", ".der")):
-        path = Path(text).expanduser()
-        if not path.is_file():
-            raise SnowflakeKeyError(f"SNOWFLAKE_PRIVATE_KEY looks like a path, but {path} is not a file; expected {_ACCEPTED_FORMS}")
+    compact = "".join(text.split())
+    if len(compact) > 64 and re.fullmatch(r"[A-Za-z0-9+/]+={0,2}", compact):
+        try:
+            der = base64.b64decode(compact)
+        except ValueError:  # binascii.Error: a character lost in a copy-paste
+            raise SnowflakeKeyError(f"SNOWFLAKE_PRIVATE_KEY (base64 body) is truncated or damaged; expected {_ACCEPTED_FORMS}") from None
+        return _normalise(lambda: serialization.load_der_private_key(der, password), "base64 body", passphrase)
+    path = Path(text).expanduser()
+    if path.is_file():
         data = path.read_bytes()
         if data.lstrip().startswith(b"-----BEGIN"):
             return _normalise(lambda: serialization.load_pem_private_key(data, password), f"PEM file {path}", passphrase)
         return _normalise(lambda: serialization.load_der_private_key(data, password), f"DER file {path}", passphrase)
-    try:
-        der = base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise SnowflakeKeyError(f"SNOWFLAKE_PRIVATE_KEY is not a key; expected {_ACCEPTED_FORMS}") from None
-    return _normalise(lambda: serialization.load_der_private_key(der, password), "base64 body", passphrase)
+    if len(text) < 512 and (text.startswith(("/", "~", ".")) or text.endswith((".p8", ".pem", ".der"))):
+        raise SnowflakeKeyError(f"SNOWFLAKE_PRIVATE_KEY looks like a path, but {path} is not a file; expected {_ACCEPTED_FORMS}")
+    raise SnowflakeKeyError(f"SNOWFLAKE_PRIVATE_KEY is not a key; expected {_ACCEPTED_FORMS}")
 
 
 def _normalise(load, form: str, passphrase: str | None) -> bytes:
