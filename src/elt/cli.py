@@ -67,7 +67,10 @@ def doctor() -> None:
     problems = 0
     for check in run_checks():
         mark = typer.style("ok  ", fg="green") if check.ok else typer.style("FAIL", fg="red")
-        typer.echo(f"{mark} {check.name}: {check.detail}")
+        first, *more = check.detail.splitlines() or [""]
+        typer.echo(f"{mark} {check.name}: {first}")
+        for line in more:
+            typer.echo(f"       - {line}")
         problems += not check.ok
     if problems:
         typer.secho(f"{problems} problem(s) found", fg="red", err=True)

@@ -246,6 +246,25 @@ def _finished_node(name: str, data: dict) -> dict | None:
     }
 
 
+def list_sources(project: DbtProject, *, profiles_dir: Path, target: str, env: dict[str, str]) -> list[dict]:
+    """Every source table of the project: unique_id, database, schema, name and meta."""
+    command = [
+        dbt_executable(), "ls", "--resource-type", "source", "--output", "json",
+        "--output-keys", "unique_id database schema name meta config", "--quiet",
+        "--project-dir", str(project.path), "--profiles-dir", str(profiles_dir), "--target", target,
+    ]
+    completed = subprocess.run(command, cwd=project.path, env=env, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise DbtInvocationError(f"dbt ls in {project.path} could not list sources: {completed.stdout[-300:]}")
+    sources = []
+    for line in completed.stdout.splitlines():
+        source = _parse(line.strip())
+        if source and "unique_id" in source:
+            source["meta"] = {**(source.get("config") or {}).get("meta", {}), **(source.get("meta") or {})}
+            sources.append(source)
+    return sources
+
+
 def downstream_of_connections(
     project: DbtProject, connections: list[str], *, profiles_dir: Path, target: str, env: dict[str, str]
 ) -> list[str]:
@@ -253,21 +272,9 @@ def downstream_of_connections(
 
     A source names its connection in `meta: {airbyte_connection: <name>}` (a name or a list).
     """
-    command = [
-        dbt_executable(), "ls", "--resource-type", "source", "--output", "json",
-        "--output-keys", "unique_id meta config", "--quiet",
-        "--project-dir", str(project.path), "--profiles-dir", str(profiles_dir), "--target", target,
-    ]
-    completed = subprocess.run(command, cwd=project.path, env=env, capture_output=True, text=True)
-    if completed.returncode != 0:
-        raise DbtInvocationError(f"dbt ls in {project.path} could not list sources: {completed.stdout[-300:]}")
     selectors = []
-    for line in completed.stdout.splitlines():
-        source = _parse(line.strip())
-        if not source or "unique_id" not in source:
-            continue
-        meta = {**(source.get("config") or {}).get("meta", {}), **(source.get("meta") or {})}
-        fed_by = meta.get("airbyte_connection")
+    for source in list_sources(project, profiles_dir=profiles_dir, target=target, env=env):
+        fed_by = source["meta"].get("airbyte_connection")
         fed_by = [fed_by] if isinstance(fed_by, str) else list(fed_by or [])
         if set(fed_by) & set(connections):
             _, _, source_name, table = source["unique_id"].split(".", 3)

@@ -19,6 +19,13 @@ class Check:
     detail: str
 
 
+class Problems(EltError):
+    """Several things to fix, one per line."""
+
+    def __init__(self, summary: str, problems: list[str]) -> None:
+        super().__init__(summary + "\n" + "\n".join(problems))
+
+
 def run_checks() -> Iterator[Check]:
     try:
         settings = load_settings()
@@ -29,6 +36,8 @@ def run_checks() -> Iterator[Check]:
     for name, check in _checks(settings):
         try:
             yield Check(name, True, check())
+        except Problems as exc:
+            yield Check(name, False, str(exc))
         except Exception as exc:  # every failure becomes a reported problem, never a crash
             yield Check(name, False, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
@@ -43,8 +52,10 @@ def _checks(settings: Settings) -> list[tuple[str, Callable[[], str]]]:
         ("warehouse", lambda: _warehouse(settings)),
         ("git repo", lambda: _git(settings)),
         ("dbt project", lambda: _dbt(settings)),
-        ("prefect api", _prefect),
     ]
+    if settings.effective_dbt_target == "snowflake":
+        checks.append(("snowflake grants", lambda: _snowflake_grants(settings)))
+    checks.append(("prefect api", _prefect))
     return checks
 
 
@@ -128,6 +139,27 @@ def _dbt(settings: Settings) -> str:
         errors = [line.strip() for line in completed.stdout.splitlines() if "ERROR" in line or "error" in line.lower()]
         raise EltError(f"dbt debug failed in {project.path}: {' | '.join(errors[:3]) or completed.stdout[-300:]}")
     return f"{project.path} (profile {project.profile_name}, target {settings.effective_dbt_target}) passes dbt debug"
+
+
+def _snowflake_grants(settings: Settings) -> str:
+    from elt import dbt, snowflake
+    from elt.git_repo import RepoSource
+
+    folder = RepoSource.from_settings(settings).checkout / settings.dbt_project_dir
+    sources: list[tuple[str, str, str]] = []
+    if folder.exists():
+        project = dbt.DbtProject.at(folder)
+        with tempfile.TemporaryDirectory(prefix="elt-profiles-") as rendered:
+            profiles_dir = project.path if settings.dbt_use_project_profiles else Path(rendered)
+            if not settings.dbt_use_project_profiles:
+                (profiles_dir / "profiles.yml").write_text(dbt.render_profile(settings, project.profile_name))
+            listed = dbt.list_sources(project, profiles_dir=profiles_dir, target=settings.effective_dbt_target,
+                                      env=dbt.dbt_environment(settings))
+        sources = [(source.get("database") or "", source["schema"], source["name"]) for source in listed]
+    problems = snowflake.missing_grants(settings, sources)
+    if problems:
+        raise Problems(f"{len(problems)} missing grant(s) or object(s):", problems)
+    return f"role {settings.snowflake_role or '(default)'} can use {settings.snowflake_warehouse}, read {len(sources)} source table(s) and build in {settings.snowflake_database}.{settings.snowflake_schema}"
 
 
 def _prefect() -> str:

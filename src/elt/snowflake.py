@@ -233,3 +233,69 @@ def _snowflake_type(duckdb_type: str) -> str:
 
 def _bindable(row: tuple) -> tuple:
     return tuple(json.dumps(value) if isinstance(value, (dict, list)) else value for value in row)
+
+
+def missing_grants(settings: Settings, sources: list[tuple[str, str, str]]) -> list[str]:
+    """Probe what all-etl needs, as its role: each problem with the GRANT that fixes it.
+
+    `sources` are the (database, schema, table) the dbt project reads, i.e. what Airbyte loads.
+    """
+    from snowflake.connector.errors import ProgrammingError
+
+    role = settings.snowflake_role or "<role of SNOWFLAKE_USER>"
+    database, target = settings.snowflake_database, settings.snowflake_schema
+    problems: list[str] = []
+    with connect(settings, query_tag("doctor")) as connection:
+        cursor = connection.cursor()
+        try:
+            cursor.execute(f'use warehouse "{settings.snowflake_warehouse}"')
+        except ProgrammingError:
+            problems.append(
+                f"role {role} cannot use warehouse {settings.snowflake_warehouse}: "
+                f"GRANT USAGE ON WAREHOUSE {settings.snowflake_warehouse} TO ROLE {role};"
+            )
+        schemas: dict[tuple[str, str], list[str]] = {}
+        for source_database, schema, table in sources:
+            schemas.setdefault(((source_database or database).upper(), schema.upper()), []).append(table)
+        for (source_database, schema), tables in schemas.items():
+            try:
+                visible = cursor.execute(
+                    f'select count(*) from "{source_database}".information_schema.schemata where upper(schema_name) = %s',
+                    (schema,),
+                ).fetchone()[0]
+            except ProgrammingError:
+                visible = 0
+            if not visible:
+                problems.append(
+                    f"role {role} cannot see raw schema {source_database}.{schema} (not loaded yet, or no USAGE): "
+                    f"GRANT USAGE ON DATABASE {source_database} TO ROLE {role}; GRANT USAGE ON SCHEMA {source_database}.{schema} TO ROLE {role};"
+                )
+                continue
+            for table in tables:
+                try:
+                    cursor.execute(f'select * from "{source_database}".{schema}.{table} limit 0')
+                except ProgrammingError:
+                    problems.append(
+                        f"role {role} cannot read {source_database}.{schema}.{table} (not loaded yet, or no SELECT): "
+                        f"GRANT SELECT ON ALL TABLES IN SCHEMA {source_database}.{schema} TO ROLE {role}; "
+                        f"GRANT SELECT ON FUTURE TABLES IN SCHEMA {source_database}.{schema} TO ROLE {role};"
+                    )
+        probe_schema = f'"{database}".{target}_ELT_DOCTOR_PROBE'
+        try:
+            cursor.execute(f"create schema if not exists {probe_schema}")
+            cursor.execute(f"drop schema if exists {probe_schema}")
+        except ProgrammingError:
+            problems.append(
+                f"role {role} cannot create schemas in {database} (dbt builds <schema>_staging and <schema>_marts): "
+                f"GRANT CREATE SCHEMA ON DATABASE {database} TO ROLE {role};"
+            )
+        try:
+            cursor.execute(f'create schema if not exists "{database}".{target}')
+            cursor.execute(f'create or replace transient table "{database}".{target}.elt_doctor_probe (id int)')
+            cursor.execute(f'drop table if exists "{database}".{target}.elt_doctor_probe')
+        except ProgrammingError:
+            problems.append(
+                f"role {role} cannot create tables in {database}.{target}: "
+                f"GRANT USAGE, CREATE TABLE, CREATE VIEW ON SCHEMA {database}.{target} TO ROLE {role};"
+            )
+    return problems
