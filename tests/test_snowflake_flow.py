@@ -32,3 +32,13 @@ def test_all_etl_into_snowflake(
     assert {status for node, status in statuses.items() if node.startswith("test.")} == {"pass"}
     assert summary.mart_rows["dbt_marts.customer_lifetime_value"] == 200
     assert summary.mart_rows["dbt_marts.daily_revenue"] > 0
+
+    # fakesnow has no QUERY_HISTORY: the run still completes and its cost artifact says why.
+    cost = prefect_server.artifacts("snowflake-cost")[0]
+    assert cost["data"].startswith("Cost unavailable")
+
+    password = snowflake_env.env()["SNOWFLAKE_PASSWORD"]
+    logs = prefect_server.post("/logs/filter", {"limit": 200, "sort": "TIMESTAMP_DESC"}).json()
+    artifacts = prefect_server.post("/artifacts/filter", {"limit": 200}).json()
+    assert logs and artifacts
+    assert password not in str(logs) and password not in str(artifacts)

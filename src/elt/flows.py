@@ -183,6 +183,8 @@ def transform(
         run = dbt.run_dbt(project, arguments, on_node=_emit_node_event, log=logger, **options)
 
     _publish_node_results(run)
+    if target == "snowflake":
+        _publish_snowflake_cost(settings)
     return dbt.check(run)
 
 
@@ -196,6 +198,17 @@ def _emit_node_event(node: dict) -> None:
         },
         payload={"status": node["status"], "seconds": node["seconds"], "message": node["message"]},
     )
+
+
+def _publish_snowflake_cost(settings: Settings) -> None:
+    """Cost per model from Snowflake's query history; a run whose cost can't be read still reports it."""
+    try:
+        rows = snowflake.cost_per_node(snowflake.run_query_history(settings, str(flow_run.id)))
+    except Exception as exc:  # observability only: the data is built; say why the cost is missing
+        get_run_logger().warning("Snowflake cost for this run is unavailable: %s", str(exc).splitlines()[0])
+        create_markdown_artifact(key="snowflake-cost", markdown=f"Cost unavailable: {str(exc).splitlines()[0]}")
+        return
+    create_table_artifact(key="snowflake-cost", table=rows, description="Snowflake queries of this run's dbt nodes, with estimated credits")
 
 
 def _publish_node_results(run: dbt.DbtRun) -> None:

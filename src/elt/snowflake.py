@@ -299,3 +299,59 @@ def missing_grants(settings: Settings, sources: list[tuple[str, str, str]]) -> l
                 f"GRANT USAGE, CREATE TABLE, CREATE VIEW ON SCHEMA {database}.{target} TO ROLE {role};"
             )
     return problems
+
+
+# Credits per hour of a standard warehouse, by WAREHOUSE_SIZE as query history reports it.
+CREDITS_PER_HOUR = {
+    "X-Small": 1, "Small": 2, "Medium": 4, "Large": 8, "X-Large": 16, "2X-Large": 32,
+    "3X-Large": 64, "4X-Large": 128, "5X-Large": 256, "6X-Large": 512,
+}
+_NODE_IN_COMMENT = re.compile(r'"node_id":\s*"([^"]+)"')
+
+
+def run_query_history(settings: Settings, flow_run_id: str, hours: int = 24) -> list[dict[str, Any]]:
+    """This run's queries from INFORMATION_SCHEMA.QUERY_HISTORY (no ACCOUNT_USAGE latency), found by query tag."""
+    tag = query_tag(flow_run_id)
+    sql = (
+        f'select query_id, query_text, query_tag, warehouse_size, total_elapsed_time, execution_time, bytes_scanned '
+        f'from table("{settings.snowflake_database}".information_schema.query_history('
+        f"end_time_range_start => dateadd('hour', -{int(hours)}, current_timestamp()), result_limit => 10000)) "
+        "where query_tag = %s"
+    )
+    with connect(settings, query_tag(None)) as connection:
+        cursor = connection.cursor()
+        cursor.execute(sql, (tag,))
+        columns = [column[0].upper() for column in cursor.description]
+        return [dict(zip(columns, row)) for row in cursor.fetchall()]
+
+
+def cost_per_node(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Queries, elapsed seconds, bytes scanned and estimated credits per dbt node, then a total row.
+
+    dbt-snowflake prefixes every query with a comment naming its node; queries outside a node
+    (hooks, schema creation, introspection) count under "(dbt overhead)". Credits are
+    execution time × the warehouse size's hourly rate: an estimate that ignores the 60-second
+    minimum after a resume and idle time before auto-suspend.
+    """
+    nodes: dict[str, dict[str, Any]] = {}
+    for query in history:
+        match = _NODE_IN_COMMENT.search(query.get("QUERY_TEXT") or "")
+        node = match.group(1) if match else "(dbt overhead)"
+        row = nodes.setdefault(node, {"node": node, "queries": 0, "elapsed_seconds": 0.0, "bytes_scanned": 0, "estimated_credits": 0.0})
+        row["queries"] += 1
+        row["elapsed_seconds"] += (query.get("TOTAL_ELAPSED_TIME") or 0) / 1000
+        row["bytes_scanned"] += query.get("BYTES_SCANNED") or 0
+        rate = CREDITS_PER_HOUR.get(query.get("WAREHOUSE_SIZE") or "", 0)
+        row["estimated_credits"] += (query.get("EXECUTION_TIME") or 0) / 3_600_000 * rate
+    rows = sorted(nodes.values(), key=lambda row: row["estimated_credits"], reverse=True)
+    total = {
+        "node": "TOTAL",
+        "queries": sum(row["queries"] for row in rows),
+        "elapsed_seconds": sum(row["elapsed_seconds"] for row in rows),
+        "bytes_scanned": sum(row["bytes_scanned"] for row in rows),
+        "estimated_credits": sum(row["estimated_credits"] for row in rows),
+    }
+    for row in [*rows, total]:
+        row["elapsed_seconds"] = round(row["elapsed_seconds"], 3)
+        row["estimated_credits"] = round(row["estimated_credits"], 6)
+    return [*rows, total]

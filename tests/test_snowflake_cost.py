@@ -1,0 +1,49 @@
+"""Cost per run: Snowflake query-history rows (the documented INFORMATION_SCHEMA.QUERY_HISTORY
+columns) are attributed to dbt nodes through dbt-snowflake's query comment and priced by
+warehouse size. fakesnow has no query history, so the rows here are written in that shape;
+a real account is needed to see Snowflake fill them."""
+
+from elt.snowflake import cost_per_node, query_tag
+
+
+def _query(node: str | None, elapsed_ms: int, execution_ms: int, scanned: int, size: str = "X-Small") -> dict:
+    comment = (
+        f'/* {{"app": "dbt", "dbt_version": "1.11.16", "profile_name": "elt_appliance", "target_name": "snowflake", "node_id": "{node}"}} */\n'
+        if node else ""
+    )
+    return {
+        "QUERY_ID": "01b2c3d4-0000-0000-0000-000000000001",
+        "QUERY_TEXT": comment + "create or replace transient table ANALYTICS.DBT_MARTS.X as (select 1)",
+        "QUERY_TAG": query_tag("run-1"),
+        "WAREHOUSE_SIZE": size,
+        "TOTAL_ELAPSED_TIME": elapsed_ms,
+        "EXECUTION_TIME": execution_ms,
+        "BYTES_SCANNED": scanned,
+    }
+
+
+def test_queries_are_grouped_per_node_and_priced_by_warehouse_size() -> None:
+    history = [
+        _query("model.shop.daily_revenue", 2_000, 1_800, 1_000_000, "Medium"),
+        _query("model.shop.daily_revenue", 1_000, 900, 500_000, "Medium"),
+        _query("model.shop.customers", 36_000, 36_000, 9_000_000, "X-Small"),
+        _query(None, 100, 50, 0),
+    ]
+    rows = {row["node"]: row for row in cost_per_node(history)}
+    revenue = rows["model.shop.daily_revenue"]
+    assert revenue["queries"] == 2 and revenue["elapsed_seconds"] == 3.0 and revenue["bytes_scanned"] == 1_500_000
+    assert revenue["estimated_credits"] == round(2_700 / 3_600_000 * 4, 6)
+    assert rows["model.shop.customers"]["estimated_credits"] == 0.01
+    assert rows["(dbt overhead)"]["queries"] == 1
+    total = rows["TOTAL"]
+    assert total["queries"] == 4 and total["bytes_scanned"] == 10_500_000
+    assert total["estimated_credits"] == round(sum(row["estimated_credits"] for name, row in rows.items() if name != "TOTAL"), 6)
+
+
+def test_most_expensive_node_comes_first_and_total_last() -> None:
+    rows = cost_per_node([_query("model.a", 1, 1_000, 1), _query("model.b", 1, 60_000, 1)])
+    assert [row["node"] for row in rows] == ["model.b", "model.a", "TOTAL"]
+
+
+def test_query_tag_names_the_flow_run() -> None:
+    assert query_tag("4b1c") == '{"app":"elt-appliance","flow_run_id":"4b1c"}'
