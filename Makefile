@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The uv release PyAirbyte accepts, as in requirements.lock.
 UV_VERSION := 0.8.24
 
-.PHONY: venv demo test doctor lock deploy clean
+.PHONY: venv demo test doctor lock deploy clean stack-rebuild
 
 # The lock holds the whole resolved set (prefect, PyAirbyte, dbt, adapters): installing it
 # never backtracks. `make lock` re-resolves after a change to pyproject.toml.
@@ -46,3 +46,9 @@ lock:
 
 clean:
 	rm -rf data dbt/target dbt/logs .venv-connectors $(FAKESNOW_VENV)
+
+# The appliance (docker/docker-compose.yml): rebuild the image after a change to
+# requirements.lock or docker/, restart what changed, redeploy all-etl, update the
+# automations. Same as rerunning setup.sh (idempotent); flags go in SETUP_FLAGS.
+stack-rebuild:
+	./setup.sh --no-airbyte --no-docker-install $(SETUP_FLAGS)

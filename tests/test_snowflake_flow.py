@@ -5,7 +5,8 @@ unmodified dbt-snowflake (profile rendered under the project's profile name, a p
 '@', ':' and '/' passed intact); the embedded backend publishes PyAirbyte's rows to Snowflake;
 the project's SQL builds and its tests pass on the snowflake target. What only a real account
 would show: grants and roles (fakesnow has none), warehouse sizing and cost, PUT/COPY-based
-loading, and Snowflake's exact type coercions.
+loading, and Snowflake's exact type coercions. The project has no incremental models or
+snapshots, the parts fakesnow 0.12 can't run a second time (temporary relations, MERGE).
 """
 
 from __future__ import annotations
