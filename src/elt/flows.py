@@ -6,8 +6,11 @@ This module only wires the system modules together; read it top to bottom.
 from __future__ import annotations
 
 import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -36,6 +39,15 @@ class EtlSummary:
     dbt_run: dbt.DbtRun | None = None
     mart_rows: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.stage_seconds[stage] = round(time.monotonic() - started, 2)
 
 
 def make_backend(settings: Settings, tag: str | None = None) -> ExtractBackend:
@@ -258,7 +270,8 @@ def all_etl(
     try:
         if not skip_extract:
             runner = ThreadPoolTaskRunner(max_workers=settings.extract_concurrency)
-            state = extract_load.with_options(task_runner=runner)(connections, full_refresh, tag, return_state=True)
+            with summary.timed("extract-load"):
+                state = extract_load.with_options(task_runner=runner)(connections, full_refresh, tag, return_state=True)
             try:
                 summary.extract = state.result()
             except ExtractFailed as failure:
@@ -266,15 +279,17 @@ def all_etl(
 
         source = git_repo.RepoSource.from_settings(settings, repo, branch)
         if not skip_pull:
-            summary.deployed = update_code(repo, branch)
+            with summary.timed("update-code"):
+                summary.deployed = update_code(repo, branch)
 
         if not skip_transform:
             folder = source.checkout / (project_dir or settings.dbt_project_dir)
             failed_connections = [failure.connection for failure in extract_failure.report.failed] if extract_failure else None
-            summary.dbt_run = transform(
-                str(folder), select, exclude, full_refresh,
-                retry_failed=(flow_run.run_count or 1) > 1, skip_downstream_of=failed_connections,
-            )
+            with summary.timed("transform"):
+                summary.dbt_run = transform(
+                    str(folder), select, exclude, full_refresh,
+                    retry_failed=(flow_run.run_count or 1) > 1, skip_downstream_of=failed_connections,
+                )
             summary.mart_rows = warehouse.mart_row_counts(settings)
         if extract_failure:
             raise extract_failure
@@ -313,6 +328,10 @@ def render_summary(summary: EtlSummary) -> str:
         for node in summary.dbt_run.results:
             counts[node.status] = counts.get(node.status, 0) + 1
         lines += [f"`dbt {summary.dbt_run.command}`: " + ", ".join(f"{count} {status}" for status, count in sorted(counts.items())), ""]
+    if summary.stage_seconds:
+        lines += ["## Time", "", "| stage | seconds |", "|---|---:|"]
+        lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in summary.stage_seconds.items()]
+        lines += [""]
     if summary.mart_rows:
         lines += ["## Marts", "", "| table | rows |", "|---|---:|"]
         lines += [f"| {table} | {rows:,} |" for table, rows in summary.mart_rows.items()]
