@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The uv release PyAirbyte accepts, as in requirements.lock.
 UV_VERSION := 0.8.24
 
-.PHONY: venv demo test doctor lock deploy clean stack-rebuild
+.PHONY: venv demo test doctor lock deploy clean bench stack-rebuild
 
 # The lock holds the whole resolved set (prefect, PyAirbyte, dbt, adapters): installing it
 # never backtracks. `make lock` re-resolves after a change to pyproject.toml.
@@ -40,6 +40,13 @@ doctor: venv
 deploy: venv
 	$(BIN)/prefect work-pool inspect elt >/dev/null 2>&1 || $(BIN)/prefect work-pool create elt --type process
 	ELT_HOME=$(CURDIR) $(BIN)/prefect --no-prompt deploy --all --prefect-file prefect/prefect.yaml
+
+# Benchmarks: each prints ratios measured side by side in one run; results land in bench/out/.
+bench: venv $(FAKESNOW_VENV)/.installed
+	$(BIN)/python bench/p1_transform_overhead.py
+	$(BIN)/python bench/p2_extract_concurrency.py
+	$(BIN)/python bench/p3_embedded_all_etl.py
+	$(BIN)/python bench/p4_stack.py
 
 lock:
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock

@@ -151,20 +151,13 @@ def git(*args: str, cwd: Path) -> str:
     return sh(["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci", *args], cwd=cwd).stdout.strip()
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory):
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.skip("the appliance test needs root and apt-get (it installs and starts a Docker engine)")
-    timings: dict[str, float] = {}
-    started = time.monotonic()
-    sh(["bash", str(HERE / "install_docker.sh")], timeout=900)
-    sh(["bash", str(HERE / "build_base_image.sh"), BASE_IMAGE], timeout=1200)
-    timings["engine+base image"] = time.monotonic() - started
+def prepare_checkout(checkout: Path) -> None:
+    """The VM's checkout: this repo's working tree as a git repo with its own `.env`.
 
-    # The VM's checkout: a git repo whose origin (a bare repo inside it, ignored) is reachable
-    # from the worker container at the same /opt/elt path, so the update-code stage really pulls.
-    checkout = tmp_path_factory.mktemp("vm") / "elt"
-    checkout.mkdir()
+    Its origin (a bare repo inside it, ignored) is reachable from the worker container at the
+    same /opt/elt path, so the update-code stage really pulls. Also used by bench/p4_stack.py.
+    """
+    checkout.mkdir(parents=True)
     _copy_working_tree(checkout)
     git("init", "-q", "-b", "main", cwd=checkout)
     git("add", "-A", cwd=checkout)
@@ -184,6 +177,20 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
         + "ELT_ZOMBIE_SECONDS=60\nELT_DOCS_POLL_SECONDS=5\n"
         # No SLACK_WEBHOOK_URL: a notification would leave this machine, which tests must not do.
     )
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory):
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.skip("the appliance test needs root and apt-get (it installs and starts a Docker engine)")
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    sh(["bash", str(HERE / "install_docker.sh")], timeout=900)
+    sh(["bash", str(HERE / "build_base_image.sh"), BASE_IMAGE], timeout=1200)
+    timings["engine+base image"] = time.monotonic() - started
+
+    checkout = tmp_path_factory.mktemp("vm") / "elt"
+    prepare_checkout(checkout)
     stack = Stack(checkout)
     try:
         t = time.monotonic()

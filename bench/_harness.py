@@ -1,0 +1,103 @@
+"""Shared by the benchmarks: run a command, measure its wall time and the peak memory of its process tree."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import psutil
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+OUT = REPO_ROOT / "bench" / "out"
+BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class Measurement:
+    seconds: float
+    peak_mb: float
+    return_code: int
+
+
+def measure(command: list[str], *, cwd: Path, env: dict[str, str] | None = None, log: Path | None = None) -> Measurement:
+    """Wall time and peak resident memory summed over the process and all its children (sampled every 20 ms)."""
+    output = open(log, "w") if log else subprocess.DEVNULL
+    started = time.monotonic()
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT)
+    root = psutil.Process(process.pid)
+    peak = 0
+    while process.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(_rss(member) for member in tree))
+        except psutil.NoSuchProcess:
+            pass
+        time.sleep(0.02)
+    seconds = time.monotonic() - started
+    if log:
+        output.close()
+    return Measurement(round(seconds, 2), round(peak / 2**20, 1), process.returncode)
+
+
+def _rss(process: psutil.Process) -> int:
+    try:
+        return process.memory_info().rss
+    except psutil.NoSuchProcess:
+        return 0
+
+
+def machine() -> str:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    memory = psutil.virtual_memory().total / 2**30
+    return (
+        f"{time.strftime('%Y-%m-%d')}, commit {commit}, {platform.machine()} with {os.cpu_count()} cores and "
+        f"{memory:.0f} GiB, Python {platform.python_version()}"
+    )
+
+
+@contextmanager
+def prefect_server() -> Iterator[str]:
+    """A local `prefect server start` (SQLite) for the duration of a benchmark; yields its API URL."""
+    home = OUT / "prefect-home"
+    home.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "w")
+    process = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                               env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"prefect server did not start; see {home / 'server.log'}")
+        time.sleep(0.5)
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+def table(header: list[str], rows: list[list[object]]) -> str:
+    """A markdown table, as pasted into docs/benchmarks.md."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
