@@ -192,7 +192,9 @@ def transform(
             arguments += ["--select", select] if select else []
             arguments += ["--exclude", " ".join(excluded)] if excluded else []
             arguments += ["--full-refresh"] if full_refresh else []
-        run = dbt.run_dbt(project, arguments, on_node=_emit_node_event, log=logger, **options)
+        run = dbt.run_dbt(project, arguments, log=logger, **options)
+    for node in run.results:
+        _emit_node_event(node)
 
     _publish_node_results(run)
     if target == "snowflake":
@@ -200,15 +202,25 @@ def transform(
     return dbt.check(run)
 
 
-def _emit_node_event(node: dict) -> None:
+_UNEVENTFUL = frozenset({"success", "pass"})
+
+
+def _emit_node_event(node: dbt.NodeResult) -> None:
+    """A Prefect event for each node that did not simply succeed, so automations can react to it.
+
+    Successes are in the dbt-node-results artifact; an event each would cost this process CPU
+    per node for nothing an automation needs.
+    """
+    if node.status in _UNEVENTFUL:
+        return
     emit_event(
-        event=f"dbt.node.{str(node['status']).replace(' ', '_')}",
+        event=f"dbt.node.{node.status.replace(' ', '_')}",
         resource={
-            "prefect.resource.id": f"dbt.node.{node['unique_id']}",
-            "prefect.resource.name": str(node["name"]),
-            "dbt.resource_type": str(node["resource_type"]),
+            "prefect.resource.id": f"dbt.node.{node.unique_id}",
+            "prefect.resource.name": node.unique_id.split(".")[-1],
+            "dbt.resource_type": node.unique_id.split(".")[0],
         },
-        payload={"status": node["status"], "seconds": node["seconds"], "message": node["message"]},
+        payload={"status": node.status, "seconds": node.seconds, "message": node.short_message},
     )
 
 
