@@ -106,3 +106,20 @@ def test_unusable_profile_is_an_invocation_error(project: dbt.DbtProject, tmp_pa
 def test_missing_project_names_the_setting(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="ELT_DBT_PROJECT_DIR"):
         dbt.DbtProject.at(tmp_path)
+
+
+def test_projects_own_profiles_when_told(project: dbt.DbtProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ELT_DBT_USE_PROJECT_PROFILES: dbt reads the repo's profiles.yml (here: schema own_profile)."""
+    monkeypatch.setenv("ELT_DBT_USE_PROJECT_PROFILES", "true")
+    monkeypatch.setenv("TINY_SHOP_DUCKDB", str(tmp_path / "own.duckdb"))
+    settings = load_settings()
+    with dbt.profiles_dir(settings, project) as folder:
+        assert folder == project.path
+        run = dbt.check(dbt.run_dbt(project, ["build"], profiles_dir=folder, target="local", env=dbt.dbt_environment(settings)))
+    assert run.results
+    with duckdb.connect(str(tmp_path / "own.duckdb"), read_only=True) as connection:
+        assert connection.execute("select count(*) from own_profile_marts.customer_totals").fetchone()[0] == 2
+    (project.path / "profiles.yml").unlink()
+    with pytest.raises(Exception, match="ELT_DBT_USE_PROJECT_PROFILES is set but the project has no profiles.yml"):
+        with dbt.profiles_dir(settings, project):
+            pass

@@ -17,10 +17,13 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -136,6 +139,22 @@ def render_profile(settings: Settings, profile_name: str) -> str:
         )
     profile = {profile_name: {"target": target, "outputs": {target: output}}}
     return yaml.safe_dump(profile, sort_keys=False)
+
+
+@contextmanager
+def profiles_dir(settings: Settings, project: DbtProject) -> Iterator[Path]:
+    """The folder dbt reads profiles.yml from: the project's own (ELT_DBT_USE_PROJECT_PROFILES),
+    or a temporary one holding the profile rendered from settings."""
+    if settings.dbt_use_project_profiles:
+        if not (project.path / "profiles.yml").is_file():
+            raise ConfigurationError(
+                f"{project.path}: ELT_DBT_USE_PROJECT_PROFILES is set but the project has no profiles.yml"
+            )
+        yield project.path
+        return
+    with tempfile.TemporaryDirectory(prefix="elt-profiles-") as rendered:
+        (Path(rendered) / "profiles.yml").write_text(render_profile(settings, project.profile_name))
+        yield Path(rendered)
 
 
 def prepare_warehouse(settings: Settings) -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import subprocess
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator
 
 from elt.errors import EltError
@@ -126,10 +124,7 @@ def _dbt(settings: Settings) -> str:
     if not folder.exists():
         return f"{folder} not checked out yet; all-etl clones it on its first run"
     project = dbt.DbtProject.at(folder)
-    with tempfile.TemporaryDirectory(prefix="elt-profiles-") as rendered:
-        profiles_dir = project.path if settings.dbt_use_project_profiles else Path(rendered)
-        if not settings.dbt_use_project_profiles:
-            (profiles_dir / "profiles.yml").write_text(dbt.render_profile(settings, project.profile_name))
+    with dbt.profiles_dir(settings, project) as profiles_dir:
         completed = subprocess.run(
             [dbt.dbt_executable(), "debug", "--project-dir", str(project.path), "--profiles-dir", str(profiles_dir),
              "--target", settings.effective_dbt_target],
@@ -149,10 +144,7 @@ def _snowflake_grants(settings: Settings) -> str:
     sources: list[tuple[str, str, str]] = []
     if folder.exists():
         project = dbt.DbtProject.at(folder)
-        with tempfile.TemporaryDirectory(prefix="elt-profiles-") as rendered:
-            profiles_dir = project.path if settings.dbt_use_project_profiles else Path(rendered)
-            if not settings.dbt_use_project_profiles:
-                (profiles_dir / "profiles.yml").write_text(dbt.render_profile(settings, project.profile_name))
+        with dbt.profiles_dir(settings, project) as profiles_dir:
             listed = dbt.list_sources(project, profiles_dir=profiles_dir, target=settings.effective_dbt_target,
                                       env=dbt.dbt_environment(settings))
         sources = [(source.get("database") or "", source["schema"], source["name"]) for source in listed]

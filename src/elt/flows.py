@@ -5,7 +5,6 @@ This module only wires the system modules together; read it top to bottom.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -166,14 +165,7 @@ def transform(
     target = settings.effective_dbt_target
     dbt.prepare_warehouse(settings)
 
-    with tempfile.TemporaryDirectory(prefix="elt-profiles-") as rendered:
-        profiles_dir = project.path if settings.dbt_use_project_profiles else Path(rendered)
-        if settings.dbt_use_project_profiles and not (project.path / "profiles.yml").is_file():
-            raise dbt.DbtInvocationError(
-                f"{project.path}: ELT_DBT_USE_PROJECT_PROFILES is set but the project has no profiles.yml"
-            )
-        if not settings.dbt_use_project_profiles:
-            (profiles_dir / "profiles.yml").write_text(dbt.render_profile(settings, project.profile_name))
+    with dbt.profiles_dir(settings, project) as profiles_dir:
 
         options = dict(profiles_dir=profiles_dir, target=target, env=env)
         if project.has_packages:
