@@ -166,7 +166,6 @@ def transform(
     dbt.prepare_warehouse(settings)
 
     with dbt.profiles_dir(settings, project) as profiles_dir:
-
         options = dict(profiles_dir=profiles_dir, target=target, env=env)
         if project.has_packages:
             dbt.check(dbt.run_dbt(project, ["deps"], log=logger, **options))
