@@ -23,7 +23,7 @@ from elt.settings import Settings
 DBT_KEY_VARIABLE = "ELT_SNOWFLAKE_PRIVATE_KEY_DER_BASE64"
 QUERY_TAG_VARIABLE = "ELT_SNOWFLAKE_QUERY_TAG"
 _ACCEPTED_FORMS = (
-    "a PEM ('-----BEGIN PRIVATE KEY-----' ...), its base64 body with the header, footer and newlines "
+    "a PEM (the '-----BEGIN ... KEY-----' block), its base64 body with the header, footer and newlines "
     "removed, or the path to a .p8/.pem file"
 )
 
