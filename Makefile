@@ -42,7 +42,7 @@ deploy: venv
 	ELT_HOME=$(CURDIR) $(BIN)/prefect --no-prompt deploy --all --prefect-file prefect/prefect.yaml
 
 # Benchmarks: each prints ratios measured side by side in one run; results land in bench/out/.
-bench: venv $(FAKESNOW_VENV)/.installed
+bench: venv
 	$(BIN)/python bench/p1_transform_overhead.py
 	$(BIN)/python bench/p2_extract_concurrency.py
 	$(BIN)/python bench/p3_embedded_all_etl.py

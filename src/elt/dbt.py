@@ -4,8 +4,8 @@ Why a subprocess and not prefect-dbt's `PrefectDbtRunner`: on a 500-model projec
 runner took 5.5× the wall time and 3× the memory of plain `dbt build` (a Prefect task per
 node), dbt-core is not safe to invoke twice in one process, and dbt-duckdb resolves seed
 paths from the working directory. A subprocess started in the project folder costs
-Prefect's start-up and nothing per node. dbt's structured log (`--log-format json`) gives
-each node's result as it finishes; `target/run_results.json` is the final record.
+Prefect's start-up and nothing per node. dbt's text log is forwarded line by line; each
+node's result is read from `target/run_results.json` once dbt ends.
 """
 
 from __future__ import annotations

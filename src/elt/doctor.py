@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -67,7 +68,7 @@ def _embedded_connections(settings: Settings) -> str:
     missing = []
     for spec in connections:
         venv = settings.path(settings.connectors_dir) / spec.source.connector / "bin" / spec.source.connector
-        if not (spec.source.executable or venv.exists() or spec.source.pip):
+        if not (spec.source.executable or venv.exists() or spec.source.pip or shutil.which(spec.source.connector)):
             missing.append(spec.name)
     if missing:
         raise EltError(f"{path}: connection(s) {', '.join(missing)} name a connector that is not installed and has no 'pip' spec")
