@@ -98,7 +98,6 @@ class AirbyteClient:
         self._token: str | None = None
         self._token_expires_at = 0.0
         self._token_lock = threading.Lock()
-        self.requests_made = 0
         self._sdk = AirbyteAPI(server_url=self.api_url, security=self._security, client=self._session)
         self._sdk.sdk_configuration.get_hooks().register_after_success_hook(_UnknownJobStatusIsRunning())
 
@@ -150,7 +149,6 @@ class AirbyteClient:
             self._token = None
 
     def _checked(self, response: requests.Response) -> requests.Response:
-        self.requests_made += 1
         if response.status_code >= 400:
             raise errors.SDKError("API error occurred", response.status_code, response.text, response)
         return response
@@ -220,7 +218,7 @@ class AirbyteClient:
         refreshed = False
         while True:
             try:
-                return self._with_retries(description, lambda: self._counted(call))
+                return self._with_retries(description, call)
             except errors.SDKError as exc:
                 if exc.status_code == 401 and self._client_id and not refreshed:
                     logger.info("%s: token rejected (401); fetching a new one", description)
@@ -230,10 +228,6 @@ class AirbyteClient:
                 if exc.status_code == 409 and not conflict_is_error:
                     raise _Conflict() from None
                 raise self._rejected(description, exc) from None
-
-    def _counted(self, call: Callable[[], T]) -> T:
-        self.requests_made += 1
-        return call()
 
     def _with_retries(self, description: str, call: Callable[[], T]) -> T:
         delay = self._backoff_seconds
