@@ -76,7 +76,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-SPEC_DIR = Path(__file__).resolve().parents[3] / "shared" / "airbyte"
+SPEC_DIR = Path(__file__).resolve().parent / "airbyte_spec"
 PUBLIC_SPEC_FILE = "public-api-v2.0.0.yaml"
 PROBLEMS_SPEC_FILE = "api-problems-v2.0.0.yaml"
 API_PREFIX = "/api/public/v1"
