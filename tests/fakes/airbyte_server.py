@@ -34,6 +34,9 @@ Faithful, from the spec and from airbyte-platform's public API code:
 - Jobs: `startTime`/`lastUpdatedAt` are Java `OffsetDateTime.toString()` in UTC (seconds omitted
   when zero, e.g. `2024-01-01T10:00Z`); `lastUpdatedAt` only for terminal jobs; `duration`
   (Java `Duration.toString()`, e.g. `PT0S`, `PT1M5S`) for every non-pending job.
+  A connection added with `failed_attempts=n` has jobs whose first n attempts fail: after each,
+  the job reports `incomplete` (not terminal: Airbyte's JobStatus has failed, succeeded and
+  cancelled as its only terminal statuses) and then `running` again for the next attempt.
   POST /jobs: unknown connection -> 404 ResourceNotFoundProblem; a job already pending/running for
   the connection -> 409 TryAgainLaterConflictProblem; jobType `refresh` -> 422
   UnprocessableEntityProblem ("Refreshes are not supported in the public API").
@@ -44,9 +47,12 @@ Faithful, from the spec and from airbyte-platform's public API code:
 
 Not simulated: sources, destinations, workspaces, tags CRUD, streams, and every other operation
 (a call to one is recorded as a violation and answered 501); created/updated date filters on
-GET /jobs are accepted but ignored; attempts, logs, schedules, job retries; permissions/roles
-(403); the real server's exact 401 body (micronaut security may send none); rate limiting other
-than via `fail_next(status=429)`.
+GET /jobs are accepted but ignored; attempt details, logs, schedules; permissions/roles (403);
+the real server's exact 401 body (micronaut security may send none); rate limiting other than
+via `fail_next(status=429, retry_after=...)`.
+
+Time: jobs and token expiry follow `clock` (the `time` module by default). Tests that must not
+race real time pass a `tests.fakes.clock.FakeClock` and share it with the code under test.
 """
 
 from __future__ import annotations
@@ -66,9 +72,10 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlencode, urlsplit
 
 import yaml
@@ -598,6 +605,8 @@ class _Connection:
     rows: int
     bytes_: int
     created_at: int
+    failed_attempts: int = 0
+    retry_seconds: float = 0.0
     source_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     destination_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
@@ -634,23 +643,38 @@ class _Job:
     bytes_: int
     created_mono: float
     created_wall: float
+    failed_attempts: int = 0
+    retry_seconds: float = 0.0
     cancelled_mono: float | None = None
 
     def state(self, now: float) -> str:
+        """pending, then per failed attempt running -> incomplete, then running -> the outcome."""
         if self.cancelled_mono is not None:
             return "cancelled"
         elapsed = now - self.created_mono
         if elapsed < self.pending_seconds:
             return "pending"
-        if self.outcome == "never" or elapsed < max(self.run_seconds, self.pending_seconds):
+        attempt_ends = max(self.run_seconds, self.pending_seconds)
+        for _ in range(self.failed_attempts):
+            if elapsed < attempt_ends:
+                return "running"
+            if elapsed < attempt_ends + self.retry_seconds:
+                return "incomplete"  # the attempt failed; Airbyte starts the next one
+            attempt_ends += self.retry_seconds + self.run_seconds
+        if self.outcome == "never" or elapsed < attempt_ends:
             return "running"
         return self.outcome
+
+    def ends_after(self) -> float:
+        """Seconds from creation to the terminal status (unless cancelled or never ending)."""
+        first = max(self.run_seconds, self.pending_seconds)
+        return first + self.failed_attempts * (self.retry_seconds + self.run_seconds)
 
     def updated_mono(self, now: float) -> float:
         if self.cancelled_mono is not None:
             return self.cancelled_mono
         if self.state(now) in TERMINAL_STATUSES:
-            return self.created_mono + max(self.run_seconds, self.pending_seconds)
+            return self.created_mono + self.ends_after()
         return now
 
     def wall(self, mono: float) -> float:
@@ -663,7 +687,7 @@ class _Fault:
     status: int
     method: str | None
     path_prefix: str | None
-    retry_after: float | None
+    retry_after: float | datetime | None
 
     def matches(self, method: str, path: str) -> bool:
         return (self.method is None or self.method == method) and (
@@ -701,6 +725,14 @@ class _Reply:
 Route = Callable[[ParsedRequest], _Reply]
 
 
+class Clock(Protocol):
+    """Where the fake reads time: the `time` module, or a test's `tests.fakes.clock.FakeClock`."""
+
+    def monotonic(self) -> float: ...
+
+    def time(self) -> float: ...
+
+
 # --------------------------------------------------------------------------- the fake server
 
 
@@ -718,6 +750,7 @@ class FakeAirbyte:
         pending_seconds: float = 0.05,
         next_on_every_page: bool = True,
         workspace_id: str = DEFAULT_WORKSPACE_ID,
+        clock: Clock = time,
     ) -> None:
         if report_unknown_status is not None and report_unknown_status in JOB_STATUSES:
             raise ValueError(f"{report_unknown_status!r} is already in JobStatusEnum")
@@ -729,6 +762,7 @@ class FakeAirbyte:
         self.pending_seconds = pending_seconds
         self.next_on_every_page = next_on_every_page
         self.workspace_id = workspace_id
+        self._clock = clock
         extra = frozenset({report_unknown_status}) if report_unknown_status else frozenset()
         self.contract = load_contract(extra)
         self.violations: list[str] = []
@@ -812,8 +846,14 @@ class FakeAirbyte:
         rows: int = 1000,
         bytes_: int = 50_000,
         workspace_id: str | None = None,
+        failed_attempts: int = 0,
+        retry_seconds: float = 0.5,
     ) -> str:
-        """Add a connection; its jobs end in `outcome` after `sync_seconds` ("never": run until cancelled)."""
+        """Add a connection; its jobs end in `outcome` after `sync_seconds` ("never": run until cancelled).
+
+        `failed_attempts`: that many attempts of each job fail first; after each the job reports
+        `incomplete` for `retry_seconds`, then runs its next attempt (`sync_seconds` again).
+        """
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {sorted(OUTCOMES)}, not {outcome!r}")
         connection = _Connection(
@@ -826,7 +866,9 @@ class FakeAirbyte:
             outcome=outcome,
             rows=rows,
             bytes_=bytes_,
-            created_at=int(time.time()),
+            created_at=int(self._clock.time()),
+            failed_attempts=failed_attempts,
+            retry_seconds=retry_seconds,
         )
         with self._lock:
             self._connections[connection.connection_id] = connection
@@ -844,7 +886,7 @@ class FakeAirbyte:
 
     def jobs_for(self, connection_id: str) -> list[dict[str, Any]]:
         """JobResponse bodies of the connection's jobs, oldest first."""
-        now = time.monotonic()
+        now = self._clock.monotonic()
         with self._lock:
             jobs = [job for job in self._jobs.values() if job.connection_id == connection_id]
             return [self._job_json(job, now) for job in jobs]
@@ -862,9 +904,12 @@ class FakeAirbyte:
         *,
         method: str | None = None,
         path_prefix: str | None = None,
-        retry_after: float | None = None,
+        retry_after: float | datetime | None = None,
     ) -> None:
-        """The next `count` requests matching method/path_prefix (path without /api/public/v1) get `status`."""
+        """The next `count` requests matching method/path_prefix (path without /api/public/v1) get `status`.
+
+        `retry_after`: send a `Retry-After` header, in seconds (a number) or as an HTTP date (a datetime).
+        """
         with self._lock:
             self._faults.append(_Fault(count, status, method.upper() if method else None, path_prefix, retry_after))
 
@@ -995,7 +1040,9 @@ class FakeAirbyte:
             if fault.remaining <= 0:
                 self._faults.remove(fault)
         reply = self._problem(fault.status, detail=f"Injected failure ({fault.status}).")
-        if fault.retry_after is not None:
+        if isinstance(fault.retry_after, datetime):
+            reply.headers["Retry-After"] = format_datetime(fault.retry_after.astimezone(timezone.utc), usegmt=True)
+        elif fault.retry_after is not None:
             reply.headers["Retry-After"] = str(math.ceil(fault.retry_after))
         return reply
 
@@ -1005,7 +1052,7 @@ class FakeAirbyte:
         token = header[len("bearer ") :].strip()
         with self._lock:
             expiry = self._tokens.get(token)
-        if expiry is None or expiry <= time.monotonic():
+        if expiry is None or expiry <= self._clock.monotonic():
             return self._unauthorized("The access token is unknown or expired.")
         return None
 
@@ -1044,7 +1091,7 @@ class FakeAirbyte:
             return self._problem(400, detail="Invalid client id or token")
         token = secrets.token_urlsafe(32)
         with self._lock:
-            self._tokens[token] = time.monotonic() + self.token_ttl_seconds
+            self._tokens[token] = self._clock.monotonic() + self.token_ttl_seconds
         return _Reply(
             200,
             {"access_token": token, "token_type": "Bearer", "expires_in": math.ceil(self.token_ttl_seconds)},
@@ -1082,7 +1129,7 @@ class FakeAirbyte:
         connection_id, job_type = request.body["connectionId"], request.body["jobType"]
         if job_type == "refresh":  # the real JobsController refuses it
             return self._problem(422, data={"message": "Refreshes are not supported in the public API"})
-        now = time.monotonic()
+        now = self._clock.monotonic()
         with self._lock:
             connection = self._connection(connection_id)
             if connection is None:
@@ -1104,7 +1151,7 @@ class FakeAirbyte:
         order_field, descending = order
         connection_id = (query.get("connectionId") or "").lower()
         workspaces = {value.lower() for value in query.get("workspaceIds", [])}
-        now = time.monotonic()
+        now = self._clock.monotonic()
         with self._lock:
             selected = [
                 (job, self._job_json(job, now))
@@ -1132,11 +1179,11 @@ class FakeAirbyte:
             job = self._jobs.get(job_id)
             if job is None:
                 return self._not_found("job", str(job_id))
-            return _Reply(200, self._job_json(job, time.monotonic()))
+            return _Reply(200, self._job_json(job, self._clock.monotonic()))
 
     def _cancel_job(self, request: ParsedRequest) -> _Reply:
         job_id = request.path["jobId"]
-        now = time.monotonic()
+        now = self._clock.monotonic()
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None:
@@ -1162,8 +1209,10 @@ class FakeAirbyte:
             pending_seconds=pending_seconds,
             rows=connection.rows if syncs_data else 0,
             bytes_=connection.bytes_ if syncs_data else 0,
-            created_mono=time.monotonic(),
-            created_wall=time.time(),
+            created_mono=self._clock.monotonic(),
+            created_wall=self._clock.time(),
+            failed_attempts=connection.failed_attempts,
+            retry_seconds=connection.retry_seconds,
         )
         self._jobs[job.job_id] = job
         return job
@@ -1230,6 +1279,9 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 60
+    # Headers and body go out in two writes: with Nagle's algorithm on, each keep-alive answer
+    # waits ~40 ms for the client's delayed ACK.
+    disable_nagle_algorithm = True
     server: _Server
 
     def _dispatch(self) -> None:
