@@ -8,6 +8,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from elt.extract.base import ExtractFailed, UnknownConnections
 from elt.flows import all_etl
 from tests.conftest import PrefectServer, make_remote
 from tests.fakes.airbyte_server import FakeAirbyte
@@ -66,7 +67,7 @@ def test_twenty_syncs_one_fails_and_dbt_builds_what_it_does_not_feed(
     state = all_etl(repo=str(two_source_remote.bare), return_state=True)
 
     assert state.is_failed()
-    with pytest.raises(Exception, match=r"1 of 20 connections failed to sync: crm: connection 'crm': sync job \d+ ended failed"):
+    with pytest.raises(ExtractFailed, match=r"^1 of 20 connections failed to sync: crm: connection 'crm': sync job \d+ ended failed \(http"):
         state.result()
     assert fake_airbyte.count("POST", "/jobs") == 20
     with duckdb.connect(str(raw_tables), read_only=True) as warehouse:
@@ -84,6 +85,6 @@ def test_unknown_connection_stops_before_any_sync(
     fake_airbyte.add_connection("crm")
     state = all_etl(connections=["shop", "hubspot"], repo=str(two_source_remote.bare), return_state=True)
     assert state.is_failed()
-    with pytest.raises(Exception, match=r"no connection named hubspot; known connections: shop, crm"):
+    with pytest.raises(UnknownConnections, match=r"^no connection named hubspot; known connections: shop, crm$"):
         state.result()
     assert fake_airbyte.count("POST", "/jobs") == 0
