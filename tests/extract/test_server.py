@@ -23,6 +23,7 @@ from elt.extract.server import (
     AirbyteAuthFailed,
     AirbyteBadResponse,
     AirbyteClient,
+    AirbyteConnectionNotRunnable,
     AirbyteJobFailed,
     AirbyteJobTimedOut,
     AirbyteNotTheApi,
@@ -85,16 +86,17 @@ def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0)
     ("connections", "next_on_every_page", "pages"),
     [(25, True, 3), (25, False, 3), (19, True, 3), (19, False, 2), (8, True, 1), (8, False, 1)],
 )
-def test_lists_every_active_connection_and_stops_at_a_short_page(
+def test_lists_every_connection_and_stops_at_a_short_page(
     clock: FakeClock, connections: int, next_on_every_page: bool, pages: int
 ) -> None:
     """A page shorter than the limit is the last: no extra request for an empty page."""
     with FakeAirbyte(clock=clock, next_on_every_page=next_on_every_page) as fake:
         for index in range(connections):
             fake.add_connection(f"conn-{index:02d}")
-        fake.add_connection("paused", status="inactive")  # listed by Airbyte, skipped by the client
+        fake.add_connection("paused", status="inactive")  # listed too: its sync fails (see below)
+        fake.add_connection("gone", status="deprecated")  # deleted: Airbyte does not list it
         backend = _backend(fake, clock, _client(fake, clock, page_size=10))
-        assert sorted(backend.connection_names()) == [f"conn-{index:02d}" for index in range(connections)]
+        assert sorted(backend.connection_names()) == [f"conn-{index:02d}" for index in range(connections)] + ["paused"]
         assert fake.count("GET", "/connections") == pages
         fake.assert_no_violations()
 
@@ -103,6 +105,54 @@ def test_tag_selects_connections(fake_airbyte: FakeAirbyte, clock: FakeClock) ->
     fake_airbyte.add_connection("stripe", tags=["nightly"])
     fake_airbyte.add_connection("hubspot", tags=["hourly"])
     assert _backend(fake_airbyte, clock, airbyte_connection_tag="nightly").connection_names() == ["stripe"]
+
+
+# --------------------------------------------------------------------------- connection status
+
+
+@pytest.mark.parametrize(
+    ("status", "status_reason", "because"),
+    [
+        ("inactive", None, "Airbyte marks it inactive"),
+        ("locked", "Billing: payment overdue", "Airbyte marks it locked (Billing: payment overdue)"),
+        (
+            "active",
+            "Breaking schema change detected: field id was removed",
+            "Airbyte reports a pending breaking schema change (Breaking schema change detected: field id was removed)",
+        ),
+        ("paused_by_admin", None, "Airbyte reports status 'paused_by_admin', which the appliance does not know"),
+    ],
+)
+def test_connection_that_cannot_run_is_not_synced_and_fails_with_the_reason(
+    clock: FakeClock, status: str, status_reason: str | None, because: str
+) -> None:
+    """`locked`, an unknown status and a status reason are not in the v2.0.0 spec: the fake sends
+    them as a newer server might (`extra_connection_statuses`, an additional `statusReason`)."""
+    with FakeAirbyte(clock=clock, extra_connection_statuses=["locked", "paused_by_admin"]) as fake:
+        blocked_id = fake.add_connection("crm", status=status, status_reason=status_reason)
+        fake.add_connection("shop")
+        backend = _backend(fake, clock)
+        assert sorted(backend.connection_names()) == ["crm", "shop"]  # the page parsed despite the status
+        with pytest.raises(AirbyteConnectionNotRunnable) as error:
+            backend.sync("crm", full_refresh=False)
+        assert str(error.value) == (
+            f"connection 'crm' was not synced: {because}; enable or fix it in the Airbyte UI "
+            f"({fake.ui_url}/workspaces/{fake.workspace_id}/connections/{blocked_id}), "
+            "or leave it out of the run (elt run -c, or ELT_AIRBYTE_CONNECTION_TAG)"
+        )
+        assert backend.not_runnable() == {"crm": because.removeprefix("Airbyte ")}
+        assert fake.jobs_for(blocked_id) == []
+        assert backend.sync("shop", full_refresh=False).rows == 1000
+        fake.assert_no_violations()
+
+
+def test_a_status_reason_that_is_not_a_breaking_change_does_not_block(
+    fake_airbyte: FakeAirbyte, clock: FakeClock
+) -> None:
+    fake_airbyte.add_connection("shop", status_reason="Non-breaking schema change propagated")
+    backend = _backend(fake_airbyte, clock)
+    assert backend.not_runnable() == {}
+    assert backend.sync("shop", full_refresh=False).rows == 1000
 
 
 # --------------------------------------------------------------------------- syncs

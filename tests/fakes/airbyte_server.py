@@ -286,7 +286,7 @@ class _PathItem:
 class ApiContract:
     """The pinned public API + problems specs, as validators for requests, responses and problems."""
 
-    def __init__(self, *, extra_job_statuses: Iterable[str] = ()) -> None:
+    def __init__(self, *, extra_job_statuses: Iterable[str] = (), extra_connection_statuses: Iterable[str] = ()) -> None:
         pristine_public, pristine_problems = _read_specs()
         public = copy.deepcopy(pristine_public)
         self.dangling_refs = find_dangling_refs(public)
@@ -298,6 +298,9 @@ class ApiContract:
         self.extra_job_statuses = tuple(extra_job_statuses)
         for_responses = copy.deepcopy(public)
         for_responses["components"]["schemas"]["JobStatusEnum"]["enum"].extend(self.extra_job_statuses)
+        self.extra_connection_statuses = tuple(extra_connection_statuses)
+        for_responses["components"]["schemas"]["ConnectionStatusEnum"]["enum"].extend(self.extra_connection_statuses)
+        self.connection_statuses = tuple(public["components"]["schemas"]["ConnectionStatusEnum"]["enum"])
         self._public = public
         self._registries = {
             "request": _registry(public, problems),
@@ -556,9 +559,13 @@ def _decode_body(media_type: str, raw_body: bytes) -> Any:
 
 
 @functools.lru_cache(maxsize=8)
-def load_contract(extra_job_statuses: frozenset[str] = frozenset()) -> ApiContract:
-    """The contract, built once per set of tolerated extra JobStatusEnum values."""
-    return ApiContract(extra_job_statuses=sorted(extra_job_statuses))
+def load_contract(
+    extra_job_statuses: frozenset[str] = frozenset(), extra_connection_statuses: frozenset[str] = frozenset()
+) -> ApiContract:
+    """The contract, built once per set of tolerated extra JobStatusEnum/ConnectionStatusEnum values."""
+    return ApiContract(
+        extra_job_statuses=sorted(extra_job_statuses), extra_connection_statuses=sorted(extra_connection_statuses)
+    )
 
 
 # --------------------------------------------------------------------------- Java-style formatting
@@ -607,11 +614,13 @@ class _Connection:
     created_at: int
     failed_attempts: int = 0
     retry_seconds: float = 0.0
+    status_reason: str | None = None
     source_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     destination_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        extension = {"statusReason": self.status_reason} if self.status_reason is not None else {}
+        return extension | {
             "connectionId": self.connection_id,
             "name": self.name,
             "sourceId": self.source_id,
@@ -751,7 +760,10 @@ class FakeAirbyte:
         next_on_every_page: bool = True,
         workspace_id: str = DEFAULT_WORKSPACE_ID,
         clock: Clock = time,
+        extra_connection_statuses: Iterable[str] = (),
     ) -> None:
+        """`extra_connection_statuses`: connection statuses outside the v2.0.0 spec (e.g. `locked`,
+        as newer servers may report) that responses may carry without a violation."""
         if report_unknown_status is not None and report_unknown_status in JOB_STATUSES:
             raise ValueError(f"{report_unknown_status!r} is already in JobStatusEnum")
         self.client_id = client_id
@@ -764,7 +776,7 @@ class FakeAirbyte:
         self.workspace_id = workspace_id
         self._clock = clock
         extra = frozenset({report_unknown_status}) if report_unknown_status else frozenset()
-        self.contract = load_contract(extra)
+        self.contract = load_contract(extra, frozenset(extra_connection_statuses))
         self.violations: list[str] = []
         self.requests: list[tuple[str, str, int]] = []
         self._lock = threading.RLock()
@@ -848,14 +860,21 @@ class FakeAirbyte:
         workspace_id: str | None = None,
         failed_attempts: int = 0,
         retry_seconds: float = 0.5,
+        status_reason: str | None = None,
     ) -> str:
         """Add a connection; its jobs end in `outcome` after `sync_seconds` ("never": run until cancelled).
 
         `failed_attempts`: that many attempts of each job fail first; after each the job reports
         `incomplete` for `retry_seconds`, then runs its next attempt (`sync_seconds` again).
+        `status_reason`: sent as `statusReason`. The v2.0.0 ConnectionResponse does not define it
+        (it allows additional properties); it stands for what a newer server may say about a
+        connection, such as a pending breaking schema change.
         """
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {sorted(OUTCOMES)}, not {outcome!r}")
+        known = (*self.contract.connection_statuses, *self.contract.extra_connection_statuses)
+        if status not in known:
+            raise ValueError(f"status must be one of {list(known)} (extra_connection_statuses adds more), not {status!r}")
         connection = _Connection(
             connection_id=str(uuid.uuid4()),
             name=name,
@@ -869,6 +888,7 @@ class FakeAirbyte:
             created_at=int(self._clock.time()),
             failed_attempts=failed_attempts,
             retry_seconds=retry_seconds,
+            status_reason=status_reason,
         )
         with self._lock:
             self._connections[connection.connection_id] = connection

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ FINISHED_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 MAX_RETRY_AFTER_SECONDS = 120.0
 # Statuses whose answers are retried: 429 and 503 may say when to come back (Retry-After).
 RETRY_AFTER_STATUSES = frozenset({429, 503})
+KNOWN_CONNECTION_STATUSES = frozenset({"active", "inactive", "deprecated", "locked"})
+_BREAKING_CHANGE = re.compile(r"(?<![\w-])(?<!non )breaking", re.IGNORECASE)  # not "non-breaking"
 
 
 class AirbyteUnavailable(TransientError):
@@ -60,6 +63,10 @@ class AirbyteBadResponse(TerminalError):
     """Airbyte answered, but with a body the client cannot read."""
 
 
+class AirbyteConnectionNotRunnable(TerminalError):
+    """The connection is not in a state to sync (inactive, locked, a breaking schema change...)."""
+
+
 class AirbyteJobTimedOut(TerminalError):
     pass
 
@@ -71,6 +78,23 @@ class Connection:
     workspace_id: str
     status: str
     tags: tuple[str, ...]
+    status_reason: str | None = None
+
+    def not_runnable_because(self) -> str | None:
+        """Why this connection must not be synced now, or None if it may be.
+
+        Airbyte's public API v2.0.0 knows active, inactive and deprecated; anything else (a newer
+        server's `locked`, say) is not runnable either. A status reason is not part of v2.0.0:
+        when a server sends one that reports a breaking schema change, the connection waits for it.
+        """
+        reason = f" ({self.status_reason})" if self.status_reason else ""
+        if self.status == "active":
+            if self.status_reason and _BREAKING_CHANGE.search(self.status_reason):
+                return f"reports a pending breaking schema change{reason}"
+            return None
+        if self.status in KNOWN_CONNECTION_STATUSES:
+            return f"marks it {self.status}{reason}"
+        return f"reports status '{self.status}', which the appliance does not know{reason}"
 
 
 @dataclass(frozen=True)
@@ -126,6 +150,8 @@ class AirbyteClient:
         hooks = self._sdk.sdk_configuration.get_hooks()
         hooks.register_after_success_hook(_HtmlIsNotTheApi())
         hooks.register_after_success_hook(_UnknownJobStatusIsRunning())
+        self._connection_status_hook = _ConnectionStatusAsSent()
+        hooks.register_after_success_hook(self._connection_status_hook)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "AirbyteClient":
@@ -208,10 +234,12 @@ class AirbyteClient:
                     id=item.connection_id,
                     name=item.name,
                     workspace_id=item.workspace_id,
-                    status=getattr(item.status, "value", str(item.status)),
+                    status=status,
                     tags=tuple(tag.name for tag in item.tags or ()),
+                    status_reason=reason,
                 )
                 for item in body.data
+                for status, reason in [self._connection_status_hook.as_sent(item)]
             ]
             # A short page is the last one: newer servers give `next` on every non-empty page.
             if not body.next or len(body.data) < self._page_size:
@@ -371,6 +399,48 @@ def _is_html(response: requests.Response | None) -> bool:
     return content_type in ("text/html", "application/xhtml+xml")
 
 
+class _ConnectionStatusAsSent(AfterSuccessHook):
+    """Keeps each listed connection's status and statusReason as the server sent them.
+
+    airbyte-api 0.53 refuses to parse a connection status newer than its enum (the whole page
+    would fail) and drops fields it does not know: the hook records both, then hands the SDK a
+    status it can parse.
+    """
+
+    _known = frozenset(status.value for status in models.ConnectionStatusEnum)
+
+    def __init__(self) -> None:
+        self._sent: dict[str, tuple[str, str | None]] = {}
+        self._lock = threading.Lock()
+
+    def after_success(self, hook_ctx, response: requests.Response) -> requests.Response:
+        if hook_ctx.operation_id not in ("listConnections", "getConnection"):
+            return response
+        try:
+            body = response.json()
+        except ValueError:
+            return response
+        items = body.get("data") if isinstance(body, dict) and "data" in body else [body]
+        changed = False
+        for item in items:
+            if not isinstance(item, dict) or not isinstance(item.get("connectionId"), str):
+                continue
+            status, reason = item.get("status"), item.get("statusReason")
+            with self._lock:
+                self._sent[item["connectionId"]] = (str(status), reason if isinstance(reason, str) else None)
+            if status not in self._known:
+                item["status"] = models.ConnectionStatusEnum.INACTIVE.value
+                changed = True
+        if changed:
+            response._content = json.dumps(body).encode()  # requests keeps the parsed body here
+        return response
+
+    def as_sent(self, item: models.ConnectionResponse) -> tuple[str, str | None]:
+        with self._lock:
+            sent = self._sent.get(item.connection_id)
+        return sent or (getattr(item.status, "value", str(item.status)), None)
+
+
 class _UnknownJobStatusIsRunning(AfterSuccessHook):
     """airbyte-api 0.53 (the release PyAirbyte allows) fails to parse job statuses newer than its
     enum, such as 'queued'. An unknown status means the job has not finished: read it as running."""
@@ -461,21 +531,40 @@ class ServerBackend:
 
     def connections(self) -> dict[str, Connection]:
         if self._connections is None:
+            # Every connection Airbyte lists (it leaves deleted ones out), whatever its status: one
+            # that is inactive (Airbyte also disables failing connections by itself) or locked
+            # fails its sync below, so dbt never rebuilds its models on data that stopped coming.
             listed = self.client.list_connections(self.settings.airbyte_workspace_id)
-            active = [connection for connection in listed if connection.status == "active"]
             if self.tag:
-                active = [connection for connection in active if self.tag in connection.tags]
-            self._connections = {connection.name: connection for connection in active}
+                listed = [connection for connection in listed if self.tag in connection.tags]
+            self._connections = {connection.name: connection for connection in listed}
         return self._connections
 
     def connection_names(self) -> list[str]:
         return list(self.connections())
+
+    def not_runnable(self) -> dict[str, str]:
+        """Connections a run would report as failed without syncing, each with the reason."""
+        return {
+            name: because for name, connection in self.connections().items()
+            if (because := connection.not_runnable_because()) is not None
+        }
+
+    def connection_url(self, connection: Connection) -> str:
+        return f"{self.ui_url}/workspaces/{connection.workspace_id}/connections/{connection.id}"
 
     def job_url(self, connection: Connection, job_id: int) -> str:
         return f"{self.ui_url}/workspaces/{connection.workspace_id}/connections/{connection.id}/job-history#{job_id}::0"
 
     def sync(self, connection: str, *, full_refresh: bool) -> SyncResult:
         target = self.connections()[connection]
+        because = target.not_runnable_because()
+        if because is not None:
+            raise AirbyteConnectionNotRunnable(
+                f"connection '{connection}' was not synced: Airbyte {because}; enable or fix it in the "
+                f"Airbyte UI ({self.connection_url(target)}), or leave it out of the run "
+                "(elt run -c, or ELT_AIRBYTE_CONNECTION_TAG)"
+            )
         started = self._clock()
         if full_refresh:
             self._run_job(target, "clear", started)
