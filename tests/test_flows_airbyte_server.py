@@ -88,3 +88,31 @@ def test_unknown_connection_stops_before_any_sync(
     with pytest.raises(UnknownConnections, match=r"^no connection named hubspot; known connections: shop, crm$"):
         state.result()
     assert fake_airbyte.count("POST", "/jobs") == 0
+
+
+def test_inactive_connection_is_not_synced_and_its_models_are_left_out(
+    prefect_server: PrefectServer, fake_airbyte: FakeAirbyte, airbyte_env: None, two_source_remote, raw_tables: Path
+) -> None:
+    """Airbyte disabled 'crm' (by hand, or by itself after repeated failures): its raw table is
+    stale, so nothing built on it is rebuilt as if fresh, and the run fails naming it."""
+    fake_airbyte.add_connection("shop", sync_seconds=0.2)
+    crm_id = fake_airbyte.add_connection("crm", status="inactive")
+
+    state = all_etl(repo=str(two_source_remote.bare), return_state=True)
+
+    assert state.is_failed()
+    with pytest.raises(ExtractFailed) as error:
+        state.result()
+    assert str(error.value) == (
+        "1 of 2 connections failed to sync: crm: connection 'crm' was not synced: Airbyte marks it inactive; "
+        f"enable or fix it in the Airbyte UI ({fake_airbyte.ui_url}/workspaces/{fake_airbyte.workspace_id}/connections/{crm_id}), "
+        "or leave it out of the run (elt run -c, or ELT_AIRBYTE_CONNECTION_TAG)"
+    )
+    assert fake_airbyte.jobs_for(crm_id) == []
+    assert fake_airbyte.count("POST", "/jobs") == 1
+    with duckdb.connect(str(raw_tables), read_only=True) as warehouse:
+        tables = {row[0] for row in warehouse.execute("select table_name from information_schema.tables").fetchall()}
+    assert "shop_revenue" in tables
+    assert not {"crm_contacts", "contacts_with_revenue"} & tables
+    rows = prefect_server.artifacts("extract-load-results")[0]["data"]
+    assert "was not synced: Airbyte marks it inactive" in str(rows)
