@@ -425,6 +425,15 @@ def test_wrong_url_answering_html_names_the_setting(
     assert fake_airbyte.count(path_prefix="/airbyte/api/public/v1/") == 1  # not retried
 
 
+def test_wrong_url_message_never_shows_credentials_written_into_it(fake_airbyte: FakeAirbyte) -> None:
+    wrong_url = fake_airbyte.ui_url.replace("http://", "http://admin:hunter2-secret@") + "/airbyte"
+    client = AirbyteClient.from_settings(load_settings(airbyte_backend="server", airbyte_url=wrong_url))
+    with pytest.raises(AirbyteNotTheApi) as error:
+        client.health()
+    assert str(error.value).startswith(f"ELT_AIRBYTE_URL=http://***@127.0.0.1:{fake_airbyte.port}/airbyte is not the Airbyte API")
+    assert "hunter2" not in str(error.value) and "admin" not in str(error.value)
+
+
 def test_unreadable_job_is_named_by_its_endpoint(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
     connection_id = fake_airbyte.add_connection("stripe")
     client = _client(fake_airbyte, clock)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Callable, TypeVar
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, urlparse, urlsplit, urlunsplit
 
 import requests
 from airbyte_api import AirbyteAPI, api, errors, models
@@ -351,7 +351,7 @@ class AirbyteClient:
 
     def _not_the_api(self, description: str) -> AirbyteNotTheApi:
         return AirbyteNotTheApi(
-            f"ELT_AIRBYTE_URL={self.configured_url} is not the Airbyte API ({description} answered HTML); "
+            f"ELT_AIRBYTE_URL={_without_userinfo(self.configured_url)} is not the Airbyte API ({description} answered HTML); "
             "set it to the Airbyte web address, e.g. http://host.docker.internal:8000"
         )
 
@@ -390,6 +390,16 @@ class _HtmlIsNotTheApi(AfterSuccessHook):
         if _is_html(response):
             raise _HtmlAnswer()
         return response
+
+
+def _without_userinfo(url: str) -> str:
+    """The URL without any `user:password@` written into it: messages never carry a secret."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=f"***@{netloc}"))
 
 
 def _is_html(response: requests.Response | None) -> bool:
