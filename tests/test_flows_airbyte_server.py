@@ -8,6 +8,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from elt.extract.base import ExtractFailed, UnknownConnections
 from elt.flows import all_etl
 from tests.conftest import PrefectServer, make_remote
 from tests.fakes.airbyte_server import FakeAirbyte
@@ -66,7 +67,7 @@ def test_twenty_syncs_one_fails_and_dbt_builds_what_it_does_not_feed(
     state = all_etl(repo=str(two_source_remote.bare), return_state=True)
 
     assert state.is_failed()
-    with pytest.raises(Exception, match=r"1 of 20 connections failed to sync: crm: connection 'crm': sync job \d+ ended failed"):
+    with pytest.raises(ExtractFailed, match=r"^1 of 20 connections failed to sync: crm: connection 'crm': sync job \d+ ended failed \(http"):
         state.result()
     assert fake_airbyte.count("POST", "/jobs") == 20
     with duckdb.connect(str(raw_tables), read_only=True) as warehouse:
@@ -84,6 +85,34 @@ def test_unknown_connection_stops_before_any_sync(
     fake_airbyte.add_connection("crm")
     state = all_etl(connections=["shop", "hubspot"], repo=str(two_source_remote.bare), return_state=True)
     assert state.is_failed()
-    with pytest.raises(Exception, match=r"no connection named hubspot; known connections: shop, crm"):
+    with pytest.raises(UnknownConnections, match=r"^no connection named hubspot; known connections: shop, crm$"):
         state.result()
     assert fake_airbyte.count("POST", "/jobs") == 0
+
+
+def test_inactive_connection_is_not_synced_and_its_models_are_left_out(
+    prefect_server: PrefectServer, fake_airbyte: FakeAirbyte, airbyte_env: None, two_source_remote, raw_tables: Path
+) -> None:
+    """Airbyte disabled 'crm' (by hand, or by itself after repeated failures): its raw table is
+    stale, so nothing built on it is rebuilt as if fresh, and the run fails naming it."""
+    fake_airbyte.add_connection("shop", sync_seconds=0.2)
+    crm_id = fake_airbyte.add_connection("crm", status="inactive")
+
+    state = all_etl(repo=str(two_source_remote.bare), return_state=True)
+
+    assert state.is_failed()
+    with pytest.raises(ExtractFailed) as error:
+        state.result()
+    assert str(error.value) == (
+        "1 of 2 connections failed to sync: crm: connection 'crm' was not synced: Airbyte marks it inactive; "
+        f"enable or fix it in the Airbyte UI ({fake_airbyte.ui_url}/workspaces/{fake_airbyte.workspace_id}/connections/{crm_id}), "
+        "or leave it out of the run (elt run -c, or ELT_AIRBYTE_CONNECTION_TAG)"
+    )
+    assert fake_airbyte.jobs_for(crm_id) == []
+    assert fake_airbyte.count("POST", "/jobs") == 1
+    with duckdb.connect(str(raw_tables), read_only=True) as warehouse:
+        tables = {row[0] for row in warehouse.execute("select table_name from information_schema.tables").fetchall()}
+    assert "shop_revenue" in tables
+    assert not {"crm_contacts", "contacts_with_revenue"} & tables
+    rows = prefect_server.artifacts("extract-load-results")[0]["data"]
+    assert "was not synced: Airbyte marks it inactive" in str(rows)

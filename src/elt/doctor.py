@@ -82,12 +82,14 @@ def _airbyte_server(settings: Settings) -> str:
     client = AirbyteClient.from_settings(settings)
     client.health()
     backend = ServerBackend(settings, client)
-    names = backend.connection_names()  # lists connections: proves the token works
+    blocked = backend.not_runnable()  # lists connections: proves the token works
+    names = [name for name in backend.connection_names() if name not in blocked]
     if not names:
         scope = f" tagged '{settings.airbyte_connection_tag}'" if settings.airbyte_connection_tag else ""
         raise EltError(f"{settings.airbyte_api_url}: no active connections{scope}; create them in the Airbyte UI (docs/airbyte.md)")
     auth = "client credentials" if settings.airbyte_client_id else "no auth"
-    return f"{settings.airbyte_api_url} ({auth}): {len(names)} active connection(s): {', '.join(sorted(names))}"
+    not_synced = "".join(f"; not synced, a run fails on it: {name} ({why})" for name, why in sorted(blocked.items()))
+    return f"{settings.airbyte_api_url} ({auth}): {len(names)} active connection(s): {', '.join(sorted(names))}{not_synced}"
 
 
 def _warehouse(settings: Settings) -> str:

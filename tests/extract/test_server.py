@@ -3,187 +3,461 @@
 Airbyte's server can't run here (abctl needs a Kubernetes-in-Docker install and images from a
 registry), so these tests use tests/fakes/airbyte_server.py: a real HTTP server that validates
 every request it receives and every response it sends against public-api-v2.0.0.yaml (errors
-against api-problems-v2.0.0.yaml). The `fake_airbyte` fixture fails a test on any violation.
+against api-problems-v2.0.0.yaml, both vendored in tests/fakes/airbyte_spec/). The
+`fake_airbyte` fixture fails a test on any violation. Jobs, tokens, polls, backoff and timeouts
+run on one shared `FakeClock`, so no test waits real seconds or races real time.
 What only a real server would show: real job durations, real failure reasons in its job logs.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 
 import pytest
 
-from elt.errors import ConfigurationError
 from elt.extract.server import (
     AirbyteAuthFailed,
+    AirbyteBadResponse,
     AirbyteClient,
+    AirbyteConnectionNotRunnable,
     AirbyteJobFailed,
     AirbyteJobTimedOut,
+    AirbyteNotTheApi,
     AirbyteRequestRejected,
     AirbyteUnavailable,
     ServerBackend,
 )
 from elt.settings import load_settings
 from tests.fakes.airbyte_server import FakeAirbyte
+from tests.fakes.clock import FakeClock
 
 
-def _client(fake: FakeAirbyte, **options) -> AirbyteClient:
-    defaults = dict(client_id="fake-client-id", client_secret="fake-client-secret", backoff_seconds=0.01)
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def fake_airbyte(clock: FakeClock) -> Iterator[FakeAirbyte]:
+    """The fake on the test's clock; any contract violation fails the test."""
+    with FakeAirbyte(clock=clock) as fake:
+        yield fake
+        fake.assert_no_violations()
+
+
+def _client(fake: FakeAirbyte, clock: FakeClock, **options) -> AirbyteClient:
+    defaults = dict(
+        client_id="fake-client-id",
+        client_secret="fake-client-secret",
+        backoff_seconds=1.0,
+        sleep=clock.sleep,
+        clock=clock.monotonic,
+        wall_clock=clock.time,
+    )
     return AirbyteClient(fake.base_url, **(defaults | options))
 
 
-def _backend(fake: FakeAirbyte, client: AirbyteClient | None = None, **settings) -> ServerBackend:
+def _backend(fake: FakeAirbyte, clock: FakeClock, client: AirbyteClient | None = None, **settings) -> ServerBackend:
     values = dict(airbyte_backend="server", airbyte_url=fake.ui_url, airbyte_poll_seconds=0.1) | settings
-    return ServerBackend(load_settings(**values), client or _client(fake))
+    return ServerBackend(
+        load_settings(**values), client or _client(fake, clock), clock=clock.monotonic, wait=clock.wait
+    )
 
 
-def test_lists_every_active_connection_across_pages(fake_airbyte: FakeAirbyte) -> None:
-    for index in range(25):
-        fake_airbyte.add_connection(f"conn-{index:02d}")
-    fake_airbyte.add_connection("paused", status="inactive")
-    backend = _backend(fake_airbyte, _client(fake_airbyte, page_size=10))
-    assert sorted(backend.connection_names()) == [f"conn-{index:02d}" for index in range(25)]
-    assert fake_airbyte.count("GET", "/connections") >= 3
+def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll `condition` (real time: other threads must act); fail the test if it never holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.01)
 
 
-def test_tag_selects_connections(fake_airbyte: FakeAirbyte) -> None:
+# --------------------------------------------------------------------------- listing
+
+
+# With "paused" the fake lists one more: 26 -> 10+10+6; 20 -> 10+10, then an empty page if the
+# server gives `next` on every page (a full page can't say it is the last); 9 -> one short page.
+@pytest.mark.parametrize(
+    ("connections", "next_on_every_page", "pages"),
+    [(25, True, 3), (25, False, 3), (19, True, 3), (19, False, 2), (8, True, 1), (8, False, 1)],
+)
+def test_lists_every_connection_and_stops_at_a_short_page(
+    clock: FakeClock, connections: int, next_on_every_page: bool, pages: int
+) -> None:
+    """A page shorter than the limit is the last: no extra request for an empty page."""
+    with FakeAirbyte(clock=clock, next_on_every_page=next_on_every_page) as fake:
+        for index in range(connections):
+            fake.add_connection(f"conn-{index:02d}")
+        fake.add_connection("paused", status="inactive")  # listed too: its sync fails (see below)
+        fake.add_connection("gone", status="deprecated")  # deleted: Airbyte does not list it
+        backend = _backend(fake, clock, _client(fake, clock, page_size=10))
+        assert sorted(backend.connection_names()) == [f"conn-{index:02d}" for index in range(connections)] + ["paused"]
+        assert fake.count("GET", "/connections") == pages
+        fake.assert_no_violations()
+
+
+def test_tag_selects_connections(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
     fake_airbyte.add_connection("stripe", tags=["nightly"])
     fake_airbyte.add_connection("hubspot", tags=["hourly"])
-    assert _backend(fake_airbyte, airbyte_connection_tag="nightly").connection_names() == ["stripe"]
+    assert _backend(fake_airbyte, clock, airbyte_connection_tag="nightly").connection_names() == ["stripe"]
 
 
-def test_sync_reports_rows_bytes_and_a_link_to_the_job(fake_airbyte: FakeAirbyte) -> None:
+# --------------------------------------------------------------------------- connection status
+
+
+@pytest.mark.parametrize(
+    ("status", "status_reason", "because"),
+    [
+        ("inactive", None, "Airbyte marks it inactive"),
+        ("locked", "Billing: payment overdue", "Airbyte marks it locked (Billing: payment overdue)"),
+        (
+            "active",
+            "Breaking schema change detected: field id was removed",
+            "Airbyte reports a pending breaking schema change (Breaking schema change detected: field id was removed)",
+        ),
+        ("paused_by_admin", None, "Airbyte reports status 'paused_by_admin', which the appliance does not know"),
+    ],
+)
+def test_connection_that_cannot_run_is_not_synced_and_fails_with_the_reason(
+    clock: FakeClock, status: str, status_reason: str | None, because: str
+) -> None:
+    """`locked`, an unknown status and a status reason are not in the v2.0.0 spec: the fake sends
+    them as a newer server might (`extra_connection_statuses`, an additional `statusReason`)."""
+    with FakeAirbyte(clock=clock, extra_connection_statuses=["locked", "paused_by_admin"]) as fake:
+        blocked_id = fake.add_connection("crm", status=status, status_reason=status_reason)
+        fake.add_connection("shop")
+        backend = _backend(fake, clock)
+        assert sorted(backend.connection_names()) == ["crm", "shop"]  # the page parsed despite the status
+        with pytest.raises(AirbyteConnectionNotRunnable) as error:
+            backend.sync("crm", full_refresh=False)
+        assert str(error.value) == (
+            f"connection 'crm' was not synced: {because}; enable or fix it in the Airbyte UI "
+            f"({fake.ui_url}/workspaces/{fake.workspace_id}/connections/{blocked_id}), "
+            "or leave it out of the run (elt run -c, or ELT_AIRBYTE_CONNECTION_TAG)"
+        )
+        assert backend.not_runnable() == {"crm": because.removeprefix("Airbyte ")}
+        assert fake.jobs_for(blocked_id) == []
+        assert backend.sync("shop", full_refresh=False).rows == 1000
+        fake.assert_no_violations()
+
+
+def test_a_status_reason_that_is_not_a_breaking_change_does_not_block(
+    fake_airbyte: FakeAirbyte, clock: FakeClock
+) -> None:
+    fake_airbyte.add_connection("shop", status_reason="Non-breaking schema change propagated")
+    backend = _backend(fake_airbyte, clock)
+    assert backend.not_runnable() == {}
+    assert backend.sync("shop", full_refresh=False).rows == 1000
+
+
+# --------------------------------------------------------------------------- syncs
+
+
+def test_sync_reports_rows_bytes_and_a_link_to_the_job(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
     connection_id = fake_airbyte.add_connection("stripe", sync_seconds=0.3, rows=1234, bytes_=5678)
-    result = _backend(fake_airbyte).sync("stripe", full_refresh=False)
+    result = _backend(fake_airbyte, clock).sync("stripe", full_refresh=False)
     assert (result.rows, result.bytes_synced) == (1234, 5678)
-    assert result.job_url.startswith(f"{fake_airbyte.ui_url}/workspaces/")
-    assert f"/connections/{connection_id}/job-history#{result.job_id}" in result.job_url
+    assert result.job_url == (
+        f"{fake_airbyte.ui_url}/workspaces/{fake_airbyte.workspace_id}/connections/{connection_id}"
+        f"/job-history#{result.job_id}::0"
+    )
+    assert result.seconds == pytest.approx(0.3, abs=0.1 + 1e-9)
 
 
-def test_token_expiring_mid_poll_is_refreshed(fake_airbyte: FakeAirbyte) -> None:
+def test_token_expiring_mid_poll_is_refreshed_once(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
     fake_airbyte.add_connection("slow", sync_seconds=1.0)
-    backend = _backend(fake_airbyte)
-    expire = __import__("threading").Timer(0.4, fake_airbyte.expire_all_tokens)
-    expire.start()
-    result = backend.sync("slow", full_refresh=False)
-    expire.join()
+    clock.on_sleep(lambda polls: polls == 3 and fake_airbyte.expire_all_tokens())
+    result = _backend(fake_airbyte, clock).sync("slow", full_refresh=False)
     assert result.rows == 1000
     assert fake_airbyte.count("POST", "/applications/token") == 2
-    assert any(status == 401 for _, _, status in fake_airbyte.requests)
+    assert [(method, status) for method, path, status in fake_airbyte.requests if status == 401] == [("GET", 401)]
 
 
-def test_conflict_attaches_to_the_running_job(fake_airbyte: FakeAirbyte) -> None:
+def test_token_is_renewed_before_it_expires(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+    """Tokens live 180 s; the client renews one a minute early, so a 5-minute sync sees no 401."""
+    fake_airbyte.add_connection("long", sync_seconds=300)
+    result = _backend(fake_airbyte, clock, airbyte_poll_seconds=5).sync("long", full_refresh=False)
+    assert result.rows == 1000
+    assert fake_airbyte.count("POST", "/applications/token") == 3  # at 0 s, ~125 s, ~250 s
+    assert not [status for _, _, status in fake_airbyte.requests if status == 401]
+
+
+def test_conflict_attaches_to_the_running_job(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
     connection_id = fake_airbyte.add_connection("stripe", sync_seconds=0.5)
     running = fake_airbyte.start_running_job(connection_id)
-    result = _backend(fake_airbyte).sync("stripe", full_refresh=False)
+    result = _backend(fake_airbyte, clock).sync("stripe", full_refresh=False)
     assert result.job_id == str(running)
     assert len(fake_airbyte.jobs_for(connection_id)) == 1
-    assert any(method == "POST" and path == "/jobs" and status == 409 for method, path, status in fake_airbyte.requests)
+    assert [status for method, path, status in fake_airbyte.requests if (method, path) == ("POST", "/jobs")] == [409]
 
 
-def test_burst_of_server_errors_is_retried(fake_airbyte: FakeAirbyte) -> None:
-    fake_airbyte.add_connection("stripe", sync_seconds=0.2)
-    backend = _backend(fake_airbyte)
-    fake_airbyte.fail_next(3, 503, path_prefix="/jobs")
-    assert backend.sync("stripe", full_refresh=False).rows == 1000
-    fake_airbyte.fail_next(2, 429, path_prefix="/jobs")
-    assert backend.sync("stripe", full_refresh=False).rows == 1000
+def test_incomplete_job_is_polled_until_its_next_attempt_succeeds(
+    fake_airbyte: FakeAirbyte, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Airbyte reports `incomplete` between attempts; the job is not finished until it says so."""
+    connection_id = fake_airbyte.add_connection("flaky", sync_seconds=1.0, failed_attempts=1, retry_seconds=0.5)
+    caplog.set_level(logging.INFO, logger="elt.extract.server")
+    result = _backend(fake_airbyte, clock).sync("flaky", full_refresh=False)
+    assert result.rows == 1000
+    assert fake_airbyte.jobs_for(connection_id)[0]["status"] == "succeeded"
+    assert f"flaky: sync job {result.job_id} incomplete (an attempt failed; Airbyte retries it)" in caplog.messages
+    assert result.seconds >= 2.5  # first attempt 1 s, 0.5 s incomplete, second attempt 1 s
 
 
-def test_server_errors_beyond_the_retries_are_transient_failures(fake_airbyte: FakeAirbyte) -> None:
-    fake_airbyte.add_connection("stripe")
-    backend = _backend(fake_airbyte, _client(fake_airbyte, attempts=3))
-    backend.connection_names()
-    fake_airbyte.fail_next(3, 502, method="POST", path_prefix="/jobs")
-    with pytest.raises(AirbyteUnavailable, match=r"POST /jobs: .* answered 502 3 times") as error:
-        backend.sync("stripe", full_refresh=False)
-    assert error.value.transient
+def test_incomplete_job_whose_last_attempt_fails_fails_the_sync(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+    fake_airbyte.add_connection("flaky", sync_seconds=0.5, failed_attempts=2, outcome="failed")
+    with pytest.raises(AirbyteJobFailed, match=r"^connection 'flaky': sync job 1 ended failed \(http://"):
+        _backend(fake_airbyte, clock).sync("flaky", full_refresh=False)
 
 
-def test_client_errors_fail_at_once_with_the_problem_detail(fake_airbyte: FakeAirbyte) -> None:
-    client = _client(fake_airbyte)
-    with pytest.raises(AirbyteRequestRejected, match=r"POST /jobs: Airbyte answered 404: .*") as error:
-        client.start_job("9f0cbb52-0000-4000-8000-000000000000", "sync")
-    assert not error.value.transient
-    assert fake_airbyte.count("POST", "/jobs") == 1
+def test_conflict_with_a_job_between_attempts_attaches_to_it(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+    connection_id = fake_airbyte.add_connection("flaky", sync_seconds=1.0, failed_attempts=1, retry_seconds=10)
+    running = fake_airbyte.start_running_job(connection_id)
+    clock.advance(1.5)
+    assert fake_airbyte.jobs_for(connection_id)[0]["status"] == "incomplete"
+    result = _backend(fake_airbyte, clock, airbyte_poll_seconds=1).sync("flaky", full_refresh=False)
+    assert result.job_id == str(running)
+    assert len(fake_airbyte.jobs_for(connection_id)) == 1
 
 
-def test_wrong_credentials_name_the_variables(fake_airbyte: FakeAirbyte) -> None:
-    fake_airbyte.add_connection("stripe")
-    client = _client(fake_airbyte, client_secret="wrong")
-    with pytest.raises(AirbyteAuthFailed, match="ELT_AIRBYTE_CLIENT_SECRET") as error:
-        client.list_connections()
-    assert "wrong" not in str(error.value)
+def test_full_refresh_clears_before_syncing(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+    connection_id = fake_airbyte.add_connection("stripe", sync_seconds=0.2)
+    _backend(fake_airbyte, clock).sync("stripe", full_refresh=True)
+    assert [job["jobType"] for job in fake_airbyte.jobs_for(connection_id)] == ["clear", "sync"]
 
 
-@pytest.mark.parametrize(("outcome", "ended"), [("failed", "failed"), ("cancelled", "cancelled")])
-def test_failed_and_cancelled_jobs_fail_the_sync(fake_airbyte: FakeAirbyte, outcome: str, ended: str) -> None:
-    fake_airbyte.add_connection("stripe", sync_seconds=0.2, outcome=outcome)
-    with pytest.raises(AirbyteJobFailed, match=rf"connection 'stripe': sync job \d+ ended {ended} \(http"):
-        _backend(fake_airbyte).sync("stripe", full_refresh=False)
+@pytest.mark.parametrize("outcome", ["failed", "cancelled"])
+def test_failed_and_cancelled_jobs_fail_the_sync(fake_airbyte: FakeAirbyte, clock: FakeClock, outcome: str) -> None:
+    connection_id = fake_airbyte.add_connection("stripe", sync_seconds=0.2, outcome=outcome)
+    link = f"{fake_airbyte.ui_url}/workspaces/{fake_airbyte.workspace_id}/connections/{connection_id}/job-history#1::0"
+    with pytest.raises(AirbyteJobFailed) as error:
+        _backend(fake_airbyte, clock).sync("stripe", full_refresh=False)
+    assert str(error.value) == f"connection 'stripe': sync job 1 ended {outcome} ({link})"
 
 
-def test_job_that_never_ends_is_cancelled_at_the_timeout(fake_airbyte: FakeAirbyte) -> None:
+def test_job_that_never_ends_is_cancelled_at_the_timeout(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
     connection_id = fake_airbyte.add_connection("stuck", outcome="never")
-    started = time.monotonic()
-    with pytest.raises(AirbyteJobTimedOut, match="ELT_AIRBYTE_SYNC_TIMEOUT_SECONDS=1"):
-        _backend(fake_airbyte, airbyte_sync_timeout_seconds=1).sync("stuck", full_refresh=False)
-    assert time.monotonic() - started < 5
+    started = clock.monotonic()
+    with pytest.raises(AirbyteJobTimedOut) as error:
+        _backend(fake_airbyte, clock, airbyte_sync_timeout_seconds=1).sync("stuck", full_refresh=False)
+    link = f"{fake_airbyte.ui_url}/workspaces/{fake_airbyte.workspace_id}/connections/{connection_id}/job-history#1::0"
+    assert str(error.value) == (
+        f"connection 'stuck': sync job 1 ran over ELT_AIRBYTE_SYNC_TIMEOUT_SECONDS=1 and was cancelled ({link})"
+    )
+    assert 1.0 < clock.monotonic() - started <= 1.2  # cancelled at the first poll past the timeout
     assert fake_airbyte.count("DELETE", "/jobs/") == 1
     assert fake_airbyte.jobs_for(connection_id)[0]["status"] == "cancelled"
 
 
-def test_full_refresh_clears_before_syncing(fake_airbyte: FakeAirbyte) -> None:
-    connection_id = fake_airbyte.add_connection("stripe", sync_seconds=0.2)
-    _backend(fake_airbyte).sync("stripe", full_refresh=True)
-    assert [job["jobType"] for job in fake_airbyte.jobs_for(connection_id)] == ["clear", "sync"]
+def test_cancel_started_jobs_cancels_only_what_this_run_started() -> None:
+    """Two real sync threads on real time (the cancel comes from another thread, as in a flow run)."""
+    with FakeAirbyte() as fake:
+        ours = fake.add_connection("ours", outcome="never")
+        theirs = fake.add_connection("theirs", outcome="never")
+        their_job = fake.start_running_job(theirs)
+        settings = load_settings(airbyte_backend="server", airbyte_url=fake.ui_url, airbyte_poll_seconds=0.05)
+        backend = ServerBackend(settings, AirbyteClient(fake.base_url, "fake-client-id", "fake-client-secret"))
+        errors: dict[str, str] = {}
 
+        def sync(name: str) -> None:
+            try:
+                backend.sync(name, full_refresh=False)
+            except AirbyteJobFailed as exc:
+                errors[name] = str(exc)
 
-def test_cancel_started_jobs_cancels_only_what_this_run_started(fake_airbyte: FakeAirbyte) -> None:
-    ours = fake_airbyte.add_connection("ours", outcome="never")
-    theirs = fake_airbyte.add_connection("theirs", outcome="never")
-    fake_airbyte.start_running_job(theirs)
-    backend = _backend(fake_airbyte)
-    threads = [__import__("threading").Thread(target=_swallow, args=(backend.sync, name)) for name in ("ours", "theirs")]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + 5
-    while fake_airbyte.count("GET", "/jobs/") < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    backend.cancel_started_jobs()
-    for thread in threads:
-        thread.join(timeout=5)
-    assert fake_airbyte.jobs_for(ours)[-1]["status"] == "cancelled"
-    assert fake_airbyte.jobs_for(theirs)[-1]["status"] == "running"
+        threads = [threading.Thread(target=sync, args=(name,)) for name in ("ours", "theirs")]
+        for thread in threads:
+            thread.start()
 
+        def both_polled() -> bool:
+            our_jobs = fake.jobs_for(ours)
+            return bool(our_jobs) and all(
+                fake.count("GET", f"/jobs/{job_id}") > 0 for job_id in (our_jobs[0]["jobId"], their_job)
+            )
 
-def _swallow(sync, name: str) -> None:
-    try:
-        sync(name, full_refresh=False)
-    except AirbyteJobFailed:
-        pass
-
-
-def test_unknown_job_status_counts_as_still_running() -> None:
-    """Newer servers report 'queued'; airbyte-api 0.53 does not know it. The sync keeps waiting."""
-    with FakeAirbyte(report_unknown_status="queued", pending_seconds=0.5) as fake:
-        fake.add_connection("stripe", sync_seconds=0.8)
-        assert _backend(fake).sync("stripe", full_refresh=False).rows == 1000
+        _wait_until(both_polled, "both syncs to poll their jobs")
+        backend.cancel_started_jobs()
+        for thread in threads:
+            thread.join(timeout=10)
+        assert not any(thread.is_alive() for thread in threads), "a sync kept running after cancel_started_jobs"
+        our_job = fake.jobs_for(ours)[0]["jobId"]
+        assert fake.jobs_for(ours)[0]["status"] == "cancelled"
+        assert fake.jobs_for(theirs)[0]["status"] == "running"
+        assert errors == {
+            "ours": f"connection 'ours': stopped while job {our_job} ran",
+            "theirs": f"connection 'theirs': stopped while job {their_job} ran",
+        }
         fake.assert_no_violations()
 
 
-def test_no_auth_server() -> None:
+def test_unknown_job_status_counts_as_still_running(clock: FakeClock) -> None:
+    """Newer servers report 'queued'; airbyte-api 0.53 does not know it. The sync keeps waiting."""
+    with FakeAirbyte(clock=clock, report_unknown_status="queued", pending_seconds=0.5) as fake:
+        fake.add_connection("stripe", sync_seconds=0.8)
+        assert _backend(fake, clock).sync("stripe", full_refresh=False).rows == 1000
+        assert fake.count("GET", "/jobs/") >= 8  # polled through the 'queued' half second and on
+        fake.assert_no_violations()
+
+
+def test_no_auth_server(clock: FakeClock) -> None:
     """Airbyte installed with `abctl local install --disable-auth`: no token exchange at all."""
-    with FakeAirbyte(auth=False) as fake:
+    with FakeAirbyte(clock=clock, auth=False) as fake:
         fake.add_connection("stripe", sync_seconds=0.1)
-        backend = _backend(fake, AirbyteClient(fake.base_url, backoff_seconds=0.01))
+        backend = _backend(fake, clock, _client(fake, clock, client_id=None, client_secret=None))
         assert backend.sync("stripe", full_refresh=False).rows == 1000
         assert fake.count("POST", "/applications/token") == 0
         fake.assert_no_violations()
 
 
-def test_web_page_instead_of_the_api_names_the_url_setting(fake_airbyte: FakeAirbyte) -> None:
-    client = AirbyteClient(fake_airbyte.ui_url + "/airbyte", backoff_seconds=0.01)
-    with pytest.raises(ConfigurationError, match="ELT_AIRBYTE_URL"):
+# --------------------------------------------------------------------------- retries
+
+
+def test_burst_of_server_errors_is_retried_with_backoff(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+    fake_airbyte.add_connection("stripe", sync_seconds=0.2)
+    backend = _backend(fake_airbyte, clock)
+    backend.connection_names()
+    fake_airbyte.fail_next(3, 503, method="POST", path_prefix="/jobs")
+    assert backend.sync("stripe", full_refresh=False).rows == 1000
+    assert clock.sleeps[:3] == [1.0, 2.0, 4.0]
+    assert [status for method, path, status in fake_airbyte.requests if (method, path) == ("POST", "/jobs")] == [
+        503, 503, 503, 200
+    ]
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_retry_after_in_seconds_is_honoured(fake_airbyte: FakeAirbyte, clock: FakeClock, status: int) -> None:
+    fake_airbyte.add_connection("stripe")
+    client = _client(fake_airbyte, clock)
+    client.list_connections()
+    fake_airbyte.fail_next(2, status, path_prefix="/connections", retry_after=7)
+    assert [connection.name for connection in client.list_connections()] == ["stripe"]
+    assert clock.sleeps == [7.0, 7.0]
+
+
+def test_retry_after_as_an_http_date_is_honoured(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+    fake_airbyte.add_connection("stripe")
+    client = _client(fake_airbyte, clock)
+    client.list_connections()
+    come_back = datetime.fromtimestamp(clock.time() + 42, tz=timezone.utc)
+    fake_airbyte.fail_next(1, 429, path_prefix="/connections", retry_after=come_back)
+    assert [connection.name for connection in client.list_connections()] == ["stripe"]
+    assert clock.sleeps == [pytest.approx(42, abs=1)]
+
+
+def test_retry_after_is_bounded_by_the_maximum(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+    fake_airbyte.add_connection("stripe")
+    client = _client(fake_airbyte, clock, max_retry_after_seconds=120)
+    client.list_connections()
+    fake_airbyte.fail_next(1, 503, path_prefix="/connections", retry_after=3600)
+    assert [connection.name for connection in client.list_connections()] == ["stripe"]
+    assert clock.sleeps == [120.0]
+
+
+def test_server_errors_beyond_the_retries_are_transient_failures(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+    fake_airbyte.add_connection("stripe")
+    backend = _backend(fake_airbyte, clock, _client(fake_airbyte, clock, attempts=3))
+    backend.connection_names()
+    fake_airbyte.fail_next(3, 502, method="POST", path_prefix="/jobs")
+    with pytest.raises(AirbyteUnavailable) as error:
+        backend.sync("stripe", full_refresh=False)
+    assert str(error.value) == (
+        f"POST /jobs: Airbyte at {fake_airbyte.base_url} answered 502 3 times: unexpected-problem: Injected failure (502)."
+    )
+    assert error.value.transient
+
+
+def test_client_errors_fail_at_once_with_the_problem_detail(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+    client = _client(fake_airbyte, clock)
+    with pytest.raises(AirbyteRequestRejected) as error:
+        client.start_job("9f0cbb52-0000-4000-8000-000000000000", "sync")
+    assert str(error.value) == (
+        "POST /jobs: Airbyte answered 404: resource-not-found: The requested connection could not be found."
+    )
+    assert not error.value.transient
+    assert fake_airbyte.count("POST", "/jobs") == 1
+
+
+def test_wrong_credentials_name_the_variables(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+    fake_airbyte.add_connection("stripe")
+    client = _client(fake_airbyte, clock, client_secret="wrong-secret-value")
+    with pytest.raises(AirbyteAuthFailed) as error:
         client.list_connections()
-    fake_airbyte.clear_violations()  # the wrong URL is the point of this test
+    assert str(error.value) == (
+        "POST /applications/token: Airbyte refused the client credentials (400 bad-request: Invalid client id or token); "
+        "check ELT_AIRBYTE_CLIENT_ID and ELT_AIRBYTE_CLIENT_SECRET (`abctl local credentials`)"
+    )
+
+
+# --------------------------------------------------------------------------- wrong URL and unreadable answers
+
+
+@pytest.mark.parametrize(
+    ("credentials", "call", "endpoint"),
+    [
+        (True, "list_connections", "POST /applications/token"),
+        (False, "list_connections", "GET /connections"),
+        (False, "health", "GET /health"),
+    ],
+)
+def test_wrong_url_answering_html_names_the_setting(
+    fake_airbyte: FakeAirbyte, clock: FakeClock, credentials: bool, call: str, endpoint: str
+) -> None:
+    """Self-hosted Airbyte answers 200 with its web UI for any wrong path: that is not the API."""
+    wrong_url = f"{fake_airbyte.ui_url}/airbyte"
+    settings = load_settings(
+        airbyte_backend="server",
+        airbyte_url=wrong_url,
+        airbyte_client_id="fake-client-id" if credentials else None,
+        airbyte_client_secret="fake-client-secret" if credentials else None,
+    )
+    client = AirbyteClient.from_settings(settings)
+    with pytest.raises(AirbyteNotTheApi) as error:
+        getattr(client, call)()
+    assert str(error.value) == (
+        f"ELT_AIRBYTE_URL={wrong_url} is not the Airbyte API ({endpoint} answered HTML); "
+        "set it to the Airbyte web address, e.g. http://host.docker.internal:8000"
+    )
+    assert fake_airbyte.count(path_prefix="/airbyte/api/public/v1/") == 1  # not retried
+
+
+def test_wrong_url_message_never_shows_credentials_written_into_it(fake_airbyte: FakeAirbyte) -> None:
+    wrong_url = fake_airbyte.ui_url.replace("http://", "http://admin:hunter2-secret@") + "/airbyte"
+    client = AirbyteClient.from_settings(load_settings(airbyte_backend="server", airbyte_url=wrong_url))
+    with pytest.raises(AirbyteNotTheApi) as error:
+        client.health()
+    assert str(error.value).startswith(f"ELT_AIRBYTE_URL=http://***@127.0.0.1:{fake_airbyte.port}/airbyte is not the Airbyte API")
+    assert "hunter2" not in str(error.value) and "admin" not in str(error.value)
+
+
+def test_unreadable_job_is_named_by_its_endpoint(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+    connection_id = fake_airbyte.add_connection("stripe")
+    client = _client(fake_airbyte, clock)
+    job, _ = client.start_job(connection_id, "sync")
+    fake_airbyte.corrupt_next_response(lambda body: body.update(jobId="abc"), path_prefix="/jobs/")
+    with pytest.raises(AirbyteBadResponse) as error:
+        client.get_job(job.id)
+    assert str(error.value) == (
+        f"GET /jobs/{job.id}: Airbyte at {fake_airbyte.base_url} sent a response the client cannot read "
+        "(ValueError: invalid literal for int() with base 10: 'abc')"
+    )
+    assert fake_airbyte.clear_violations() == [
+        f"response 200 to GET /jobs/{job.id}: response body at $.jobId: 'abc' is not of type 'integer'"
+    ]
+
+
+def test_unreadable_token_answer_is_named_by_its_endpoint(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+    fake_airbyte.corrupt_next_response(lambda body: body.pop("access_token"), path_prefix="/applications/token")
+    with pytest.raises(AirbyteBadResponse) as error:
+        _client(fake_airbyte, clock).list_connections()
+    assert str(error.value) == (
+        f"POST /applications/token: Airbyte at {fake_airbyte.base_url} sent a response the client cannot read "
+        "(KeyError: 'access_token')"
+    )
+    assert fake_airbyte.clear_violations() == [
+        "response 200 to POST /applications/token: response body: 'access_token' is a required property"
+    ]

@@ -34,6 +34,9 @@ Faithful, from the spec and from airbyte-platform's public API code:
 - Jobs: `startTime`/`lastUpdatedAt` are Java `OffsetDateTime.toString()` in UTC (seconds omitted
   when zero, e.g. `2024-01-01T10:00Z`); `lastUpdatedAt` only for terminal jobs; `duration`
   (Java `Duration.toString()`, e.g. `PT0S`, `PT1M5S`) for every non-pending job.
+  A connection added with `failed_attempts=n` has jobs whose first n attempts fail: after each,
+  the job reports `incomplete` (not terminal: Airbyte's JobStatus has failed, succeeded and
+  cancelled as its only terminal statuses) and then `running` again for the next attempt.
   POST /jobs: unknown connection -> 404 ResourceNotFoundProblem; a job already pending/running for
   the connection -> 409 TryAgainLaterConflictProblem; jobType `refresh` -> 422
   UnprocessableEntityProblem ("Refreshes are not supported in the public API").
@@ -44,9 +47,12 @@ Faithful, from the spec and from airbyte-platform's public API code:
 
 Not simulated: sources, destinations, workspaces, tags CRUD, streams, and every other operation
 (a call to one is recorded as a violation and answered 501); created/updated date filters on
-GET /jobs are accepted but ignored; attempts, logs, schedules, job retries; permissions/roles
-(403); the real server's exact 401 body (micronaut security may send none); rate limiting other
-than via `fail_next(status=429)`.
+GET /jobs are accepted but ignored; attempt details, logs, schedules; permissions/roles (403);
+the real server's exact 401 body (micronaut security may send none); rate limiting other than
+via `fail_next(status=429, retry_after=...)`.
+
+Time: jobs and token expiry follow `clock` (the `time` module by default). Tests that must not
+race real time pass a `tests.fakes.clock.FakeClock` and share it with the code under test.
 """
 
 from __future__ import annotations
@@ -66,9 +72,10 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlencode, urlsplit
 
 import yaml
@@ -76,7 +83,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-SPEC_DIR = Path(__file__).resolve().parents[3] / "shared" / "airbyte"
+SPEC_DIR = Path(__file__).resolve().parent / "airbyte_spec"
 PUBLIC_SPEC_FILE = "public-api-v2.0.0.yaml"
 PROBLEMS_SPEC_FILE = "api-problems-v2.0.0.yaml"
 API_PREFIX = "/api/public/v1"
@@ -279,7 +286,7 @@ class _PathItem:
 class ApiContract:
     """The pinned public API + problems specs, as validators for requests, responses and problems."""
 
-    def __init__(self, *, extra_job_statuses: Iterable[str] = ()) -> None:
+    def __init__(self, *, extra_job_statuses: Iterable[str] = (), extra_connection_statuses: Iterable[str] = ()) -> None:
         pristine_public, pristine_problems = _read_specs()
         public = copy.deepcopy(pristine_public)
         self.dangling_refs = find_dangling_refs(public)
@@ -291,6 +298,9 @@ class ApiContract:
         self.extra_job_statuses = tuple(extra_job_statuses)
         for_responses = copy.deepcopy(public)
         for_responses["components"]["schemas"]["JobStatusEnum"]["enum"].extend(self.extra_job_statuses)
+        self.extra_connection_statuses = tuple(extra_connection_statuses)
+        for_responses["components"]["schemas"]["ConnectionStatusEnum"]["enum"].extend(self.extra_connection_statuses)
+        self.connection_statuses = tuple(public["components"]["schemas"]["ConnectionStatusEnum"]["enum"])
         self._public = public
         self._registries = {
             "request": _registry(public, problems),
@@ -549,9 +559,13 @@ def _decode_body(media_type: str, raw_body: bytes) -> Any:
 
 
 @functools.lru_cache(maxsize=8)
-def load_contract(extra_job_statuses: frozenset[str] = frozenset()) -> ApiContract:
-    """The contract, built once per set of tolerated extra JobStatusEnum values."""
-    return ApiContract(extra_job_statuses=sorted(extra_job_statuses))
+def load_contract(
+    extra_job_statuses: frozenset[str] = frozenset(), extra_connection_statuses: frozenset[str] = frozenset()
+) -> ApiContract:
+    """The contract, built once per set of tolerated extra JobStatusEnum/ConnectionStatusEnum values."""
+    return ApiContract(
+        extra_job_statuses=sorted(extra_job_statuses), extra_connection_statuses=sorted(extra_connection_statuses)
+    )
 
 
 # --------------------------------------------------------------------------- Java-style formatting
@@ -598,11 +612,15 @@ class _Connection:
     rows: int
     bytes_: int
     created_at: int
+    failed_attempts: int = 0
+    retry_seconds: float = 0.0
+    status_reason: str | None = None
     source_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     destination_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        extension = {"statusReason": self.status_reason} if self.status_reason is not None else {}
+        return extension | {
             "connectionId": self.connection_id,
             "name": self.name,
             "sourceId": self.source_id,
@@ -634,23 +652,38 @@ class _Job:
     bytes_: int
     created_mono: float
     created_wall: float
+    failed_attempts: int = 0
+    retry_seconds: float = 0.0
     cancelled_mono: float | None = None
 
     def state(self, now: float) -> str:
+        """pending, then per failed attempt running -> incomplete, then running -> the outcome."""
         if self.cancelled_mono is not None:
             return "cancelled"
         elapsed = now - self.created_mono
         if elapsed < self.pending_seconds:
             return "pending"
-        if self.outcome == "never" or elapsed < max(self.run_seconds, self.pending_seconds):
+        attempt_ends = max(self.run_seconds, self.pending_seconds)
+        for _ in range(self.failed_attempts):
+            if elapsed < attempt_ends:
+                return "running"
+            if elapsed < attempt_ends + self.retry_seconds:
+                return "incomplete"  # the attempt failed; Airbyte starts the next one
+            attempt_ends += self.retry_seconds + self.run_seconds
+        if self.outcome == "never" or elapsed < attempt_ends:
             return "running"
         return self.outcome
+
+    def ends_after(self) -> float:
+        """Seconds from creation to the terminal status (unless cancelled or never ending)."""
+        first = max(self.run_seconds, self.pending_seconds)
+        return first + self.failed_attempts * (self.retry_seconds + self.run_seconds)
 
     def updated_mono(self, now: float) -> float:
         if self.cancelled_mono is not None:
             return self.cancelled_mono
         if self.state(now) in TERMINAL_STATUSES:
-            return self.created_mono + max(self.run_seconds, self.pending_seconds)
+            return self.created_mono + self.ends_after()
         return now
 
     def wall(self, mono: float) -> float:
@@ -663,7 +696,7 @@ class _Fault:
     status: int
     method: str | None
     path_prefix: str | None
-    retry_after: float | None
+    retry_after: float | datetime | None
 
     def matches(self, method: str, path: str) -> bool:
         return (self.method is None or self.method == method) and (
@@ -701,6 +734,14 @@ class _Reply:
 Route = Callable[[ParsedRequest], _Reply]
 
 
+class Clock(Protocol):
+    """Where the fake reads time: the `time` module, or a test's `tests.fakes.clock.FakeClock`."""
+
+    def monotonic(self) -> float: ...
+
+    def time(self) -> float: ...
+
+
 # --------------------------------------------------------------------------- the fake server
 
 
@@ -718,7 +759,11 @@ class FakeAirbyte:
         pending_seconds: float = 0.05,
         next_on_every_page: bool = True,
         workspace_id: str = DEFAULT_WORKSPACE_ID,
+        clock: Clock = time,
+        extra_connection_statuses: Iterable[str] = (),
     ) -> None:
+        """`extra_connection_statuses`: connection statuses outside the v2.0.0 spec (e.g. `locked`,
+        as newer servers may report) that responses may carry without a violation."""
         if report_unknown_status is not None and report_unknown_status in JOB_STATUSES:
             raise ValueError(f"{report_unknown_status!r} is already in JobStatusEnum")
         self.client_id = client_id
@@ -729,8 +774,9 @@ class FakeAirbyte:
         self.pending_seconds = pending_seconds
         self.next_on_every_page = next_on_every_page
         self.workspace_id = workspace_id
+        self._clock = clock
         extra = frozenset({report_unknown_status}) if report_unknown_status else frozenset()
-        self.contract = load_contract(extra)
+        self.contract = load_contract(extra, frozenset(extra_connection_statuses))
         self.violations: list[str] = []
         self.requests: list[tuple[str, str, int]] = []
         self._lock = threading.RLock()
@@ -812,10 +858,23 @@ class FakeAirbyte:
         rows: int = 1000,
         bytes_: int = 50_000,
         workspace_id: str | None = None,
+        failed_attempts: int = 0,
+        retry_seconds: float = 0.5,
+        status_reason: str | None = None,
     ) -> str:
-        """Add a connection; its jobs end in `outcome` after `sync_seconds` ("never": run until cancelled)."""
+        """Add a connection; its jobs end in `outcome` after `sync_seconds` ("never": run until cancelled).
+
+        `failed_attempts`: that many attempts of each job fail first; after each the job reports
+        `incomplete` for `retry_seconds`, then runs its next attempt (`sync_seconds` again).
+        `status_reason`: sent as `statusReason`. The v2.0.0 ConnectionResponse does not define it
+        (it allows additional properties); it stands for what a newer server may say about a
+        connection, such as a pending breaking schema change.
+        """
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {sorted(OUTCOMES)}, not {outcome!r}")
+        known = (*self.contract.connection_statuses, *self.contract.extra_connection_statuses)
+        if status not in known:
+            raise ValueError(f"status must be one of {list(known)} (extra_connection_statuses adds more), not {status!r}")
         connection = _Connection(
             connection_id=str(uuid.uuid4()),
             name=name,
@@ -826,7 +885,10 @@ class FakeAirbyte:
             outcome=outcome,
             rows=rows,
             bytes_=bytes_,
-            created_at=int(time.time()),
+            created_at=int(self._clock.time()),
+            failed_attempts=failed_attempts,
+            retry_seconds=retry_seconds,
+            status_reason=status_reason,
         )
         with self._lock:
             self._connections[connection.connection_id] = connection
@@ -844,7 +906,7 @@ class FakeAirbyte:
 
     def jobs_for(self, connection_id: str) -> list[dict[str, Any]]:
         """JobResponse bodies of the connection's jobs, oldest first."""
-        now = time.monotonic()
+        now = self._clock.monotonic()
         with self._lock:
             jobs = [job for job in self._jobs.values() if job.connection_id == connection_id]
             return [self._job_json(job, now) for job in jobs]
@@ -862,9 +924,12 @@ class FakeAirbyte:
         *,
         method: str | None = None,
         path_prefix: str | None = None,
-        retry_after: float | None = None,
+        retry_after: float | datetime | None = None,
     ) -> None:
-        """The next `count` requests matching method/path_prefix (path without /api/public/v1) get `status`."""
+        """The next `count` requests matching method/path_prefix (path without /api/public/v1) get `status`.
+
+        `retry_after`: send a `Retry-After` header, in seconds (a number) or as an HTTP date (a datetime).
+        """
         with self._lock:
             self._faults.append(_Fault(count, status, method.upper() if method else None, path_prefix, retry_after))
 
@@ -995,7 +1060,9 @@ class FakeAirbyte:
             if fault.remaining <= 0:
                 self._faults.remove(fault)
         reply = self._problem(fault.status, detail=f"Injected failure ({fault.status}).")
-        if fault.retry_after is not None:
+        if isinstance(fault.retry_after, datetime):
+            reply.headers["Retry-After"] = format_datetime(fault.retry_after.astimezone(timezone.utc), usegmt=True)
+        elif fault.retry_after is not None:
             reply.headers["Retry-After"] = str(math.ceil(fault.retry_after))
         return reply
 
@@ -1005,7 +1072,7 @@ class FakeAirbyte:
         token = header[len("bearer ") :].strip()
         with self._lock:
             expiry = self._tokens.get(token)
-        if expiry is None or expiry <= time.monotonic():
+        if expiry is None or expiry <= self._clock.monotonic():
             return self._unauthorized("The access token is unknown or expired.")
         return None
 
@@ -1044,7 +1111,7 @@ class FakeAirbyte:
             return self._problem(400, detail="Invalid client id or token")
         token = secrets.token_urlsafe(32)
         with self._lock:
-            self._tokens[token] = time.monotonic() + self.token_ttl_seconds
+            self._tokens[token] = self._clock.monotonic() + self.token_ttl_seconds
         return _Reply(
             200,
             {"access_token": token, "token_type": "Bearer", "expires_in": math.ceil(self.token_ttl_seconds)},
@@ -1082,7 +1149,7 @@ class FakeAirbyte:
         connection_id, job_type = request.body["connectionId"], request.body["jobType"]
         if job_type == "refresh":  # the real JobsController refuses it
             return self._problem(422, data={"message": "Refreshes are not supported in the public API"})
-        now = time.monotonic()
+        now = self._clock.monotonic()
         with self._lock:
             connection = self._connection(connection_id)
             if connection is None:
@@ -1104,7 +1171,7 @@ class FakeAirbyte:
         order_field, descending = order
         connection_id = (query.get("connectionId") or "").lower()
         workspaces = {value.lower() for value in query.get("workspaceIds", [])}
-        now = time.monotonic()
+        now = self._clock.monotonic()
         with self._lock:
             selected = [
                 (job, self._job_json(job, now))
@@ -1132,11 +1199,11 @@ class FakeAirbyte:
             job = self._jobs.get(job_id)
             if job is None:
                 return self._not_found("job", str(job_id))
-            return _Reply(200, self._job_json(job, time.monotonic()))
+            return _Reply(200, self._job_json(job, self._clock.monotonic()))
 
     def _cancel_job(self, request: ParsedRequest) -> _Reply:
         job_id = request.path["jobId"]
-        now = time.monotonic()
+        now = self._clock.monotonic()
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None:
@@ -1162,8 +1229,10 @@ class FakeAirbyte:
             pending_seconds=pending_seconds,
             rows=connection.rows if syncs_data else 0,
             bytes_=connection.bytes_ if syncs_data else 0,
-            created_mono=time.monotonic(),
-            created_wall=time.time(),
+            created_mono=self._clock.monotonic(),
+            created_wall=self._clock.time(),
+            failed_attempts=connection.failed_attempts,
+            retry_seconds=connection.retry_seconds,
         )
         self._jobs[job.job_id] = job
         return job
@@ -1230,6 +1299,9 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 60
+    # Headers and body go out in two writes: with Nagle's algorithm on, each keep-alive answer
+    # waits ~40 ms for the client's delayed ACK.
+    disable_nagle_algorithm = True
     server: _Server
 
     def _dispatch(self) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,14 +21,20 @@ from tests.fakes.airbyte_server import (
     load_contract,
     tag_id,
 )
+from tests.fakes.clock import FakeClock
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 ISO_DURATION = re.compile(r"^PT(\d+H)?(\d+M)?(\d+S)?$")
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeAirbyte]:
-    with FakeAirbyte() as server:
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def fake(clock: FakeClock) -> Iterator[FakeAirbyte]:
+    with FakeAirbyte(clock=clock) as server:
         yield server
 
 
@@ -53,17 +61,19 @@ def api(fake: FakeAirbyte) -> Iterator[httpx.Client]:
         yield client
 
 
-def poll_until_terminal(api: httpx.Client, job_id: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+def poll_until_terminal(
+    api: httpx.Client, clock: FakeClock, job_id: int, step: float = 0.02, max_polls: int = 1000
+) -> list[dict[str, Any]]:
+    """Poll the job, moving the fake's clock `step` seconds between polls; fail after `max_polls`."""
     seen = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    for _ in range(max_polls):
         response = api.get(f"/jobs/{job_id}")
         assert response.status_code == 200, response.text
         seen.append(response.json())
         if seen[-1]["status"] in TERMINAL:
             return seen
-        time.sleep(0.02)
-    raise AssertionError(f"job {job_id} never finished: {seen[-1]}")
+        clock.advance(step)
+    raise AssertionError(f"job {job_id} not finished after {max_polls} polls: {seen[-1]}")
 
 
 def distinct(statuses: list[str]) -> list[str]:
@@ -73,8 +83,22 @@ def distinct(statuses: list[str]) -> list[str]:
 # --------------------------------------------------------------------------- the contract itself
 
 
-def test_spec_dir_and_dangling_refs_are_the_documented_ones() -> None:
-    assert SPEC_DIR.name == "airbyte" and (SPEC_DIR / "README.md").is_file()
+def test_vendored_spec_is_the_pinned_release() -> None:
+    """The spec is vendored inside the repo (nothing outside the checkout is read) and unedited."""
+    repo_root = Path(__file__).resolve().parents[2]
+    assert SPEC_DIR.is_relative_to(repo_root)
+    digests = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in SPEC_DIR.glob("*.yaml")}
+    assert digests == {
+        "public-api-v2.0.0.yaml": "fe7d88e24fa7947424c8891a209c631acbc395dd9d3b95e484c7293d2c769ec7",
+        "api-problems-v2.0.0.yaml": "b18b0b9352c65a5eb6ad83dd3e87dff9dc61d309bd2dfcc69f07f932e62c95ed",
+    }
+    provenance = (SPEC_DIR / "README.md").read_text()
+    assert "airbytehq/airbyte-platform" in provenance and "`v2.0.0`" in provenance
+    assert "airbyte-api/server-api/src/main/openapi/api.yaml" in provenance
+    assert "airbyte-api/problems-api/src/main/openapi/api-problems.yaml" in provenance
+
+
+def test_dangling_refs_are_the_documented_ones() -> None:
     contract = load_contract()
     assert set(contract.dangling_refs) == {
         "#/components/schemas/DataplaneCreateResponseBody",
@@ -120,11 +144,12 @@ def test_token_exchange_and_bearer_auth(fake: FakeAirbyte) -> None:
     fake.assert_no_violations()
 
 
-def test_expired_and_revoked_tokens_get_401() -> None:
-    with FakeAirbyte(token_ttl_seconds=0.3) as fake:
+def test_expired_and_revoked_tokens_get_401(clock: FakeClock) -> None:
+    with FakeAirbyte(clock=clock, token_ttl_seconds=180) as fake:
         headers = {"Authorization": f"Bearer {get_token(fake)}"}
+        clock.advance(179.9)
         assert httpx.get(f"{fake.base_url}/jobs", headers=headers).status_code == 200
-        time.sleep(0.4)
+        clock.advance(0.2)
         expired = httpx.get(f"{fake.base_url}/jobs", headers=headers)
         assert expired.status_code == 401 and expired.json()["status"] == 401
 
@@ -206,7 +231,7 @@ def test_connection_shape_and_filters(fake: FakeAirbyte, api: httpx.Client) -> N
 # --------------------------------------------------------------------------- jobs
 
 
-def test_job_goes_pending_running_succeeded(fake: FakeAirbyte, api: httpx.Client) -> None:
+def test_job_goes_pending_running_succeeded(fake: FakeAirbyte, api: httpx.Client, clock: FakeClock) -> None:
     connection_id = fake.add_connection("orders", sync_seconds=0.3, rows=1234, bytes_=5678)
     created = api.post("/jobs", json={"connectionId": connection_id, "jobType": "sync"})
     assert created.status_code == 200
@@ -214,7 +239,7 @@ def test_job_goes_pending_running_succeeded(fake: FakeAirbyte, api: httpx.Client
     assert job["status"] == "pending" and job["jobType"] == "sync" and job["connectionId"] == connection_id
     assert isinstance(job["jobId"], int) and "duration" not in job
 
-    seen = poll_until_terminal(api, job["jobId"])
+    seen = poll_until_terminal(api, clock, job["jobId"])
     assert distinct(["pending"] + [snapshot["status"] for snapshot in seen]) == ["pending", "running", "succeeded"]
     final = seen[-1]
     assert final["rowsSynced"] == 1234 and final["bytesSynced"] == 5678
@@ -225,10 +250,10 @@ def test_job_goes_pending_running_succeeded(fake: FakeAirbyte, api: httpx.Client
     fake.assert_no_violations()
 
 
-def test_failed_outcome_and_other_job_types(fake: FakeAirbyte, api: httpx.Client) -> None:
+def test_failed_outcome_and_other_job_types(fake: FakeAirbyte, api: httpx.Client, clock: FakeClock) -> None:
     failing = fake.add_connection("flaky", sync_seconds=0.1, outcome="failed")
     job = api.post("/jobs", json={"connectionId": failing, "jobType": "sync"}).json()
-    assert poll_until_terminal(api, job["jobId"])[-1]["status"] == "failed"
+    assert poll_until_terminal(api, clock, job["jobId"])[-1]["status"] == "failed"
 
     clear = api.post("/jobs", json={"connectionId": failing, "jobType": "clear"})
     assert clear.status_code == 200 and clear.json()["jobType"] == "clear"
@@ -242,14 +267,40 @@ def test_failed_outcome_and_other_job_types(fake: FakeAirbyte, api: httpx.Client
     fake.assert_no_violations()
 
 
-def test_never_ending_job_runs_until_cancelled(fake: FakeAirbyte, api: httpx.Client) -> None:
+def test_never_ending_job_runs_until_cancelled(fake: FakeAirbyte, api: httpx.Client, clock: FakeClock) -> None:
     connection_id = fake.add_connection("stuck", sync_seconds=0.05, outcome="never")
     job_id = api.post("/jobs", json={"connectionId": connection_id, "jobType": "sync"}).json()["jobId"]
-    time.sleep(0.3)
+    clock.advance(170)  # long past sync_seconds (and within the token's 180 s)
     assert api.get(f"/jobs/{job_id}").json()["status"] == "running"
     cancelled = api.delete(f"/jobs/{job_id}")
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
     assert api.get(f"/jobs/{job_id}").json()["status"] == "cancelled"
+    fake.assert_no_violations()
+
+
+def test_failed_attempts_report_incomplete_then_run_again(fake: FakeAirbyte, api: httpx.Client, clock: FakeClock) -> None:
+    """Airbyte's JobStatus: an attempt that fails leaves the job `incomplete` (not terminal) until the next one runs."""
+    connection_id = fake.add_connection("flaky", sync_seconds=0.3, failed_attempts=2, retry_seconds=0.2, rows=7)
+    job = api.post("/jobs", json={"connectionId": connection_id, "jobType": "sync"}).json()
+    seen = poll_until_terminal(api, clock, job["jobId"])
+    assert distinct(["pending"] + [snapshot["status"] for snapshot in seen]) == [
+        "pending", "running", "incomplete", "running", "incomplete", "running", "succeeded"
+    ]
+    incomplete = next(snapshot for snapshot in seen if snapshot["status"] == "incomplete")
+    assert "lastUpdatedAt" not in incomplete and "rowsSynced" not in incomplete
+    assert seen[-1]["rowsSynced"] == 7 and seen[-1]["duration"] == "PT1S"  # 0.3 + 2 x (0.2 + 0.3) s
+    fake.assert_no_violations()
+
+
+def test_job_between_attempts_conflicts_and_is_listed_as_incomplete(
+    fake: FakeAirbyte, api: httpx.Client, clock: FakeClock
+) -> None:
+    connection_id = fake.add_connection("flaky", sync_seconds=1.0, failed_attempts=1, retry_seconds=5)
+    job_id = fake.start_running_job(connection_id)
+    clock.advance(2)
+    assert api.post("/jobs", json={"connectionId": connection_id, "jobType": "sync"}).status_code == 409
+    listed = api.get("/jobs", params={"connectionId": connection_id, "status": "incomplete"}).json()["data"]
+    assert [job["jobId"] for job in listed] == [job_id]
     fake.assert_no_violations()
 
 
@@ -274,8 +325,8 @@ def test_second_sync_conflicts_and_running_job_can_be_found(fake: FakeAirbyte, a
     fake.assert_no_violations()
 
 
-def test_unknown_status_reported_while_pending_is_tolerated_only_as_configured() -> None:
-    with FakeAirbyte(report_unknown_status="queued", pending_seconds=1.0) as fake:
+def test_unknown_status_reported_while_pending_is_tolerated_only_as_configured(clock: FakeClock) -> None:
+    with FakeAirbyte(clock=clock, report_unknown_status="queued", pending_seconds=1.0) as fake:
         headers = {"Authorization": f"Bearer {get_token(fake)}"}
         connection_id = fake.add_connection("orders")
         job = httpx.post(f"{fake.base_url}/jobs", headers=headers, json={"connectionId": connection_id, "jobType": "sync"})
@@ -291,12 +342,12 @@ def test_unknown_status_reported_while_pending_is_tolerated_only_as_configured()
         assert len(fake.violations) == 2 and "request GET /jobs" in fake.violations[1]
 
 
-def test_many_jobs_polled_concurrently(fake: FakeAirbyte, api: httpx.Client) -> None:
+def test_many_jobs_polled_concurrently(fake: FakeAirbyte, api: httpx.Client, clock: FakeClock) -> None:
     connection_ids = [fake.add_connection(f"conn-{index}", sync_seconds=0.3) for index in range(40)]
 
     def run(connection_id: str) -> str:
         job = api.post("/jobs", json={"connectionId": connection_id, "jobType": "sync"}).json()
-        return str(poll_until_terminal(api, job["jobId"])[-1]["status"])
+        return str(poll_until_terminal(api, clock, job["jobId"])[-1]["status"])
 
     with ThreadPoolExecutor(max_workers=40) as pool:
         assert set(pool.map(run, connection_ids)) == {"succeeded"}
@@ -331,11 +382,33 @@ def test_fail_next_then_recover(fake: FakeAirbyte, api: httpx.Client) -> None:
     assert fake.clear_violations() == ["request GET /connections: query parameter 'limit': 0 is less than the minimum of 1"]
 
 
-def test_delay_responses(fake: FakeAirbyte) -> None:
-    fake.delay_responses(0.2)
-    started = time.monotonic()
-    assert httpx.get(f"{fake.base_url}/health").status_code == 200
-    assert time.monotonic() - started >= 0.2
+def test_delay_responses_outlast_a_client_timeout(fake: FakeAirbyte) -> None:
+    fake.delay_responses(2.0)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.get(f"{fake.base_url}/health", timeout=0.2)
+    fake.delay_responses(0)
+    assert httpx.get(f"{fake.base_url}/health", timeout=5).status_code == 200
+
+
+def test_retry_after_as_seconds_or_an_http_date(fake: FakeAirbyte, api: httpx.Client) -> None:
+    fake.fail_next(1, 503, retry_after=1.2)
+    assert api.get("/connections").headers["Retry-After"] == "2"
+    fake.fail_next(1, 429, retry_after=datetime(2026, 3, 1, 12, 30, 5, tzinfo=timezone.utc))
+    limited = api.get("/connections")
+    assert limited.status_code == 429 and limited.headers["Retry-After"] == "Sun, 01 Mar 2026 12:30:05 GMT"
+    assert "Retry-After" not in api.get("/connections").headers
+    fake.assert_no_violations()
+
+
+def test_wrong_base_path_answers_html_to_any_method(fake: FakeAirbyte) -> None:
+    """ELT_AIRBYTE_URL with a wrong path: even the token exchange gets the UI's HTML with 200."""
+    wrong = f"{fake.ui_url}/airbyte/api/public/v1"
+    token = httpx.post(f"{wrong}/applications/token", json=token_request(fake))
+    assert token.status_code == 200 and token.headers["content-type"].startswith("text/html")
+    assert "<!doctype html>" in token.text
+    assert httpx.get(f"{wrong}/connections").headers["content-type"].startswith("text/html")
+    assert fake.count("POST", "/airbyte/api/public/v1/applications/token") == 1
+    fake.assert_no_violations()  # outside /api/public/v1 it is just the UI, as on the real server
 
 
 def test_unknown_path_answers_html_like_the_real_server(fake: FakeAirbyte, api: httpx.Client) -> None:
