@@ -91,13 +91,13 @@ class Settings(BaseSettings):
 
     git_repo: str | None = Field(
         None,
-        description="The repo holding the dbt project: a URL or local path. Unset: the repo ELT_HOME is in, pulled in place.",
+        description="The repo holding the dbt project: a URL (no credentials in it) or local path. Unset: the repo ELT_HOME is in, pulled in place.",
     )
     git_branch: str | None = Field(
         None, description="Branch to deploy. Unset: the checkout's current branch (or the remote's default on first clone)."
     )
     git_checkout_dir: Path | None = Field(
-        None, description="Where a remote ELT_GIT_REPO is cloned. Unset: data/repos/<repo name>."
+        None, description="Where a remote ELT_GIT_REPO is cloned. Unset: data/repos/<repo name>-<hash of its URL>."
     )
     git_token: SecretStr | None = Field(
         None, description="HTTPS token for a private repo (sent through GIT_ASKPASS, never in a URL)."
