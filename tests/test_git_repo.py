@@ -2,6 +2,7 @@
 
 import base64
 import re
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -291,3 +292,26 @@ def test_deployed_commit_artifact_names_the_repo_fetched(prefect_server, applian
 
     (latest, *_) = prefect_server.artifacts("deployed-commit")
     assert latest["data"] == f"Deployed commit `{deployed.sha}` of `main` from `{team_b.bare}`"
+
+
+def test_unreachable_remote_is_transient_and_keeps_the_checkout(
+    monkeypatch: pytest.MonkeyPatch, appliance_remote: GitRemote, appliance_env: Path, tmp_path: Path
+) -> None:
+    """The configured remote refuses connections (nothing listens on its port): the error is
+    transient (Prefect's retry may succeed), names the URL, and the checkout keeps its commit and
+    files, so --skip-pull still builds it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/team/analytics.git"
+    checkout = appliance_remote.clone(tmp_path / "checkout")
+    git("remote", "set-url", "origin", url, cwd=checkout)
+    monkeypatch.setenv("ELT_GIT_CHECKOUT_DIR", str(checkout))
+    before = _snapshot(checkout)
+
+    with pytest.raises(GitRemoteUnreachable) as error:
+        update_code(RepoSource.from_settings(load_settings(), repo=url))
+
+    assert error.value.transient
+    assert str(error.value).startswith(f"git fetch of {url} failed: ")
+    assert _snapshot(checkout) == before
