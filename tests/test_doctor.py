@@ -1,15 +1,14 @@
 """`elt doctor` checks each configured dependency for real and lists every problem it finds."""
 
+import os
 import subprocess
 from pathlib import Path
 
-from tests.conftest import BIN, GitRemote
+from tests.conftest import BIN, GitRemote, git
 
 
-def _doctor(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    import os
-
-    return subprocess.run([str(BIN / "elt"), "doctor"], env={**os.environ, **env}, cwd=cwd, capture_output=True, text=True, timeout=300)
+def _doctor(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "elt"), "doctor", *args], env={**os.environ, **env}, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def test_healthy_configuration_passes(appliance_remote: GitRemote, appliance_env: Path, tmp_path: Path) -> None:
@@ -33,8 +32,72 @@ def test_every_problem_is_listed_with_what_to_fix(appliance_env: Path, faker_con
     out = completed.stdout
     assert f"FAIL airbyte connections: {faker_connections}: connection 'faker': source: Field required" in out
     assert "FAIL warehouse: ELT_WAREHOUSE=snowflake needs SNOWFLAKE_ACCOUNT, SNOWFLAKE_USER" in out
-    assert "FAIL git repo: cannot reach" in out and "no-such-repo" in out
+    assert f"FAIL git repo: ELT_GIT_REPO: {tmp_path / 'no-such-repo'} does not exist; give the path of a git repo or its URL" in out
     assert "problem(s) found" in completed.stderr
+
+
+def test_every_check_runs_after_invalid_settings_and_failed_checks(
+    appliance_remote: GitRemote, faker_connections: Path, tmp_path: Path
+) -> None:
+    """An invalid setting, an unknown variable, an unset ${VAR} and a missing dbt project folder:
+    each is reported on its own line, the checks that don't depend on the invalid setting still run
+    with its default, and doctor exits non-zero."""
+    checkout = appliance_remote.clone(tmp_path / "checkout")
+    faker_connections.write_text(faker_connections.read_text().replace("seed: 42", "seed: '${FAKER_SEED}'"))
+    completed = _doctor(
+        {"ELT_HOME": str(checkout), "ELT_AIRBYTE_CONNECTIONS_FILE": str(faker_connections),
+         "ELT_WAREHOUSE": "bigquery", "ELT_DBT_PROJECT_DIR": "missing", "ELT_AIRBYTE_BACKED": "server"},
+        checkout,
+    )
+    assert completed.returncode == 1
+    lines = completed.stdout.splitlines()
+    assert lines[:3] == [
+        "FAIL settings: 1 invalid setting(s); the checks below use the default instead",
+        "       - ELT_WAREHOUSE: Input should be 'duckdb' or 'snowflake'",
+        "FAIL environment: ELT_AIRBYTE_BACKED: unknown setting; did you mean ELT_AIRBYTE_BACKEND?",
+    ]
+    assert lines[3:6] == [
+        f"FAIL airbyte connections: {faker_connections}: connection 'faker': source.config.seed refers to ${{FAKER_SEED}}, "
+        "which is not set; set FAKER_SEED in the environment or .env",
+        "FAIL warehouse: not checked: ELT_WAREHOUSE is invalid (see settings)",
+        f"ok   git repo: {appliance_remote.bare} reachable",
+    ]
+    assert lines[6] == (
+        f"FAIL dbt project: ELT_DBT_PROJECT_DIR: {checkout}/missing does not exist; set ELT_DBT_PROJECT_DIR to the "
+        "dbt project's folder in the repo (dbt projects in the repo: dbt)"
+    )
+    assert lines[-1].startswith("ok   prefect api: ")
+    assert completed.stderr.splitlines()[-1] == "5 problem(s) found"
+    assert "Traceback" not in completed.stdout + completed.stderr
+
+
+def test_credentials_in_the_repo_setting_fail_without_printing_them(appliance_env: Path) -> None:
+    token = "ghp_TOPSECRET123"
+    completed = _doctor({"ELT_HOME": str(appliance_env), "ELT_GIT_REPO": f"https://x:{token}@git.example/team/analytics.git"}, appliance_env)
+    assert completed.returncode == 1
+    assert "       - ELT_GIT_REPO: https://***@git.example/team/analytics.git has credentials written into it;" in completed.stdout
+    assert "FAIL git repo: not checked: ELT_GIT_REPO is invalid (see settings)" in completed.stdout
+    assert "FAIL dbt project: not checked: ELT_GIT_REPO is invalid (see settings)" in completed.stdout
+    assert token not in completed.stdout + completed.stderr
+
+
+def test_checkout_of_another_repo_fails_naming_both(appliance_remote: GitRemote, appliance_env: Path, tmp_path: Path) -> None:
+    """ELT_GIT_CHECKOUT_DIR holds a clone of one repo while ELT_GIT_REPO names another (same name)."""
+    checkout = appliance_remote.clone(tmp_path / "checkout")
+    other = tmp_path / "other" / "analytics.git"
+    other.parent.mkdir()
+    git("init", "-q", "--bare", str(other), cwd=tmp_path)
+    completed = _doctor(
+        {"ELT_HOME": str(appliance_env), "ELT_GIT_REPO": str(other), "ELT_GIT_CHECKOUT_DIR": str(checkout),
+         "ELT_DBT_PROJECT_DIR": "missing"},
+        appliance_env, "--debug",
+    )
+    assert completed.returncode == 1
+    assert (
+        f"FAIL git repo: {checkout} is a checkout of {appliance_remote.bare}, not of the configured repo {other}; "
+        f"`elt run` re-points it if it is clean and {other} has its HEAD, else stops"
+    ) in completed.stdout.splitlines()
+    assert "Traceback (most recent call last)" in completed.stderr  # --debug
 
 
 def test_airbyte_server_checks(fake_airbyte, appliance_remote: GitRemote, appliance_env: Path, tmp_path: Path) -> None:

@@ -1,12 +1,26 @@
-"""The update-code stage against real repositories: a local bare remote and clones of it."""
+"""The update-code stage against real repositories: local bare remotes and clones of them."""
 
+import base64
+import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from elt.git_repo import GitDirtyTree, GitError, GitHistoryDiverged, GitRemoteUnreachable, RepoSource, update_code
+from elt.errors import ConfigurationError
+from elt.git_repo import (
+    GitDirtyTree,
+    GitError,
+    GitHistoryDiverged,
+    GitOriginMismatch,
+    GitRemoteUnreachable,
+    RepoSource,
+    update_code,
+)
 from elt.settings import load_settings
-from tests.conftest import GitRemote, git
+from tests.conftest import REPO_ROOT, TINY_PROJECT, GitRemote, git, make_remote
 
 
 def _snapshot(checkout: Path) -> tuple[str, dict[str, str]]:
@@ -22,8 +36,10 @@ def test_first_run_clones_a_remote_url(appliance_remote: GitRemote, appliance_en
     settings = load_settings()
     source = RepoSource.from_settings(settings, repo=str(appliance_remote.bare))
     deployed = update_code(source)
-    assert source.checkout == appliance_env / "data" / "repos" / "remote"
+    assert source.checkout.parent == appliance_env / "data" / "repos"
+    assert re.fullmatch(r"remote-[0-9a-f]{8}", source.checkout.name)
     assert (source.checkout / "dbt" / "dbt_project.yml").is_file()
+    assert deployed.repo == str(appliance_remote.bare)
     assert deployed.sha == git("rev-parse", "HEAD", cwd=appliance_remote.author_clone)
     assert deployed.branch == "main"
 
@@ -89,12 +105,213 @@ def test_wrong_branch_is_refused(appliance_remote: GitRemote, tmp_path: Path) ->
 
 
 def test_token_never_appears_in_errors(monkeypatch: pytest.MonkeyPatch, appliance_env: Path) -> None:
-    """A failed clone over HTTPS reports the URL and the cause, never the token."""
+    """A failed clone over HTTPS with ELT_GIT_TOKEN set reports the URL and the cause, never the token."""
     monkeypatch.setenv("ELT_GIT_TOKEN", "ghp_TOPSECRET123")
-    settings = load_settings()
-    source = RepoSource.from_settings(settings, repo="https://user:ghp_TOPSECRET123@git.invalid/team/analytics.git")
+    source = RepoSource.from_settings(load_settings(), repo="https://git.invalid/team/analytics.git")
     with pytest.raises(GitRemoteUnreachable) as error:
         update_code(source)
     assert error.value.transient
     assert "ghp_TOPSECRET123" not in str(error.value)
     assert "git.invalid/team/analytics.git" in str(error.value)
+
+
+def test_credentials_in_a_repo_parameter_are_refused(appliance_env: Path) -> None:
+    """A URL with a token in it would be stored in Prefect's flow-run parameters and the checkout's
+    git config: the repo parameter (flow or --repo) is refused, naming ELT_GIT_TOKEN, token masked."""
+    with pytest.raises(ConfigurationError) as error:
+        RepoSource.from_settings(load_settings(), repo="https://deploy:ghp_TOPSECRET123@git.example/team/analytics.git")
+    assert str(error.value) == (
+        "repo: https://***@git.example/team/analytics.git has credentials written into it; remove them from the URL "
+        "and set ELT_GIT_TOKEN (and ELT_GIT_USERNAME if your host needs a user name) instead"
+    )
+
+
+class _DenyingGitHost(BaseHTTPRequestHandler):
+    """An HTTPS-style git host that refuses every request with 401 and records what it was sent."""
+
+    authorizations: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self.authorizations.append(self.headers.get("Authorization", ""))
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", 'Basic realm="git"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_refused_credentials_name_the_token_setting(monkeypatch: pytest.MonkeyPatch, appliance_env: Path) -> None:
+    """A real git clone over HTTP against a host answering 401: ELT_GIT_USERNAME and ELT_GIT_TOKEN
+    reach the host through GIT_ASKPASS, and the refusal is a configuration error naming the
+    settings, without the token."""
+    monkeypatch.setenv("ELT_GIT_TOKEN", "ghp_TOPSECRET123")
+    monkeypatch.setenv("ELT_GIT_USERNAME", "deploy-bot")
+    _DenyingGitHost.authorizations = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _DenyingGitHost)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/team/analytics.git"
+        with pytest.raises(ConfigurationError) as error:
+            update_code(RepoSource.from_settings(load_settings(), repo=url))
+    finally:
+        server.shutdown()
+    message = str(error.value)
+    assert message.startswith(f"git clone of {url} failed: ")
+    assert message.endswith("(check ELT_GIT_TOKEN or ELT_GIT_SSH_KEY_PATH)")
+    assert "ghp_TOPSECRET123" not in message
+    sent = "Basic " + base64.b64encode(b"deploy-bot:ghp_TOPSECRET123").decode()
+    assert sent in _DenyingGitHost.authorizations
+
+
+def _two_remotes_named_analytics(tmp_path: Path) -> tuple[GitRemote, GitRemote]:
+    """Two unrelated bare repos, both called analytics.git, in different folders."""
+    remotes = []
+    for team, project in (("team-a", REPO_ROOT / "dbt"), ("team-b", TINY_PROJECT)):
+        root = tmp_path / team
+        root.mkdir()
+        remote = make_remote(root, project)
+        bare = remote.bare.rename(root / "analytics.git")
+        git("remote", "set-url", "origin", str(bare), cwd=remote.author_clone)
+        remotes.append(GitRemote(bare, remote.author_clone))
+    return remotes[0], remotes[1]
+
+
+def test_two_repos_with_the_same_name_never_share_a_checkout(appliance_env: Path, tmp_path: Path) -> None:
+    """--repo /a/analytics.git, then --repo /b/analytics.git: the second run deploys B's commit from
+    its own folder and names B as where it came from; A's checkout is left as it was."""
+    team_a, team_b = _two_remotes_named_analytics(tmp_path)
+    settings = load_settings()
+    from_a = update_code(RepoSource.from_settings(settings, repo=str(team_a.bare)))
+    from_b = update_code(RepoSource.from_settings(settings, repo=str(team_b.bare)))
+
+    assert from_a.checkout != from_b.checkout
+    assert from_b.sha == git("rev-parse", "HEAD", cwd=team_b.author_clone) != from_a.sha
+    assert from_b.repo == str(team_b.bare)
+    assert (from_b.checkout / "dbt" / "seeds" / "orders.csv").is_file()
+    assert git("rev-parse", "HEAD", cwd=from_a.checkout) == from_a.sha
+    assert not (from_a.checkout / "dbt" / "seeds" / "orders.csv").exists()
+
+
+def test_checkout_from_before_folders_were_keyed_keeps_working(appliance_env: Path, tmp_path: Path) -> None:
+    """Upgrade: data/repos/analytics cloned by an older version is still used while its origin is the
+    configured repo; a same-named folder cloned from another repo is not."""
+    team_a, team_b = _two_remotes_named_analytics(tmp_path)
+    legacy = appliance_env / "data" / "repos" / "analytics"
+    legacy.parent.mkdir(parents=True)
+    team_a.clone(legacy)
+    pushed = team_a.commit("dbt/models/marts/new_model.sql", "select 1 as id\n", "add a model")
+    settings = load_settings()
+
+    source_a = RepoSource.from_settings(settings, repo=str(team_a.bare))
+    assert source_a.checkout == legacy
+    assert update_code(source_a).sha == pushed
+
+    source_b = RepoSource.from_settings(settings, repo=str(team_b.bare))
+    assert source_b.checkout != legacy
+    assert update_code(source_b).sha == git("rev-parse", "HEAD", cwd=team_b.author_clone)
+    assert git("rev-parse", "HEAD", cwd=legacy) == pushed
+
+
+def test_checkout_of_another_repo_is_repointed_when_nothing_can_be_lost(
+    monkeypatch: pytest.MonkeyPatch, appliance_remote: GitRemote, appliance_env: Path, tmp_path: Path
+) -> None:
+    """ELT_GIT_CHECKOUT_DIR holds a clean clone of the old repo; the configured repo (a move of it,
+    with one more commit) has its HEAD: origin is re-pointed and the new repo's commit deployed."""
+    checkout = appliance_remote.clone(tmp_path / "checkout")
+    moved = tmp_path / "moved" / "analytics.git"
+    moved.parent.mkdir()
+    git("clone", "-q", "--bare", str(appliance_remote.bare), str(moved), cwd=tmp_path)
+    git("push", "-q", str(moved), "HEAD:main", cwd=appliance_remote.author_clone)
+    git("remote", "set-url", "origin", str(moved), cwd=appliance_remote.author_clone)
+    pushed = appliance_remote.commit("moved.txt", "moved\n", "first commit after the move")
+    monkeypatch.setenv("ELT_GIT_CHECKOUT_DIR", str(checkout))
+
+    deployed = update_code(RepoSource.from_settings(load_settings(), repo=str(moved)))
+
+    assert deployed.sha == pushed
+    assert deployed.repo == str(moved)
+    assert git("remote", "get-url", "origin", cwd=checkout) == str(moved)
+    assert git("for-each-ref", "refs/elt-candidate/", cwd=checkout) == ""
+
+
+def test_checkout_of_another_repo_is_never_deployed(
+    monkeypatch: pytest.MonkeyPatch, appliance_env: Path, tmp_path: Path
+) -> None:
+    """ELT_GIT_CHECKOUT_DIR holds A's clone but B is configured and shares no history: the run stops
+    naming both repos and the fix; the checkout, its origin and its files are as they were."""
+    team_a, team_b = _two_remotes_named_analytics(tmp_path)
+    checkout = team_a.clone(tmp_path / "checkout")
+    monkeypatch.setenv("ELT_GIT_CHECKOUT_DIR", str(checkout))
+    before = _snapshot(checkout)
+
+    with pytest.raises(GitOriginMismatch) as error:
+        update_code(RepoSource.from_settings(load_settings(), repo=str(team_b.bare)))
+
+    head = before[0]
+    assert str(error.value) == (
+        f"{checkout} is a checkout of {team_a.bare}, not of the configured repo {team_b.bare}, "
+        f"and its HEAD {head[:12]} is on no branch of {team_b.bare}; nothing was deployed. "
+        f"Move the folder away so all-etl clones {team_b.bare} afresh, or set ELT_GIT_REPO back to {team_a.bare}"
+    )
+    assert _snapshot(checkout) == before
+    assert git("remote", "get-url", "origin", cwd=checkout) == str(team_a.bare)
+    assert git("for-each-ref", "refs/elt-candidate/", cwd=checkout) == ""
+
+
+def test_dirty_checkout_of_another_repo_is_left_alone(
+    monkeypatch: pytest.MonkeyPatch, appliance_remote: GitRemote, appliance_env: Path, tmp_path: Path
+) -> None:
+    """Even when the configured repo has the same history, uncommitted edits in a checkout of
+    another repo stop the run before anything is fetched or re-pointed."""
+    checkout = appliance_remote.clone(tmp_path / "checkout")
+    mirror = tmp_path / "mirror" / "analytics.git"
+    mirror.parent.mkdir()
+    git("clone", "-q", "--bare", str(appliance_remote.bare), str(mirror), cwd=tmp_path)
+    model = checkout / "dbt" / "models" / "marts" / "daily_revenue.sql"
+    model.write_text(model.read_text() + "\n-- hotfix on the VM\n")
+    monkeypatch.setenv("ELT_GIT_CHECKOUT_DIR", str(checkout))
+    before = _snapshot(checkout)
+
+    with pytest.raises(GitOriginMismatch, match="it has uncommitted changes in dbt/models/marts/daily_revenue.sql; nothing was deployed"):
+        update_code(RepoSource.from_settings(load_settings(), repo=str(mirror)))
+    assert _snapshot(checkout) == before
+    assert git("remote", "get-url", "origin", cwd=checkout) == str(appliance_remote.bare)
+
+
+@pytest.mark.slow
+def test_deployed_commit_artifact_names_the_repo_fetched(prefect_server, appliance_env: Path, tmp_path: Path) -> None:
+    """The update-code flow's deployed-commit artifact, read back from a real Prefect server, names
+    the repo the commit came from: B after switching from A to a same-named B."""
+    from elt.flows import update_code as update_code_flow
+
+    team_a, team_b = _two_remotes_named_analytics(tmp_path)
+    update_code_flow(repo=str(team_a.bare))
+    deployed = update_code_flow(repo=str(team_b.bare))
+
+    (latest, *_) = prefect_server.artifacts("deployed-commit")
+    assert latest["data"] == f"Deployed commit `{deployed.sha}` of `main` from `{team_b.bare}`"
+
+
+def test_unreachable_remote_is_transient_and_keeps_the_checkout(
+    monkeypatch: pytest.MonkeyPatch, appliance_remote: GitRemote, appliance_env: Path, tmp_path: Path
+) -> None:
+    """The configured remote refuses connections (nothing listens on its port): the error is
+    transient (Prefect's retry may succeed), names the URL, and the checkout keeps its commit and
+    files, so --skip-pull still builds it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/team/analytics.git"
+    checkout = appliance_remote.clone(tmp_path / "checkout")
+    git("remote", "set-url", "origin", url, cwd=checkout)
+    monkeypatch.setenv("ELT_GIT_CHECKOUT_DIR", str(checkout))
+    before = _snapshot(checkout)
+
+    with pytest.raises(GitRemoteUnreachable) as error:
+        update_code(RepoSource.from_settings(load_settings(), repo=url))
+
+    assert error.value.transient
+    assert str(error.value).startswith(f"git fetch of {url} failed: ")
+    assert _snapshot(checkout) == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import traceback
 from typing import Annotated, Optional
 
 import typer
@@ -27,12 +28,16 @@ def run(
     target: Annotated[Optional[str], typer.Option("--target", help="dbt target. Default: ELT_DBT_TARGET or the warehouse.")] = None,
     tag: Annotated[Optional[str], typer.Option("--tag", help="Sync only Airbyte connections with this tag (server backend).")] = None,
     connections_file: Annotated[Optional[str], typer.Option("--connections-file", help="Embedded connections file. Default: ELT_AIRBYTE_CONNECTIONS_FILE.")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Print the traceback of an error, not only its message.")] = False,
 ) -> None:
     """Run the all-etl flow here: sync connections, pull the dbt project, dbt build."""
     for variable, value in (("ELT_DBT_TARGET", target), ("ELT_AIRBYTE_CONNECTIONS_FILE", connections_file)):
         if value is not None:
             os.environ[variable] = value
-    _fail_on_bad_settings(check_connections=not skip_extract)
+    _fail_on_bad_settings(
+        debug, connections=connection or None, repo=repo, branch=branch, project_dir=project_dir,
+        skip_extract=skip_extract, skip_pull=skip_pull, skip_transform=skip_transform,
+    )
     # A temporary Prefect server's first start migrates a fresh SQLite database (~20 s here).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -54,18 +59,24 @@ def run(
         return_state=True,
     )
     if not state.is_completed():
+        if debug:
+            _print_state_traceback(state)
         typer.secho(f"all-etl {state.name}: {_state_message(state)}", fg="red", err=True)
         raise typer.Exit(1)
     _print_summary(state.result())
 
 
 @app.command()
-def doctor() -> None:
-    """Check the configuration and that every configured dependency is reachable."""
+def doctor(
+    debug: Annotated[bool, typer.Option("--debug", help="Print the traceback of each failed check.")] = False,
+) -> None:
+    """Check the configuration and that every configured dependency is reachable; every check runs."""
     from elt.doctor import run_checks
 
     problems = 0
     for check in run_checks():
+        if debug and check.traceback:
+            typer.echo(check.traceback.rstrip(), err=True)
         mark = typer.style("ok  ", fg="green") if check.ok else typer.style("FAIL", fg="red")
         first, *more = check.detail.splitlines() or [""]
         typer.echo(f"{mark} {check.name}: {first}")
@@ -78,18 +89,32 @@ def doctor() -> None:
     typer.echo("all checks passed")
 
 
-def _fail_on_bad_settings(check_connections: bool) -> None:
-    """Refuse to start a run whose configuration can't work, before Prefect spins up."""
-    from elt.extract.connections import load_connections
-    from elt.settings import AirbyteBackend, load_settings
+def _fail_on_bad_settings(debug: bool, **run: object) -> None:
+    """Refuse to start a run whose configuration can't work, before Prefect spins up: one line
+    naming the variable or file and the fix (src/elt/preflight.py has every check)."""
+    from elt import preflight
 
     try:
-        settings = load_settings()
-        if check_connections and settings.airbyte_backend is AirbyteBackend.embedded:
-            load_connections(settings.path(settings.airbyte_connections_file))
+        preflight.check_run(**run)
     except EltError as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
+        if debug:
+            traceback.print_exc()
+        typer.secho(f"error: {' | '.join(str(exc).splitlines())}", fg="red", err=True)
         raise typer.Exit(2) from None
+    except Exception as exc:  # a check itself broke: say so in one line; --debug shows where
+        if debug:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        typer.secho(f"error: checking the configuration failed: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+                    fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
+def _print_state_traceback(state) -> None:
+    try:
+        state.result()
+    except Exception:
+        traceback.print_exc()
 
 
 def _state_message(state) -> str:

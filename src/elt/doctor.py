@@ -1,14 +1,19 @@
-"""`elt doctor`: every configured dependency, checked for real, each problem named."""
+"""`elt doctor`: every configured dependency, checked for real, each problem named.
+
+Every check runs, whatever failed before it: an invalid setting is reported and the other
+checks run with its default (a check that depends on it says so instead).
+"""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import traceback
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from elt.errors import EltError
-from elt.settings import AirbyteBackend, Settings, load_settings
+from elt.settings import AirbyteBackend, Settings, load_settings_or_defaults
 
 
 @dataclass(frozen=True)
@@ -16,6 +21,7 @@ class Check:
     name: str
     ok: bool
     detail: str
+    traceback: str | None = None  # of a failed check, for `elt doctor --debug`
 
 
 class Problems(EltError):
@@ -26,45 +32,55 @@ class Problems(EltError):
 
 
 def run_checks() -> Iterator[Check]:
-    try:
-        settings = load_settings()
-    except EltError as exc:
-        yield Check("settings", False, str(exc))
-        return
-    yield Check("settings", True, f"warehouse {settings.warehouse.value}, Airbyte backend {settings.airbyte_backend.value}")
-    for name, check in _checks(settings):
+    settings, invalid = load_settings_or_defaults()
+    if invalid:
+        yield Check("settings", False, f"{len(invalid)} invalid setting(s); the checks below use the default instead\n"
+                    + "\n".join(invalid.values()))
+    else:
+        yield Check("settings", True, f"warehouse {settings.warehouse.value}, Airbyte backend {settings.airbyte_backend.value}")
+    for name, depends_on, check in _checks(settings):
+        blocked = sorted(problem.split(":", 1)[0] for field, problem in invalid.items() if field.startswith(depends_on))
+        if blocked:
+            yield Check(name, False, f"not checked: {', '.join(blocked)} is invalid (see settings)")
+            continue
         try:
             yield Check(name, True, check())
         except Problems as exc:
-            yield Check(name, False, str(exc))
+            yield Check(name, False, str(exc), traceback.format_exc())
         except Exception as exc:  # every failure becomes a reported problem, never a crash
-            yield Check(name, False, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            yield Check(name, False, str(exc).splitlines()[0] if str(exc) else type(exc).__name__, traceback.format_exc())
 
 
-def _checks(settings: Settings) -> list[tuple[str, Callable[[], str]]]:
-    checks: list[tuple[str, Callable[[], str]]] = []
+def _checks(settings: Settings) -> list[tuple[str, tuple[str, ...], Callable[[], str]]]:
+    """(name, the settings fields it depends on (name prefixes), the check)."""
+    from elt import preflight
+
+    paths = ("home", "data_dir")
+    checks: list[tuple[str, tuple[str, ...], Callable[[], str]]] = [
+        ("environment", (), preflight.check_environment),
+    ]
     if settings.airbyte_backend is AirbyteBackend.embedded:
-        checks.append(("airbyte connections", lambda: _embedded_connections(settings)))
+        checks.append(("airbyte connections", ("airbyte_", "connectors_dir", *paths), lambda: _embedded_connections(settings)))
     else:
-        checks.append(("airbyte server", lambda: _airbyte_server(settings)))
+        checks.append(("airbyte server", ("airbyte_",), lambda: _airbyte_server(settings)))
     checks += [
-        ("warehouse", lambda: _warehouse(settings)),
-        ("git repo", lambda: _git(settings)),
-        ("dbt project", lambda: _dbt(settings)),
+        ("warehouse", ("warehouse", "duckdb_path", "snowflake_", *paths), lambda: _warehouse(settings)),
+        ("git repo", ("git_", *paths), lambda: _git(settings)),
+        ("dbt project", ("git_", "dbt_", *paths), lambda: _dbt_project(settings)),
     ]
     if settings.effective_dbt_target == "snowflake":
-        checks.append(("snowflake grants", lambda: _snowflake_grants(settings)))
-    checks.append(("prefect api", _prefect))
+        checks.append(("snowflake grants", ("snowflake_", "warehouse", "git_", "dbt_"), lambda: _snowflake_grants(settings)))
+    checks.append(("prefect api", (), _prefect))
     return checks
 
 
 def _embedded_connections(settings: Settings) -> str:
+    """The file, the connectors, every `${VAR}` and (with the embedded backend's check) every stream."""
+    from elt import preflight
     from elt.extract.connections import load_connections
-    from elt.extract.embedded import EmbeddedBackend
 
     path = settings.path(settings.airbyte_connections_file)
     connections = load_connections(path)
-    backend = EmbeddedBackend(settings, connections)
     missing = []
     for spec in connections:
         venv = settings.path(settings.connectors_dir) / spec.source.connector / "bin" / spec.source.connector
@@ -72,7 +88,7 @@ def _embedded_connections(settings: Settings) -> str:
             missing.append(spec.name)
     if missing:
         raise EltError(f"{path}: connection(s) {', '.join(missing)} name a connector that is not installed and has no 'pip' spec")
-    return f"{len(backend.connection_names())} enabled in {path}"
+    return preflight.check_connections(settings)
 
 
 def _airbyte_server(settings: Settings) -> str:
@@ -100,23 +116,30 @@ def _warehouse(settings: Settings) -> str:
 
 
 def _git(settings: Settings) -> str:
-    import git
+    """The repo setting, the checkout on disk (what update-code would refuse), and the remote answers."""
+    from elt import git_repo, preflight
 
-    from elt.git_repo import RepoSource, scrub_location
+    source = preflight.check_repo(settings)
+    fetched_from = git_repo.origin_mismatch(source)
+    if fetched_from:
+        configured = git_repo.shown_location(source.location)
+        raise EltError(
+            f"{source.checkout} is a checkout of {fetched_from}, not of the configured repo {configured}; "
+            f"`elt run` re-points it if it is clean and {configured} has its HEAD, else stops"
+        )
+    return git_repo.check_reachable(source)
+
+
+def _dbt_project(settings: Settings) -> str:
+    """The project folder and its dbt_project.yml (preflight), then `dbt debug` once it is checked out."""
+    from elt import preflight
+    from elt.git_repo import RepoSource
 
     source = RepoSource.from_settings(settings)
-    target = source.location
-    if (source.checkout / ".git").exists():
-        repo = git.Repo(source.checkout)
-        tracking = None if repo.head.is_detached else repo.active_branch.tracking_branch()
-        if tracking is None:
-            return f"{source.checkout}: no upstream branch; all-etl deploys local HEAD"
-        target = repo.remote(tracking.remote_name).url
-    try:
-        git.cmd.Git().ls_remote("--heads", target, env={"GIT_TERMINAL_PROMPT": "0"})
-    except git.GitCommandError as exc:
-        raise EltError(f"cannot reach {scrub_location(target)} (ELT_GIT_REPO): {str(exc.stderr).strip()[:200]}") from None
-    return f"{scrub_location(target)} reachable"
+    detail = preflight.check_dbt_project(settings, source)
+    if not source.checkout.exists():
+        return detail
+    return _dbt(settings)
 
 
 def _dbt(settings: Settings) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from enum import Enum
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from elt.errors import ConfigurationError
@@ -91,16 +91,19 @@ class Settings(BaseSettings):
 
     git_repo: str | None = Field(
         None,
-        description="The repo holding the dbt project: a URL or local path. Unset: the repo ELT_HOME is in, pulled in place.",
+        description="The repo holding the dbt project: a URL (no credentials in it) or local path. Unset: the repo ELT_HOME is in, pulled in place.",
     )
     git_branch: str | None = Field(
         None, description="Branch to deploy. Unset: the checkout's current branch (or the remote's default on first clone)."
     )
     git_checkout_dir: Path | None = Field(
-        None, description="Where a remote ELT_GIT_REPO is cloned. Unset: data/repos/<repo name>."
+        None, description="Where a remote ELT_GIT_REPO is cloned. Unset: data/repos/<repo name>-<hash of its URL>."
     )
     git_token: SecretStr | None = Field(
         None, description="HTTPS token for a private repo (sent through GIT_ASKPASS, never in a URL)."
+    )
+    git_username: str | None = Field(
+        None, description="User name sent with ELT_GIT_TOKEN. Unset: x-access-token (what GitHub and GitLab accept)."
     )
     git_ssh_key_path: Path | None = Field(
         None, description="Deploy key for an SSH repo URL."
@@ -140,6 +143,16 @@ class Settings(BaseSettings):
     snowflake_port: int | None = Field(None, validation_alias=_snowflake("PORT"))
     snowflake_protocol: str | None = Field(None, validation_alias=_snowflake("PROTOCOL"))
 
+    @field_validator("git_repo")
+    @classmethod
+    def _no_credentials_in_repo_url(cls, value: str | None) -> str | None:
+        from elt.git_repo import credentials_problem
+
+        problem = credentials_problem(value) if value else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
     def path(self, value: Path) -> Path:
         """Resolve a configured path against ELT_HOME."""
         value = value.expanduser()
@@ -164,9 +177,65 @@ def load_settings(**overrides: object) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            field = ".".join(str(part) for part in error["loc"])
-            variable = f"ELT_{field.upper()}" if not field.startswith("SNOWFLAKE_") else field
-            problems.append(f"{variable}: {error['msg']}")
+        problems = [f"{variable}: {message}" for _, variable, message in _problems(exc)]
         raise ConfigurationError("invalid settings: " + "; ".join(problems)) from None
+
+
+def load_settings_or_defaults() -> tuple[Settings, dict[str, str]]:
+    """Settings with every invalid value replaced by its default, and {field name: problem}.
+
+    For `elt doctor`, which reports the invalid variables and still runs every other check.
+    """
+    invalid: dict[str, str] = {}
+    while True:  # each round defaults at least one more field, so it ends
+        defaults = {name: Settings.model_fields[name].get_default(call_default_factory=True) for name in invalid}
+        try:
+            return Settings(**defaults), invalid
+        except ValidationError as exc:
+            new = {field: f"{variable}: {message}" for field, variable, message in _problems(exc) if field not in invalid}
+            if not new:
+                raise  # a default itself is invalid: a bug in this module, not a setting
+            invalid.update(new)
+
+
+def _problems(exc: ValidationError) -> list[tuple[str, str, str]]:
+    """(field name, variable, message) per error; the message never carries the rejected value."""
+    by_alias = {
+        alias: name
+        for name, info in Settings.model_fields.items()
+        if isinstance(info.validation_alias, AliasChoices)
+        for alias in info.validation_alias.choices
+    }
+    problems = []
+    for error in exc.errors():
+        location = str(error["loc"][0]) if error["loc"] else ""
+        field = by_alias.get(location, location)
+        variable = location if location in by_alias else f"ELT_{location.upper()}"
+        problems.append((field, variable, error["msg"].removeprefix("Value error, ")))
+    return problems
+
+
+# ELT_ variables that are not settings of the appliance: the compose stack, setup.sh and the
+# dbt-docs service read them (docker/docker-compose.yml, docker/Dockerfile, docker/dbt_docs.py),
+# or the appliance sets them for its own children (git's askpass helper, dbt's query tag).
+NON_SETTING_VARIABLES = frozenset({
+    "ELT_UID", "ELT_GID",                                   # user the containers run as
+    "ELT_IMAGE", "ELT_BASE_IMAGE", "ELT_CI_BASE_IMAGE", "ELT_POSTGRES_IMAGE",
+    "ELT_COMPOSE_OVERRIDE",                                 # docker/compose.sh
+    "ELT_AIRBYTE_URL_FROM_STACK",                           # becomes the worker's ELT_AIRBYTE_URL
+    "ELT_HEARTBEAT_SECONDS", "ELT_ZOMBIE_SECONDS",          # Prefect heartbeat and zombie automation
+    "ELT_DOCS_DIR", "ELT_DOCS_PORT", "ELT_DOCS_POLL_SECONDS",  # docker/dbt_docs.py
+    "ELT_GIT_ASKPASS_TOKEN", "ELT_GIT_ASKPASS_USERNAME",    # git_repo's askpass helper
+    "ELT_SNOWFLAKE_QUERY_TAG", "ELT_SNOWFLAKE_PRIVATE_KEY_DER_BASE64",  # set for dbt (snowflake.py)
+})
+
+
+def setting_variables() -> set[str]:
+    """Every variable name that sets a field of Settings (ELT_ names and their SNOWFLAKE_ aliases)."""
+    names = set()
+    for name, info in Settings.model_fields.items():
+        if isinstance(info.validation_alias, AliasChoices):
+            names.update(str(choice) for choice in info.validation_alias.choices)
+        else:
+            names.add(f"ELT_{name.upper()}")
+    return names

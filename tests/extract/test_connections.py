@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from elt.extract.connections import ConnectionsFileError, load_connections, resolve_config
+from elt.extract.connections import ConnectionsFileError, load_connections, resolve_config, unset_references
 from tests.conftest import REPO_ROOT
 
 
@@ -34,7 +34,11 @@ connections:
         (GOOD.replace("    streams: [users]\n", ""), "connection 'shop': streams: Field required"),
         (GOOD.replace("streams: [users]", "streams: []"), "connection 'shop': streams: Value error, list at least one stream"),
         (GOOD.replace("schema: raw_shop", "schema: raw-shop"), "connection 'shop': destination.schema: Value error, 'raw-shop' is not a plain SQL identifier"),
-        (GOOD.replace("pip: airbyte-source-faker", "pipp: airbyte-source-faker"), "connection 'shop': source.pipp: Extra inputs are not permitted"),
+        (GOOD.replace("pip: airbyte-source-faker", "pipp: airbyte-source-faker"), "connection 'shop': source.pipp: unknown key; did you mean 'pip'?"),
+        (GOOD.replace("streams: [users]", "stream: [users]"), "connection 'shop': stream: unknown key; did you mean 'streams'? (and 1 more problems)"),
+        (GOOD.replace("schema: raw_shop", "shema: raw_shop"), "connection 'shop': destination.shema: unknown key; did you mean 'schema'? (and 1 more problems)"),
+        (GOOD.replace("source: {", "source: {colour: red, "), "connection 'shop': source.colour: unknown key (known keys: connector, pip, executable, config)"),
+        (GOOD.replace("connections:", "connection:"), "connection: unknown key; did you mean 'connections'? (and 1 more problems)"),
         (GOOD + GOOD.replace("connections:\n", ""), "connection 'shop': name: defined twice"),
     ],
 )
@@ -62,3 +66,12 @@ def test_config_references_are_filled_from_the_environment(tmp_path: Path) -> No
     assert resolve_config(shop, {"SHOP_KEY": "k-123"}) == {"count": 5, "api_key": "k-123"}
     with pytest.raises(ConnectionsFileError, match=r"connection 'shop': source.config refers to \$\{SHOP_KEY\}"):
         resolve_config(shop, {})
+
+
+def test_unset_references_are_found_before_any_sync(tmp_path: Path) -> None:
+    """Every `${VAR}` anywhere in a source config, nested or in a list, with the key that holds it."""
+    path = tmp_path / "connections.yaml"
+    path.write_text(GOOD.replace("count: 5", "count: 5, auth: {token: 'Bearer ${SHOP_TOKEN}'}, hosts: ['${SHOP_HOST}', plain]"))
+    (shop,) = load_connections(path)
+    assert unset_references(shop, {}) == [("source.config.auth.token", "SHOP_TOKEN"), ("source.config.hosts[0]", "SHOP_HOST")]
+    assert unset_references(shop, {"SHOP_TOKEN": "t", "SHOP_HOST": "h"}) == []

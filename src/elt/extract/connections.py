@@ -15,6 +15,7 @@ connections:
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -89,7 +90,7 @@ def load_connections(path: Path) -> list[ConnectionSpec]:
     try:
         document = _ConnectionsFile.model_validate(raw if raw is not None else {})
     except ValidationError as exc:
-        raise ConnectionsFileError(f"{path}: {_describe(exc)}") from None
+        raise ConnectionsFileError(f"{path}: {_describe(exc, _ConnectionsFile)}") from None
 
     connections: list[ConnectionSpec] = []
     seen: set[str] = set()
@@ -98,7 +99,7 @@ def load_connections(path: Path) -> list[ConnectionSpec]:
         try:
             connection = ConnectionSpec.model_validate(entry)
         except ValidationError as exc:
-            raise ConnectionsFileError(f"{path}: {label}: {_describe(exc)}") from None
+            raise ConnectionsFileError(f"{path}: {label}: {_describe(exc, ConnectionSpec)}") from None
         if connection.name in seen:
             raise ConnectionsFileError(f"{path}: {label}: name: defined twice")
         seen.add(connection.name)
@@ -135,11 +136,53 @@ def resolve_config(connection: ConnectionSpec, environ: dict[str, str]) -> dict[
     return resolve(connection.source.config)
 
 
-def _describe(exc: ValidationError) -> str:
-    first = exc.errors()[0]
+def unset_references(connection: ConnectionSpec, environ: dict[str, str]) -> list[tuple[str, str]]:
+    """(config key path, variable) for each `${VAR}` in the source config that `environ` lacks.
+
+    >>> spec = ConnectionSpec.model_validate({"name": "shop", "streams": ["users"], "destination": {"schema": "raw"},
+    ...     "source": {"connector": "source-shop", "config": {"auth": {"key": "${SHOP_KEY}"}}}})
+    >>> unset_references(spec, {})
+    [('source.config.auth.key', 'SHOP_KEY')]
+    """
+    missing: list[tuple[str, str]] = []
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{where}.{key}")
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                walk(item, f"{where}[{index}]")
+        elif isinstance(value, str):
+            missing.extend((where, name) for name in _ENV_REFERENCE.findall(value) if name not in environ)
+
+    walk(connection.source.config, "source.config")
+    return missing
+
+
+def _describe(exc: ValidationError, model: type[BaseModel]) -> str:
+    # A misspelled key shows up twice: as an unknown key and as a required one missing; the
+    # unknown key is the one to name.
+    errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
+    first = errors[0]
     field = ".".join(str(part) for part in first["loc"]) or "(top level)"
     message = first["msg"]
     if first["type"] == "string_pattern_mismatch":
         message = f"'{first['input']}' does not match {first['ctx']['pattern']}"
+    if first["type"] == "extra_forbidden":
+        known = _known_keys(model, first["loc"][:-1])
+        close = difflib.get_close_matches(str(first["loc"][-1]), known, n=1)
+        message = f"unknown key; did you mean '{close[0]}'?" if close else f"unknown key (known keys: {', '.join(known)})"
     more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
     return f"{field}: {message}{more}"
+
+
+def _known_keys(model: type[BaseModel], location: tuple[str | int, ...]) -> list[str]:
+    """The keys the file may have at `location` (a path of keys into `model`)."""
+    for part in location:
+        fields = {info.alias or name: info for name, info in model.model_fields.items()}
+        annotation = fields[str(part)].annotation if str(part) in fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return [info.alias or name for name, info in model.model_fields.items()]

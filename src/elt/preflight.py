@@ -1,0 +1,163 @@
+"""Check before working: what `elt run` can check without moving data, before the first sync.
+
+`check_run` stops at the first problem with one ConfigurationError (one line naming the
+variable or file and the fix); `elt run` calls it before Prefect starts. `elt doctor` calls
+each check on its own so that it can report all of them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+from pathlib import Path
+from typing import Mapping
+
+import yaml
+
+from elt.errors import ConfigurationError
+from elt.git_repo import RepoSource, check_checkout, is_url, refuse_credentials
+from elt.settings import NON_SETTING_VARIABLES, AirbyteBackend, Settings, load_settings, setting_variables
+
+
+def check_run(
+    *,
+    connections: list[str] | None = None,
+    repo: str | None = None,
+    branch: str | None = None,
+    project_dir: str | None = None,
+    skip_extract: bool = False,
+    skip_pull: bool = False,
+    skip_transform: bool = False,
+) -> Settings:
+    """Every check of one `elt run`, in the order the run would meet the problems; returns the settings."""
+    check_environment()
+    settings = load_settings()
+    source = check_repo(settings, repo, branch, will_pull=not skip_pull)
+    if not skip_extract:
+        check_connections(settings, connections)
+    if not skip_transform:
+        check_dbt_project(settings, source, project_dir)
+    return settings
+
+
+def check_environment(environ: Mapping[str, str] | None = None, dotenv: Path = Path(".env")) -> str:
+    """Refuse ELT_ variables that set nothing: a misspelled setting silently leaves its default in
+    place (ELT_WAREHOUSE misspelled loads DuckDB instead of Snowflake), so it stops the run."""
+    problems = unknown_variables(os.environ if environ is None else environ, dotenv)
+    if problems:
+        raise ConfigurationError("; ".join(problems))
+    return "no unknown ELT_ variables"
+
+
+def unknown_variables(environ: Mapping[str, str], dotenv: Path = Path(".env")) -> list[str]:
+    """One message per ELT_ variable in `environ` or the `.env` file that is no setting.
+
+    >>> unknown_variables({"ELT_AIRBYTE_BACKED": "server"}, Path("/nonexistent/.env"))
+    ['ELT_AIRBYTE_BACKED: unknown setting; did you mean ELT_AIRBYTE_BACKEND?']
+    """
+    from dotenv import dotenv_values
+
+    known = setting_variables() | NON_SETTING_VARIABLES
+    suffixes = {known_name.removeprefix("ELT_"): known_name for known_name in known if known_name.startswith("ELT_")}
+    in_file = dotenv_values(dotenv) if dotenv.is_file() else {}
+    problems = []
+    for name in sorted({*environ, *in_file}):
+        # pydantic-settings matches names case-insensitively, so elt_warehouse is ELT_WAREHOUSE.
+        if not name.upper().startswith("ELT_") or name.upper() in known:
+            continue
+        close = difflib.get_close_matches(name.upper().removeprefix("ELT_"), sorted(suffixes), n=1)
+        hint = f"; did you mean {suffixes[close[0]]}?" if close else " (every setting is listed in .env.example)"
+        where = "" if name in environ else f" (in {dotenv.resolve()})"
+        problems.append(f"{name}: unknown setting{hint}{where}")
+    return problems
+
+
+def check_repo(settings: Settings, repo: str | None = None, branch: str | None = None, *, will_pull: bool = True) -> RepoSource:
+    """The repo setting (or --repo) names a repo and holds no credentials; a checkout already on
+    disk is one that update-code can fast-forward (or, with --skip-pull, build as it is)."""
+    name = "--repo" if repo else "ELT_GIT_REPO"
+    if repo:
+        refuse_credentials(repo, name)
+    source = RepoSource.from_settings(settings, repo, branch)
+    if source.managed and not is_url(source.location):
+        path = Path(source.location)
+        if not path.exists():
+            raise ConfigurationError(f"{name}: {path} does not exist; give the path of a git repo or its URL")
+        if not ((path / "HEAD").is_file() and (path / "objects").is_dir()):
+            raise ConfigurationError(f"{name}: {path} is not a git repository; give the path of a git repo or its URL")
+    if source.ssh_key_path and not source.ssh_key_path.is_file():
+        raise ConfigurationError(f"ELT_GIT_SSH_KEY_PATH: {source.ssh_key_path} does not exist; point it at the deploy key")
+    check_checkout(source, will_pull=will_pull)
+    return source
+
+
+def check_connections(settings: Settings, names: list[str] | None = None) -> str:
+    """The embedded connections file parses, names the connections asked for, every `${VAR}` in
+    their config is set, and (when the embedded backend offers the check) every stream is offered
+    by its source. The server backend's connections live in Airbyte: `elt doctor` asks it."""
+    if settings.airbyte_backend is not AirbyteBackend.embedded:
+        return "connections are defined in the Airbyte server"
+    from elt.extract.connections import load_connections, unset_references
+    from elt.extract.embedded import EmbeddedBackend
+
+    path = settings.path(settings.airbyte_connections_file)
+    backend = EmbeddedBackend(settings, load_connections(path))
+    selected = [backend.connection(name).name for name in names] if names else backend.connection_names()
+    environment = _environment()
+    for name in selected:
+        unset = unset_references(backend.connection(name), environment)
+        if unset:
+            key, variable = unset[0]
+            raise ConfigurationError(
+                f"{path}: connection '{name}': {key} refers to ${{{variable}}}, which is not set; "
+                f"set {variable} in the environment or .env"
+            )
+    # EmbeddedBackend.check_streams (cached discover) comes from another change; run it where present.
+    check_streams = getattr(backend, "check_streams", None)
+    if check_streams is not None and inspect.signature(check_streams).parameters:
+        check_streams(selected)
+    elif check_streams is not None:
+        check_streams()
+    return f"{len(selected)} connection(s) in {path}: {', '.join(selected) or 'none enabled'}"
+
+
+def check_dbt_project(settings: Settings, source: RepoSource, project_dir: str | None = None) -> str:
+    """The dbt project folder exists in the checkout and holds a readable dbt_project.yml.
+    A repo not cloned yet can't be checked: its first run clones it."""
+    name = "--project-dir" if project_dir else "ELT_DBT_PROJECT_DIR"
+    folder = source.checkout / (project_dir or settings.dbt_project_dir)
+    if not source.checkout.exists():
+        return f"{source.checkout} not checked out yet; all-etl clones it on its first run"
+    project_file = folder / "dbt_project.yml"
+    if not project_file.is_file():
+        found = _dbt_projects_in(source.checkout)
+        hint = f" (dbt projects in the repo: {', '.join(found)})" if found else ""
+        problem = "does not exist" if not folder.exists() else "has no dbt_project.yml"
+        raise ConfigurationError(
+            f"{name}: {folder} {problem}; set {name} to the dbt project's folder in the repo{hint}"
+        )
+    try:
+        document = yaml.safe_load(project_file.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigurationError(f"{project_file}:{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    if not isinstance(document, dict) or not document.get("profile"):
+        raise ConfigurationError(f"{project_file}: no 'profile' key; add `profile: <name>` (the appliance renders that profile)")
+    return f"{folder} has dbt_project.yml (profile {document['profile']})"
+
+
+def _dbt_projects_in(checkout: Path) -> list[str]:
+    """Folders up to two levels down that hold a dbt_project.yml, relative to the checkout."""
+    found = [*checkout.glob("dbt_project.yml"), *checkout.glob("*/dbt_project.yml"), *checkout.glob("*/*/dbt_project.yml")]
+    folders = [str(path.parent.relative_to(checkout)) for path in found if "dbt_packages" not in path.parts]
+    return sorted(folders)[:5]
+
+
+def _environment() -> dict[str, str]:
+    """Process environment plus `.env`, where `${VAR}` references are looked up at sync time."""
+    from dotenv import dotenv_values
+
+    values = {key: value for key, value in dotenv_values(".env").items() if value is not None}
+    return {**values, **os.environ}
