@@ -20,6 +20,7 @@ import pytest
 from elt import snowflake
 from elt.extract.embedded import (
     ConnectorInstallFailed,
+    ConnectorInstallUnreachable,
     EmbeddedBackend,
     EmbeddedSyncCancelled,
     EmbeddedSyncFailed,
@@ -239,15 +240,16 @@ def test_cancel_stops_the_connector_and_keeps_the_previous_table(tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_sigterm_to_elt_run_stops_the_sync(tmp_path: Path, prefect_server, appliance_env: Path) -> None:
+def test_sigterm_to_elt_run_stops_the_sync(tmp_path: Path, prefect_server, appliance_env: Path, appliance_remote) -> None:
     """`elt run` gets SIGTERM (docker stop, systemd, a Prefect cancellation) during a sync: the
     connector ends within 10 s and the table keeps the previous sync's rows."""
     home = appliance_env
     _write_connections(home / "connections.yaml", count=200)
     env = {**prefect_server.env(), "ELT_HOME": str(home), "ELT_AIRBYTE_CONNECTIONS_FILE": str(home / "connections.yaml"),
-           "ELT_CONNECTORS_DIR": str(CONNECTORS_DIR)}
+           "ELT_CONNECTORS_DIR": str(CONNECTORS_DIR), "ELT_GIT_REPO": str(appliance_remote.bare)}
     command = [str(BIN / "elt"), "run", "--skip-pull", "--skip-transform"]
-    subprocess.run(command, env=env, cwd=home, capture_output=True, check=True, timeout=600)
+    first = subprocess.run(command, env=env, cwd=home, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
     assert _users(home) == (200, 200)
 
     _write_connections(home / "connections.yaml", count=1_000_000)
@@ -268,7 +270,9 @@ def test_sigterm_to_elt_run_stops_the_sync(tmp_path: Path, prefect_server, appli
         if run.poll() is None:
             run.kill()
     assert run.returncode != 0, output
+    assert "connection 'faker' (source-faker): sync cancelled" in output
     assert _users(home) == (200, 200)
+    assert list(scratch.iterdir()) == []
 
 
 @pytest.mark.slow
@@ -334,3 +338,18 @@ def test_uninstallable_pip_spec_keeps_the_working_connector(tmp_path: Path, capl
     assert link.resolve() != working and not working.exists()
     assert (link / ".installed-from").read_text() == "airbyte-source-faker==7.2.0"
     assert _catalog_entry(tmp_path)["key"] != before["key"]
+
+
+def test_unreachable_package_index_is_a_transient_install_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real install against an index that refuses connections: retrying later can help, so
+    the error says transient (a spec that does not exist stays terminal, above)."""
+    for variable in ("UV_DEFAULT_INDEX", "UV_INDEX_URL", "PIP_INDEX_URL"):
+        monkeypatch.setenv(variable, "http://127.0.0.1:9/simple")
+    backend = _backend(tmp_path, tmp_path / "connectors", count=200)
+    with pytest.raises(ConnectorInstallUnreachable) as error:
+        backend.sync("faker", full_refresh=False)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'connections.yaml'}: connection 'faker': source.pip: installing '{FAKER}' failed: ")
+    assert "Connection refused" in message and "\n" not in message
+    assert error.value.transient
+    assert not (tmp_path / "connectors" / "source-faker").exists()

@@ -132,13 +132,22 @@ class EmbeddedBackend:
             spec = self.connection(name)
             if spec.streams == "*":
                 continue
-            with self._sync_folder(spec) as folder:
-                source, _ = self._source(spec, folder, rediscover=False)
-                problem = self._unknown_streams(spec, source.get_available_streams())
+            problem = self._unknown_streams(spec, self._offered_streams(spec))
             if problem:
                 problems.append(problem)
         if problems:
             raise UnknownStream("; ".join(problems))
+
+    def _offered_streams(self, spec: ConnectionSpec) -> list[str]:
+        """From the cached catalog when it is current (no PyAirbyte import, no connector start-up)."""
+        executable = ensure_connector(spec, self.settings.path(self.settings.connectors_dir), self.connections_file)
+        key = self._catalogs.key(spec, installed_version(executable), resolve_config(spec, _environment()))
+        cached = self._catalogs.stream_names(spec.name, key)
+        if cached is not None and set(spec.streams) <= set(cached):
+            return cached
+        with self._sync_folder(spec) as folder:
+            source, _ = self._source(spec, folder, rediscover=cached is not None)
+            return source.get_available_streams()
 
     def sync(self, connection: str, *, full_refresh: bool) -> SyncResult:
         """One connection's sync. A full refresh replaces each stream's table with exactly what
@@ -445,10 +454,18 @@ class CatalogCache:
     def load_catalog(self, connection: str, key: str):
         from airbyte_protocol.models import AirbyteCatalog
 
+        entry = self._current(connection, key)
+        return None if entry is None else AirbyteCatalog.model_validate(entry["catalog"])
+
+    def stream_names(self, connection: str, key: str) -> list[str] | None:
+        entry = self._current(connection, key)
+        return None if entry is None else [stream["name"] for stream in entry["catalog"]["streams"]]
+
+    def _current(self, connection: str, key: str) -> dict | None:
         entry = self._read(self.folder / f"{connection}.catalog.json")
         if not entry or entry.get("key") != key or time.time() - entry.get("saved_at", 0) > self.max_age_seconds:
             return None
-        return AirbyteCatalog.model_validate(entry["catalog"])
+        return entry
 
     def store_catalog(self, connection: str, key: str, catalog: Any) -> None:
         self._write(self.folder / f"{connection}.catalog.json", {"key": key, "saved_at": time.time(), "catalog": catalog.model_dump(mode="json", exclude_none=True)})
