@@ -1,36 +1,26 @@
 """Pre-install the embedded connectors of a connections file at image build time.
 
-Does what src/elt/extract/embedded.py does on first use: one venv per connector under the
-connectors dir, made with uv, and `.installed-from` holding the exact pip spec, so the
-worker finds them installed and the first run needs no PyPI access.
+Runs the appliance's own installer (src/elt/extract/embedded.py, `ensure_connector`): one venv
+per connector under the connectors dir, `<connector>` a symlink to it, `.installed-from`
+holding the exact pip spec, so the worker finds them installed and the first run needs no
+PyPI access.
 
     python install_connectors.py airbyte/connections.yaml /opt/connectors
 """
 
-import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
-UV = str(Path(sys.executable).parent / "uv")
+from elt.extract.connections import load_connections
+from elt.extract.embedded import ensure_connector
 
 
 def main(connections_file: str, connectors_dir: str) -> None:
-    root = Path(connectors_dir)
-    for connection in yaml.safe_load(Path(connections_file).read_text())["connections"]:
-        source = connection["source"]
-        pip = source.get("pip")
-        if not pip or connection.get("enabled") is False:
-            continue
-        venv = root / source["connector"]
-        marker = venv / ".installed-from"
-        if marker.exists() and marker.read_text() == pip:
-            continue
-        subprocess.run([UV, "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
-        subprocess.run([UV, "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"), pip], check=True)
-        marker.write_text(pip)
-        print(f"installed {source['connector']} from {pip} into {venv}")
+    path = Path(connections_file)
+    for spec in load_connections(path):
+        if spec.enabled and spec.source.pip:
+            executable = ensure_connector(spec, Path(connectors_dir), path)
+            print(f"{spec.source.connector} from {spec.source.pip}: {executable}")
 
 
 if __name__ == "__main__":

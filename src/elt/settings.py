@@ -66,6 +66,12 @@ class Settings(BaseSettings):
         Path(".venv-connectors"),
         description="One virtualenv per embedded connector, installed on first use from its 'pip' spec.",
     )
+    airbyte_catalog_max_age_hours: float = Field(
+        24.0,
+        ge=0,
+        description="How long an embedded connection's discovered catalog (its streams and columns) is reused before "
+        "discover runs again; 0 discovers on every sync. A changed config or connector version always rediscovers.",
+    )
     extract_concurrency: int = Field(10, ge=1, description="How many connections sync at once.")
 
     airbyte_url: str = Field(
