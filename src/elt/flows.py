@@ -18,7 +18,7 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from elt import dbt, git_repo, snowflake, warehouse
+from elt import dbt, git_repo, preflight, snowflake, warehouse
 from elt.errors import EltError
 from elt.extract.base import (
     ExtractBackend,
@@ -267,7 +267,11 @@ def all_etl(
     A failed sync does not stop the run: dbt builds everything not downstream of it, then the
     run fails naming the failed connections.
     """
-    settings = load_settings()
+    # The CLI checked already; a deployment run (UI, schedule) is checked here, before any sync.
+    settings = preflight.check_run(
+        connections=connections, repo=repo, branch=branch, project_dir=project_dir,
+        skip_extract=skip_extract, skip_pull=skip_pull, skip_transform=skip_transform,
+    )
     summary = EtlSummary()
     extract_failure: ExtractFailed | None = None
     try:

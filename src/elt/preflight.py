@@ -8,7 +8,6 @@ each check on its own so that it can report all of them.
 from __future__ import annotations
 
 import difflib
-import inspect
 import os
 from pathlib import Path
 from typing import Mapping
@@ -35,9 +34,12 @@ def check_run(
     settings = load_settings()
     source = check_repo(settings, repo, branch, will_pull=not skip_pull)
     if not skip_extract:
-        check_connections(settings, connections)
+        check_connections(settings, connections, streams=False)
     if not skip_transform:
         check_dbt_project(settings, source, project_dir)
+    if not skip_extract:
+        # Last: without a cached catalog this starts the connector (discover), so cheaper checks go first.
+        check_connections(settings, connections, streams=True)
     return settings
 
 
@@ -92,9 +94,9 @@ def check_repo(settings: Settings, repo: str | None = None, branch: str | None =
     return source
 
 
-def check_connections(settings: Settings, names: list[str] | None = None) -> str:
+def check_connections(settings: Settings, names: list[str] | None = None, *, streams: bool = True) -> str:
     """The embedded connections file parses, names the connections asked for, every `${VAR}` in
-    their config is set, and (when the embedded backend offers the check) every stream is offered
+    their config is set, and every stream is offered
     by its source. The server backend's connections live in Airbyte: `elt doctor` asks it."""
     if settings.airbyte_backend is not AirbyteBackend.embedded:
         return "connections are defined in the Airbyte server"
@@ -113,12 +115,8 @@ def check_connections(settings: Settings, names: list[str] | None = None) -> str
                 f"{path}: connection '{name}': {key} refers to ${{{variable}}}, which is not set; "
                 f"set {variable} in the environment or .env"
             )
-    # EmbeddedBackend.check_streams (cached discover) comes from another change; run it where present.
-    check_streams = getattr(backend, "check_streams", None)
-    if check_streams is not None and inspect.signature(check_streams).parameters:
-        check_streams(selected)
-    elif check_streams is not None:
-        check_streams()
+    if streams:
+        backend.check_streams(selected)
     return f"{len(selected)} connection(s) in {path}: {', '.join(selected) or 'none enabled'}"
 
 
