@@ -80,6 +80,7 @@ def doctor() -> None:
 
 def _fail_on_bad_settings(check_connections: bool) -> None:
     """Refuse to start a run whose configuration can't work, before Prefect spins up."""
+    from elt import snowflake
     from elt.extract.connections import load_connections
     from elt.settings import AirbyteBackend, load_settings
 
@@ -87,6 +88,7 @@ def _fail_on_bad_settings(check_connections: bool) -> None:
         settings = load_settings()
         if check_connections and settings.airbyte_backend is AirbyteBackend.embedded:
             load_connections(settings.path(settings.airbyte_connections_file))
+        snowflake.check_credentials(settings)
     except EltError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
@@ -115,5 +117,7 @@ def _print_summary(summary) -> None:
         typer.echo(f"  dbt      {summary.dbt_run.command}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     for table, rows in summary.mart_rows.items():
         typer.echo(f"  mart     {table:<40} {rows:>10,} rows")
+    if summary.dbt_run and summary.dbt_run.cost:
+        typer.echo(f"  cost     {summary.dbt_run.cost}")
     if summary.stage_seconds:
         typer.echo("  time     " + ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in summary.stage_seconds.items()))
