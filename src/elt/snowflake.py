@@ -126,8 +126,10 @@ def _required(settings: Settings) -> None:
         raise ConfigurationError(f"ELT_WAREHOUSE=snowflake needs {', '.join(missing)}")
 
 
-def connect_kwargs(settings: Settings, query_tag: str | None = None) -> dict[str, Any]:
-    """Arguments for snowflake.connector.connect."""
+def connect_kwargs(settings: Settings, query_tag: str | None = None, probe: bool = False) -> dict[str, Any]:
+    """Arguments for snowflake.connector.connect. `probe`: a connection for quick checks only,
+    whose every socket read is bounded too (a host that accepts but never answers fails in
+    seconds); a run's connections keep the connector's read timeout, as long queries need."""
     _required(settings)
     kwargs: dict[str, Any] = {
         "account": settings.snowflake_account,
@@ -152,16 +154,18 @@ def connect_kwargs(settings: Settings, query_tag: str | None = None) -> dict[str
             kwargs[name] = getattr(settings, f"snowflake_{name}")
     if query_tag:
         kwargs["session_parameters"] = {"QUERY_TAG": query_tag}
+    if probe:
+        kwargs["socket_timeout"] = settings.snowflake_connect_timeout_seconds
     return {key: value for key, value in kwargs.items() if value is not None}
 
 
-def connect(settings: Settings, query_tag: str | None = None):
+def connect(settings: Settings, query_tag: str | None = None, probe: bool = False):
     """A connection, after one login bounded by SNOWFLAKE_CONNECT_TIMEOUT_SECONDS; failing that,
     SnowflakeUnreachable naming the account, host and port."""
     import snowflake.connector
     from snowflake.connector.errors import DatabaseError, InterfaceError
 
-    kwargs = connect_kwargs(settings, query_tag)
+    kwargs = connect_kwargs(settings, query_tag, probe)
     try:
         return snowflake.connector.connect(**kwargs)
     except (DatabaseError, InterfaceError) as exc:

@@ -116,7 +116,7 @@ def _open(settings: Settings) -> None:
     from elt import snowflake
 
     try:
-        with closing(snowflake.connect(settings)) as connection:
+        with closing(snowflake.connect(settings, probe=True)) as connection:
             connection.cursor().execute("select 1")
     except snowflake.SnowflakeUnreachable as exc:
         raise WarehouseUnreachable(str(exc)) from None
