@@ -38,6 +38,10 @@ class SnowflakeUnreachable(TransientError):
     pass
 
 
+class SnowflakeLoginRejected(ConfigurationError):
+    pass
+
+
 class QueryHistoryUnavailable(EltError):
     pass
 
@@ -161,15 +165,20 @@ def connect_kwargs(settings: Settings, query_tag: str | None = None, probe: bool
 
 def connect(settings: Settings, query_tag: str | None = None, probe: bool = False):
     """A connection, after one login bounded by SNOWFLAKE_CONNECT_TIMEOUT_SECONDS; failing that,
-    SnowflakeUnreachable naming the account, host and port."""
+    SnowflakeUnreachable naming the account, host and port (or SnowflakeLoginRejected)."""
     import snowflake.connector
-    from snowflake.connector.errors import DatabaseError, InterfaceError
+    from snowflake.connector.errors import DatabaseError, InterfaceError, OperationalError
 
     kwargs = connect_kwargs(settings, query_tag, probe)
     try:
         return snowflake.connector.connect(**kwargs)
     except (DatabaseError, InterfaceError) as exc:
         first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        if not isinstance(exc, (OperationalError, InterfaceError)):  # reached, but the login was refused
+            raise SnowflakeLoginRejected(
+                f"{endpoint(settings)} refused the login of {settings.snowflake_user}: {first_line} "
+                "(check SNOWFLAKE_USER, SNOWFLAKE_ROLE and the key or password)"
+            ) from None
         raise SnowflakeUnreachable(
             f"cannot connect to {endpoint(settings)} as {settings.snowflake_user}: {first_line} "
             "(check SNOWFLAKE_ACCOUNT, SNOWFLAKE_HOST/SNOWFLAKE_PORT and the network; "
