@@ -101,7 +101,7 @@ def test_dbt_debug_failure_shows_dbts_own_error(
     closed port: the dbt check shows dbt's error line, not its "Connection test: [ERROR]" header."""
     checkout = appliance_remote.clone(tmp_path / "checkout")
     profile = checkout / "dbt" / "profiles.yml"
-    profile.write_text(profile.read_text().replace("{{ env_var('SNOWFLAKE_PORT', '0') | as_number }}", str(_closed_port())))
+    profile.write_text(profile.read_text().replace("env_var('SNOWFLAKE_PORT', '0')", f"'{_closed_port()}'"))
     env = snowflake_env.env() | {"ELT_HOME": str(checkout), "ELT_DBT_USE_PROJECT_PROFILES": "true"}
     completed = _doctor(env, checkout)
     line = next(line for line in completed.stdout.splitlines() if line.startswith("FAIL dbt project:"))
