@@ -1,15 +1,17 @@
 """dbt as a subprocess, against real DuckDB: results per node, failures named, profiles rendered."""
 
+import logging
 import shutil
+import socket
 from pathlib import Path
 
 import duckdb
 import pytest
 import yaml
 
-from elt import dbt
+from elt import dbt, warehouse
 from elt.settings import load_settings
-from tests.conftest import TINY_PROJECT
+from tests.conftest import REPO_ROOT, TINY_PROJECT
 
 
 @pytest.fixture
@@ -62,6 +64,8 @@ def test_build_reports_every_node(project: dbt.DbtProject, profiles_dir: Path, t
     assert statuses["model.tiny_shop.customer_totals"] == "success"
     tests = [status for unique_id, status in statuses.items() if unique_id.startswith("test.tiny_shop.")]
     assert tests == ["pass", "pass"]
+    model = next(node for node in run.results if node.unique_id == "model.tiny_shop.customer_totals")
+    assert (model.relation_name, model.materialized) == ('"warehouse"."main_marts"."customer_totals"', "table")
     with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as connection:
         assert connection.execute("select sum(order_count) from main_marts.customer_totals").fetchone()[0] == 3
 
@@ -123,3 +127,70 @@ def test_projects_own_profiles_when_told(project: dbt.DbtProject, tmp_path: Path
     with pytest.raises(Exception, match="ELT_DBT_USE_PROJECT_PROFILES is set but the project has no profiles.yml"):
         with dbt.profiles_dir(settings, project):
             pass
+
+
+def test_row_counts_are_of_this_runs_models_only(project: dbt.DbtProject, profiles_dir: Path, tmp_path: Path) -> None:
+    """Another project (tiny_shop) has built main_marts.customer_totals in the same warehouse;
+    a second project's run counts only the table it built, in its real relation."""
+    dbt.check(_build(project, profiles_dir))
+    other = tmp_path / "other_shop"
+    shutil.copytree(TINY_PROJECT, other)
+    (other / "dbt_project.yml").write_text((other / "dbt_project.yml").read_text().replace("tiny_shop", "other_shop").replace("profile: other_shop_warehouse", "profile: tiny_shop_warehouse"))
+    (other / "models" / "schema.yml").unlink()
+    (other / "models" / "customer_totals.sql").rename(other / "models" / "order_amounts.sql")
+    (other / "models" / "big_orders.sql").write_text("{{ config(materialized='view') }}\nselect * from {{ ref('orders') }} where amount > 5\n")
+    run = dbt.check(_build(dbt.DbtProject.at(other), profiles_dir))
+    assert warehouse.mart_row_counts(load_settings(), run) == {"warehouse.main_marts.order_amounts": 2}
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_warehouse_fails_with_dbts_own_error_logged_at_error(
+    project: dbt.DbtProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Snowflake on a closed port, and a deprecated property in the project so that dbt's
+    deprecation summary is the last thing it prints: the failure names dbt's connection error,
+    which is also logged at ERROR; the deprecation notice is a WARNING."""
+    (project.path / "models" / "sources.yml").write_text(
+        "version: 2\nsources:\n  - name: shop\n    meta: {owner: tests}\n    tables: [{name: raw_orders}]\n"
+    )
+    for name, value in {"ELT_WAREHOUSE": "snowflake", "SNOWFLAKE_ACCOUNT": "acme-test", "SNOWFLAKE_USER": "U", "SNOWFLAKE_PASSWORD": "p",
+                        "SNOWFLAKE_WAREHOUSE": "W", "SNOWFLAKE_DATABASE": "ANALYTICS", "SNOWFLAKE_HOST": "127.0.0.1",
+                        "SNOWFLAKE_PORT": str(_closed_port()), "SNOWFLAKE_PROTOCOL": "http"}.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    (tmp_path / "profiles.yml").write_text(dbt.render_profile(settings, project.profile_name))
+    with caplog.at_level(logging.INFO, logger="tests.dbt"):
+        run = dbt.run_dbt(project, ["build"], profiles_dir=tmp_path, target="snowflake", env=dbt.dbt_environment(settings),
+                          log=logging.getLogger("tests.dbt"))
+    assert "Deprecation" in " ".join(run.output_tail[-6:])  # what the old tail-based message reported
+    with pytest.raises(dbt.DbtInvocationError) as error:
+        dbt.check(run)
+    assert str(error.value).startswith(
+        f'dbt build in {project.path} could not run: Database error while listing schemas in database "ANALYTICS": '
+        "250001: Could not connect to Snowflake backend after "
+    ), str(error.value)
+    errors = [record.getMessage().strip() for record in caplog.records if record.levelno == logging.ERROR]
+    assert any(message.startswith("250001: Could not connect to Snowflake backend") for message in errors), errors
+    assert not any("Deprecat" in message for message in errors)
+    assert any("PropertyMovedToConfigDeprecation" in record.getMessage() for record in caplog.records if record.levelno == logging.WARNING)
+
+
+def test_default_project_names_its_connection_under_config_without_deprecations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dbt 1.10+ wants a source's `meta` under `config:`; the connection is still found there."""
+    project_dir = tmp_path / "appliance"
+    shutil.copytree(REPO_ROOT / "dbt", project_dir, ignore=shutil.ignore_patterns("target", "logs"))
+    monkeypatch.setenv("ELT_DUCKDB_PATH", str(tmp_path / "w.duckdb"))
+    settings = load_settings()
+    project = dbt.DbtProject.at(project_dir)
+    with dbt.profiles_dir(settings, project) as folder:
+        options = dict(profiles_dir=folder, target="duckdb", env=dbt.dbt_environment(settings))
+        parsed = dbt.check(dbt.run_dbt(project, ["parse", "--no-partial-parse"], **options))
+        assert not any("Deprecation" in line for line in parsed.output_tail), parsed.output_tail
+        assert dbt.downstream_of_connections(project, ["faker"], **options) == [
+            "source:faker.products+", "source:faker.purchases+", "source:faker.users+"
+        ]

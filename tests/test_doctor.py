@@ -120,30 +120,3 @@ def test_airbyte_server_checks(fake_airbyte, appliance_remote: GitRemote, applia
     assert wrong.returncode == 1
     assert "FAIL airbyte server: " in wrong.stdout and "ELT_AIRBYTE_CLIENT_SECRET" in wrong.stdout
     assert "not-the-secret" not in wrong.stdout + wrong.stderr
-
-
-def test_snowflake_grants_are_probed_and_missing_ones_come_with_their_grant(
-    snowflake_env, appliance_remote: GitRemote, appliance_env: Path, tmp_path: Path
-) -> None:
-    """Against fakesnow (no roles or privileges there): before Airbyte has loaded anything the
-    raw schema is missing, and doctor says which GRANT makes it readable; once the raw tables
-    exist, every probe (use warehouse, read sources, create schemas and tables) passes.
-    A real account is needed to see a privilege actually refused."""
-    import snowflake.connector
-
-    checkout = appliance_remote.clone(tmp_path / "checkout")
-    env = snowflake_env.env() | {"ELT_HOME": str(checkout), "SNOWFLAKE_DATABASE": "DOCTOR_DB"}
-    before = _doctor(env, checkout)
-    assert before.returncode == 1
-    assert "FAIL snowflake grants: 1 missing grant(s) or object(s):" in before.stdout
-    assert "GRANT USAGE ON SCHEMA DOCTOR_DB.RAW_FAKER TO ROLE TRANSFORMER;" in before.stdout
-    assert snowflake_env.env()["SNOWFLAKE_PASSWORD"] not in before.stdout + before.stderr
-
-    with snowflake.connector.connect(user="x", password="x", account="x", host="127.0.0.1", port=snowflake_env.port, protocol="http") as connection:
-        cursor = connection.cursor()
-        cursor.execute("create database if not exists DOCTOR_DB")
-        cursor.execute("create schema if not exists DOCTOR_DB.RAW_FAKER")
-        for table in ("users", "products", "purchases"):
-            cursor.execute(f"create table if not exists DOCTOR_DB.RAW_FAKER.{table} (id int, _airbyte_extracted_at timestamp_tz)")
-    after = _doctor(env, checkout)
-    assert "ok   snowflake grants: role TRANSFORMER can use TRANSFORMING, read 3 source table(s)" in after.stdout, after.stdout

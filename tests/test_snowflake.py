@@ -8,6 +8,10 @@ authenticate it (only a real account checks the key against the user's RSA_PUBLI
 from __future__ import annotations
 
 import base64
+import os
+import socket
+import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from elt import dbt, snowflake
 from elt.settings import load_settings
-from tests.conftest import FakesnowServer
+from elt.warehouse import WarehouseUnreachable, check_reachable
+from tests.conftest import BIN, FakesnowServer
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +123,111 @@ def test_missing_settings_are_listed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SNOWFLAKE_ACCOUNT", "acme")
     with pytest.raises(Exception, match="needs SNOWFLAKE_USER, SNOWFLAKE_WAREHOUSE, SNOWFLAKE_DATABASE, SNOWFLAKE_PRIVATE_KEY or SNOWFLAKE_PASSWORD"):
         snowflake.connect_kwargs(load_settings())
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on: bound, read, closed."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _unreachable_env(port: int) -> dict[str, str]:
+    return {
+        "ELT_WAREHOUSE": "snowflake", "SNOWFLAKE_ACCOUNT": "acme-test", "SNOWFLAKE_USER": "TRANSFORMER",
+        "SNOWFLAKE_PASSWORD": "p@ss:w/rd", "SNOWFLAKE_WAREHOUSE": "TRANSFORMING", "SNOWFLAKE_DATABASE": "ANALYTICS",
+        "SNOWFLAKE_HOST": "127.0.0.1", "SNOWFLAKE_PORT": str(port), "SNOWFLAKE_PROTOCOL": "http",
+    }
+
+
+def test_closed_port_is_named_with_the_settings_to_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    port = _closed_port()
+    for name, value in _unreachable_env(port).items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(WarehouseUnreachable) as error:
+        check_reachable(load_settings())
+    assert str(error.value).startswith(
+        f"cannot connect to Snowflake account acme-test at http://127.0.0.1:{port} as TRANSFORMER: 250001: Could not connect to Snowflake backend"
+    )
+    assert "check SNOWFLAKE_ACCOUNT, SNOWFLAKE_HOST/SNOWFLAKE_PORT and the network" in str(error.value)
+    assert "p@ss:w/rd" not in str(error.value)
+
+
+def test_host_that_never_answers_fails_within_the_connect_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A listener that accepts connections but never replies (a hung proxy, a firewall that
+    swallows packets): the check gives up after SNOWFLAKE_CONNECT_TIMEOUT_SECONDS, not after the
+    connector's 60 s read timeout. The deadline below fails the test when it does not."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        for name, value in _unreachable_env(silent.getsockname()[1]).items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("SNOWFLAKE_CONNECT_TIMEOUT_SECONDS", "2")
+        settings = load_settings()
+        outcome: list[BaseException] = []
+        checker = threading.Thread(target=lambda: _capture(outcome, check_reachable, settings), daemon=True)
+        checker.start()
+        checker.join(timeout=40)
+        assert not checker.is_alive(), "check_reachable did not give up within 40 s on a host that never answers"
+    assert isinstance(outcome[0], WarehouseUnreachable), outcome
+    assert "SNOWFLAKE_CONNECT_TIMEOUT_SECONDS=2" in str(outcome[0])
+
+
+def _capture(outcome: list[BaseException], function, *args) -> None:
+    try:
+        function(*args)
+    except BaseException as exc:  # handed to the test thread, which asserts on it
+        outcome.append(exc)
+
+
+def test_one_bounded_login_for_dbt_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rendered dbt profile makes one login attempt bounded by the same setting."""
+    for name, value in _unreachable_env(_closed_port()).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SNOWFLAKE_CONNECT_TIMEOUT_SECONDS", "2.5")
+    output = yaml.safe_load(dbt.render_profile(load_settings(), "p"))["p"]["outputs"]["snowflake"]
+    assert output["connect_timeout"] == 3 and output["connect_retries"] == 0
+    assert snowflake.connect_kwargs(load_settings())["login_timeout"] == 2.5
+
+
+def _cli(*arguments: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "elt"), *arguments], env={**os.environ, **env}, cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_bad_key_stops_the_run_before_prefect_starts(key: rsa.RSAPrivateKey, tmp_path: Path) -> None:
+    """`elt run` parses the key in its pre-run check: exit 2 and one line, no flow run, no traceback."""
+    env = _unreachable_env(_closed_port()) | {"SNOWFLAKE_PRIVATE_KEY": _pem(key, "right"), "SNOWFLAKE_PRIVATE_KEY_PASSPHRASE": "wrong",
+                                              "ELT_HOME": str(tmp_path)}
+    completed = _cli("run", "--skip-extract", "--skip-pull", env=env, cwd=tmp_path)
+    assert completed.returncode == 2, completed.stdout + completed.stderr
+    assert completed.stderr.strip().splitlines() == [
+        "error: SNOWFLAKE_PRIVATE_KEY (PEM) could not be read with SNOWFLAKE_PRIVATE_KEY_PASSPHRASE: "
+        "a wrong passphrase, or not a key; expected a PEM (the '-----BEGIN ... KEY-----' block), its base64 body "
+        "with the header, footer and newlines removed, or the path to a .p8/.pem file"
+    ]
+    assert "all-etl" not in completed.stdout + completed.stderr and "Traceback" not in completed.stderr
+
+
+def test_unquoted_multiline_key_in_env_file_says_quote_it_or_give_a_path(key: rsa.RSAPrivateKey, tmp_path: Path) -> None:
+    """python-dotenv keeps only the first line of an unquoted multi-line value: the run stops
+    before it starts, naming the fix, and no line of the key is printed."""
+    pem = _pem(key)
+    settings_lines = [f"{name}={value}" for name, value in _unreachable_env(_closed_port()).items() if name != "SNOWFLAKE_PASSWORD"]
+    (tmp_path / ".env").write_text("\n".join([*settings_lines, f"SNOWFLAKE_PRIVATE_KEY={pem}", "ELT_DBT_THREADS=2", ""]))
+    completed = _cli("run", "--skip-extract", "--skip-pull", env={"ELT_HOME": str(tmp_path)}, cwd=tmp_path)
+    assert completed.returncode == 2, completed.stdout + completed.stderr
+    errors = [line for line in completed.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        'error: SNOWFLAKE_PRIVATE_KEY in .env: a multi-line key must be quoted (SNOWFLAKE_PRIVATE_KEY="-----BEGIN ..."), '
+        "or give a path (SNOWFLAKE_PRIVATE_KEY=/path/to/rsa_key.p8)"
+    ]
+    assert len(completed.stderr.splitlines()) <= 3, completed.stderr  # dotenv's own warning, at most once
+    body = _body(pem)
+    assert body[:40] not in completed.stdout + completed.stderr
+
+    # Quoted, the same key loads.
+    (tmp_path / ".env").write_text("\n".join([*settings_lines, f'SNOWFLAKE_PRIVATE_KEY="{pem}"', ""]))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        assert snowflake.connect_kwargs(load_settings())["private_key"] == _der(key)

@@ -3,10 +3,13 @@ columns) are attributed to dbt nodes through dbt-snowflake's query comment and p
 warehouse size. fakesnow has no query history, so the rows here are written in that shape;
 a real account is needed to see Snowflake fill them."""
 
-from elt.snowflake import cost_per_node, query_tag
+import pytest
+from prefect import flow, task
+
+from elt.snowflake import cost_line, cost_per_node, query_tag, root_flow_run_id
 
 
-def _query(node: str | None, elapsed_ms: int, execution_ms: int, scanned: int, size: str = "X-Small") -> dict:
+def _query(node: str | None, elapsed_ms: int, execution_ms: int, scanned: int, size: str = "X-Small", stage: str | None = None) -> dict:
     comment = (
         f'/* {{"app": "dbt", "dbt_version": "1.11.16", "profile_name": "elt_appliance", "target_name": "snowflake", "node_id": "{node}"}} */\n'
         if node else ""
@@ -14,7 +17,7 @@ def _query(node: str | None, elapsed_ms: int, execution_ms: int, scanned: int, s
     return {
         "QUERY_ID": "01b2c3d4-0000-0000-0000-000000000001",
         "QUERY_TEXT": comment + "create or replace transient table ANALYTICS.DBT_MARTS.X as (select 1)",
-        "QUERY_TAG": query_tag("run-1"),
+        "QUERY_TAG": query_tag("run-1", stage),
         "WAREHOUSE_SIZE": size,
         "TOTAL_ELAPSED_TIME": elapsed_ms,
         "EXECUTION_TIME": execution_ms,
@@ -47,3 +50,36 @@ def test_most_expensive_node_comes_first_and_total_last() -> None:
 
 def test_query_tag_names_the_flow_run() -> None:
     assert query_tag("4b1c") == '{"app":"elt-appliance","flow_run_id":"4b1c"}'
+
+
+def test_embedded_load_queries_count_as_the_load_and_the_run_has_one_cost_line() -> None:
+    rows = cost_per_node([_query(None, 4_000, 3_600, 10, stage="load"), _query("model.a", 1, 3_600, 1)])
+    assert {row["node"] for row in rows} == {"(embedded load)", "model.a", "TOTAL"}
+    assert cost_line(rows) == "~0.0020 Snowflake credits (estimate: 2 queries, 4.0s; artifact snowflake-cost)"
+
+
+def test_load_tag_starts_like_the_runs_tag() -> None:
+    """run_query_history finds both by the run's tag and that tag followed by a comma."""
+    assert query_tag("4b1c", "load") == query_tag("4b1c")[:-1] + ',"stage":"load"}'
+
+
+@pytest.mark.slow
+def test_queries_anywhere_in_the_run_are_tagged_with_the_all_etl_run(prefect_server) -> None:
+    """A task inside a child flow (where the embedded load and dbt run) tags with the top run's id."""
+
+    @task
+    def tag_in_task() -> str | None:
+        return root_flow_run_id()
+
+    @flow
+    def child() -> str | None:
+        return tag_in_task()
+
+    @flow
+    def parent() -> tuple[str, str | None]:
+        from prefect.runtime import flow_run
+
+        return str(flow_run.id), child()
+
+    parent_id, tagged = parent()
+    assert tagged == parent_id

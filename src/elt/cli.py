@@ -140,5 +140,7 @@ def _print_summary(summary) -> None:
         typer.echo(f"  dbt      {summary.dbt_run.command}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     for table, rows in summary.mart_rows.items():
         typer.echo(f"  mart     {table:<40} {rows:>10,} rows")
+    if summary.dbt_run and summary.dbt_run.cost:
+        typer.echo(f"  cost     {summary.dbt_run.cost}")
     if summary.stage_seconds:
         typer.echo("  time     " + ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in summary.stage_seconds.items()))

@@ -35,6 +35,14 @@ logger = logging.getLogger(__name__)
 FAILED_STATUSES = frozenset({"error", "fail", "runtime error"})
 _TIMESTAMP = re.compile(r"^(\x1b\[0m)?\d\d:\d\d:\d\d\s+")
 _START_LINE = re.compile(r"^\d+ of \d+ START ")
+# The first line of an event dbt's text log reports as an error. The log has no level field:
+# an event is a timestamped line plus the untimestamped lines after it (its multi-line message).
+_ERROR_EVENT = re.compile(
+    r"^(Encountered an error|\d+ of \d+ (ERROR|FAIL)\b|(\w+ )?(Error|Failure) in \w+ |Completed with [1-9]\d* errors?"
+    r"|.*\[ERROR\]|Could not connect|(Runtime|Database|Compilation|Parsing|Dependency) Error\b)"
+)
+_FAILED_CHECKS = re.compile(r"^\d+ checks? failed")
+_WARNING_EVENT = re.compile(r"^(\[WARNING\]|\d+ of \d+ WARN\b|Warning in \w+ )")
 
 
 class DbtError(TerminalError):
@@ -60,6 +68,8 @@ class NodeResult:
     message: str | None
     rows_affected: int | None
     failures: int | None = None
+    relation_name: str | None = None  # as dbt quotes it in SQL, e.g. "warehouse"."main_marts"."orders"
+    materialized: str | None = None
 
     @property
     def failed(self) -> bool:
@@ -82,6 +92,8 @@ class DbtRun:
     return_code: int
     results: list[NodeResult] = field(default_factory=list)
     output_tail: list[str] = field(default_factory=list)
+    error_lines: list[str] = field(default_factory=list)
+    cost: str | None = None  # what the warehouse charged for the run, or why that is unknown; None where free
 
     @property
     def failed_nodes(self) -> list[NodeResult]:
@@ -208,20 +220,22 @@ def run_dbt(
     ]
     log.info("Running dbt %s", " ".join(arguments))
     tail: deque[str] = deque(maxlen=40)
+    levels = DbtLogLevels()
     started = time.time()
     process = subprocess.Popen(
         command, cwd=project.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     )
     assert process.stdout is not None
     for line in process.stdout:
+        level = levels.of(line.rstrip())
         message = _TIMESTAMP.sub("", line.rstrip())
         if not message.strip():
             continue
         tail.append(message)
         if not _START_LINE.match(message):
-            log.info("%s", message)
+            log.log(level, "%s", message)
     return_code = process.wait()
-    run = DbtRun(arguments[0], project.path, return_code, output_tail=list(tail))
+    run = DbtRun(arguments[0], project.path, return_code, output_tail=list(tail), error_lines=levels.error_lines)
     run.results = _read_run_results(project, written_after=started)
     return run
 
@@ -235,7 +249,7 @@ def list_sources(project: DbtProject, *, profiles_dir: Path, target: str, env: d
     ]
     completed = subprocess.run(command, cwd=project.path, env=env, capture_output=True, text=True)
     if completed.returncode != 0:
-        raise DbtInvocationError(f"dbt ls in {project.path} could not list sources: {completed.stdout[-300:]}")
+        raise DbtInvocationError(f"dbt ls in {project.path} could not list sources: {failure_cause(completed.stdout.splitlines(), completed.returncode)}")
     sources = []
     for line in completed.stdout.splitlines():
         source = _parse(line.strip())
@@ -250,7 +264,7 @@ def downstream_of_connections(
 ) -> list[str]:
     """Selectors for every source fed by these Airbyte connections and all that depends on them.
 
-    A source names its connection in `meta: {airbyte_connection: <name>}` (a name or a list).
+    A source names its connection in `config: {meta: {airbyte_connection: <name>}}` (a name or a list).
     """
     selectors = []
     for source in list_sources(project, profiles_dir=profiles_dir, target=target, env=env):
@@ -262,18 +276,67 @@ def downstream_of_connections(
     return selectors
 
 
-_NOISE = re.compile(r"^(Encountered an error:?|\w+ Error|Traceback .*|File \".*|During handling .*|\^+|~+)$")
+class DbtLogLevels:
+    """The logging level of each line of dbt's text log, and the lines of its error events.
+
+    dbt's text log has no level field; `--log-format json` has one but is too slow
+    (bench/p1_transform_overhead.py). An event is a timestamped line plus the untimestamped
+    lines that follow it, so each line takes the level of its event's first line.
+    """
+
+    def __init__(self) -> None:
+        self.error_lines: list[str] = []
+        self._level = logging.INFO
+        self._failed_checks = False  # `dbt debug`: every event after "N check(s) failed:" explains one
+
+    def of(self, line: str) -> int:
+        if _TIMESTAMP.match(line):
+            message = _TIMESTAMP.sub("", line).strip()
+            self._failed_checks = self._failed_checks or bool(_FAILED_CHECKS.match(message))
+            if self._failed_checks or _ERROR_EVENT.match(message):
+                self._level = logging.ERROR
+            elif _WARNING_EVENT.match(message):
+                self._level = logging.WARNING
+            else:
+                self._level = logging.INFO
+        else:
+            message = line.strip()
+        if self._level == logging.ERROR and message:
+            self.error_lines.append(message)
+        return self._level
 
 
-def _meaningful_lines(messages: list[str]) -> list[str]:
-    """What dbt said went wrong, without headers and traceback frames, each line once."""
-    lines: dict[str, None] = {}
-    for message in messages:
-        for line in message.splitlines():
-            line = line.strip()
-            if line and not _NOISE.match(line) and not line.startswith(("File ", "return ", "raise ")):
-                lines.setdefault(line[:300])
-    return list(lines)
+# Lines of an error event that only frame the cause: headers, advice, links, traceback frames.
+_FRAMING = re.compile(
+    r"^(>?Encountered an error:?|>?\w+ Error|\d+ checks? failed:?|Completed with .*|The database returned the following error:?"
+    r"|Profile loading failed for the following reason:|Project loading failed for the following reason:"
+    r"|Check your database credentials.*|https?://\S+|Traceback .*|File \".*|During handling .*|\^+|~+|return .*|raise .*|"
+    r".*Connection test: \[ERROR\].*)$"
+)
+
+
+def failure_cause(lines: list[str], return_code: int | None = None) -> str:
+    """What dbt said went wrong, on one line, from its raw text log (timestamps included)."""
+    levels = DbtLogLevels()
+    for line in lines:
+        levels.of(line)
+    return _one_line(levels.error_lines, [_TIMESTAMP.sub("", line) for line in lines], return_code)
+
+
+def _one_line(error_lines: list[str], output: list[str], return_code: int | None) -> str:
+    """dbt's error events without their framing, each line once; the output's last lines when
+    dbt logged no error event (it crashed first)."""
+    cause = _meaningful(error_lines) or _meaningful(output[-4:])
+    return ": ".join(cause[:3]) or f"exit code {return_code}"
+
+
+def _meaningful(lines: list[str]) -> list[str]:
+    kept: dict[str, None] = {}
+    for line in lines:
+        line = line.strip()
+        if line and not _FRAMING.match(line):
+            kept.setdefault(line[:300])
+    return list(kept)
 
 
 def _parse(line: str) -> dict | None:
@@ -290,9 +353,12 @@ def _read_run_results(project: DbtProject, written_after: float) -> list[NodeRes
     if not path.exists() or path.stat().st_mtime < written_after:
         return []  # none, or left by an earlier run: this invocation stopped before writing its own
     document = json.loads(path.read_text())
+    manifest_path = project.path / "target" / "manifest.json"
+    nodes = json.loads(manifest_path.read_text()).get("nodes", {}) if manifest_path.exists() else {}
     results = []
     for result in document.get("results", []):
         adapter_response = result.get("adapter_response") or {}
+        node = nodes.get(result["unique_id"]) or {}
         results.append(
             NodeResult(
                 unique_id=result["unique_id"],
@@ -301,6 +367,8 @@ def _read_run_results(project: DbtProject, written_after: float) -> list[NodeRes
                 message=result.get("message"),
                 rows_affected=adapter_response.get("rows_affected"),
                 failures=result.get("failures"),
+                relation_name=result.get("relation_name") or node.get("relation_name"),
+                materialized=(node.get("config") or {}).get("materialized"),
             )
         )
     return results
@@ -311,6 +379,6 @@ def check(run: DbtRun) -> DbtRun:
     if run.failed_nodes:
         raise DbtBuildFailed(run.command, run.failed_nodes)
     if run.return_code != 0:
-        detail = " | ".join(_meaningful_lines(run.output_tail)[-4:]) or f"exit code {run.return_code}"
-        raise DbtInvocationError(f"dbt {run.command} in {run.project_dir} could not run: {detail}")
+        cause = _one_line(run.error_lines, run.output_tail, run.return_code)
+        raise DbtInvocationError(f"dbt {run.command} in {run.project_dir} could not run: {cause}")
     return run

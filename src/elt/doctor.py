@@ -31,6 +31,18 @@ class Problems(EltError):
         super().__init__(summary + "\n" + "\n".join(problems))
 
 
+class NotChecked(EltError):
+    """A check that needs what an earlier check found broken (the warehouse): said once, not failed again."""
+
+
+def _needs_warehouse(settings: Settings) -> None:
+    from elt.warehouse import known_problem
+
+    problem = known_problem(settings)
+    if problem:
+        raise NotChecked(f"not checked: {problem}")
+
+
 def run_checks() -> Iterator[Check]:
     settings, invalid = load_settings_or_defaults()
     if invalid:
@@ -150,6 +162,7 @@ def _dbt(settings: Settings) -> str:
     if not folder.exists():
         return f"{folder} not checked out yet; all-etl clones it on its first run"
     project = dbt.DbtProject.at(folder)
+    _needs_warehouse(settings)
     with dbt.profiles_dir(settings, project) as profiles_dir:
         completed = subprocess.run(
             [dbt.dbt_executable(), "debug", "--project-dir", str(project.path), "--profiles-dir", str(profiles_dir),
@@ -157,8 +170,8 @@ def _dbt(settings: Settings) -> str:
             cwd=project.path, env=dbt.dbt_environment(settings), capture_output=True, text=True, timeout=120,
         )
     if completed.returncode != 0:
-        errors = [line.strip() for line in completed.stdout.splitlines() if "ERROR" in line or "error" in line.lower()]
-        raise EltError(f"dbt debug failed in {project.path}: {' | '.join(errors[:3]) or completed.stdout[-300:]}")
+        cause = dbt.failure_cause((completed.stdout + completed.stderr).splitlines(), completed.returncode)
+        raise EltError(f"dbt debug failed in {project.path}: {cause}")
     return f"{project.path} (profile {project.profile_name}, target {settings.effective_dbt_target}) passes dbt debug"
 
 
@@ -166,6 +179,7 @@ def _snowflake_grants(settings: Settings) -> str:
     from elt import dbt, snowflake
     from elt.git_repo import RepoSource
 
+    _needs_warehouse(settings)
     folder = RepoSource.from_settings(settings).checkout / settings.dbt_project_dir
     sources: list[tuple[str, str, str]] = []
     if folder.exists():
@@ -174,10 +188,39 @@ def _snowflake_grants(settings: Settings) -> str:
             listed = dbt.list_sources(project, profiles_dir=profiles_dir, target=settings.effective_dbt_target,
                                       env=dbt.dbt_environment(settings))
         sources = [(source.get("database") or "", source["schema"], source["name"]) for source in listed]
-    problems = snowflake.missing_grants(settings, sources)
-    if problems:
-        raise Problems(f"{len(problems)} missing grant(s) or object(s):", problems)
-    return f"role {settings.snowflake_role or '(default)'} can use {settings.snowflake_warehouse}, read {len(sources)} source table(s) and build in {settings.snowflake_database}.{settings.snowflake_schema}"
+    report = snowflake.missing_grants(settings, sources, first_run_creates=_schemas_not_loaded_yet(settings))
+    if report.problems:
+        raise Problems(f"{len(report.problems)} missing grant(s) or object(s):", report.problems)
+    detail = (
+        f"role {settings.snowflake_role or '(default)'} can use {settings.snowflake_warehouse}, "
+        f"read {len(sources) - report.unread_tables} source table(s) and build in {settings.snowflake_database}.{settings.snowflake_schema}"
+    )
+    if report.not_loaded_yet:
+        detail += f"; raw schema {', '.join(report.not_loaded_yet)} not loaded yet (the first run creates it)"
+    return detail
+
+
+def _schemas_not_loaded_yet(settings: Settings) -> set[str]:
+    """Raw schemas the embedded backend will create on its first run: those of its connections
+    that it has never staged (PyAirbyte stages each sync in data/airbyte-staging.duckdb first).
+    A schema it has staged, yet the role can't see in Snowflake, is a missing grant."""
+    if settings.airbyte_backend is not AirbyteBackend.embedded:
+        return set()
+    from elt.extract.connections import load_connections
+
+    schemas = {spec.destination.schema_.upper() for spec in load_connections(settings.path(settings.airbyte_connections_file))}
+    staging = settings.path(settings.data_dir) / "airbyte-staging.duckdb"
+    if not staging.exists():
+        return schemas
+    import duckdb
+
+    try:
+        with duckdb.connect(str(staging), read_only=True) as connection:
+            staged = {name.upper() for (name,) in connection.execute(
+                "select distinct table_schema from information_schema.tables").fetchall()}
+    except duckdb.Error:  # held by a running sync: assume loaded, so a missing schema still fails
+        return set()
+    return schemas - staged
 
 
 def _prefect() -> str:

@@ -28,7 +28,7 @@ from elt.extract.base import (
     SyncResult,
     UnknownConnections,
 )
-from elt.settings import AirbyteBackend, Settings, load_settings
+from elt.settings import AirbyteBackend, Settings, Warehouse, load_settings
 
 
 @dataclass
@@ -161,7 +161,7 @@ def transform(
     settings = load_settings()
     logger = get_run_logger()
     project = dbt.DbtProject.at(Path(project_dir))
-    env = dbt.dbt_environment(settings) | {snowflake.QUERY_TAG_VARIABLE: snowflake.query_tag(flow_run.id)}
+    env = dbt.dbt_environment(settings) | {snowflake.QUERY_TAG_VARIABLE: snowflake.query_tag(snowflake.root_flow_run_id())}
     target = settings.effective_dbt_target
     dbt.prepare_warehouse(settings)
 
@@ -188,8 +188,8 @@ def transform(
         _emit_node_event(node)
 
     _publish_node_results(run)
-    if target == "snowflake":
-        _publish_snowflake_cost(settings)
+    if settings.warehouse is Warehouse.snowflake:
+        run.cost = _publish_snowflake_cost(settings)
     return dbt.check(run)
 
 
@@ -215,15 +215,18 @@ def _emit_node_event(node: dbt.NodeResult) -> None:
     )
 
 
-def _publish_snowflake_cost(settings: Settings) -> None:
-    """Cost per model from Snowflake's query history; a run whose cost can't be read still reports it."""
+def _publish_snowflake_cost(settings: Settings) -> str:
+    """Cost of this all-etl run (embedded load and dbt) from Snowflake's query history, as an
+    artifact and one line; when the history can't be read, both say why."""
     try:
-        rows = snowflake.cost_per_node(snowflake.run_query_history(settings, str(flow_run.id)))
+        rows = snowflake.cost_per_node(snowflake.run_query_history(settings, snowflake.root_flow_run_id()))
     except Exception as exc:  # observability only: the data is built; say why the cost is missing
-        get_run_logger().warning("Snowflake cost for this run is unavailable: %s", str(exc).splitlines()[0])
-        create_markdown_artifact(key="snowflake-cost", markdown=f"Cost unavailable: {str(exc).splitlines()[0]}")
-        return
-    create_table_artifact(key="snowflake-cost", table=rows, description="Snowflake queries of this run's dbt nodes, with estimated credits")
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        get_run_logger().warning("Snowflake cost of this run is unknown: %s", reason)
+        create_markdown_artifact(key="snowflake-cost", markdown=f"Cost unknown: {reason}")
+        return f"unknown: {reason}"
+    create_table_artifact(key="snowflake-cost", table=rows, description="Snowflake queries of this run (load and dbt nodes), with estimated credits")
+    return snowflake.cost_line(rows)
 
 
 def _publish_node_results(run: dbt.DbtRun) -> None:
@@ -297,7 +300,7 @@ def all_etl(
                     str(folder), select, exclude, full_refresh,
                     retry_failed=(flow_run.run_count or 1) > 1, skip_downstream_of=failed_connections,
                 )
-            summary.mart_rows = warehouse.mart_row_counts(settings)
+            summary.mart_rows = warehouse.mart_row_counts(settings, summary.dbt_run)
         if extract_failure:
             raise extract_failure
     except Exception as exc:

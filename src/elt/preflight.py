@@ -14,6 +14,7 @@ from typing import Mapping
 
 import yaml
 
+from elt import snowflake
 from elt.errors import ConfigurationError
 from elt.git_repo import RepoSource, check_checkout, is_url, refuse_credentials
 from elt.settings import NON_SETTING_VARIABLES, AirbyteBackend, Settings, load_settings, setting_variables
@@ -32,6 +33,7 @@ def check_run(
     """Every check of one `elt run`, in the order the run would meet the problems; returns the settings."""
     check_environment()
     settings = load_settings()
+    snowflake.check_credentials(settings)
     source = check_repo(settings, repo, branch, will_pull=not skip_pull)
     if not skip_extract:
         check_connections(settings, connections, streams=False)

@@ -148,6 +148,12 @@ class Settings(BaseSettings):
     )
     snowflake_port: int | None = Field(None, validation_alias=_snowflake("PORT"))
     snowflake_protocol: str | None = Field(None, validation_alias=_snowflake("PROTOCOL"))
+    snowflake_connect_timeout_seconds: float = Field(
+        10,
+        gt=0,
+        validation_alias=_snowflake("CONNECT_TIMEOUT_SECONDS"),
+        description="How long one login to Snowflake may take, retries included, before it fails naming the account and host.",
+    )
 
     @field_validator("git_repo")
     @classmethod

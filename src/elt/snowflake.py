@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from elt.errors import ConfigurationError
-from elt.settings import Settings
+from elt.errors import ConfigurationError, EltError, TransientError
+from elt.settings import Settings, Warehouse
 
 DBT_KEY_VARIABLE = "ELT_SNOWFLAKE_PRIVATE_KEY_DER_BASE64"
 QUERY_TAG_VARIABLE = "ELT_SNOWFLAKE_QUERY_TAG"
@@ -32,10 +34,41 @@ class SnowflakeKeyError(ConfigurationError):
     pass
 
 
+class SnowflakeUnreachable(TransientError):
+    pass
+
+
+class SnowflakeLoginRejected(ConfigurationError):
+    pass
+
+
+class QueryHistoryUnavailable(EltError):
+    pass
+
+
+def uses_snowflake(settings: Settings) -> bool:
+    return settings.warehouse is Warehouse.snowflake or settings.effective_dbt_target == Warehouse.snowflake.value
+
+
+def check_credentials(settings: Settings) -> None:
+    """Before a run starts: every required setting is there and the key can be read (no connection made)."""
+    if uses_snowflake(settings):
+        connect_kwargs(settings)
+
+
+def endpoint(settings: Settings) -> str:
+    """Where the appliance connects, for messages: the account, and the host and port when they are set."""
+    host = settings.snowflake_host or f"{settings.snowflake_account}.snowflakecomputing.com"
+    port = settings.snowflake_port or (80 if settings.snowflake_protocol == "http" else 443)
+    return f"Snowflake account {settings.snowflake_account} at {settings.snowflake_protocol or 'https'}://{host}:{port}"
+
+
 def private_key_der(value: str, passphrase: str | None = None) -> bytes:
     """The key as unencrypted PKCS#8 DER, whichever accepted form it came in."""
     text = value.strip().replace("\\n", "\n")
     password = passphrase.encode() if passphrase else None
+    if text.startswith("-----BEGIN") and "-----END" not in text:
+        raise SnowflakeKeyError(_truncated_pem_message())
     if text.startswith("-----BEGIN"):
         return _normalise(lambda: serialization.load_pem_private_key(text.encode(), password), "PEM", passphrase)
     compact = "".join(text.split())
@@ -54,6 +87,18 @@ def private_key_der(value: str, passphrase: str | None = None) -> bytes:
     if len(text) < 512 and (text.startswith(("/", "~", ".")) or text.endswith((".p8", ".pem", ".der"))):
         raise SnowflakeKeyError(f"SNOWFLAKE_PRIVATE_KEY looks like a path, but {path} is not a file; expected {_ACCEPTED_FORMS}")
     raise SnowflakeKeyError(f"SNOWFLAKE_PRIVATE_KEY is not a key; expected {_ACCEPTED_FORMS}")
+
+
+def _truncated_pem_message() -> str:
+    """An unquoted multi-line PEM in .env: python-dotenv keeps only its first line."""
+    env_file = Path(".env")
+    lines = env_file.read_text(errors="replace").splitlines() if env_file.is_file() else []
+    if any(re.match(r"^\s*(export\s+)?(ELT_)?SNOWFLAKE_PRIVATE_KEY\s*=\s*-----BEGIN", line) for line in lines):
+        return (
+            "SNOWFLAKE_PRIVATE_KEY in .env: a multi-line key must be quoted (SNOWFLAKE_PRIVATE_KEY=\"-----BEGIN ...\"), "
+            "or give a path (SNOWFLAKE_PRIVATE_KEY=/path/to/rsa_key.p8)"
+        )
+    return f"SNOWFLAKE_PRIVATE_KEY is a PEM cut off after its first line (no END line); expected {_ACCEPTED_FORMS}"
 
 
 def _normalise(load, form: str, passphrase: str | None) -> bytes:
@@ -85,8 +130,10 @@ def _required(settings: Settings) -> None:
         raise ConfigurationError(f"ELT_WAREHOUSE=snowflake needs {', '.join(missing)}")
 
 
-def connect_kwargs(settings: Settings, query_tag: str | None = None) -> dict[str, Any]:
-    """Arguments for snowflake.connector.connect."""
+def connect_kwargs(settings: Settings, query_tag: str | None = None, probe: bool = False) -> dict[str, Any]:
+    """Arguments for snowflake.connector.connect. `probe`: a connection for quick checks only,
+    whose every socket read is bounded too (a host that accepts but never answers fails in
+    seconds); a run's connections keep the connector's read timeout, as long queries need."""
     _required(settings)
     kwargs: dict[str, Any] = {
         "account": settings.snowflake_account,
@@ -95,7 +142,7 @@ def connect_kwargs(settings: Settings, query_tag: str | None = None) -> dict[str
         "warehouse": settings.snowflake_warehouse,
         "database": settings.snowflake_database,
         "schema": settings.snowflake_schema,
-        "login_timeout": 30,
+        "login_timeout": settings.snowflake_connect_timeout_seconds,
         "network_timeout": 120,
         "application": "elt-appliance",
     }
@@ -111,13 +158,32 @@ def connect_kwargs(settings: Settings, query_tag: str | None = None) -> dict[str
             kwargs[name] = getattr(settings, f"snowflake_{name}")
     if query_tag:
         kwargs["session_parameters"] = {"QUERY_TAG": query_tag}
+    if probe:
+        kwargs["socket_timeout"] = settings.snowflake_connect_timeout_seconds
     return {key: value for key, value in kwargs.items() if value is not None}
 
 
-def connect(settings: Settings, query_tag: str | None = None):
+def connect(settings: Settings, query_tag: str | None = None, probe: bool = False):
+    """A connection, after one login bounded by SNOWFLAKE_CONNECT_TIMEOUT_SECONDS; failing that,
+    SnowflakeUnreachable naming the account, host and port (or SnowflakeLoginRejected)."""
     import snowflake.connector
+    from snowflake.connector.errors import DatabaseError, InterfaceError, OperationalError
 
-    return snowflake.connector.connect(**connect_kwargs(settings, query_tag))
+    kwargs = connect_kwargs(settings, query_tag, probe)
+    try:
+        return snowflake.connector.connect(**kwargs)
+    except (DatabaseError, InterfaceError) as exc:
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        if not isinstance(exc, (OperationalError, InterfaceError)):  # reached, but the login was refused
+            raise SnowflakeLoginRejected(
+                f"{endpoint(settings)} refused the login of {settings.snowflake_user}: {first_line} "
+                "(check SNOWFLAKE_USER, SNOWFLAKE_ROLE and the key or password)"
+            ) from None
+        raise SnowflakeUnreachable(
+            f"cannot connect to {endpoint(settings)} as {settings.snowflake_user}: {first_line} "
+            "(check SNOWFLAKE_ACCOUNT, SNOWFLAKE_HOST/SNOWFLAKE_PORT and the network; "
+            f"SNOWFLAKE_CONNECT_TIMEOUT_SECONDS={settings.snowflake_connect_timeout_seconds:g})"
+        ) from None
 
 
 def dbt_output(settings: Settings) -> dict[str, Any]:
@@ -131,7 +197,9 @@ def dbt_output(settings: Settings) -> dict[str, Any]:
         "schema": "{{ env_var('SNOWFLAKE_SCHEMA') }}",
         "query_tag": f"{{{{ env_var('{QUERY_TAG_VARIABLE}', 'elt') }}}}",
         "threads": settings.dbt_threads,
-        "connect_timeout": 30,
+        # One login attempt, bounded: an unreachable account fails in seconds, naming itself.
+        "connect_timeout": math.ceil(settings.snowflake_connect_timeout_seconds),
+        "connect_retries": 0,
     }
     if settings.snowflake_role:
         output["role"] = "{{ env_var('SNOWFLAKE_ROLE') }}"
@@ -156,6 +224,11 @@ def dbt_environment(settings: Settings) -> dict[str, str]:
         "SNOWFLAKE_WAREHOUSE": settings.snowflake_warehouse,
         "SNOWFLAKE_DATABASE": settings.snowflake_database,
         "SNOWFLAKE_SCHEMA": settings.snowflake_schema,
+        # The rendered profile has these inline; a project's own profiles.yml reads them here.
+        "SNOWFLAKE_HOST": settings.snowflake_host,
+        "SNOWFLAKE_PORT": str(settings.snowflake_port) if settings.snowflake_port else None,
+        "SNOWFLAKE_PROTOCOL": settings.snowflake_protocol,
+        "SNOWFLAKE_CONNECT_TIMEOUT_SECONDS": str(math.ceil(settings.snowflake_connect_timeout_seconds)),
     }
     if settings.snowflake_private_key:
         kwargs = connect_kwargs(settings)
@@ -165,9 +238,18 @@ def dbt_environment(settings: Settings) -> dict[str, str]:
     return {key: value for key, value in env.items() if value is not None}
 
 
-def query_tag(flow_run_id: str | None) -> str:
-    """The tag every query of a run carries; dbt adds each node's id in its query comment."""
-    return json.dumps({"app": "elt-appliance", "flow_run_id": flow_run_id}, separators=(",", ":"))
+def query_tag(flow_run_id: str | None, stage: str | None = None) -> str:
+    """The tag every query of a run carries (`flow_run_id`: the all-etl run's); dbt adds each
+    node's id in its query comment, the embedded load says `"stage":"load"`."""
+    tag = {"app": "elt-appliance", "flow_run_id": flow_run_id} | ({"stage": stage} if stage else {})
+    return json.dumps(tag, separators=(",", ":"))
+
+
+def root_flow_run_id() -> str | None:
+    """The id of the all-etl run this code runs under (the top of the flow-run tree), if any."""
+    from prefect.runtime import flow_run
+
+    return str(flow_run.root_flow_run_id) if flow_run.id else None
 
 
 _DUCKDB_TO_SNOWFLAKE = {
@@ -195,7 +277,8 @@ def replace_tables_from_duckdb(settings: Settings, duckdb_path: Path, schema: st
     import duckdb
 
     copied: dict[str, int] = {}
-    with duckdb.connect(str(duckdb_path), read_only=True) as source, connect(settings, query_tag("embedded-load")) as target:
+    tag = query_tag(root_flow_run_id(), stage="load")
+    with duckdb.connect(str(duckdb_path), read_only=True) as source, connect(settings, tag) as target:
         cursor = target.cursor()
         cursor.execute(f'create schema if not exists "{settings.snowflake_database}".{schema}')
         for table in tables:
@@ -235,16 +318,28 @@ def _bindable(row: tuple) -> tuple:
     return tuple(json.dumps(value) if isinstance(value, (dict, list)) else value for value in row)
 
 
-def missing_grants(settings: Settings, sources: list[tuple[str, str, str]]) -> list[str]:
+@dataclass
+class GrantReport:
+    problems: list[str] = field(default_factory=list)  # each with the GRANT that fixes it
+    not_loaded_yet: list[str] = field(default_factory=list)  # raw schemas the first run creates
+    unread_tables: int = 0  # source tables not probed (their schema is not loaded yet)
+
+
+def missing_grants(
+    settings: Settings, sources: list[tuple[str, str, str]], first_run_creates: set[str] = frozenset()
+) -> GrantReport:
     """Probe what all-etl needs, as its role: each problem with the GRANT that fixes it.
 
     `sources` are the (database, schema, table) the dbt project reads, i.e. what Airbyte loads.
+    `first_run_creates`: raw schemas (upper-case) the embedded backend creates on its first
+    run; their absence is not a problem.
     """
     from snowflake.connector.errors import ProgrammingError
 
     role = settings.snowflake_role or "<role of SNOWFLAKE_USER>"
     database, target = settings.snowflake_database, settings.snowflake_schema
-    problems: list[str] = []
+    report = GrantReport()
+    problems = report.problems
     with connect(settings, query_tag("doctor")) as connection:
         cursor = connection.cursor()
         try:
@@ -265,6 +360,10 @@ def missing_grants(settings: Settings, sources: list[tuple[str, str, str]]) -> l
                 ).fetchone()[0]
             except ProgrammingError:
                 visible = 0
+            if not visible and schema in first_run_creates and source_database == database.upper():
+                report.not_loaded_yet.append(f"{source_database}.{schema}")
+                report.unread_tables += len(tables)
+                continue
             if not visible:
                 problems.append(
                     f"role {role} cannot see raw schema {source_database}.{schema} (not loaded yet, or no USAGE): "
@@ -298,7 +397,7 @@ def missing_grants(settings: Settings, sources: list[tuple[str, str, str]]) -> l
                 f"role {role} cannot create tables in {database}.{target}: "
                 f"GRANT USAGE, CREATE TABLE, CREATE VIEW ON SCHEMA {database}.{target} TO ROLE {role};"
             )
-    return problems
+    return report
 
 
 # Credits per hour of a standard warehouse, by WAREHOUSE_SIZE as query history reports it.
@@ -310,33 +409,49 @@ _NODE_IN_COMMENT = re.compile(r'"node_id":\s*"([^"]+)"')
 
 
 def run_query_history(settings: Settings, flow_run_id: str, hours: int = 24) -> list[dict[str, Any]]:
-    """This run's queries from INFORMATION_SCHEMA.QUERY_HISTORY (no ACCOUNT_USAGE latency), found by query tag."""
-    tag = query_tag(flow_run_id)
+    """This run's queries from INFORMATION_SCHEMA.QUERY_HISTORY (no ACCOUNT_USAGE latency), found
+    by query tag; QueryHistoryUnavailable says why when the history can't be read."""
+    from snowflake.connector.errors import Error
+
+    tag_prefix = query_tag(flow_run_id)[:-1]  # the load's tag adds a "stage" key after flow_run_id
     sql = (
         f'select query_id, query_text, query_tag, warehouse_size, total_elapsed_time, execution_time, bytes_scanned '
         f'from table("{settings.snowflake_database}".information_schema.query_history('
         f"end_time_range_start => dateadd('hour', -{int(hours)}, current_timestamp()), result_limit => 10000)) "
-        "where query_tag = %s"
+        "where query_tag = %s or startswith(query_tag, %s)"
     )
-    with connect(settings, query_tag(None)) as connection:
-        cursor = connection.cursor()
-        cursor.execute(sql, (tag,))
-        columns = [column[0].upper() for column in cursor.description]
-        return [dict(zip(columns, row)) for row in cursor.fetchall()]
+    try:
+        with connect(settings, query_tag(None)) as connection:
+            cursor = connection.cursor()
+            cursor.execute(sql, (tag_prefix + "}", tag_prefix + ","))
+            columns = [column[0].upper() for column in cursor.description]
+            return [dict(zip(columns, row)) for row in cursor.fetchall()]
+    except (Error, SnowflakeUnreachable) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise QueryHistoryUnavailable(
+            f"query history unavailable: {settings.snowflake_database}.INFORMATION_SCHEMA.QUERY_HISTORY could not be read "
+            f"as role {settings.snowflake_role or '(default)'}: {reason}"
+        ) from None
 
 
 def cost_per_node(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Queries, elapsed seconds, bytes scanned and estimated credits per dbt node, then a total row.
 
     dbt-snowflake prefixes every query with a comment naming its node; queries outside a node
-    (hooks, schema creation, introspection) count under "(dbt overhead)". Credits are
+    (hooks, schema creation, introspection) count under "(dbt overhead)", the embedded
+    backend's publishing of raw tables under "(embedded load)". Credits are
     execution time × the warehouse size's hourly rate: an estimate that ignores the 60-second
     minimum after a resume and idle time before auto-suspend.
     """
     nodes: dict[str, dict[str, Any]] = {}
     for query in history:
         match = _NODE_IN_COMMENT.search(query.get("QUERY_TEXT") or "")
-        node = match.group(1) if match else "(dbt overhead)"
+        if match:
+            node = match.group(1)
+        elif '"stage":"load"' in (query.get("QUERY_TAG") or ""):
+            node = "(embedded load)"
+        else:
+            node = "(dbt overhead)"
         row = nodes.setdefault(node, {"node": node, "queries": 0, "elapsed_seconds": 0.0, "bytes_scanned": 0, "estimated_credits": 0.0})
         row["queries"] += 1
         row["elapsed_seconds"] += (query.get("TOTAL_ELAPSED_TIME") or 0) / 1000
@@ -355,3 +470,12 @@ def cost_per_node(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["elapsed_seconds"] = round(row["elapsed_seconds"], 3)
         row["estimated_credits"] = round(row["estimated_credits"], 6)
     return [*rows, total]
+
+
+def cost_line(rows: list[dict[str, Any]]) -> str:
+    """The run's total from cost_per_node's rows, on one line."""
+    total = rows[-1]
+    return (
+        f"~{total['estimated_credits']:.4f} Snowflake credits (estimate: {total['queries']} queries, "
+        f"{total['elapsed_seconds']:.1f}s; artifact snowflake-cost)"
+    )
