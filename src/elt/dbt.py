@@ -27,6 +27,7 @@ from typing import Iterator
 
 import yaml
 
+from elt import processes
 from elt.errors import ConfigurationError, TerminalError
 from elt.settings import Settings, Warehouse
 
@@ -153,6 +154,7 @@ def profiles_dir(settings: Settings, project: DbtProject) -> Iterator[Path]:
         yield project.path
         return
     with tempfile.TemporaryDirectory(prefix="elt-profiles-") as rendered:
+        processes.remove_if_run_dies(Path(rendered))
         (Path(rendered) / "profiles.yml").write_text(render_profile(settings, project.profile_name))
         yield Path(rendered)
 
@@ -210,7 +212,8 @@ def run_dbt(
     tail: deque[str] = deque(maxlen=40)
     started = time.time()
     process = subprocess.Popen(
-        command, cwd=project.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        command, cwd=project.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        preexec_fn=processes.die_with_parent,  # this thread waits for dbt, so dbt ends when it does
     )
     assert process.stdout is not None
     for line in process.stdout:
