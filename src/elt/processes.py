@@ -196,7 +196,7 @@ class RunGuard:
         if supported():
             self.watchdog = subprocess.Popen(
                 [sys.executable, "-m", _WATCHDOG_MARK, str(os.getpid())],
-                stdin=subprocess.PIPE, text=True, start_new_session=True,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
             )
         return self
 
@@ -212,6 +212,12 @@ class RunGuard:
             self.watchdog.wait(timeout=10)
         except (OSError, subprocess.TimeoutExpired):
             self.watchdog.kill()
+
+    def sync(self) -> None:
+        """Return once the watchdog has recorded every child started so far."""
+        self._send("sync")
+        if self.watchdog is not None and self.watchdog.stdout is not None:
+            self.watchdog.stdout.readline()
 
     @property
     def watchdog_pid(self) -> int | None:
@@ -301,10 +307,13 @@ def _watch(pid: int) -> None:
     folders: list[Path] = []
     finished = False
     pending = b""
-    while watched is not None and watched.alive:
+    def record() -> None:
         for process in descendants(pid):
             if process.pid != me and process.started >= since:
                 recorded[process.pid] = process
+
+    while watched is not None and watched.alive:
+        record()
         ready, _, _ = select.select([0], [], [], SCAN_SECONDS)
         if not ready:
             continue
@@ -318,6 +327,9 @@ def _watch(pid: int) -> None:
                 finished = True
             elif verb == "remove":
                 folders.append(Path(argument))
+            elif verb == "sync":
+                record()
+                os.write(1, b"synced\n")
     if finished:
         return
     # Re-parented children are found through the recorded ones: add what they started since.
