@@ -293,3 +293,24 @@ def test_kill_9_stops_the_temporary_prefect_server(tiny_remote: GitRemote, appli
     run.process.wait()
     _assert_all_end(run.recorded)
     assert _leftover_profiles(env) == []
+
+
+def test_profiles_folders_of_dead_processes_are_swept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A profiles folder left by a process that died with its watchdog is removed by the next
+    dbt invocation; one of a live process is kept."""
+    import tempfile
+
+    from elt import dbt
+    from elt.settings import load_settings
+    from tests.conftest import TINY_PROJECT
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    left_by_dead = tmp_path / f"elt-profiles-{ended.pid}-abcd1234"
+    of_live = tmp_path / f"elt-profiles-{os.getpid()}-efgh5678"
+    left_by_dead.mkdir()
+    of_live.mkdir()
+    with dbt.profiles_dir(load_settings(home=tmp_path), dbt.DbtProject.at(TINY_PROJECT)) as rendered:
+        assert (rendered / "profiles.yml").is_file()
+    assert not left_by_dead.exists() and of_live.exists() and not rendered.exists()

@@ -153,10 +153,22 @@ def profiles_dir(settings: Settings, project: DbtProject) -> Iterator[Path]:
             )
         yield project.path
         return
-    with tempfile.TemporaryDirectory(prefix="elt-profiles-") as rendered:
+    _remove_profiles_of_dead_processes()
+    with tempfile.TemporaryDirectory(prefix=f"{_PROFILES_PREFIX}{os.getpid()}-") as rendered:
         processes.remove_if_run_dies(Path(rendered))
         (Path(rendered) / "profiles.yml").write_text(render_profile(settings, project.profile_name))
         yield Path(rendered)
+
+
+_PROFILES_PREFIX = "elt-profiles-"
+
+
+def _remove_profiles_of_dead_processes() -> None:
+    """Profiles folders whose process died with its watchdog (a whole process group killed)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{_PROFILES_PREFIX}*-*"):
+        pid = folder.name[len(_PROFILES_PREFIX):].split("-")[0]
+        if pid.isdigit() and processes.supported() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def prepare_warehouse(settings: Settings) -> None:

@@ -266,6 +266,10 @@ def run_with_watchdog(function: Callable[..., R], *args, **kwargs) -> R:
     one line saying so (see exit_stopped)."""
     from prefect.exceptions import TerminationSignal
 
+    def terminate(signum: int, frame) -> None:  # as Prefect's own handler does, once a flow run exists
+        raise TerminationSignal(signum)
+
+    signal.signal(signal.SIGTERM, terminate)
     with RunGuard() as guard:
         try:
             return function(*args, **kwargs)
