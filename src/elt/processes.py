@@ -281,8 +281,7 @@ def run_with_watchdog(function: Callable[..., R], *args, **kwargs) -> R:
 def signal_name(stopped: BaseException) -> str:
     if isinstance(stopped, KeyboardInterrupt):
         return "SIGINT"
-    number = stopped.args[0] if stopped.args and isinstance(stopped.args[0], int) else signal.SIGTERM
-    return signal.Signals(number).name
+    return signal.Signals(getattr(stopped, "signal", signal.SIGTERM)).name
 
 
 def exit_stopped(stopped: BaseException, flow_run_id: str | None) -> None:
@@ -292,10 +291,18 @@ def exit_stopped(stopped: BaseException, flow_run_id: str | None) -> None:
     thread would go on loading rows into the warehouse and commit them.
     """
     name = signal_name(stopped)
+    try:  # what Prefect logged about the crash reaches the server before the process ends
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
+    except Exception as exc:  # the run is ending either way; its state is already recorded
+        logger.warning("Could not send the last logs to Prefect: %s", exc)
     stop_children(keep_prefect_server=False)
-    run = f"flow run {flow_run_id}" if flow_run_id else "the flow run"
-    print(f"all-etl stopped by {name}: {run} is marked Crashed and its dbt and connector processes were stopped",
-          file=sys.stderr, flush=True)
+    if flow_run_id:
+        line = f"all-etl stopped by {name}: flow run {flow_run_id} is marked Crashed and its dbt and connector processes were stopped"
+    else:
+        line = f"all-etl stopped by {name} before its flow run started"
+    print(line, file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(128 + signal.Signals[name].value)
 
