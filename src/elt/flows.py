@@ -96,6 +96,7 @@ def extract_load(
     except BaseException:
         # The flow run is being cancelled or killed: stop the syncs this run started.
         backend.cancel_started_jobs()
+        processes.stop_children()  # before the task runner waits for the sync threads to end
         raise
 
     create_table_artifact(key="extract-load-results", table=_sync_rows(report), description="This run's syncs")
