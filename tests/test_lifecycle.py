@@ -107,6 +107,25 @@ def _lock_is_free(lock: Path) -> bool:
         return True
 
 
+_started_runs: list["Run"] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_run_outlives_its_test():
+    """A failed test must not leave an `elt run` (and its connectors) running on a shared machine."""
+    yield
+    while _started_runs:
+        run = _started_runs.pop()
+        leftovers = [*_descendants(run.process.pid), *run.recorded.values()]
+        run.process.kill()
+        run.process.wait()
+        for process in leftovers:
+            try:
+                process.kill()  # psutil checks the PID still names the process it recorded
+            except psutil.Error:
+                pass
+
+
 class Run:
     """One `elt run` process, its output in files, and every descendant it was seen with."""
 
@@ -118,6 +137,7 @@ class Run:
             stdout=self.log.open("w"), stderr=self.err.open("w"),
         )
         self.recorded: dict[int, psutil.Process] = {}
+        _started_runs.append(self)
 
     def record(self) -> list[psutil.Process]:
         children = _descendants(self.process.pid)
