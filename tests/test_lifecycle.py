@@ -298,6 +298,21 @@ def test_sigterm_during_sync(prefect_server: PrefectServer, appliance_remote: Gi
 
 
 @pytest.mark.slow
+def test_kill_9_during_sync(prefect_server: PrefectServer, appliance_remote: GitRemote, appliance_env: Path,
+                            run_env: dict, faker_connections: Path) -> None:
+    """kill -9 while source-faker is syncing: the connector has no parent-death signal; the
+    watchdog stops it (and its own child) within 10 s, and the lock is free."""
+    faker_connections.write_text(faker_connections.read_text().replace("count: 200", "count: 20000000"))
+    run = Run(appliance_env, prefect_server.env() | run_env, "--repo", str(appliance_remote.bare))
+    run.wait_for_child("source-faker", seconds=600)
+    run.record()
+    run.process.send_signal(signal.SIGKILL)
+    run.process.wait()
+    _assert_all_end(run.recorded)
+    assert _lock_is_free(appliance_env / "data" / "warehouse.duckdb.run.lock")
+
+
+@pytest.mark.slow
 def test_kill_9_stops_the_temporary_prefect_server(tiny_remote: GitRemote, appliance_env: Path, run_env: dict, tmp_path: Path) -> None:
     """Without PREFECT_API_URL Prefect starts a temporary server as a child of the run; kill -9 of
     the run must not leave it (or dbt) running."""
