@@ -239,9 +239,11 @@ def test_kill_9_during_dbt(prefect_server: PrefectServer, tiny_remote: GitRemote
 
 
 @pytest.mark.slow
-def test_sigterm_during_dbt(prefect_server: PrefectServer, tiny_remote: GitRemote, appliance_env: Path, run_env: dict, tmp_path: Path) -> None:
-    """SIGTERM to the elt process alone (docker stop, systemd): dbt is stopped, the run is marked
-    Crashed, and elt exits 143 with one line saying so."""
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_or_sigint_during_dbt(prefect_server: PrefectServer, tiny_remote: GitRemote, appliance_env: Path, run_env: dict,
+                            tmp_path: Path, stop_signal: signal.Signals) -> None:
+    """SIGTERM (docker stop, systemd) or SIGINT to the elt process alone: dbt is stopped, the run
+    is marked Crashed, and elt exits 128 + the signal with one line saying so."""
     tiny_remote.commit("dbt/models/slow.py", SLOW_MODEL, "a model that waits")
     marker = tmp_path / "slow-model-started"
     env = prefect_server.env() | run_env | {"ELT_TEST_SLOW_MODEL_MARKER": str(marker)}
@@ -251,11 +253,11 @@ def test_sigterm_during_dbt(prefect_server: PrefectServer, tiny_remote: GitRemot
     holder = _holder(appliance_env)
 
     run.record()
-    run.process.send_signal(signal.SIGTERM)
-    assert run.wait(seconds=60) == 128 + signal.SIGTERM
+    run.process.send_signal(stop_signal)
+    assert run.wait(seconds=60) == 128 + stop_signal
     _assert_all_end(run.recorded)
     assert run.stderr.strip().splitlines()[-1] == (
-        f"all-etl stopped by SIGTERM: flow run {holder['flow_run_id']} is marked Crashed "
+        f"all-etl stopped by {stop_signal.name}: flow run {holder['flow_run_id']} is marked Crashed "
         "and its dbt and connector processes were stopped"
     )
     assert prefect_server.get(f"/flow_runs/{holder['flow_run_id']}").json()["state"]["type"] == "CRASHED"
