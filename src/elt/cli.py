@@ -43,8 +43,11 @@ def run(
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
     from elt.flows import all_etl
+    from elt.processes import run_with_watchdog
 
-    state = all_etl(
+    # The watchdog starts before Prefect does: a temporary Prefect server is a child of the run too.
+    state = run_with_watchdog(
+        all_etl,
         connections=connection or None,
         full_refresh=full_refresh,
         select=select,

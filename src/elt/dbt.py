@@ -27,6 +27,7 @@ from typing import Iterator
 
 import yaml
 
+from elt import processes
 from elt.errors import ConfigurationError, TerminalError
 from elt.settings import Settings, Warehouse
 
@@ -164,9 +165,22 @@ def profiles_dir(settings: Settings, project: DbtProject) -> Iterator[Path]:
             )
         yield project.path
         return
-    with tempfile.TemporaryDirectory(prefix="elt-profiles-") as rendered:
+    _remove_profiles_of_dead_processes()
+    with tempfile.TemporaryDirectory(prefix=f"{_PROFILES_PREFIX}{os.getpid()}-") as rendered:
+        processes.remove_if_run_dies(Path(rendered))
         (Path(rendered) / "profiles.yml").write_text(render_profile(settings, project.profile_name))
         yield Path(rendered)
+
+
+_PROFILES_PREFIX = "elt-profiles-"
+
+
+def _remove_profiles_of_dead_processes() -> None:
+    """Profiles folders whose process died with its watchdog (a whole process group killed)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{_PROFILES_PREFIX}*-*"):
+        pid = folder.name[len(_PROFILES_PREFIX):].split("-")[0]
+        if pid.isdigit() and processes.supported() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def prepare_warehouse(settings: Settings) -> None:
@@ -223,7 +237,8 @@ def run_dbt(
     levels = DbtLogLevels()
     started = time.time()
     process = subprocess.Popen(
-        command, cwd=project.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        command, cwd=project.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        preexec_fn=processes.die_with_parent,  # this thread waits for dbt, so dbt ends when it does
     )
     assert process.stdout is not None
     for line in process.stdout:

@@ -18,7 +18,7 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from elt import dbt, git_repo, preflight, snowflake, warehouse
+from elt import dbt, git_repo, preflight, processes, run_lock, snowflake, warehouse
 from elt.errors import EltError
 from elt.extract.base import (
     ExtractBackend,
@@ -96,6 +96,7 @@ def extract_load(
     except BaseException:
         # The flow run is being cancelled or killed: stop the syncs this run started.
         backend.cancel_started_jobs()
+        processes.stop_children()  # before the task runner waits for the sync threads to end
         raise
 
     create_table_artifact(key="extract-load-results", table=_sync_rows(report), description="This run's syncs")
@@ -249,6 +250,8 @@ def _publish_node_results(run: dbt.DbtRun) -> None:
 
 
 @flow(name="all-etl")
+@processes.guard_run  # the run's children end with it, kill -9 included
+@run_lock.one_run_per_warehouse  # before any sync; marks a previous run that died Crashed
 def all_etl(
     connections: list[str] | None = None,
     full_refresh: bool = False,

@@ -1,0 +1,188 @@
+"""One all-etl run per warehouse at a time, and no run left Running after its process died.
+
+The lock is a file beside the warehouse (the DuckDB file; for Snowflake, one per
+account/database/schema under the data folder) held with `flock`, which the kernel releases
+when the holder exits, `kill -9` included. It holds JSON naming the holder, so a second run
+can say which run is in its way. A run that ends normally empties the file; a file still
+naming a run when the lock is free therefore means that run's process died, and the next run
+marks that flow run Crashed in Prefect (a local run has no zombie automation to do it).
+
+The deployment's concurrency limit keeps the appliance's own runs apart; this covers `elt run`
+from a shell and overlapping deployments.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import json
+import logging
+import os
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+from elt import processes
+from elt.errors import TerminalError
+from elt.settings import Settings, Warehouse
+
+logger = logging.getLogger(__name__)
+
+# A dead run's watchdog may still be stopping its children (dbt holding DuckDB's lock).
+WATCHDOG_WAIT_SECONDS = 15.0
+_UNFINISHED_STATES = frozenset({"SCHEDULED", "PENDING", "RUNNING", "CANCELLING", "PAUSED"})
+
+F = TypeVar("F", bound=Callable)
+
+
+class WarehouseInUse(TerminalError):
+    pass
+
+
+@dataclass(frozen=True)
+class Holder:
+    flow_run_id: str
+    pid: int
+    started: str
+    watchdog_pid: int | None = None
+
+
+def warehouse_name(settings: Settings) -> str:
+    if settings.warehouse is Warehouse.snowflake:
+        return f"Snowflake {settings.snowflake_account} {settings.snowflake_database}.{settings.snowflake_schema}"
+    return str(settings.path(settings.duckdb_path))
+
+
+def lock_path(settings: Settings) -> Path:
+    if settings.warehouse is Warehouse.snowflake:
+        parts = (settings.snowflake_account, settings.snowflake_database, settings.snowflake_schema)
+        name = re.sub(r"[^a-z0-9_.-]+", "_", "-".join(str(part) for part in parts).lower())
+        return settings.path(settings.data_dir) / "run-locks" / f"snowflake-{name}.lock"
+    database = settings.path(settings.duckdb_path)
+    return database.with_name(database.name + ".run.lock")
+
+
+@contextmanager
+def hold(settings: Settings, flow_run_id: str) -> Iterator[Holder]:
+    """Hold the warehouse's run lock for this flow run; raise WarehouseInUse naming the holder."""
+    path = lock_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(descriptor, wait_seconds=2.0)
+            who = f"flow run {holder.flow_run_id}, PID {holder.pid}" if holder else f"see {path}"
+            raise WarehouseInUse(
+                f"another all-etl run ({who}) is using {warehouse_name(settings)}; wait for it or cancel it"
+            ) from None
+        stale = _read_holder(descriptor)
+        if stale is not None:
+            _clean_up_after(stale, flow_run_id)
+        guard = processes.active_guard()
+        if guard is not None:
+            guard.flow_run_id = flow_run_id
+        holder = Holder(flow_run_id, os.getpid(), datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        guard.watchdog_pid if guard else None)
+        _write(descriptor, json.dumps(asdict(holder)))
+        try:
+            yield holder
+        finally:
+            _write(descriptor, "")
+    finally:
+        os.close(descriptor)  # releases the flock
+
+
+def one_run_per_warehouse(function: F) -> F:
+    """Decorator for the all-etl flow function: the run holds its warehouse's lock throughout."""
+    from elt.settings import load_settings
+
+    @functools.wraps(function)
+    def locked(*args, **kwargs):
+        from prefect.runtime import flow_run
+
+        with hold(load_settings(), str(flow_run.id)):
+            return function(*args, **kwargs)
+
+    return locked  # type: ignore[return-value]
+
+
+def _write(descriptor: int, text: str) -> None:
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, text.encode(), 0)
+    os.fsync(descriptor)
+
+
+def _read_holder(descriptor: int, wait_seconds: float = 0.0) -> Holder | None:
+    """The holder recorded in the file; the holder writes it just after taking the lock, so wait for it."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        text = os.pread(descriptor, 4096, 0).decode(errors="replace").strip()
+        if text:
+            try:
+                return Holder(**json.loads(text))
+            except (ValueError, TypeError):
+                logger.warning("Ignoring an unreadable run lock: %r", text[:200])
+                return None
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+
+
+def _clean_up_after(dead: Holder, flow_run_id: str) -> None:
+    """The previous holder died holding the lock: let its watchdog finish, then mark its run Crashed."""
+    logger.warning("The previous all-etl run (flow run %s, PID %s) ended without finishing", dead.flow_run_id, dead.pid)
+    if dead.watchdog_pid:
+        deadline = time.monotonic() + WATCHDOG_WAIT_SECONDS
+        while _is_watchdog(dead.watchdog_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    message = (
+        f"The process running this flow run (PID {dead.pid}) died without finishing it; "
+        f"marked Crashed by the next all-etl run, flow run {flow_run_id}"
+    )
+    try:
+        mark_crashed(dead.flow_run_id, message)
+    except Exception as exc:  # the dead run's record is history; this run goes on
+        logger.warning("Could not mark flow run %s Crashed: %s", dead.flow_run_id, str(exc).splitlines()[0])
+
+
+def mark_crashed(flow_run_id: str, message: str) -> list[str]:
+    """Set the flow run, and its child flow runs, Crashed if Prefect still has them unfinished."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    marked = []
+    with get_client(sync_client=True) as client:
+        try:
+            runs = [client.read_flow_run(UUID(flow_run_id))]
+        except ObjectNotFound:
+            logger.warning("Flow run %s is not on this Prefect server; nothing to mark", flow_run_id)
+            return marked
+        runs += client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[UUID(flow_run_id)]))
+        )
+        for run in runs:
+            if run.state is not None and run.state.type.value in _UNFINISHED_STATES:
+                client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+                marked.append(str(run.id))
+            else:
+                logger.warning("Flow run %s is already %s; leaving it so", run.id, run.state.name if run.state else "stateless")
+    if marked:
+        logger.warning("Marked flow run(s) %s Crashed", ", ".join(marked))
+    return marked
+
+
+def _is_watchdog(pid: int) -> bool:
+    try:
+        return b"elt.processes" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False

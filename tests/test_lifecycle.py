@@ -1,0 +1,353 @@
+"""Runs die cleanly: `elt run` started as a real process, stopped with kill -9, SIGTERM or by a
+second run on the same warehouse, with real dbt on DuckDB, real connectors and a real Prefect
+server. After each: every process the run started is gone within 10 s, no profiles folder is
+left, the warehouse lock is free, and the next run works."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import psutil
+import pytest
+
+from tests.conftest import BIN, GitRemote, PrefectServer
+
+CHILDREN_END_SECONDS = 10
+
+# A dbt Python model (dbt-duckdb runs it inside dbt's process) that, when the test asks, says it
+# has started and then holds the warehouse until the run is stopped.
+SLOW_MODEL = '''
+import os
+import time
+
+
+def model(dbt, session):
+    marker = os.environ.get("ELT_TEST_SLOW_MODEL_MARKER")
+    if marker:
+        open(marker, "w").close()
+        time.sleep(900)
+    return session.sql("select 1 as id")
+'''
+
+GUARDED_PARENT = """
+import subprocess, sys, time
+from pathlib import Path
+from elt import processes
+with processes.RunGuard() as guard:
+    folder = Path(sys.argv[1])
+    folder.mkdir()
+    processes.remove_if_run_dies(folder)
+    # Like a connector: no parent-death signal, and a child of its own.
+    child = subprocess.Popen(["sh", "-c", "sleep 900 & wait"])
+    guard.sync()
+    print(child.pid, flush=True)
+    time.sleep(900)
+"""
+
+
+def _wait_until(condition, seconds: float, what: str, process: subprocess.Popen | None = None, log: Path | None = None):
+    """Poll until `condition()` is truthy; fail the test after `seconds`, or as soon as `process` exits."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = condition()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            pytest.fail(f"the run exited ({process.returncode}) before {what}:\n{_tail(log)}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {seconds:.0f}s waiting until {what}\n{_tail(log)}")
+        time.sleep(0.1)
+
+
+def _tail(log: Path | None) -> str:
+    return log.read_text()[-3000:] if log and log.exists() else ""
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _assert_all_end(recorded: dict[int, psutil.Process]) -> None:
+    """Every process recorded as the run's descendant ends within CHILDREN_END_SECONDS."""
+    def survivors() -> list[str]:
+        left = []
+        for process in recorded.values():
+            try:
+                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                    left.append(f"{process.pid} {' '.join(process.cmdline())[:150]}")
+            except psutil.NoSuchProcess:
+                continue
+        return left
+
+    deadline = time.monotonic() + CHILDREN_END_SECONDS
+    while survivors():
+        if time.monotonic() > deadline:
+            pytest.fail(f"still running {CHILDREN_END_SECONDS}s after the run ended: {survivors()}")
+        time.sleep(0.1)
+
+
+def _lock_is_free(lock: Path) -> bool:
+    with lock.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return True
+
+
+_started_runs: list["Run"] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_run_outlives_its_test():
+    """A failed test must not leave an `elt run` (and its connectors) running on a shared machine."""
+    yield
+    while _started_runs:
+        run = _started_runs.pop()
+        leftovers = [*_descendants(run.process.pid), *run.recorded.values()]
+        run.process.kill()
+        run.process.wait()
+        for process in leftovers:
+            try:
+                process.kill()  # psutil checks the PID still names the process it recorded
+            except psutil.Error:
+                pass
+
+
+class Run:
+    """One `elt run` process, its output in files, and every descendant it was seen with."""
+
+    def __init__(self, home: Path, env: dict[str, str], *args: str, name: str = "run") -> None:
+        self.log = home.parent / f"{name}.log"
+        self.err = home.parent / f"{name}.err"
+        self.process = subprocess.Popen(
+            [str(BIN / "elt"), "run", *args], cwd=home, env=env,
+            stdout=self.log.open("w"), stderr=self.err.open("w"),
+        )
+        self.recorded: dict[int, psutil.Process] = {}
+        _started_runs.append(self)
+
+    def record(self) -> list[psutil.Process]:
+        children = _descendants(self.process.pid)
+        for child in children:
+            self.recorded.setdefault(child.pid, child)
+        return children
+
+    def wait_for_child(self, needle: str, seconds: float = 400) -> None:
+        def running() -> bool:
+            return any(needle in " ".join(_cmdline(child)) for child in self.record())
+
+        _wait_until(running, seconds, f"a child running {needle} appears", self.process, self.err)
+
+    def wait(self, seconds: float = 60) -> int:
+        _wait_until(lambda: self.process.poll() is not None, seconds, "the run exits", log=self.err)
+        return self.process.returncode
+
+    @property
+    def stderr(self) -> str:
+        return self.err.read_text()
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
+@pytest.fixture
+def run_env(appliance_env: Path, tmp_path: Path) -> dict[str, str]:
+    """The environment of an `elt run` started by the user, with its own temp folder so leftovers are seen."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    return {**os.environ, "ELT_HOME": str(appliance_env), "TMPDIR": str(temp)}
+
+
+def _leftover_profiles(env: dict[str, str]) -> list[str]:
+    return [path.name for path in Path(env["TMPDIR"]).glob("elt-profiles-*")]
+
+
+def _holder(home: Path) -> dict:
+    lock = home / "data" / "warehouse.duckdb.run.lock"
+    return _wait_until(lambda: lock.exists() and lock.read_text() and json.loads(lock.read_text()), 30, "the run records itself in the lock")
+
+
+def test_watchdog_stops_the_children_of_a_killed_process(tmp_path: Path) -> None:
+    """kill -9 of a guarded process: its child and grandchild (re-parented to PID 1) are stopped,
+    and the folder it registered is removed."""
+    folder = tmp_path / "run-folder"
+    parent = subprocess.Popen([sys.executable, "-c", GUARDED_PARENT, str(folder)], stdout=subprocess.PIPE, text=True)
+    child_pid = int(parent.stdout.readline())
+    recorded = {process.pid: process for process in _descendants(parent.pid)}
+    assert child_pid in recorded and len(recorded) >= 3, "watchdog, child and grandchild should be running"
+    parent.kill()
+    parent.wait()
+    _assert_all_end(recorded)
+    _wait_until(lambda: not folder.exists(), CHILDREN_END_SECONDS, "the registered folder is removed")
+
+
+@pytest.mark.slow
+def test_kill_9_during_dbt(prefect_server: PrefectServer, tiny_remote: GitRemote, appliance_env: Path, run_env: dict, tmp_path: Path) -> None:
+    """kill -9 of `elt run` while dbt holds the warehouse: dbt and every other child end within 10 s,
+    the lock and profiles folder go with them, a second run meanwhile was refused naming the first,
+    the next run succeeds and marks the killed run Crashed."""
+    tiny_remote.commit("dbt/models/slow.py", SLOW_MODEL, "a model that waits")
+    marker = tmp_path / "slow-model-started"
+    env = prefect_server.env() | run_env
+    args = ["--skip-extract", "--repo", str(tiny_remote.bare)]
+    first = Run(appliance_env, env | {"ELT_TEST_SLOW_MODEL_MARKER": str(marker)}, *args, name="first")
+    _wait_until(marker.exists, 400, "the slow model runs", first.process, first.err)
+    first.wait_for_child("dbt")
+    holder = _holder(appliance_env)
+    assert holder["pid"] == first.process.pid
+
+    second = Run(appliance_env, env, *args, name="second")
+    assert second.wait(seconds=300) == 1
+    warehouse = appliance_env / "data" / "warehouse.duckdb"
+    assert second.stderr.strip().splitlines()[-1] == (
+        f"all-etl Failed: another all-etl run (flow run {holder['flow_run_id']}, PID {first.process.pid}) "
+        f"is using {warehouse}; wait for it or cancel it"
+    )
+    assert "sync-" not in second.log.read_text() + second.stderr
+
+    first.record()
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait()
+    _assert_all_end(first.recorded)
+    assert _leftover_profiles(env) == []
+    assert _lock_is_free(appliance_env / "data" / "warehouse.duckdb.run.lock")
+
+    third = Run(appliance_env, env, *args, name="third")
+    assert third.wait(seconds=400) == 0, third.stderr[-3000:]
+    with duckdb.connect(str(warehouse), read_only=True) as connection:
+        assert connection.execute("select count(*) from main_marts.customer_totals").fetchone()[0] > 0
+    state = prefect_server.get(f"/flow_runs/{holder['flow_run_id']}").json()["state"]
+    assert state["type"] == "CRASHED"
+    assert state["message"].startswith(f"The process running this flow run (PID {first.process.pid}) died without finishing it")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_or_sigint_during_dbt(prefect_server: PrefectServer, tiny_remote: GitRemote, appliance_env: Path, run_env: dict,
+                            tmp_path: Path, stop_signal: signal.Signals) -> None:
+    """SIGTERM (docker stop, systemd) or SIGINT to the elt process alone: dbt is stopped, the run
+    is marked Crashed, and elt exits 128 + the signal with one line saying so."""
+    tiny_remote.commit("dbt/models/slow.py", SLOW_MODEL, "a model that waits")
+    marker = tmp_path / "slow-model-started"
+    env = prefect_server.env() | run_env | {"ELT_TEST_SLOW_MODEL_MARKER": str(marker)}
+    run = Run(appliance_env, env, "--skip-extract", "--repo", str(tiny_remote.bare))
+    _wait_until(marker.exists, 400, "the slow model runs", run.process, run.err)
+    run.wait_for_child("dbt")
+    holder = _holder(appliance_env)
+
+    run.record()
+    run.process.send_signal(stop_signal)
+    assert run.wait(seconds=60) == 128 + stop_signal
+    _assert_all_end(run.recorded)
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"all-etl stopped by {stop_signal.name}: flow run {holder['flow_run_id']} is marked Crashed "
+        "and its dbt and connector processes were stopped"
+    )
+    assert prefect_server.get(f"/flow_runs/{holder['flow_run_id']}").json()["state"]["type"] == "CRASHED"
+    assert _leftover_profiles(env) == []
+    lock = appliance_env / "data" / "warehouse.duckdb.run.lock"
+    assert _lock_is_free(lock) and lock.read_text() == ""
+
+
+@pytest.mark.slow
+def test_sigterm_during_sync(prefect_server: PrefectServer, appliance_remote: GitRemote, appliance_env: Path,
+                             run_env: dict, faker_connections: Path) -> None:
+    """SIGTERM while source-faker is syncing: the connector is stopped rather than left to finish
+    and commit; elt exits 143 with one line; nothing is built and the warehouse still opens."""
+    faker_connections.write_text(faker_connections.read_text().replace("count: 200", "count: 20000000"))
+    env = prefect_server.env() | run_env
+    run = Run(appliance_env, env, "--repo", str(appliance_remote.bare))
+    run.wait_for_child("source-faker", seconds=600)
+    holder = _holder(appliance_env)
+
+    run.record()
+    run.process.send_signal(signal.SIGTERM)
+    assert run.wait(seconds=60) == 128 + signal.SIGTERM
+    _assert_all_end(run.recorded)
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"all-etl stopped by SIGTERM: flow run {holder['flow_run_id']} is marked Crashed "
+        "and its dbt and connector processes were stopped"
+    )
+    assert prefect_server.get(f"/flow_runs/{holder['flow_run_id']}").json()["state"]["type"] == "CRASHED"
+    warehouse = appliance_env / "data" / "warehouse.duckdb"
+    if warehouse.exists():
+        with duckdb.connect(str(warehouse), read_only=True) as connection:
+            schemas = {row[0] for row in connection.execute("select schema_name from information_schema.schemata").fetchall()}
+            assert not any(schema.endswith("marts") for schema in schemas)
+            users = connection.execute(
+                "select count(*) from information_schema.tables where table_schema = 'raw_faker' and table_name = 'users'"
+            ).fetchone()[0]
+            if users:
+                assert connection.execute("select count(*) from raw_faker.users").fetchone()[0] < 20000000
+    assert _lock_is_free(appliance_env / "data" / "warehouse.duckdb.run.lock")
+
+
+@pytest.mark.slow
+def test_kill_9_during_sync(prefect_server: PrefectServer, appliance_remote: GitRemote, appliance_env: Path,
+                            run_env: dict, faker_connections: Path) -> None:
+    """kill -9 while source-faker is syncing: the connector has no parent-death signal; the
+    watchdog stops it (and its own child) within 10 s, and the lock is free."""
+    faker_connections.write_text(faker_connections.read_text().replace("count: 200", "count: 20000000"))
+    run = Run(appliance_env, prefect_server.env() | run_env, "--repo", str(appliance_remote.bare))
+    run.wait_for_child("source-faker", seconds=600)
+    run.record()
+    run.process.send_signal(signal.SIGKILL)
+    run.process.wait()
+    _assert_all_end(run.recorded)
+    assert _lock_is_free(appliance_env / "data" / "warehouse.duckdb.run.lock")
+
+
+@pytest.mark.slow
+def test_kill_9_stops_the_temporary_prefect_server(tiny_remote: GitRemote, appliance_env: Path, run_env: dict, tmp_path: Path) -> None:
+    """Without PREFECT_API_URL Prefect starts a temporary server as a child of the run; kill -9 of
+    the run must not leave it (or dbt) running."""
+    tiny_remote.commit("dbt/models/slow.py", SLOW_MODEL, "a model that waits")
+    marker = tmp_path / "slow-model-started"
+    env = {key: value for key, value in run_env.items() if key != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "ELT_TEST_SLOW_MODEL_MARKER": str(marker)}
+    run = Run(appliance_env, env, "--skip-extract", "--repo", str(tiny_remote.bare))
+    _wait_until(marker.exists, 500, "the slow model runs", run.process, run.err)
+    run.wait_for_child("dbt")
+    assert any("prefect.server.api.server:create_app" in " ".join(_cmdline(child)) for child in run.record())
+    run.process.send_signal(signal.SIGKILL)
+    run.process.wait()
+    _assert_all_end(run.recorded)
+    assert _leftover_profiles(env) == []
+
+
+def test_profiles_folders_of_dead_processes_are_swept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A profiles folder left by a process that died with its watchdog is removed by the next
+    dbt invocation; one of a live process is kept."""
+    import tempfile
+
+    from elt import dbt
+    from elt.settings import load_settings
+    from tests.conftest import TINY_PROJECT
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    left_by_dead = tmp_path / f"elt-profiles-{ended.pid}-abcd1234"
+    of_live = tmp_path / f"elt-profiles-{os.getpid()}-efgh5678"
+    left_by_dead.mkdir()
+    of_live.mkdir()
+    with dbt.profiles_dir(load_settings(home=tmp_path), dbt.DbtProject.at(TINY_PROJECT)) as rendered:
+        assert (rendered / "profiles.yml").is_file()
+    assert not left_by_dead.exists() and of_live.exists() and not rendered.exists()
