@@ -80,12 +80,15 @@ def doctor(
     for check in run_checks():
         if debug and check.traceback:
             typer.echo(check.traceback.rstrip(), err=True)
-        mark = typer.style("ok  ", fg="green") if check.ok else typer.style("FAIL", fg="red")
+        if check.ok:
+            mark = typer.style("ok  ", fg="green")
+        else:
+            mark = typer.style("FAIL", fg="red") if check.checked else typer.style("skip", fg="yellow")
         first, *more = check.detail.splitlines() or [""]
         typer.echo(f"{mark} {check.name}: {first}")
         for line in more:
             typer.echo(f"       - {line}")
-        problems += not check.ok
+        problems += check.checked and not check.ok
     if problems:
         typer.secho(f"{problems} problem(s) found", fg="red", err=True)
         raise typer.Exit(1)

@@ -22,6 +22,7 @@ class Check:
     ok: bool
     detail: str
     traceback: str | None = None  # of a failed check, for `elt doctor --debug`
+    checked: bool = True  # False: it needs what another check found broken; that one counts, this doesn't
 
 
 class Problems(EltError):
@@ -53,10 +54,12 @@ def run_checks() -> Iterator[Check]:
     for name, depends_on, check in _checks(settings):
         blocked = sorted(problem.split(":", 1)[0] for field, problem in invalid.items() if field.startswith(depends_on))
         if blocked:
-            yield Check(name, False, f"not checked: {', '.join(blocked)} is invalid (see settings)")
+            yield Check(name, False, f"not checked: {', '.join(blocked)} is invalid (see settings)", checked=False)
             continue
         try:
             yield Check(name, True, check())
+        except NotChecked as exc:
+            yield Check(name, False, str(exc), checked=False)
         except Problems as exc:
             yield Check(name, False, str(exc), traceback.format_exc())
         except Exception as exc:  # every failure becomes a reported problem, never a crash
