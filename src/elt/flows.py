@@ -140,11 +140,11 @@ def update_code(repo: str | None = None, branch: str | None = None) -> git_repo.
         key="deployed-commit",
         table=[
             {
-                "repo": git_repo.scrub_location(deployed.repo),
-                "branch": deployed.branch,
                 "commit": deployed.sha,
-                "previous commit": deployed.previous_sha if deployed.changed else "",
+                "branch": deployed.branch,
                 "pulled": "updated" if deployed.changed else "unchanged",
+                "previous commit": deployed.previous_sha if deployed.changed else "",
+                "repo": git_repo.scrub_location(deployed.repo),
             }
         ],
         description="The commit of the dbt project this run built",

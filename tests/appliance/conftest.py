@@ -4,6 +4,9 @@ test_browser.py): bringing it up costs minutes on a small CI machine.
 
 Needs root and apt (tests/appliance/install_docker.sh installs docker.io, docker-compose and
 debootstrap); skipped otherwise.
+
+While working on these tests: ELT_APPLIANCE_CHECKOUT=<checkout of a stack already up> runs
+them against that stack (no setup.sh, no teardown).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +40,11 @@ def pytest_configure(config):
 def stack(tmp_path_factory: pytest.TempPathFactory):
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         pytest.skip("the appliance test needs root and apt-get (it installs and starts a Docker engine)")
+    if os.environ.get("ELT_APPLIANCE_CHECKOUT"):
+        existing = Stack(Path(os.environ["ELT_APPLIANCE_CHECKOUT"]))
+        existing.first_output, existing.timings = "", {}
+        yield existing
+        return
     timings: dict[str, float] = {}
     started = time.monotonic()
     sh(["bash", str(HERE / "install_docker.sh")], timeout=900)

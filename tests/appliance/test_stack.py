@@ -38,10 +38,88 @@ def test_setup_twice_changes_nothing(stack: Stack) -> None:
     assert ".env: set" not in output and "Creating" not in output and "Recreating" not in output, output
     assert "automation crash-zombie-flow-runs: unchanged" in output, output
     assert "automation notify-failed-all-etl: skipped (SLACK_WEBHOOK_URL is not set)" in output, output
-    assert "ssh -L 4200:localhost:4200 -L 8000:localhost:8000 -L 8080:localhost:8080" in output
     env = stack.env
     assert len(env["POSTGRES_PASSWORD"]) >= 32
     assert env["PREFECT_SERVER_API_AUTH_STRING"].startswith("admin:")
+
+
+def test_first_install_says_created(stack: Stack) -> None:
+    assert "work pool elt: created" in stack.first_output, stack.first_output
+    assert "automation crash-zombie-flow-runs: created" in stack.first_output, stack.first_output
+
+
+@pytest.mark.parametrize("seed", ["0", "1", "2", "3", "7", "11"])
+def test_rerunning_the_prefect_setup_says_unchanged_whatever_the_hash_seed(stack: Stack, seed: str) -> None:
+    # The trigger's expect/after are sets: their order in the JSON depends on PYTHONHASHSEED.
+    output = stack.compose(
+        "exec", "-T", "-e", f"PYTHONHASHSEED={seed}", "-e", f"ELT_ZOMBIE_SECONDS={stack.env['ELT_ZOMBIE_SECONDS']}",
+        "prefect-server", "sh", "-c",
+        'PREFECT_API_URL=http://127.0.0.1:4200/api PREFECT_API_AUTH_STRING="$PREFECT_SERVER_API_AUTH_STRING" '
+        "exec python /opt/elt/docker/prefect_setup.py",
+    ).stdout
+    assert output.splitlines() == [
+        "work pool elt: unchanged",
+        "automation crash-zombie-flow-runs: unchanged",
+        "automation notify-failed-all-etl: skipped (SLACK_WEBHOOK_URL is not set)",
+    ], output
+
+
+def test_setup_prints_the_tunnel_with_the_ports_of_env_and_no_airbyte_when_skipped(stack: Stack) -> None:
+    prefect, docs = stack.env["PREFECT_PORT"], stack.env["DBT_DOCS_PORT"]
+    lines = stack.first_output.splitlines()
+    tunnel = [line.strip() for line in lines if line.strip().startswith("ssh ")]
+    assert len(tunnel) == 1, stack.first_output
+    assert tunnel[0].startswith(f"ssh -L {prefect}:localhost:{prefect} -L {docs}:localhost:{docs} "), tunnel
+    assert "8000" not in stack.first_output.split("open the tunnel:")[1], stack.first_output
+    assert f"http://localhost:{prefect}   Prefect: log in with the whole PREFECT_SERVER_API_AUTH_STRING" in stack.first_output
+    assert f"http://localhost:{docs}   dbt docs" in stack.first_output
+
+
+def test_the_git_ignored_override_applies_and_the_checkout_stays_clean(stack: Stack) -> None:
+    # conftest.py wrote docker/docker-compose.override.yml as docs/operations.md says.
+    assert "TZ=Europe/Berlin" in stack.exec_worker("env").splitlines()
+    assert sh(["git", "status", "--porcelain"], cwd=stack.checkout).stdout == ""
+
+
+def container_env(container: str) -> dict[str, str]:
+    listed = sh(["docker", "inspect", "-f", "{{range .Config.Env}}{{println .}}{{end}}", container]).stdout
+    return dict(line.split("=", 1) for line in listed.splitlines() if "=" in line)
+
+
+def test_each_container_gets_only_the_secrets_it_needs(stack: Stack) -> None:
+    env = stack.env
+    password = env["POSTGRES_PASSWORD"]
+    auth = env["PREFECT_SERVER_API_AUTH_STRING"]
+    ids = stack.container_ids()
+    environments = {service: container_env(container) for service, container in ids.items()}
+
+    def holders(secret: str) -> set[str]:
+        return {service for service, values in environments.items() if any(secret in value for value in values.values())}
+
+    assert holders(password) == {"postgres", "prefect-server"}
+    assert holders(auth) == {"prefect-server", "prefect-worker", "dbt-docs"}
+    assert environments["prefect-worker"]["PREFECT_API_AUTH_STRING"] == auth
+    assert environments["dbt-docs"]["PREFECT_API_AUTH_STRING"] == auth
+    for client in ("prefect-worker", "dbt-docs"):
+        assert "PREFECT_SERVER_API_AUTH_STRING" not in environments[client]
+        # The checkout is mounted, its .env is not: the file holds PostgreSQL's password.
+        shown = sh(["docker", "exec", ids[client], "cat", "/opt/elt/.env"]).stdout
+        assert shown == "", f"{client} reads the checkout's .env"
+    # The server mounts docker/ only, not the checkout.
+    assert sh(["docker", "exec", ids["prefect-server"], "test", "-e", "/opt/elt/.env"], check=False).returncode == 1
+
+
+def test_the_ui_is_served_not_just_the_api(stack: Stack) -> None:
+    base = f"http://127.0.0.1:{stack.env['PREFECT_PORT']}"
+    page = httpx.get(base + "/", follow_redirects=True, timeout=30)
+    assert page.status_code == 200 and "<title>Prefect Server</title>" in page.text, page.text[:300]
+    # The UI build lives in the image, not in a volume: a new image brings its own.
+    server = stack.container_ids()["prefect-server"]
+    mounts = sh(["docker", "inspect", "-f", "{{range .Mounts}}{{println .Destination}}{{end}}", server]).stdout
+    assert "/var/lib/elt/prefect-ui" not in mounts
+    built_for = sh(["docker", "exec", server, "cat", "/var/lib/elt/prefect-ui/v2/UI_SERVE_BASE"]).stdout
+    version = sh(["docker", "exec", server, "python", "-c", "import prefect; print(prefect.__version__)"]).stdout.strip()
+    assert built_for == f"v2:{version}:/v2"
 
 
 def test_ports_are_published_on_localhost_only(stack: Stack) -> None:
@@ -97,12 +175,14 @@ def test_dbt_docs_are_regenerated_after_a_successful_run(stack: Stack) -> None:
     assert "dbt" in httpx.get(f"{url}/index.html", timeout=30).text.lower()
 
 
-def test_history_survives_down_and_up(stack: Stack) -> None:
+def test_history_and_the_ui_survive_down_and_up(stack: Stack) -> None:
     stack.compose("down", "--timeout", "10")
     stack.compose("up", "-d")
     stack.wait_api()
     assert stack.state(stack.completed_run)["type"] == "COMPLETED"
     assert stack.mart_rows() > 0
+    ui = httpx.get(f"http://127.0.0.1:{stack.env['PREFECT_PORT']}/", follow_redirects=True, timeout=30)
+    assert ui.status_code == 200 and "<title>Prefect Server</title>" in ui.text
 
 
 def test_a_run_whose_worker_is_killed_ends_crashed_and_the_next_completes(stack: Stack) -> None:
