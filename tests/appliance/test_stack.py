@@ -198,7 +198,7 @@ def test_a_run_whose_worker_is_killed_ends_crashed_and_the_next_completes(stack:
     worker = stack.container_ids()["prefect-worker"]
     t = time.monotonic()
     sh(["docker", "kill", worker])
-    state = stack.wait_state(run_id, TERMINAL, 400)
+    state = stack.wait_state(run_id, TERMINAL, 600)
     stack.timings["killed run marked crashed after"] = time.monotonic() - t
     assert state["type"] == "CRASHED", state
 
