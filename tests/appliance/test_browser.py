@@ -193,7 +193,10 @@ def test_an_interval_schedule_added_in_the_ui_runs_all_etl(user: User) -> None:
             timeout=900, interval=5,
         )[0]
         page.goto(f"{user.base}/v2/runs/flow-run/{scheduled['id']}")
-        page.get_by_text("Completed").first.wait_for()
+        page.get_by_text("auto-scheduled").first.wait_for()
+        page.get_by_text("Completed", exact=True).first.wait_for()
+        page.get_by_role("tab", name="Subflow Runs").click()
+        assert sorted(user.child_runs()) == sorted(CHILD_FLOWS)
         user.shot("06-scheduled-run-completed")
     finally:
         # The schedule would keep making runs for the tests after this one: remove it and its
@@ -284,6 +287,8 @@ def test_the_dbt_docs_show_the_model_the_last_pull_added(user: User) -> None:
     page.get_by_placeholder(re.compile("Search for models", re.I)).fill(NEW_MODEL)
     page.get_by_text(NEW_MODEL).first.wait_for()
     user.shot("15-dbt-docs-search")
-    page.goto(f"{docs}/#!/model/model.elt_appliance.{NEW_MODEL}")
-    page.locator("h1").filter(has_text=NEW_MODEL).first.wait_for()
+    page.locator("h4", has_text=NEW_MODEL).first.click()
+    page.get_by_role("heading", name=f"{NEW_MODEL} table").wait_for()
+    assert page.url.endswith(f"#!/model/model.elt_appliance.{NEW_MODEL}"), page.url
+    page.get_by_text(f"main_marts.{NEW_MODEL}").first.wait_for()  # the relation it was built into
     user.shot("16-dbt-docs-new-model")
