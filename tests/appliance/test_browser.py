@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -183,13 +184,17 @@ def test_an_interval_schedule_added_in_the_ui_runs_all_etl(user: User) -> None:
     dialog.get_by_role("tab", name="Interval").click()
     dialog.get_by_label("Value").fill("2")
     user.shot("04-add-schedule")
+    saved_at = datetime.now(timezone.utc)
     dialog.get_by_role("button", name="Save").click()
     page.get_by_text("Every 2 minutes").wait_for()
     user.shot("05-deployment-with-schedule")
     try:
         scheduled = wait_for(
             "a run made by the schedule reached Completed",
-            lambda: [run for run in deployment_runs(stack, state={"type": {"any_": ["COMPLETED"]}}) if run["auto_scheduled"]],
+            lambda: [
+                run for run in deployment_runs(stack, state={"type": {"any_": ["COMPLETED"]}})
+                if run["auto_scheduled"] and datetime.fromisoformat(run["created"]) >= saved_at
+            ],
             timeout=900, interval=5,
         )[0]
         page.goto(f"{user.base}/v2/runs/flow-run/{scheduled['id']}")
