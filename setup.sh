@@ -133,9 +133,6 @@ say "Building $image on $base (cached layers make this quick when nothing change
 docker build --quiet --network host --build-arg "BASE_IMAGE=$base" \
   -f "$REPO/docker/Dockerfile" -t "$image" "$REPO" >/dev/null
 
-say "Starting the stack"
-"$COMPOSE" up -d --remove-orphans 2>&1 | grep -v -i 'up-to-date' || true
-
 wait_healthy() {  # wait_healthy SERVICE SECONDS
   local id deadline=$((SECONDS + $2)) status=""
   while [ "$SECONDS" -lt "$deadline" ]; do
@@ -149,26 +146,55 @@ wait_healthy() {  # wait_healthy SERVICE SECONDS
   "$COMPOSE" logs --tail 40 "$1" >&2 || true
   die "$1 is not healthy after $2 s (status: ${status:-not created}); see docker/compose.sh logs $1"
 }
-for service in postgres prefect-server prefect-worker dbt-docs; do
+up() { "$COMPOSE" up -d --remove-orphans "$@" 2>&1 | grep -v -i 'up-to-date' || true; }
+
+say "Starting the stack"
+up postgres prefect-server
+for service in postgres prefect-server; do
+  wait_healthy "$service" 300
+done
+
+# --- Prefect: work pool and automations, before the worker (which would create the pool) ----
+# Run in the server's container, which holds the API auth string already; the Slack webhook
+# goes in on stdin, never on a command line.
+ZOMBIE_SECONDS="$(env_get ELT_ZOMBIE_SECONDS)"
+env_get SLACK_WEBHOOK_URL | "$COMPOSE" exec -T -e "ELT_ZOMBIE_SECONDS=${ZOMBIE_SECONDS:-90}" prefect-server \
+  sh -c 'PREFECT_API_URL=http://127.0.0.1:4200/api PREFECT_API_AUTH_STRING="$PREFECT_SERVER_API_AUTH_STRING" exec python /opt/elt/docker/prefect_setup.py --slack-webhook-url-from-stdin'
+
+up
+for service in prefect-worker dbt-docs; do
   wait_healthy "$service" 300
 done
 say "The stack is healthy"
 
-# --- Prefect: work pool, automations, the all-etl deployment ------------------------
-in_worker() { "$COMPOSE" exec -T prefect-worker "$@"; }
-in_worker python /opt/elt/docker/prefect_setup.py
+# --- The all-etl deployment -------------------------------------------------------------
 say "Deploying all-etl from prefect/prefect.yaml"
-in_worker prefect --no-prompt deploy --all --prefect-file prefect/prefect.yaml >/dev/null
+"$COMPOSE" exec -T prefect-worker prefect --no-prompt deploy --all --prefect-file prefect/prefect.yaml >/dev/null
 
 host="$(hostname -I 2>/dev/null | awk '{print $1}')"
+prefect_port="$(env_get PREFECT_PORT)"; prefect_port="${prefect_port:-4200}"
+docs_port="$(env_get DBT_DOCS_PORT)"; docs_port="${docs_port:-8080}"
+AIRBYTE_PORT=8000
+airbyte=0
+if [ "$INSTALL_AIRBYTE" = 1 ] || { command -v abctl >/dev/null 2>&1 && abctl local status 2>/dev/null | grep -qi 'status.*deployed'; }; then
+  airbyte=1
+fi
+tunnel="-L $prefect_port:localhost:$prefect_port"
+[ "$airbyte" = 1 ] && tunnel="$tunnel -L $AIRBYTE_PORT:localhost:$AIRBYTE_PORT"
+tunnel="$tunnel -L $docs_port:localhost:$docs_port"
+
 cat <<MSG
 
 The appliance is running. From your machine, open the tunnel:
 
-  ssh -L 4200:localhost:4200 -L 8000:localhost:8000 -L 8080:localhost:8080 $(id -un)@${host:-<this-vm>}
+  ssh $tunnel $(id -un)@${host:-<this-vm>}
 
-then browse http://localhost:4200 (Prefect; user and password are PREFECT_SERVER_API_AUTH_STRING
-in .env), http://localhost:8000 (Airbyte) and http://localhost:8080 (dbt docs).
-Schedule all-etl in the Prefect UI: Deployments > all-etl > Schedules > Add schedule.
+then browse:
+  http://localhost:$prefect_port   Prefect: log in with the whole PREFECT_SERVER_API_AUTH_STRING from .env (user:password)
+MSG
+[ "$airbyte" = 1 ] && echo "  http://localhost:$AIRBYTE_PORT   Airbyte: abctl local credentials prints its login"
+cat <<MSG
+  http://localhost:$docs_port   dbt docs
+Schedule all-etl in the Prefect UI: Deployments > all-etl > Schedules: + > Interval or Cron > Save.
 Operations (logs, updates, backups): docs/operations.md
 MSG

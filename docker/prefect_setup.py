@@ -1,8 +1,10 @@
-"""Idempotent Prefect setup for the appliance, run by setup.sh inside the worker container:
+"""Idempotent Prefect setup for the appliance, run by setup.sh inside the server's container
+(before the worker starts, so the first install creates the work pool):
 
 - the `elt` process work pool;
 - a Slack webhook block + the automation "notify-failed-all-etl" (failed or crashed flow
-  runs) when SLACK_WEBHOOK_URL is set;
+  runs) when SLACK_WEBHOOK_URL is set (in the environment, or on the first line of stdin
+  with --slack-webhook-url-from-stdin, so it never appears on a command line);
 - the automation "crash-zombie-flow-runs": a proactive trigger that marks a flow run
   Crashed when its heartbeat (PREFECT_FLOWS_HEARTBEAT_FREQUENCY on the worker) has been
   missing for ELT_ZOMBIE_SECONDS (a worker or VM that died mid-run).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from datetime import timedelta
 
 from prefect import get_client
@@ -64,11 +67,22 @@ def ensure_automation(wanted: Automation) -> str:
         wanted.create()
         return "created"
     keys = {"name", "description", "enabled", "trigger", "actions", "actions_on_trigger", "actions_on_resolve"}
-    if existing.model_dump(include=keys, mode="json") == wanted.model_dump(include=keys, mode="json"):
+    if comparable(existing.model_dump(include=keys, mode="json")) == comparable(wanted.model_dump(include=keys, mode="json")):
         return "unchanged"
     wanted.id = existing.id
     wanted.update()
     return "updated"
+
+
+def comparable(value: object) -> object:
+    """`value` with every list of strings sorted: the trigger's `expect`/`after` are sets, whose
+    JSON order depends on the hash seed (PYTHONHASHSEED) of the process that dumped them."""
+    if isinstance(value, dict):
+        return {key: comparable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        items = [comparable(item) for item in value]
+        return sorted(items) if all(isinstance(item, str) for item in items) else items
+    return value
 
 
 def zombie_automation(seconds: int) -> Automation:
@@ -125,6 +139,8 @@ def main() -> None:
     seconds = int(os.environ.get("ELT_ZOMBIE_SECONDS") or 90)
     print(f"automation {ZOMBIE}: {ensure_automation(zombie_automation(seconds))}")
     url = os.environ.get("SLACK_WEBHOOK_URL")
+    if not url and "--slack-webhook-url-from-stdin" in sys.argv[1:]:
+        url = sys.stdin.readline().strip()
     if url:
         status, block = slack_block(url)
         print(f"slack webhook block {SLACK_BLOCK}: {status}")

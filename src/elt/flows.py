@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.actions import DeploymentUpdate
 from prefect.events import emit_event
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from elt import dbt, git_repo, preflight, processes, run_lock, snowflake, warehouse
@@ -136,13 +137,35 @@ def update_code(repo: str | None = None, branch: str | None = None) -> git_repo.
     settings = load_settings()
     deployed = git_repo.update_code(git_repo.RepoSource.from_settings(settings, repo, branch))
     get_run_logger().info("Deployed %s@%s (%s)", deployed.branch, deployed.sha, "updated" if deployed.changed else "unchanged")
-    create_markdown_artifact(
+    create_table_artifact(
         key="deployed-commit",
-        markdown=f"Deployed commit `{deployed.sha}` of `{deployed.branch}` from `{git_repo.scrub_location(deployed.repo)}`"
-        + (f" (was `{deployed.previous_sha}`)" if deployed.changed and deployed.previous_sha else ""),
+        table=[
+            {
+                "commit": deployed.sha,
+                "branch": deployed.branch,
+                "pulled": "updated" if deployed.changed else "unchanged",
+                "previous commit": deployed.previous_sha if deployed.changed else "",
+                "repo": git_repo.scrub_location(deployed.repo),
+            }
+        ],
         description="The commit of the dbt project this run built",
     )
     return deployed
+
+
+def _show_deployed_commit_as_version(deployed: git_repo.Deployed) -> None:
+    """The deployment's Version in the Prefect UI becomes the commit this run deployed
+    (`prefect deploy` records the commit of deploy time, which every `git pull` makes stale).
+
+    Only when it differs: Prefect drops a deployment's future auto-scheduled runs on every
+    update (and its scheduler makes them again).
+    """
+    deployment_id = deployment.id
+    if not deployment_id:
+        return
+    with get_client(sync_client=True) as client:
+        if client.read_deployment(deployment_id).version != deployed.sha:
+            client.update_deployment(deployment_id, DeploymentUpdate(version=deployed.sha))
 
 
 @flow(name="transform")
@@ -294,6 +317,7 @@ def all_etl(
         if not skip_pull:
             with summary.timed("update-code"):
                 summary.deployed = update_code(repo, branch)
+            _show_deployed_commit_as_version(summary.deployed)
 
         if not skip_transform:
             folder = source.checkout / (project_dir or settings.dbt_project_dir)

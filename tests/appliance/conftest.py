@@ -1,2 +1,70 @@
+"""The appliance stack, built and brought up once per test session and shared by every test
+under tests/appliance/ (the API tests in test_stack.py and the browser tests in
+test_browser.py): bringing it up costs minutes on a small CI machine.
+
+Needs root and apt (tests/appliance/install_docker.sh installs docker.io, docker-compose and
+debootstrap); skipped otherwise.
+
+While working on these tests: ELT_APPLIANCE_CHECKOUT=<checkout of a stack already up> runs
+them against that stack (no setup.sh, no teardown).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.appliance.stack import BASE_IMAGE, HERE, Stack, prepare_checkout, sh
+
+# The example of docs/operations.md ("Local changes to the stack"), written as a user would:
+# an environment variable for one service, in the git-ignored override file.
+OVERRIDE_EXAMPLE = """\
+version: "2.4"
+services:
+  prefect-worker:
+    environment:
+      TZ: Europe/Berlin
+"""
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "docker: brings up the appliance on a real Docker engine (needs root and apt)")
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory):
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.skip("the appliance test needs root and apt-get (it installs and starts a Docker engine)")
+    if os.environ.get("ELT_APPLIANCE_CHECKOUT"):
+        existing = Stack(Path(os.environ["ELT_APPLIANCE_CHECKOUT"]))
+        existing.first_output, existing.timings = "", {}
+        yield existing
+        return
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    sh(["bash", str(HERE / "install_docker.sh")], timeout=900)
+    sh(["bash", str(HERE / "build_base_image.sh"), BASE_IMAGE], timeout=1200)
+    timings["engine+base image"] = time.monotonic() - started
+
+    checkout = tmp_path_factory.mktemp("vm") / "elt"
+    prepare_checkout(checkout)
+    (checkout / "docker" / "docker-compose.override.yml").write_text(OVERRIDE_EXAMPLE)
+    stack = Stack(checkout)
+    try:
+        t = time.monotonic()
+        first = stack.setup()
+        timings["setup.sh (first)"] = time.monotonic() - t
+        stack.first_output = first.stdout + first.stderr
+        stack.timings = timings
+        yield stack
+    finally:
+        logs = stack.compose("logs", "--no-color", "--tail", "200", check=False).stdout
+        (tmp_path_factory.getbasetemp() / "stack.log").write_text(logs)
+        stack.compose("down", "-v", "--remove-orphans", "--timeout", "5", check=False)
+        # The image elt-appliance:ci stays: its layers are the build cache of the next run.
+        print("appliance timings:", json.dumps({k: round(v) for k, v in timings.items()}))

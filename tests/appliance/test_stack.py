@@ -13,198 +13,16 @@ images are cached, about 20 from scratch.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import REPO_ROOT, _free_port
+# BASE_IMAGE, HERE, Stack, prepare_checkout, sh: also imported from here by bench/p4_stack.py.
+from tests.appliance.stack import BASE_IMAGE, HERE, TERMINAL, Stack, git, prepare_checkout, sh  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(2400)]
-
-HERE = Path(__file__).parent
-BASE_IMAGE = "elt-base:bookworm"
-CI_OVERRIDE = "docker/docker-compose.ci.yml"
-TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def sh(command: list[str] | str, *, cwd: Path | None = None, timeout: int = 1200, check: bool = True, env=None):
-    completed = subprocess.run(
-        command, cwd=cwd, capture_output=True, text=True, timeout=timeout, shell=isinstance(command, str), env=env
-    )
-    if check and completed.returncode != 0:
-        raise AssertionError(
-            f"{command} exited {completed.returncode}:\n{completed.stdout[-4000:]}\n{completed.stderr[-4000:]}"
-        )
-    return completed
-
-
-def read_env(path: Path) -> dict[str, str]:
-    values = {}
-    for line in path.read_text().splitlines():
-        if line and not line.startswith("#") and "=" in line:
-            key, _, value = line.partition("=")
-            values[key] = value
-    return values
-
-
-class Stack:
-    def __init__(self, checkout: Path) -> None:
-        self.checkout = checkout
-        self.env_file = checkout / ".env"
-
-    @property
-    def env(self) -> dict[str, str]:
-        return read_env(self.env_file)
-
-    def compose(self, *args: str, timeout: int = 600, check: bool = True):
-        return sh([str(self.checkout / "docker" / "compose.sh"), *args], cwd=self.checkout, timeout=timeout, check=check)
-
-    def setup(self) -> subprocess.CompletedProcess:
-        return sh(
-            [str(self.checkout / "setup.sh"), "--no-airbyte", "--no-docker-install",
-             "--compose-override", CI_OVERRIDE, "--base-image", BASE_IMAGE],
-            cwd=self.checkout, timeout=1500,
-        )
-
-    def container_ids(self) -> dict[str, str]:
-        ids = {}
-        for service in ("postgres", "prefect-server", "prefect-worker", "dbt-docs"):
-            ids[service] = self.compose("ps", "-q", service).stdout.strip()
-        return ids
-
-    def exec_worker(self, *command: str, timeout: int = 120) -> str:
-        return self.compose("exec", "-T", "prefect-worker", *command, timeout=timeout).stdout
-
-    @property
-    def api(self) -> httpx.Client:
-        user, _, password = self.env["PREFECT_SERVER_API_AUTH_STRING"].partition(":")
-        return httpx.Client(
-            base_url=f"http://127.0.0.1:{self.env['PREFECT_PORT']}/api", auth=(user, password), timeout=30
-        )
-
-    def wait_api(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with self.api as api:
-                    if api.get("/health").status_code == 200:
-                        return
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the Prefect API did not come up"
-            time.sleep(2)
-
-    def start_run(self, parameters: dict | None = None) -> str:
-        with self.api as api:
-            deployment = api.get("/deployments/name/all-etl/all-etl")
-            deployment.raise_for_status()
-            created = api.post(
-                f"/deployments/{deployment.json()['id']}/create_flow_run", json={"parameters": parameters or {}}
-            )
-            created.raise_for_status()
-            return created.json()["id"]
-
-    def state(self, run_id: str) -> dict:
-        with self.api as api:
-            response = api.get(f"/flow_runs/{run_id}")
-            response.raise_for_status()
-            return response.json()["state"]
-
-    def wait_state(self, run_id: str, types: set[str], timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            state = self.state(run_id)
-            if state["type"] in types:
-                return state
-            if time.monotonic() > deadline:
-                logs = self.compose("logs", "--tail", "60", "prefect-worker", check=False).stdout
-                raise AssertionError(f"run {run_id} still {state['type']} after {timeout} s: {state}\n{logs}")
-            time.sleep(2)
-
-    def mart_rows(self, table: str = "main_marts.daily_revenue") -> int:
-        out = self.exec_worker(
-            "python", "-c",
-            "import duckdb,sys; c=duckdb.connect('/var/lib/elt/data/warehouse.duckdb', read_only=True); "
-            f"print(c.execute('select count(*) from {table}').fetchone()[0])",
-        )
-        return int(out.strip().splitlines()[-1])
-
-
-def _copy_working_tree(destination: Path) -> None:
-    """The repo as the next commit would hold it (tracked + untracked, minus ignored files)."""
-    listed = sh(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT).stdout
-    for relative in filter(None, listed.split("\0")):
-        source = REPO_ROOT / relative
-        if source.is_file():
-            target = destination / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
-
-
-def git(*args: str, cwd: Path) -> str:
-    return sh(["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci", *args], cwd=cwd).stdout.strip()
-
-
-def prepare_checkout(checkout: Path) -> None:
-    """The VM's checkout: this repo's working tree as a git repo with its own `.env`.
-
-    Its origin (a bare repo inside it, ignored) is reachable from the worker container at the
-    same /opt/elt path, so the update-code stage really pulls. Also used by bench/p4_stack.py.
-    """
-    checkout.mkdir(parents=True)
-    _copy_working_tree(checkout)
-    git("init", "-q", "-b", "main", cwd=checkout)
-    git("add", "-A", cwd=checkout)
-    git("commit", "-q", "-m", "appliance", cwd=checkout)
-    git("clone", "-q", "--bare", str(checkout), str(checkout / ".ci-remote.git"), cwd=checkout)
-    (checkout / ".git" / "info" / "exclude").write_text(".ci-remote.git/\n")
-    git("remote", "add", "origin", "/opt/elt/.ci-remote.git", cwd=checkout)
-    git("update-ref", "refs/remotes/origin/main", "HEAD", cwd=checkout)
-    git("branch", "-q", "--set-upstream-to=origin/main", "main", cwd=checkout)
-
-    project = f"elt-ci-{os.getpid()}"
-    (checkout / ".env").write_text(
-        (REPO_ROOT / ".env.example").read_text()
-        + "\n# --- test settings ---\n"
-        + f"COMPOSE_PROJECT_NAME={project}\nELT_IMAGE=elt-appliance:ci\n"
-        + f"PREFECT_PORT={_free_port()}\nDBT_DOCS_PORT={_free_port()}\n"
-        + "ELT_ZOMBIE_SECONDS=60\nELT_DOCS_POLL_SECONDS=5\n"
-        # No SLACK_WEBHOOK_URL: a notification would leave this machine, which tests must not do.
-    )
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory):
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.skip("the appliance test needs root and apt-get (it installs and starts a Docker engine)")
-    timings: dict[str, float] = {}
-    started = time.monotonic()
-    sh(["bash", str(HERE / "install_docker.sh")], timeout=900)
-    sh(["bash", str(HERE / "build_base_image.sh"), BASE_IMAGE], timeout=1200)
-    timings["engine+base image"] = time.monotonic() - started
-
-    checkout = tmp_path_factory.mktemp("vm") / "elt"
-    prepare_checkout(checkout)
-    stack = Stack(checkout)
-    try:
-        t = time.monotonic()
-        first = stack.setup()
-        timings["setup.sh (first)"] = time.monotonic() - t
-        stack.first_output = first.stdout + first.stderr
-        stack.timings = timings
-        yield stack
-    finally:
-        logs = stack.compose("logs", "--no-color", "--tail", "200", check=False).stdout
-        (tmp_path_factory.getbasetemp() / "stack.log").write_text(logs)
-        stack.compose("down", "-v", "--remove-orphans", "--timeout", "5", check=False)
-        # The image elt-appliance:ci stays: its layers are the build cache of the next run.
-        print("appliance timings:", json.dumps({k: round(v) for k, v in timings.items()}))
 
 
 def test_setup_twice_changes_nothing(stack: Stack) -> None:
@@ -220,10 +38,88 @@ def test_setup_twice_changes_nothing(stack: Stack) -> None:
     assert ".env: set" not in output and "Creating" not in output and "Recreating" not in output, output
     assert "automation crash-zombie-flow-runs: unchanged" in output, output
     assert "automation notify-failed-all-etl: skipped (SLACK_WEBHOOK_URL is not set)" in output, output
-    assert "ssh -L 4200:localhost:4200 -L 8000:localhost:8000 -L 8080:localhost:8080" in output
     env = stack.env
     assert len(env["POSTGRES_PASSWORD"]) >= 32
     assert env["PREFECT_SERVER_API_AUTH_STRING"].startswith("admin:")
+
+
+def test_first_install_says_created(stack: Stack) -> None:
+    assert "work pool elt: created" in stack.first_output, stack.first_output
+    assert "automation crash-zombie-flow-runs: created" in stack.first_output, stack.first_output
+
+
+@pytest.mark.parametrize("seed", ["0", "1", "2", "3", "7", "11"])
+def test_rerunning_the_prefect_setup_says_unchanged_whatever_the_hash_seed(stack: Stack, seed: str) -> None:
+    # The trigger's expect/after are sets: their order in the JSON depends on PYTHONHASHSEED.
+    output = stack.compose(
+        "exec", "-T", "-e", f"PYTHONHASHSEED={seed}", "-e", f"ELT_ZOMBIE_SECONDS={stack.env['ELT_ZOMBIE_SECONDS']}",
+        "prefect-server", "sh", "-c",
+        'PREFECT_API_URL=http://127.0.0.1:4200/api PREFECT_API_AUTH_STRING="$PREFECT_SERVER_API_AUTH_STRING" '
+        "exec python /opt/elt/docker/prefect_setup.py",
+    ).stdout
+    assert output.splitlines() == [
+        "work pool elt: unchanged",
+        "automation crash-zombie-flow-runs: unchanged",
+        "automation notify-failed-all-etl: skipped (SLACK_WEBHOOK_URL is not set)",
+    ], output
+
+
+def test_setup_prints_the_tunnel_with_the_ports_of_env_and_no_airbyte_when_skipped(stack: Stack) -> None:
+    prefect, docs = stack.env["PREFECT_PORT"], stack.env["DBT_DOCS_PORT"]
+    lines = stack.first_output.splitlines()
+    tunnel = [line.strip() for line in lines if line.strip().startswith("ssh ")]
+    assert len(tunnel) == 1, stack.first_output
+    assert tunnel[0].startswith(f"ssh -L {prefect}:localhost:{prefect} -L {docs}:localhost:{docs} "), tunnel
+    assert "8000" not in stack.first_output.split("open the tunnel:")[1], stack.first_output
+    assert f"http://localhost:{prefect}   Prefect: log in with the whole PREFECT_SERVER_API_AUTH_STRING" in stack.first_output
+    assert f"http://localhost:{docs}   dbt docs" in stack.first_output
+
+
+def test_the_git_ignored_override_applies_and_the_checkout_stays_clean(stack: Stack) -> None:
+    # conftest.py wrote docker/docker-compose.override.yml as docs/operations.md says.
+    assert "TZ=Europe/Berlin" in stack.exec_worker("env").splitlines()
+    assert sh(["git", "status", "--porcelain"], cwd=stack.checkout).stdout == ""
+
+
+def container_env(container: str) -> dict[str, str]:
+    listed = sh(["docker", "inspect", "-f", "{{range .Config.Env}}{{println .}}{{end}}", container]).stdout
+    return dict(line.split("=", 1) for line in listed.splitlines() if "=" in line)
+
+
+def test_each_container_gets_only_the_secrets_it_needs(stack: Stack) -> None:
+    env = stack.env
+    password = env["POSTGRES_PASSWORD"]
+    auth = env["PREFECT_SERVER_API_AUTH_STRING"]
+    ids = stack.container_ids()
+    environments = {service: container_env(container) for service, container in ids.items()}
+
+    def holders(secret: str) -> set[str]:
+        return {service for service, values in environments.items() if any(secret in value for value in values.values())}
+
+    assert holders(password) == {"postgres", "prefect-server"}
+    assert holders(auth) == {"prefect-server", "prefect-worker", "dbt-docs"}
+    assert environments["prefect-worker"]["PREFECT_API_AUTH_STRING"] == auth
+    assert environments["dbt-docs"]["PREFECT_API_AUTH_STRING"] == auth
+    for client in ("prefect-worker", "dbt-docs"):
+        assert "PREFECT_SERVER_API_AUTH_STRING" not in environments[client]
+        # The checkout is mounted, its .env is not: the file holds PostgreSQL's password.
+        shown = sh(["docker", "exec", ids[client], "cat", "/opt/elt/.env"]).stdout
+        assert shown == "", f"{client} reads the checkout's .env"
+    # The server mounts docker/ only, not the checkout.
+    assert sh(["docker", "exec", ids["prefect-server"], "test", "-e", "/opt/elt/.env"], check=False).returncode == 1
+
+
+def test_the_ui_is_served_not_just_the_api(stack: Stack) -> None:
+    base = f"http://127.0.0.1:{stack.env['PREFECT_PORT']}"
+    page = httpx.get(base + "/", follow_redirects=True, timeout=30)
+    assert page.status_code == 200 and "<title>Prefect Server</title>" in page.text, page.text[:300]
+    # The UI build lives in the image, not in a volume: a new image brings its own.
+    server = stack.container_ids()["prefect-server"]
+    mounts = sh(["docker", "inspect", "-f", "{{range .Mounts}}{{println .Destination}}{{end}}", server]).stdout
+    assert "/var/lib/elt/prefect-ui" not in mounts
+    built_for = sh(["docker", "exec", server, "cat", "/var/lib/elt/prefect-ui/v2/UI_SERVE_BASE"]).stdout
+    version = sh(["docker", "exec", server, "python", "-c", "import prefect; print(prefect.__version__)"]).stdout.strip()
+    assert built_for == f"v2:{version}:/v2"
 
 
 def test_ports_are_published_on_localhost_only(stack: Stack) -> None:
@@ -279,12 +175,14 @@ def test_dbt_docs_are_regenerated_after_a_successful_run(stack: Stack) -> None:
     assert "dbt" in httpx.get(f"{url}/index.html", timeout=30).text.lower()
 
 
-def test_history_survives_down_and_up(stack: Stack) -> None:
+def test_history_and_the_ui_survive_down_and_up(stack: Stack) -> None:
     stack.compose("down", "--timeout", "10")
     stack.compose("up", "-d")
     stack.wait_api()
     assert stack.state(stack.completed_run)["type"] == "COMPLETED"
     assert stack.mart_rows() > 0
+    ui = httpx.get(f"http://127.0.0.1:{stack.env['PREFECT_PORT']}/", follow_redirects=True, timeout=30)
+    assert ui.status_code == 200 and "<title>Prefect Server</title>" in ui.text
 
 
 def test_a_run_whose_worker_is_killed_ends_crashed_and_the_next_completes(stack: Stack) -> None:
@@ -300,7 +198,7 @@ def test_a_run_whose_worker_is_killed_ends_crashed_and_the_next_completes(stack:
     worker = stack.container_ids()["prefect-worker"]
     t = time.monotonic()
     sh(["docker", "kill", worker])
-    state = stack.wait_state(run_id, TERMINAL, 400)
+    state = stack.wait_state(run_id, TERMINAL, 600)
     stack.timings["killed run marked crashed after"] = time.monotonic() - t
     assert state["type"] == "CRASHED", state
 
