@@ -353,3 +353,31 @@ def test_unreachable_package_index_is_a_transient_install_failure(tmp_path: Path
     assert "Connection refused" in message and "\n" not in message
     assert error.value.transient
     assert not (tmp_path / "connectors" / "source-faker").exists()
+
+
+@pytest.mark.slow
+def test_connector_installed_in_place_by_an_earlier_version_is_used_then_replaced(tmp_path: Path) -> None:
+    """Machines and images set up before side-by-side installs hold `<connectors>/<connector>`
+    as a plain virtualenv with `.installed-from`: it is used as it is, and a changed spec
+    replaces it with a link to the new install."""
+    from elt.extract.connections import load_connections
+    from elt.extract.embedded import ensure_connector
+
+    connectors = tmp_path / "connectors"
+    legacy = connectors / "source-faker"
+    uv = str(BIN / "uv")
+    subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(legacy)], check=True)
+    subprocess.run([uv, "pip", "install", "--quiet", "--python", str(legacy / "bin" / "python"), FAKER], check=True)
+    (legacy / ".installed-from").write_text(FAKER)
+
+    path = _write_connections(tmp_path / "connections.yaml", count=200)
+    assert ensure_connector(load_connections(path)[0], connectors, path) == legacy / "bin" / "source-faker"
+    assert not legacy.is_symlink()
+
+    path = _write_connections(tmp_path / "connections.yaml", count=200, pip="airbyte-source-faker==7.2.0")
+    executable = ensure_connector(load_connections(path)[0], connectors, path)
+    assert legacy.is_symlink() and executable == legacy.resolve() / "bin" / "source-faker"
+    assert (legacy / ".installed-from").read_text() == "airbyte-source-faker==7.2.0"
+    assert [entry.name for entry in (connectors / ".installs").iterdir()] == [legacy.resolve().name]
+    spec = subprocess.run([str(executable), "spec"], capture_output=True, text=True, timeout=120)
+    assert '"SPEC"' in spec.stdout, spec.stderr
