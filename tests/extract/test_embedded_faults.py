@@ -381,3 +381,49 @@ def test_connector_installed_in_place_by_an_earlier_version_is_used_then_replace
     assert [entry.name for entry in (connectors / ".installs").iterdir()] == [legacy.resolve().name]
     spec = subprocess.run([str(executable), "spec"], capture_output=True, text=True, timeout=120)
     assert '"SPEC"' in spec.stdout, spec.stderr
+
+
+_PROTOCOL_SOURCE = '''#!{python}
+"""A minimal Airbyte source speaking the protocol: one stream `events` of `count` records."""
+import json, sys
+
+def emit(message):
+    print(json.dumps(message), flush=True)
+
+command = sys.argv[1]
+if command == "spec":
+    emit({{"type": "SPEC", "spec": {{"connectionSpecification": {{"type": "object", "properties": {{"count": {{"type": "integer"}}}}}}}}}})
+    sys.exit(0)
+config = json.load(open(sys.argv[sys.argv.index("--config") + 1]))
+stream = {{"name": "events", "json_schema": {{"type": "object", "properties": {{"id": {{"type": "integer"}}}}}},
+          "supported_sync_modes": ["full_refresh", "incremental"], "source_defined_primary_key": [["id"]]}}
+if command == "discover":
+    emit({{"type": "CATALOG", "catalog": {{"streams": [stream]}}}})
+elif command == "read":
+    for number in range(config["count"]):
+        emit({{"type": "RECORD", "record": {{"stream": "events", "data": {{"id": number}}, "emitted_at": 0}}}})
+'''
+
+
+@pytest.mark.slow
+def test_full_refresh_of_a_stream_that_emits_nothing_leaves_it_empty(tmp_path: Path) -> None:
+    """PyAirbyte swaps in a new table only for a stream that had records. source-faker always
+    emits at least one user, so a 25-line source speaking the Airbyte protocol stands in here."""
+    script = tmp_path / "source-events"
+    script.write_text(_PROTOCOL_SOURCE.format(python=sys.executable))
+    script.chmod(0o700)
+
+    def backend(count: int) -> EmbeddedBackend:
+        path = tmp_path / "connections.yaml"
+        path.write_text(
+            "connections:\n  - name: events\n    source:\n      connector: source-events\n"
+            f"      executable: {script}\n      config: {{count: {count}}}\n"
+            "    streams: [events]\n    destination: {schema: raw_events}\n"
+        )
+        return EmbeddedBackend(load_settings(home=tmp_path, airbyte_connections_file=path))
+
+    assert backend(3).sync("events", full_refresh=False).rows == 3
+    assert backend(0).sync("events", full_refresh=True).rows_per_stream == {"events": 0}
+
+    with duckdb.connect(str(tmp_path / "data" / "warehouse.duckdb"), read_only=True) as connection:
+        assert connection.execute("select count(*) from raw_events.events").fetchone() == (0,)
