@@ -427,3 +427,17 @@ def test_full_refresh_of_a_stream_that_emits_nothing_leaves_it_empty(tmp_path: P
 
     with duckdb.connect(str(tmp_path / "data" / "warehouse.duckdb"), read_only=True) as connection:
         assert connection.execute("select count(*) from raw_events.events").fetchone() == (0,)
+
+
+def test_cached_catalog_expires_after_its_max_age(tmp_path: Path) -> None:
+    """A source's new columns are seen within ELT_AIRBYTE_CATALOG_MAX_AGE_HOURS; 0 rediscovers every time."""
+    from airbyte_protocol.models import AirbyteCatalog
+
+    from elt.extract.embedded import CatalogCache
+
+    catalog = AirbyteCatalog.model_validate({"streams": [{"name": "users", "json_schema": {}, "supported_sync_modes": ["full_refresh"]}]})
+    CatalogCache(tmp_path, max_age_seconds=3600).store_catalog("faker", "key-1", catalog)
+
+    assert CatalogCache(tmp_path, max_age_seconds=3600).stream_names("faker", "key-1") == ["users"]
+    assert CatalogCache(tmp_path, max_age_seconds=3600).stream_names("faker", "key-2") is None
+    assert CatalogCache(tmp_path, max_age_seconds=0).stream_names("faker", "key-1") is None
