@@ -353,3 +353,91 @@ def test_unreachable_package_index_is_a_transient_install_failure(tmp_path: Path
     assert "Connection refused" in message and "\n" not in message
     assert error.value.transient
     assert not (tmp_path / "connectors" / "source-faker").exists()
+
+
+@pytest.mark.slow
+def test_connector_installed_in_place_by_an_earlier_version_is_used_then_replaced(tmp_path: Path) -> None:
+    """Machines and images set up before side-by-side installs hold `<connectors>/<connector>`
+    as a plain virtualenv with `.installed-from`: it is used as it is, and a changed spec
+    replaces it with a link to the new install."""
+    from elt.extract.connections import load_connections
+    from elt.extract.embedded import ensure_connector
+
+    connectors = tmp_path / "connectors"
+    legacy = connectors / "source-faker"
+    uv = str(BIN / "uv")
+    subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(legacy)], check=True)
+    subprocess.run([uv, "pip", "install", "--quiet", "--python", str(legacy / "bin" / "python"), FAKER], check=True)
+    (legacy / ".installed-from").write_text(FAKER)
+
+    path = _write_connections(tmp_path / "connections.yaml", count=200)
+    assert ensure_connector(load_connections(path)[0], connectors, path) == legacy / "bin" / "source-faker"
+    assert not legacy.is_symlink()
+
+    path = _write_connections(tmp_path / "connections.yaml", count=200, pip="airbyte-source-faker==7.2.0")
+    executable = ensure_connector(load_connections(path)[0], connectors, path)
+    assert legacy.is_symlink() and executable == legacy.resolve() / "bin" / "source-faker"
+    assert (legacy / ".installed-from").read_text() == "airbyte-source-faker==7.2.0"
+    assert [entry.name for entry in (connectors / ".installs").iterdir()] == [legacy.resolve().name]
+    spec = subprocess.run([str(executable), "spec"], capture_output=True, text=True, timeout=120)
+    assert '"SPEC"' in spec.stdout, spec.stderr
+
+
+_PROTOCOL_SOURCE = '''#!{python}
+"""A minimal Airbyte source speaking the protocol: one stream `events` of `count` records."""
+import json, sys
+
+def emit(message):
+    print(json.dumps(message), flush=True)
+
+command = sys.argv[1]
+if command == "spec":
+    emit({{"type": "SPEC", "spec": {{"connectionSpecification": {{"type": "object", "properties": {{"count": {{"type": "integer"}}}}}}}}}})
+    sys.exit(0)
+config = json.load(open(sys.argv[sys.argv.index("--config") + 1]))
+stream = {{"name": "events", "json_schema": {{"type": "object", "properties": {{"id": {{"type": "integer"}}}}}},
+          "supported_sync_modes": ["full_refresh", "incremental"], "source_defined_primary_key": [["id"]]}}
+if command == "discover":
+    emit({{"type": "CATALOG", "catalog": {{"streams": [stream]}}}})
+elif command == "read":
+    for number in range(config["count"]):
+        emit({{"type": "RECORD", "record": {{"stream": "events", "data": {{"id": number}}, "emitted_at": 0}}}})
+'''
+
+
+@pytest.mark.slow
+def test_full_refresh_of_a_stream_that_emits_nothing_leaves_it_empty(tmp_path: Path) -> None:
+    """PyAirbyte swaps in a new table only for a stream that had records. source-faker always
+    emits at least one user, so a 25-line source speaking the Airbyte protocol stands in here."""
+    script = tmp_path / "source-events"
+    script.write_text(_PROTOCOL_SOURCE.format(python=sys.executable))
+    script.chmod(0o700)
+
+    def backend(count: int) -> EmbeddedBackend:
+        path = tmp_path / "connections.yaml"
+        path.write_text(
+            "connections:\n  - name: events\n    source:\n      connector: source-events\n"
+            f"      executable: {script}\n      config: {{count: {count}}}\n"
+            "    streams: [events]\n    destination: {schema: raw_events}\n"
+        )
+        return EmbeddedBackend(load_settings(home=tmp_path, airbyte_connections_file=path))
+
+    assert backend(3).sync("events", full_refresh=False).rows == 3
+    assert backend(0).sync("events", full_refresh=True).rows_per_stream == {"events": 0}
+
+    with duckdb.connect(str(tmp_path / "data" / "warehouse.duckdb"), read_only=True) as connection:
+        assert connection.execute("select count(*) from raw_events.events").fetchone() == (0,)
+
+
+def test_cached_catalog_expires_after_its_max_age(tmp_path: Path) -> None:
+    """A source's new columns are seen within ELT_AIRBYTE_CATALOG_MAX_AGE_HOURS; 0 rediscovers every time."""
+    from airbyte_protocol.models import AirbyteCatalog
+
+    from elt.extract.embedded import CatalogCache
+
+    catalog = AirbyteCatalog.model_validate({"streams": [{"name": "users", "json_schema": {}, "supported_sync_modes": ["full_refresh"]}]})
+    CatalogCache(tmp_path, max_age_seconds=3600).store_catalog("faker", "key-1", catalog)
+
+    assert CatalogCache(tmp_path, max_age_seconds=3600).stream_names("faker", "key-1") == ["users"]
+    assert CatalogCache(tmp_path, max_age_seconds=3600).stream_names("faker", "key-2") is None
+    assert CatalogCache(tmp_path, max_age_seconds=0).stream_names("faker", "key-1") is None

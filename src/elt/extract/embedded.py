@@ -463,7 +463,7 @@ class CatalogCache:
 
     def _current(self, connection: str, key: str) -> dict | None:
         entry = self._read(self.folder / f"{connection}.catalog.json")
-        if not entry or entry.get("key") != key or time.time() - entry.get("saved_at", 0) > self.max_age_seconds:
+        if not entry or entry.get("key") != key or time.time() - entry.get("saved_at", 0) >= self.max_age_seconds:
             return None
         return entry
 
