@@ -158,7 +158,7 @@ done
 # Run in the server's container, which holds the API auth string already; the Slack webhook
 # goes in on stdin, never on a command line.
 ZOMBIE_SECONDS="$(env_get ELT_ZOMBIE_SECONDS)"
-env_get SLACK_WEBHOOK_URL | "$COMPOSE" exec -T -e "ELT_ZOMBIE_SECONDS=${ZOMBIE_SECONDS:-90}" prefect-server \
+env_get SLACK_WEBHOOK_URL | "$COMPOSE" exec -T -e "ELT_ZOMBIE_SECONDS=${ZOMBIE_SECONDS:-300}" prefect-server \
   sh -c 'PREFECT_API_URL=http://127.0.0.1:4200/api PREFECT_API_AUTH_STRING="$PREFECT_SERVER_API_AUTH_STRING" exec python /opt/elt/docker/prefect_setup.py --slack-webhook-url-from-stdin'
 
 up
