@@ -1,6 +1,7 @@
 """The update-code stage against real repositories: local bare remotes and clones of them."""
 
 import base64
+import json
 import re
 import socket
 import threading
@@ -291,7 +292,8 @@ def test_deployed_commit_artifact_names_the_repo_fetched(prefect_server, applian
     deployed = update_code_flow(repo=str(team_b.bare))
 
     (latest, *_) = prefect_server.artifacts("deployed-commit")
-    assert latest["data"] == f"Deployed commit `{deployed.sha}` of `main` from `{team_b.bare}`"
+    (row,) = json.loads(latest["data"]) if isinstance(latest["data"], str) else latest["data"]
+    assert (row["commit"], row["branch"], row["repo"]) == (deployed.sha, "main", str(team_b.bare))
 
 
 def test_unreachable_remote_is_transient_and_keeps_the_checkout(

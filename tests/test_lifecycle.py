@@ -30,7 +30,7 @@ import time
 
 
 def model(dbt, session):
-    marker = os.environ.get("ELT_TEST_SLOW_MODEL_MARKER")
+    marker = os.environ.get("SLOW_MODEL_MARKER")
     if marker:
         open(marker, "w").close()
         time.sleep(900)
@@ -207,7 +207,7 @@ def test_kill_9_during_dbt(prefect_server: PrefectServer, tiny_remote: GitRemote
     marker = tmp_path / "slow-model-started"
     env = prefect_server.env() | run_env
     args = ["--skip-extract", "--repo", str(tiny_remote.bare)]
-    first = Run(appliance_env, env | {"ELT_TEST_SLOW_MODEL_MARKER": str(marker)}, *args, name="first")
+    first = Run(appliance_env, env | {"SLOW_MODEL_MARKER": str(marker)}, *args, name="first")
     _wait_until(marker.exists, 400, "the slow model runs", first.process, first.err)
     first.wait_for_child("dbt")
     holder = _holder(appliance_env)
@@ -246,7 +246,7 @@ def test_sigterm_or_sigint_during_dbt(prefect_server: PrefectServer, tiny_remote
     is marked Crashed, and elt exits 128 + the signal with one line saying so."""
     tiny_remote.commit("dbt/models/slow.py", SLOW_MODEL, "a model that waits")
     marker = tmp_path / "slow-model-started"
-    env = prefect_server.env() | run_env | {"ELT_TEST_SLOW_MODEL_MARKER": str(marker)}
+    env = prefect_server.env() | run_env | {"SLOW_MODEL_MARKER": str(marker)}
     run = Run(appliance_env, env, "--skip-extract", "--repo", str(tiny_remote.bare))
     _wait_until(marker.exists, 400, "the slow model runs", run.process, run.err)
     run.wait_for_child("dbt")
@@ -321,7 +321,7 @@ def test_kill_9_stops_the_temporary_prefect_server(tiny_remote: GitRemote, appli
     tiny_remote.commit("dbt/models/slow.py", SLOW_MODEL, "a model that waits")
     marker = tmp_path / "slow-model-started"
     env = {key: value for key, value in run_env.items() if key != "PREFECT_API_URL"}
-    env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "ELT_TEST_SLOW_MODEL_MARKER": str(marker)}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "SLOW_MODEL_MARKER": str(marker)}
     run = Run(appliance_env, env, "--skip-extract", "--repo", str(tiny_remote.bare))
     _wait_until(marker.exists, 500, "the slow model runs", run.process, run.err)
     run.wait_for_child("dbt")

@@ -34,11 +34,12 @@ def check_run(
     check_environment()
     settings = load_settings()
     snowflake.check_credentials(settings)
-    source = check_repo(settings, repo, branch, will_pull=not skip_pull)
     if not skip_extract:
         check_connections(settings, connections, streams=False)
-    if not skip_transform:
-        check_dbt_project(settings, source, project_dir)
+    if not (skip_pull and skip_transform):  # otherwise the run never touches the repo
+        source = check_repo(settings, repo, branch, will_pull=not skip_pull)
+        if not skip_transform:
+            check_dbt_project(settings, source, project_dir)
     if not skip_extract:
         # Last: without a cached catalog this starts the connector (discover), so cheaper checks go first.
         check_connections(settings, connections, streams=True)
