@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 from urllib.parse import parse_qs, urlparse, urlsplit, urlunsplit
 
 import requests
@@ -426,11 +426,9 @@ class _ConnectionStatusAsSent(AfterSuccessHook):
     def after_success(self, hook_ctx, response: requests.Response) -> requests.Response:
         if hook_ctx.operation_id not in ("listConnections", "getConnection"):
             return response
-        try:
-            body = response.json()
-        except ValueError:
+        body, items = _body_and_items(response)
+        if body is None:
             return response
-        items = body.get("data") if isinstance(body, dict) and "data" in body else [body]
         changed = False
         for item in items:
             if not isinstance(item, dict) or not isinstance(item.get("connectionId"), str):
@@ -451,6 +449,15 @@ class _ConnectionStatusAsSent(AfterSuccessHook):
         return sent or (getattr(item.status, "value", str(item.status)), None)
 
 
+def _body_and_items(response: requests.Response) -> tuple[Any, list[Any]]:
+    """The parsed body (None when it is not JSON) and its items: `data` of a list page, else the body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None, []
+    return body, body.get("data") if isinstance(body, dict) and "data" in body else [body]
+
+
 class _UnknownJobStatusIsRunning(AfterSuccessHook):
     """airbyte-api 0.53 (the release PyAirbyte allows) fails to parse job statuses newer than its
     enum, such as 'queued'. An unknown status means the job has not finished: read it as running."""
@@ -460,11 +467,9 @@ class _UnknownJobStatusIsRunning(AfterSuccessHook):
     def after_success(self, hook_ctx, response: requests.Response) -> requests.Response:
         if hook_ctx.operation_id not in ("createJob", "getJob", "listJobs", "cancelJob"):
             return response
-        try:
-            body = response.json()
-        except ValueError:
+        body, jobs = _body_and_items(response)
+        if body is None:
             return response
-        jobs = body.get("data") if isinstance(body, dict) and "data" in body else [body]
         unknown = [job for job in jobs if isinstance(job, dict) and job.get("status") not in self._known]
         for job in unknown:
             logger.info("Job %s reports status '%s'; treating it as running", job.get("jobId"), job.get("status"))
