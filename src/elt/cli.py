@@ -61,6 +61,7 @@ def run(
         tag=tag,
         return_state=True,
     )
+    _send_prefect_backlog()
     if not state.is_completed():
         if debug:
             _print_state_traceback(state)
@@ -114,6 +115,16 @@ def _fail_on_bad_settings(debug: bool, **run: object) -> None:
         typer.secho(f"error: checking the configuration failed: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
                     fg="red", err=True)
         raise typer.Exit(2) from None
+
+
+def _send_prefect_backlog() -> None:
+    """Send the logs and events Prefect still queues, so that its shutdown warnings ("Still processing
+    items") come before the run's last line and not after it."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=30, at_exit=False)
 
 
 def _print_state_traceback(state) -> None:
