@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The uv release PyAirbyte accepts, as in requirements.lock.
 UV_VERSION := 0.8.24
 
-.PHONY: venv demo test doctor lock deploy clean bench stack-rebuild
+.PHONY: venv demo test lint lint-sql hooks doctor lock deploy clean bench stack-rebuild
 
 # The lock holds the whole resolved set (prefect, PyAirbyte, dbt, adapters): installing it
 # never backtracks. `make lock` re-resolves after a change to pyproject.toml.
@@ -31,6 +31,20 @@ demo: venv
 
 test: venv $(FAKESNOW_VENV)/.installed
 	$(BIN)/pytest
+
+# ruff (lint and format, configured in pyproject.toml), mypy on src/elt, sqlfluff on the dbt project.
+lint: venv lint-sql
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# The dbt templater compiles the project, which opens the DuckDB warehouse: a scratch one.
+lint-sql: venv
+	cd dbt && ELT_DUCKDB_PATH=$$(mktemp -d)/lint.duckdb ../$(BIN)/sqlfluff lint models tests macros
+
+# Runs `make lint`'s tools before each commit (.pre-commit-config.yaml).
+hooks: venv
+	$(BIN)/pre-commit install
 
 doctor: venv
 	$(BIN)/elt doctor
