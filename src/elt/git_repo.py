@@ -84,25 +84,30 @@ class RepoSource:
         cls, settings: Settings, repo: str | None = None, branch: str | None = None
     ) -> "RepoSource":
         location = refuse_credentials(repo, "repo") if repo else settings.git_repo
-        credentials = dict(
-            token=settings.git_token.get_secret_value() if settings.git_token else None,
-            ssh_key_path=settings.path(settings.git_ssh_key_path) if settings.git_ssh_key_path else None,
-            username=settings.git_username,
-        )
         branch = branch or settings.git_branch
+
+        def source(location: str, checkout: Path, managed: bool = False) -> RepoSource:
+            return cls(
+                location, checkout, branch,
+                token=settings.git_token.get_secret_value() if settings.git_token else None,
+                ssh_key_path=settings.path(settings.git_ssh_key_path) if settings.git_ssh_key_path else None,
+                username=settings.git_username,
+                managed=managed,
+            )
+
         if location is None:
             checkout = _enclosing_worktree(settings.home)
-            return cls(str(checkout), checkout, branch, **credentials)
+            return source(str(checkout), checkout)
         if not is_url(location):
             local = (settings.home / Path(location).expanduser()).resolve()
             if _is_worktree(local):
-                return cls(str(local), local, branch, **credentials)
+                return source(str(local), local)
             location = str(local)
         if settings.git_checkout_dir:
             checkout = settings.path(settings.git_checkout_dir)
         else:
             checkout = _checkout_folder(settings.path(settings.data_dir) / "repos", location)
-        return cls(location, checkout, branch, managed=True, **credentials)
+        return source(location, checkout, managed=True)
 
 
 def is_url(location: str) -> bool:
@@ -211,9 +216,9 @@ def _not_a_checkout(source: RepoSource) -> GitError:
 
 def _clone(source: RepoSource, env: dict[str, str]) -> Deployed:
     logger.info("Cloning %s into %s", _scrub(source.location, source), source.checkout)
-    options = {"branch": source.branch} if source.branch else {}
     try:
-        repo = git.Repo.clone_from(source.location, source.checkout, env=env, **options)
+        # GitPython passes no --branch for None: the remote's default branch.
+        repo = git.Repo.clone_from(source.location, source.checkout, env=env, branch=source.branch)
     except git.GitCommandError as exc:
         raise _remote_error(exc, source, "clone") from None
     sha = repo.head.commit.hexsha

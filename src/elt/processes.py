@@ -31,7 +31,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, TypeVar
+from types import FrameType, TracebackType
+from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar, cast
+
+if TYPE_CHECKING:
+    import ctypes
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +166,7 @@ def die_with_parent() -> None:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def _load_libc():
+def _load_libc() -> ctypes.CDLL | None:
     if not supported():
         return None
     import ctypes
@@ -200,7 +204,7 @@ class RunGuard:
             )
         return self
 
-    def __exit__(self, kind, exc, traceback) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None) -> None:
         if self._outer is not None:
             return
         RunGuard._active = None
@@ -208,6 +212,7 @@ class RunGuard:
             return
         self._send("finished")
         try:
+            assert self.watchdog.stdin is not None  # started with stdin=PIPE
             self.watchdog.stdin.close()
             self.watchdog.wait(timeout=10)
         except (OSError, subprocess.TimeoutExpired):
@@ -248,7 +253,7 @@ def guard_run(function: F) -> F:
     signal (Prefect's TerminationSignal, KeyboardInterrupt), every child stopped on the way out."""
 
     @functools.wraps(function)
-    def guarded(*args, **kwargs):
+    def guarded(*args: Any, **kwargs: Any) -> Any:
         with RunGuard():
             try:
                 return function(*args, **kwargs)
@@ -258,15 +263,15 @@ def guard_run(function: F) -> F:
                 stop_children(keep_prefect_server=True)
                 raise
 
-    return guarded  # type: ignore[return-value]
+    return cast(F, guarded)
 
 
-def run_with_watchdog(function: Callable[..., R], *args, **kwargs) -> R:
+def run_with_watchdog(function: Callable[..., R], *args: Any, **kwargs: Any) -> R:
     """Call the flow under a RunGuard; a run stopped by SIGTERM or SIGINT ends the process with
     one line saying so (see exit_stopped)."""
     from prefect.exceptions import TerminationSignal
 
-    def terminate(signum: int, frame) -> None:  # as Prefect's own handler does, once a flow run exists
+    def terminate(signum: int, frame: FrameType | None) -> None:  # as Prefect's own handler does, once a flow run exists
         raise TerminationSignal(signum)
 
     signal.signal(signal.SIGTERM, terminate)
@@ -312,7 +317,9 @@ def _watch(pid: int) -> None:
     `finished` first, stop the recorded ones still alive and remove the folders it named."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the run's terminal is for the run
     me = os.getpid()
-    since = _read_process(me).started  # processes older than the watchdog are not the run's
+    myself = _read_process(me)
+    assert myself is not None  # this process is alive
+    since = myself.started  # processes older than the watchdog are not the run's
     watched = _read_process(pid)
     recorded: dict[int, Process] = {}
     folders: list[Path] = []

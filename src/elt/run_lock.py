@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar, cast
 
 from elt import processes
 from elt.errors import TerminalError
@@ -103,13 +103,13 @@ def one_run_per_warehouse(function: F) -> F:
     from elt.settings import load_settings
 
     @functools.wraps(function)
-    def locked(*args, **kwargs):
+    def locked(*args: Any, **kwargs: Any) -> Any:
         from prefect.runtime import flow_run
 
         with hold(load_settings(), str(flow_run.id)):
             return function(*args, **kwargs)
 
-    return locked  # type: ignore[return-value]
+    return cast(F, locked)
 
 
 def _write(descriptor: int, text: str) -> None:
@@ -160,7 +160,7 @@ def mark_crashed(flow_run_id: str, message: str) -> list[str]:
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
 
-    marked = []
+    marked: list[str] = []
     with get_client(sync_client=True) as client:
         try:
             runs = [client.read_flow_run(UUID(flow_run_id))]

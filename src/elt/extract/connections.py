@@ -133,7 +133,7 @@ def resolve_config(connection: ConnectionSpec, environ: dict[str, str]) -> dict[
             )
         return environ[name]
 
-    return resolve(connection.source.config)
+    return {key: resolve(value) for key, value in connection.source.config.items()}
 
 
 def unset_references(connection: ConnectionSpec, environ: dict[str, str]) -> list[tuple[str, str]]:

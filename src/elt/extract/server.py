@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlparse, urlsplit, urlunsplit
 
 import requests
 from airbyte_api import AirbyteAPI, api, errors, models
-from airbyte_api._hooks.types import AfterSuccessHook
+from airbyte_api._hooks.types import AfterSuccessContext, AfterSuccessHook
 
 from elt.errors import ConfigurationError, TerminalError, TransientError
 from elt.extract.base import SyncResult
@@ -386,7 +386,7 @@ class _HtmlAnswer(Exception):
 class _HtmlIsNotTheApi(AfterSuccessHook):
     """A 2xx with a web page: airbyte-api passes it for endpoints without a body (GET /health)."""
 
-    def after_success(self, hook_ctx, response: requests.Response) -> requests.Response:
+    def after_success(self, hook_ctx: AfterSuccessContext, response: requests.Response) -> requests.Response:
         if _is_html(response):
             raise _HtmlAnswer()
         return response
@@ -423,7 +423,7 @@ class _ConnectionStatusAsSent(AfterSuccessHook):
         self._sent: dict[str, tuple[str, str | None]] = {}
         self._lock = threading.Lock()
 
-    def after_success(self, hook_ctx, response: requests.Response) -> requests.Response:
+    def after_success(self, hook_ctx: AfterSuccessContext, response: requests.Response) -> requests.Response:
         if hook_ctx.operation_id not in ("listConnections", "getConnection"):
             return response
         body, items = _body_and_items(response)
@@ -455,7 +455,9 @@ def _body_and_items(response: requests.Response) -> tuple[Any, list[Any]]:
         body = response.json()
     except ValueError:
         return None, []
-    return body, body.get("data") if isinstance(body, dict) and "data" in body else [body]
+    if isinstance(body, dict) and isinstance(body.get("data"), list):
+        return body, body["data"]
+    return body, [body]
 
 
 class _UnknownJobStatusIsRunning(AfterSuccessHook):
@@ -464,7 +466,7 @@ class _UnknownJobStatusIsRunning(AfterSuccessHook):
 
     _known = frozenset(status.value for status in models.JobStatusEnum)
 
-    def after_success(self, hook_ctx, response: requests.Response) -> requests.Response:
+    def after_success(self, hook_ctx: AfterSuccessContext, response: requests.Response) -> requests.Response:
         if hook_ctx.operation_id not in ("createJob", "getJob", "listJobs", "cancelJob"):
             return response
         body, jobs = _body_and_items(response)
@@ -488,7 +490,7 @@ class _TimeoutSession(requests.Session):
         super().__init__()
         self._timeout_seconds = timeout_seconds
 
-    def send(self, request, **kwargs):  # type: ignore[override]
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
         kwargs["timeout"] = kwargs.get("timeout") or self._timeout_seconds
         return super().send(request, **kwargs)
 
