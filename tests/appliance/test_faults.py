@@ -27,8 +27,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(1200)]
 FAKER_USERS = 1000  # `count` of the faker connection in airbyte/connections.yaml
 
 
-def wait_until_syncing(stack: Stack, run_id: str, timeout: float = 300) -> None:
-    """Until the run's sync-faker task is Running: the connector is reading, mid-run."""
+def wait_until_syncing(stack: Stack, run_id: str, timeout: float = 300, state_type: str = "RUNNING") -> None:
+    """Until the run's sync-faker task is Running (the connector is reading, mid-run), or has
+    just ended (state_type="COMPLETED": the run is creating its update-code and transform runs,
+    its busiest moment with the API)."""
     deadline = time.monotonic() + timeout
     while True:
         with stack.api as api:
@@ -36,7 +38,7 @@ def wait_until_syncing(stack: Stack, run_id: str, timeout: float = 300) -> None:
                 "flow_runs": {"parent_flow_run_id": {"any_": [run_id]}},
                 "task_runs": {"name": {"any_": ["sync-faker"]}},
             }).json()
-        if any(task["state"]["type"] == "RUNNING" for task in tasks):
+        if any(task["state"]["type"] == state_type for task in tasks):
             return
         state = stack.state(run_id)
         assert state["type"] not in TERMINAL, f"run {run_id} ended before its sync was seen running: {state}"
@@ -98,7 +100,7 @@ def assert_completed_with_the_right_data(stack: Stack, run_id: str, state: dict)
 def restart_mid_run(stack: Stack, service: str) -> None:
     wait_stack_healthy(stack)
     run_id = stack.start_run()
-    wait_until_syncing(stack, run_id)
+    wait_until_syncing(stack, run_id, state_type="COMPLETED")
     try:
         sh(["docker", "restart", stack.container_ids()[service]], timeout=120)
         state = wait_state_through_outages(stack, run_id, TERMINAL, 600)
