@@ -97,12 +97,31 @@ def assert_completed_with_the_right_data(stack: Stack, run_id: str, state: dict)
     assert facts["customer_lifetime_value rows"] > 0, facts
 
 
+def hold_postgres_down(stack: Stack, seconds: float) -> None:
+    """PostgreSQL stopped for `seconds` (a slow restart: crash recovery, a big shared_buffers),
+    checking all along that the server really answers requests that need the database with 5xx."""
+    container = stack.container_ids()["postgres"]
+    sh(["docker", "stop", container], timeout=120)
+    until = time.monotonic() + seconds
+    try:
+        while time.monotonic() < until:
+            with stack.api as api:
+                answered = api.post("/flow_runs/count", json={}).status_code
+            assert answered >= 500, f"the server answered {answered} with PostgreSQL stopped"
+            time.sleep(1)
+    finally:
+        sh(["docker", "start", container], timeout=120)
+
+
 def restart_mid_run(stack: Stack, service: str) -> None:
     wait_stack_healthy(stack)
     run_id = stack.start_run()
     wait_until_syncing(stack, run_id, state_type="COMPLETED")
     try:
-        sh(["docker", "restart", stack.container_ids()[service]], timeout=120)
+        if service == "postgres":
+            hold_postgres_down(stack, 15)
+        else:
+            sh(["docker", "restart", stack.container_ids()[service]], timeout=120)
         state = wait_state_through_outages(stack, run_id, TERMINAL, 600)
     finally:
         wait_stack_healthy(stack)
