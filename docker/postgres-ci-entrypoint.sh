@@ -23,4 +23,5 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
   echo "postgres-ci-entrypoint: initialized $PGDATA"
 fi
 mkdir -p /var/run/postgresql && chown postgres:postgres /var/run/postgresql
-exec runuser -u postgres -- postgres -D "$PGDATA" -c listen_addresses='*'
+# setpriv execs (runuser would stay as PID 1 and SIGKILL postgres 2 s after a stop signal).
+exec setpriv --reuid=postgres --regid=postgres --init-groups postgres -D "$PGDATA" -c listen_addresses='*'

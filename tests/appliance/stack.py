@@ -168,3 +168,26 @@ def prepare_checkout(checkout: Path) -> None:
     )
 
 
+
+
+SERVICES = ("postgres", "prefect-server", "prefect-worker", "dbt-docs")
+
+
+def health(container: str) -> str:
+    return sh(["docker", "inspect", "-f", "{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}",
+               container], check=False).stdout.strip()
+
+
+def wait_stack_healthy(stack: Stack, timeout: float = 300) -> None:
+    """Every service healthy (its compose healthcheck) and the API answering, or AssertionError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ids = {service: sh([str(stack.checkout / "docker" / "compose.sh"), "ps", "-q", service],
+                           cwd=stack.checkout, check=False).stdout.strip() for service in SERVICES}
+        statuses = {service: health(container) if container else "not created" for service, container in ids.items()}
+        if all(status == "healthy" for status in statuses.values()):
+            stack.wait_api(max(deadline - time.monotonic(), 5))
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the stack is not healthy after {timeout} s: {statuses}")
+        time.sleep(2)
