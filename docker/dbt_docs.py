@@ -63,13 +63,13 @@ def all_etl_runs(client: httpx.Client, states: list[str], limit: int = 5) -> lis
 
 
 def generate(run_id: str) -> None:
-    from elt import dbt
+    from elt import dbt_runner
     from elt.git_repo import RepoSource
     from elt.settings import Warehouse, load_settings
 
     settings = load_settings()
     source = RepoSource.from_settings(settings)
-    project = dbt.DbtProject.at(source.checkout / settings.dbt_project_dir)
+    project = dbt_runner.DbtProject.at(source.checkout / settings.dbt_project_dir)
     with tempfile.TemporaryDirectory(prefix="dbt-docs-") as scratch:
         scratch_dir = Path(scratch)
         if settings.effective_dbt_target == Warehouse.duckdb.value:
@@ -83,15 +83,15 @@ def generate(run_id: str) -> None:
             profiles_dir = project.path
         else:
             profiles_dir = scratch_dir
-            (profiles_dir / "profiles.yml").write_text(dbt.render_profile(settings, project.profile_name))
+            (profiles_dir / "profiles.yml").write_text(dbt_runner.render_profile(settings, project.profile_name))
         target = DOCS_DIR / "target"
         command = [
-            dbt.dbt_executable(), "docs", "generate",
+            dbt_runner.dbt_executable(), "docs", "generate",
             "--project-dir", str(project.path), "--profiles-dir", str(profiles_dir),
             "--target", settings.effective_dbt_target,
             "--target-path", str(target), "--log-path", str(scratch_dir / "logs"),
         ]
-        completed = subprocess.run(command, env=dbt.dbt_environment(settings), capture_output=True, text=True)
+        completed = subprocess.run(command, env=dbt_runner.dbt_environment(settings), capture_output=True, text=True)
         if completed.returncode != 0:
             tail = "\n".join(completed.stdout.splitlines()[-15:])
             raise RuntimeError(f"dbt docs generate failed (exit {completed.returncode}):\n{tail}")

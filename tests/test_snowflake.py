@@ -19,7 +19,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from elt import dbt, snowflake
+from elt import dbt_runner, warehouse_snowflake
 from elt.settings import load_settings
 from elt.warehouse import WarehouseUnreachable, check_reachable
 from tests.conftest import BIN, FakesnowServer
@@ -58,7 +58,7 @@ def test_every_accepted_form_gives_the_same_key(key: rsa.RSAPrivateKey, tmp_path
         "path to pem": (str(tmp_path / "plain.pem"), None),
     }
     for form, (value, passphrase) in forms.items():
-        assert snowflake.private_key_der(value, passphrase) == expected, form
+        assert warehouse_snowflake.private_key_der(value, passphrase) == expected, form
 
 
 @pytest.mark.parametrize(
@@ -71,8 +71,8 @@ def test_every_accepted_form_gives_the_same_key(key: rsa.RSAPrivateKey, tmp_path
     ],
 )
 def test_malformed_key_says_which_forms_are_expected(value: str, passphrase: str | None, message: str) -> None:
-    with pytest.raises(snowflake.SnowflakeKeyError) as error:
-        snowflake.private_key_der(value, passphrase)
+    with pytest.raises(warehouse_snowflake.SnowflakeKeyError) as error:
+        warehouse_snowflake.private_key_der(value, passphrase)
     assert message in str(error.value)
     if not value.startswith("/no/such"):
         assert value not in str(error.value)
@@ -81,20 +81,20 @@ def test_malformed_key_says_which_forms_are_expected(value: str, passphrase: str
 def test_key_never_appears_in_an_error(key: rsa.RSAPrivateKey) -> None:
     """A body with a character missing (a bad paste) fails without echoing any of the key."""
     broken = _body(_pem(key))[:-7]
-    with pytest.raises(snowflake.SnowflakeKeyError) as error:
-        snowflake.private_key_der(broken)
+    with pytest.raises(warehouse_snowflake.SnowflakeKeyError) as error:
+        warehouse_snowflake.private_key_der(broken)
     assert broken[:30] not in str(error.value) and broken[-30:] not in str(error.value)
 
 
 def test_passphrase_problems_name_the_variables(key: rsa.RSAPrivateKey) -> None:
     encrypted = _pem(key, "right")
-    with pytest.raises(snowflake.SnowflakeKeyError, match="is encrypted: set SNOWFLAKE_PRIVATE_KEY_PASSPHRASE"):
-        snowflake.private_key_der(encrypted)
-    with pytest.raises(snowflake.SnowflakeKeyError, match="could not be read with SNOWFLAKE_PRIVATE_KEY_PASSPHRASE") as error:
-        snowflake.private_key_der(encrypted, "wrong")
+    with pytest.raises(warehouse_snowflake.SnowflakeKeyError, match="is encrypted: set SNOWFLAKE_PRIVATE_KEY_PASSPHRASE"):
+        warehouse_snowflake.private_key_der(encrypted)
+    with pytest.raises(warehouse_snowflake.SnowflakeKeyError, match="could not be read with SNOWFLAKE_PRIVATE_KEY_PASSPHRASE") as error:
+        warehouse_snowflake.private_key_der(encrypted, "wrong")
     assert "right" not in str(error.value) and _body(encrypted)[:40] not in str(error.value)
-    with pytest.raises(snowflake.SnowflakeKeyError, match="key is not encrypted; unset it"):
-        snowflake.private_key_der(_pem(key), "unneeded")
+    with pytest.raises(warehouse_snowflake.SnowflakeKeyError, match="key is not encrypted; unset it"):
+        warehouse_snowflake.private_key_der(_pem(key), "unneeded")
 
 
 def test_key_pair_profile_gives_dbt_base64_der_through_the_environment(
@@ -104,17 +104,17 @@ def test_key_pair_profile_gives_dbt_base64_der_through_the_environment(
     monkeypatch.setenv("SNOWFLAKE_PRIVATE_KEY", _pem(key, "pp"))
     monkeypatch.setenv("SNOWFLAKE_PRIVATE_KEY_PASSPHRASE", "pp")
     settings = load_settings()
-    rendered = dbt.render_profile(settings, "any_profile")
+    rendered = dbt_runner.render_profile(settings, "any_profile")
     output = yaml.safe_load(rendered)["any_profile"]["outputs"]["snowflake"]
     assert output["private_key"] == "{{ env_var('ELT_SNOWFLAKE_PRIVATE_KEY_DER_BASE64') }}"
     assert "password" not in output and "private_key_passphrase" not in output
     assert _body(_pem(key))[:40] not in rendered
-    assert base64.b64decode(dbt.dbt_environment(settings)[snowflake.DBT_KEY_VARIABLE]) == _der(key)
-    assert snowflake.connect_kwargs(settings)["private_key"] == _der(key)
+    assert base64.b64decode(dbt_runner.dbt_environment(settings)[warehouse_snowflake.DBT_KEY_VARIABLE]) == _der(key)
+    assert warehouse_snowflake.connect_kwargs(settings)["private_key"] == _der(key)
 
 
 def test_connector_connects_with_the_settings(snowflake_env: FakesnowServer) -> None:
-    with snowflake.connect(load_settings(), snowflake.query_tag("run-1")) as connection:
+    with warehouse_snowflake.connect(load_settings(), warehouse_snowflake.query_tag("run-1")) as connection:
         assert connection.cursor().execute("select 41 + 1").fetchone() == (42,)
 
 
@@ -122,7 +122,7 @@ def test_missing_settings_are_listed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ELT_WAREHOUSE", "snowflake")
     monkeypatch.setenv("SNOWFLAKE_ACCOUNT", "acme")
     with pytest.raises(Exception, match="needs SNOWFLAKE_USER, SNOWFLAKE_WAREHOUSE, SNOWFLAKE_DATABASE, SNOWFLAKE_PRIVATE_KEY or SNOWFLAKE_PASSWORD"):
-        snowflake.connect_kwargs(load_settings())
+        warehouse_snowflake.connect_kwargs(load_settings())
 
 
 def _closed_port() -> int:
@@ -185,9 +185,9 @@ def test_one_bounded_login_for_dbt_too(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in _unreachable_env(_closed_port()).items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("SNOWFLAKE_CONNECT_TIMEOUT_SECONDS", "2.5")
-    output = yaml.safe_load(dbt.render_profile(load_settings(), "p"))["p"]["outputs"]["snowflake"]
+    output = yaml.safe_load(dbt_runner.render_profile(load_settings(), "p"))["p"]["outputs"]["snowflake"]
     assert output["connect_timeout"] == 3 and output["connect_retries"] == 0
-    assert snowflake.connect_kwargs(load_settings())["login_timeout"] == 2.5
+    assert warehouse_snowflake.connect_kwargs(load_settings())["login_timeout"] == 2.5
 
 
 def _cli(*arguments: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
@@ -230,4 +230,4 @@ def test_unquoted_multiline_key_in_env_file_says_quote_it_or_give_a_path(key: rs
     (tmp_path / ".env").write_text("\n".join([*settings_lines, f'SNOWFLAKE_PRIVATE_KEY="{pem}"', ""]))
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(tmp_path)
-        assert snowflake.connect_kwargs(load_settings())["private_key"] == _der(key)
+        assert warehouse_snowflake.connect_kwargs(load_settings())["private_key"] == _der(key)

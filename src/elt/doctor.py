@@ -158,40 +158,40 @@ def _dbt_project(settings: Settings) -> str:
 
 
 def _dbt(settings: Settings) -> str:
-    from elt import dbt
+    from elt import dbt_runner
     from elt.git_repo import RepoSource
 
     folder = RepoSource.from_settings(settings).checkout / settings.dbt_project_dir
     if not folder.exists():
         return f"{folder} not checked out yet; all-etl clones it on its first run"
-    project = dbt.DbtProject.at(folder)
+    project = dbt_runner.DbtProject.at(folder)
     _needs_warehouse(settings)
-    with dbt.profiles_dir(settings, project) as profiles_dir:
+    with dbt_runner.profiles_dir(settings, project) as profiles_dir:
         completed = subprocess.run(
-            [dbt.dbt_executable(), "debug", "--project-dir", str(project.path), "--profiles-dir", str(profiles_dir),
+            [dbt_runner.dbt_executable(), "debug", "--project-dir", str(project.path), "--profiles-dir", str(profiles_dir),
              "--target", settings.effective_dbt_target],
-            cwd=project.path, env=dbt.dbt_environment(settings), capture_output=True, text=True, timeout=120,
+            cwd=project.path, env=dbt_runner.dbt_environment(settings), capture_output=True, text=True, timeout=120,
         )
     if completed.returncode != 0:
-        cause = dbt.failure_cause((completed.stdout + completed.stderr).splitlines(), completed.returncode)
+        cause = dbt_runner.failure_cause((completed.stdout + completed.stderr).splitlines(), completed.returncode)
         raise EltError(f"dbt debug failed in {project.path}: {cause}")
     return f"{project.path} (profile {project.profile_name}, target {settings.effective_dbt_target}) passes dbt debug"
 
 
 def _snowflake_grants(settings: Settings) -> str:
-    from elt import dbt, snowflake
+    from elt import dbt_runner, warehouse_snowflake
     from elt.git_repo import RepoSource
 
     _needs_warehouse(settings)
     folder = RepoSource.from_settings(settings).checkout / settings.dbt_project_dir
     sources: list[tuple[str, str, str]] = []
     if folder.exists():
-        project = dbt.DbtProject.at(folder)
-        with dbt.profiles_dir(settings, project) as profiles_dir:
-            listed = dbt.list_sources(project, profiles_dir=profiles_dir, target=settings.effective_dbt_target,
-                                      env=dbt.dbt_environment(settings))
+        project = dbt_runner.DbtProject.at(folder)
+        with dbt_runner.profiles_dir(settings, project) as profiles_dir:
+            listed = dbt_runner.list_sources(project, profiles_dir=profiles_dir, target=settings.effective_dbt_target,
+                                      env=dbt_runner.dbt_environment(settings))
         sources = [(source.get("database") or "", source["schema"], source["name"]) for source in listed]
-    report = snowflake.missing_grants(settings, sources, first_run_creates=_schemas_not_loaded_yet(settings))
+    report = warehouse_snowflake.missing_grants(settings, sources, first_run_creates=_schemas_not_loaded_yet(settings))
     if report.problems:
         raise Problems(f"{len(report.problems)} missing grant(s) or object(s):", report.problems)
     detail = (

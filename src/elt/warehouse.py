@@ -10,7 +10,7 @@ from elt.errors import ConfigurationError, TransientError
 from elt.settings import Settings, Warehouse
 
 if TYPE_CHECKING:
-    from elt.dbt import DbtRun
+    from elt.dbt_runner import DbtRun
 
 
 class WarehouseUnreachable(TransientError):
@@ -51,9 +51,9 @@ def mart_row_counts(settings: Settings, run: "DbtRun | None") -> dict[str, int]:
 
 
 def _snowflake_row_counts(settings: Settings, relations: list[str]) -> dict[str, int]:
-    from elt import snowflake
+    from elt import warehouse_snowflake
 
-    with closing(snowflake.connect(settings, snowflake.query_tag(snowflake.root_flow_run_id()))) as connection:
+    with closing(warehouse_snowflake.connect(settings, warehouse_snowflake.query_tag(warehouse_snowflake.root_flow_run_id()))) as connection:
         cursor = connection.cursor()
         return {
             _display_name(relation, unquoted_upper=True): cursor.execute(f"select count(*) from {relation}").fetchone()[0]
@@ -113,10 +113,10 @@ def _open(settings: Settings) -> None:
         except Exception as exc:  # duckdb raises IOException, PermissionError, lock errors...
             raise WarehouseUnreachable(f"ELT_DUCKDB_PATH={path}: cannot open the DuckDB file: {exc}") from None
         return
-    from elt import snowflake
+    from elt import warehouse_snowflake
 
     try:
-        with closing(snowflake.connect(settings, probe=True)) as connection:
+        with closing(warehouse_snowflake.connect(settings, probe=True)) as connection:
             connection.cursor().execute("select 1")
-    except snowflake.SnowflakeUnreachable as exc:
+    except warehouse_snowflake.SnowflakeUnreachable as exc:
         raise WarehouseUnreachable(str(exc)) from None

@@ -290,10 +290,10 @@ class EmbeddedBackend:
         return EmbeddedSyncUnreachable(message) if _is_network_error(exc) else EmbeddedSyncFailed(message)
 
     def _publish_to_snowflake(self, spec: ConnectionSpec, cache_path: Path, streams: list[str]) -> None:
-        from elt import snowflake
+        from elt import warehouse_snowflake
 
         try:
-            snowflake.replace_tables_from_duckdb(self.settings, cache_path, spec.destination.schema_, streams)
+            warehouse_snowflake.replace_tables_from_duckdb(self.settings, cache_path, spec.destination.schema_, streams)
         except Exception as exc:
             message = (
                 f"connection '{spec.name}': loading into Snowflake {self.settings.snowflake_database}."

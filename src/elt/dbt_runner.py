@@ -142,9 +142,9 @@ def render_profile(settings: Settings, profile_name: str) -> str:
             "threads": settings.dbt_threads,
         }
     elif target == Warehouse.snowflake.value:
-        from elt import snowflake
+        from elt import warehouse_snowflake
 
-        output = snowflake.dbt_output(settings)
+        output = warehouse_snowflake.dbt_output(settings)
     else:
         raise ConfigurationError(
             f"ELT_DBT_TARGET={target}: the appliance renders 'duckdb' and 'snowflake' targets; "
@@ -197,9 +197,9 @@ def dbt_environment(settings: Settings) -> dict[str, str]:
         "DBT_PRINTER_WIDTH": "120",
     }
     if settings.effective_dbt_target == Warehouse.snowflake.value:
-        from elt import snowflake
+        from elt import warehouse_snowflake
 
-        env.update(snowflake.dbt_environment(settings))
+        env.update(warehouse_snowflake.dbt_environment(settings))
     return env
 
 
