@@ -65,20 +65,15 @@ def all_etl_runs(client: httpx.Client, states: list[str], limit: int = 5) -> lis
 def generate(run_id: str) -> None:
     from elt import dbt_runner
     from elt.git_repo import RepoSource
-    from elt.settings import Warehouse, load_settings
+    from elt.settings import load_settings
+    from elt.warehouse import warehouse_for
 
     settings = load_settings()
     source = RepoSource.from_settings(settings)
     project = dbt_runner.DbtProject.at(source.checkout / settings.dbt_project_dir)
     with tempfile.TemporaryDirectory(prefix="dbt-docs-") as scratch:
         scratch_dir = Path(scratch)
-        if settings.effective_dbt_target == Warehouse.duckdb.value:
-            warehouse = settings.path(settings.duckdb_path)
-            copy = scratch_dir / "warehouse.duckdb"
-            shutil.copy2(warehouse, copy)
-            if Path(f"{warehouse}.wal").exists():
-                shutil.copy2(f"{warehouse}.wal", f"{copy}.wal")
-            settings = load_settings(duckdb_path=copy)
+        settings = warehouse_for(settings).settings_reading_a_copy(scratch_dir)
         if settings.dbt_use_project_profiles:
             profiles_dir = project.path
         else:

@@ -9,8 +9,9 @@ import duckdb
 import pytest
 import yaml
 
-from elt import dbt_runner, warehouse
+from elt import dbt_runner
 from elt.settings import load_settings
+from elt.warehouse import warehouse_for
 from tests.conftest import REPO_ROOT, TINY_PROJECT
 
 
@@ -140,7 +141,7 @@ def test_row_counts_are_of_this_runs_models_only(project: dbt_runner.DbtProject,
     (other / "models" / "customer_totals.sql").rename(other / "models" / "order_amounts.sql")
     (other / "models" / "big_orders.sql").write_text("{{ config(materialized='view') }}\nselect * from {{ ref('orders') }} where amount > 5\n")
     run = dbt_runner.check(_build(dbt_runner.DbtProject.at(other), profiles_dir))
-    assert warehouse.mart_row_counts(load_settings(), run) == {"warehouse.main_marts.order_amounts": 2}
+    assert warehouse_for(load_settings()).mart_row_counts(run) == {"warehouse.main_marts.order_amounts": 2}
 
 
 def _closed_port() -> int:

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from elt import dbt_runner, warehouse_snowflake
 from elt.settings import load_settings
-from elt.warehouse import WarehouseUnreachable, check_reachable
+from elt.warehouse import WarehouseUnreachable, warehouse_for
 from tests.conftest import BIN, FakesnowServer
 
 
@@ -145,7 +145,7 @@ def test_closed_port_is_named_with_the_settings_to_check(monkeypatch: pytest.Mon
     for name, value in _unreachable_env(port).items():
         monkeypatch.setenv(name, value)
     with pytest.raises(WarehouseUnreachable) as error:
-        check_reachable(load_settings())
+        warehouse_for(load_settings()).check_reachable()
     assert str(error.value).startswith(
         f"cannot connect to Snowflake account acme-test at http://127.0.0.1:{port} as TRANSFORMER: 250001: Could not connect to Snowflake backend"
     )
@@ -165,7 +165,7 @@ def test_host_that_never_answers_fails_within_the_connect_timeout(monkeypatch: p
         monkeypatch.setenv("SNOWFLAKE_CONNECT_TIMEOUT_SECONDS", "2")
         settings = load_settings()
         outcome: list[BaseException] = []
-        checker = threading.Thread(target=lambda: _capture(outcome, check_reachable, settings), daemon=True)
+        checker = threading.Thread(target=lambda: _capture(outcome, warehouse_for(settings).check_reachable), daemon=True)
         checker.start()
         checker.join(timeout=40)
         assert not checker.is_alive(), "check_reachable did not give up within 40 s on a host that never answers"
@@ -231,3 +231,37 @@ def test_unquoted_multiline_key_in_env_file_says_quote_it_or_give_a_path(key: rs
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(tmp_path)
         assert warehouse_snowflake.connect_kwargs(load_settings())["private_key"] == _der(key)
+
+
+def test_a_custom_dbt_target_name_still_gets_everything_snowflake_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ELT_WAREHOUSE chooses the warehouse; ELT_DBT_TARGET only names the target. A Snowflake run
+    under a target called `prod` still gets the Snowflake output under that name, the variables
+    dbt-snowflake reads (a project's own profiles.yml too) and `elt doctor`'s grants check.
+    The settings use their ELT_SNOWFLAKE_ names, so only the appliance can hand dbt the
+    SNOWFLAKE_ variables (as with settings read from `.env`)."""
+    from elt import doctor
+
+    for name, value in {"ELT_WAREHOUSE": "snowflake", "ELT_DBT_TARGET": "prod", "ELT_SNOWFLAKE_ACCOUNT": "acme",
+                        "ELT_SNOWFLAKE_USER": "u", "ELT_SNOWFLAKE_WAREHOUSE": "w", "ELT_SNOWFLAKE_DATABASE": "d",
+                        "ELT_SNOWFLAKE_PASSWORD": "p@ss/w0rd@"}.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    profile = yaml.safe_load(dbt_runner.render_profile(settings, "p"))["p"]
+    assert profile["target"] == "prod" and profile["outputs"]["prod"]["type"] == "snowflake"
+    environment = dbt_runner.dbt_environment(settings)
+    assert environment["SNOWFLAKE_PASSWORD"] == "p@ss/w0rd@" and environment["SNOWFLAKE_ACCOUNT"] == "acme"
+    assert "snowflake grants" in [name for name, _, _ in doctor._checks(settings)]
+
+
+def test_a_dbt_target_naming_the_other_warehouse_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ELT_DBT_TARGET=snowflake with the default DuckDB warehouse would load one warehouse and
+    build in another: the run stops naming the variable to set."""
+    from elt.errors import ConfigurationError
+
+    monkeypatch.setenv("ELT_DBT_TARGET", "snowflake")
+    with pytest.raises(ConfigurationError) as error:
+        warehouse_for(load_settings()).check_settings()
+    assert str(error.value) == (
+        "ELT_DBT_TARGET=snowflake but ELT_WAREHOUSE=duckdb: set ELT_WAREHOUSE=snowflake "
+        "(ELT_WAREHOUSE chooses the warehouse; ELT_DBT_TARGET only names the dbt target)"
+    )

@@ -29,7 +29,8 @@ import yaml
 
 from elt import processes
 from elt.errors import ConfigurationError, TerminalError
-from elt.settings import Settings, Warehouse
+from elt.settings import Settings
+from elt.warehouse import warehouse_for
 
 logger = logging.getLogger(__name__)
 
@@ -132,25 +133,10 @@ class DbtProject:
 
 
 def render_profile(settings: Settings, profile_name: str) -> str:
-    """profiles.yml for the project's profile name, built from settings; secrets stay env_var() references."""
+    """profiles.yml for the project's profile name: the warehouse's output under the target's name
+    (ELT_DBT_TARGET, or the warehouse's); secrets stay env_var() references."""
     target = settings.effective_dbt_target
-    if target == Warehouse.duckdb.value:
-        output = {
-            "type": "duckdb",
-            "path": str(settings.path(settings.duckdb_path)),
-            "schema": settings.dbt_schema,
-            "threads": settings.dbt_threads,
-        }
-    elif target == Warehouse.snowflake.value:
-        from elt import warehouse_snowflake
-
-        output = warehouse_snowflake.dbt_output(settings)
-    else:
-        raise ConfigurationError(
-            f"ELT_DBT_TARGET={target}: the appliance renders 'duckdb' and 'snowflake' targets; "
-            "for another target set ELT_DBT_USE_PROJECT_PROFILES=true and ship profiles.yml in the project"
-        )
-    profile = {profile_name: {"target": target, "outputs": {target: output}}}
+    profile = {profile_name: {"target": target, "outputs": {target: warehouse_for(settings).dbt_output()}}}
     return yaml.safe_dump(profile, sort_keys=False)
 
 
@@ -183,12 +169,6 @@ def _remove_profiles_of_dead_processes() -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def prepare_warehouse(settings: Settings) -> None:
-    """dbt-duckdb creates the database file but not its folder."""
-    if settings.effective_dbt_target == Warehouse.duckdb.value:
-        settings.path(settings.duckdb_path).parent.mkdir(parents=True, exist_ok=True)
-
-
 def dbt_environment(settings: Settings) -> dict[str, str]:
     env = {
         **os.environ,
@@ -196,11 +176,7 @@ def dbt_environment(settings: Settings) -> dict[str, str]:
         "DBT_USE_COLORS": "false",
         "DBT_PRINTER_WIDTH": "120",
     }
-    if settings.effective_dbt_target == Warehouse.snowflake.value:
-        from elt import warehouse_snowflake
-
-        env.update(warehouse_snowflake.dbt_environment(settings))
-    return env
+    return env | warehouse_for(settings).dbt_environment()
 
 
 def dbt_executable() -> str:

@@ -37,9 +37,9 @@ class NotChecked(EltError):
 
 
 def _needs_warehouse(settings: Settings) -> None:
-    from elt.warehouse import known_problem
+    from elt.warehouse import warehouse_for
 
-    problem = known_problem(settings)
+    problem = warehouse_for(settings).known_problem()
     if problem:
         raise NotChecked(f"not checked: {problem}")
 
@@ -69,6 +69,7 @@ def run_checks() -> Iterator[Check]:
 def _checks(settings: Settings) -> list[tuple[str, tuple[str, ...], Callable[[], str]]]:
     """(name, the settings fields it depends on (name prefixes), the check)."""
     from elt import preflight
+    from elt.warehouse import warehouse_for
 
     paths = ("home", "data_dir")
     checks: list[tuple[str, tuple[str, ...], Callable[[], str]]] = [
@@ -83,8 +84,9 @@ def _checks(settings: Settings) -> list[tuple[str, tuple[str, ...], Callable[[],
         ("git repo", ("git_", *paths), lambda: _git(settings)),
         ("dbt project", ("git_", "dbt_", *paths), lambda: _dbt_project(settings)),
     ]
-    if settings.effective_dbt_target == "snowflake":
-        checks.append(("snowflake grants", ("snowflake_", "warehouse", "git_", "dbt_"), lambda: _snowflake_grants(settings)))
+    warehouse = warehouse_for(settings)
+    if warehouse.checks_grants:
+        checks.append((f"{warehouse.name.lower()} grants", ("snowflake_", "warehouse", "git_", "dbt_"), lambda: _grants(settings)))
     checks.append(("prefect api", (), _prefect))
     return checks
 
@@ -124,9 +126,9 @@ def _airbyte_server(settings: Settings) -> str:
 
 
 def _warehouse(settings: Settings) -> str:
-    from elt.warehouse import check_reachable
+    from elt.warehouse import warehouse_for
 
-    check_reachable(settings)
+    warehouse_for(settings).check_reachable()
     return "reachable"
 
 
@@ -178,9 +180,11 @@ def _dbt(settings: Settings) -> str:
     return f"{project.path} (profile {project.profile_name}, target {settings.effective_dbt_target}) passes dbt debug"
 
 
-def _snowflake_grants(settings: Settings) -> str:
-    from elt import dbt_runner, warehouse_snowflake
+def _grants(settings: Settings) -> str:
+    """What the run's role may do in the warehouse, probed as that role."""
+    from elt import dbt_runner
     from elt.git_repo import RepoSource
+    from elt.warehouse import MissingGrants, warehouse_for
 
     _needs_warehouse(settings)
     folder = RepoSource.from_settings(settings).checkout / settings.dbt_project_dir
@@ -191,16 +195,10 @@ def _snowflake_grants(settings: Settings) -> str:
             listed = dbt_runner.list_sources(project, profiles_dir=profiles_dir, target=settings.effective_dbt_target,
                                       env=dbt_runner.dbt_environment(settings))
         sources = [(source.get("database") or "", source["schema"], source["name"]) for source in listed]
-    report = warehouse_snowflake.missing_grants(settings, sources, first_run_creates=_schemas_not_loaded_yet(settings))
-    if report.problems:
-        raise Problems(f"{len(report.problems)} missing grant(s) or object(s):", report.problems)
-    detail = (
-        f"role {settings.snowflake_role or '(default)'} can use {settings.snowflake_warehouse}, "
-        f"read {len(sources) - report.unread_tables} source table(s) and build in {settings.snowflake_database}.{settings.snowflake_schema}"
-    )
-    if report.not_loaded_yet:
-        detail += f"; raw schema {', '.join(report.not_loaded_yet)} not loaded yet (the first run creates it)"
-    return detail
+    try:
+        return warehouse_for(settings).check_grants(sources, first_run_creates=_schemas_not_loaded_yet(settings))
+    except MissingGrants as exc:
+        raise Problems(f"{len(exc.problems)} missing grant(s) or object(s):", exc.problems) from None
 
 
 def _schemas_not_loaded_yet(settings: Settings) -> set[str]:
@@ -212,7 +210,9 @@ def _schemas_not_loaded_yet(settings: Settings) -> set[str]:
     from elt.extract.connections import load_connections
 
     schemas = {spec.destination.schema_.upper() for spec in load_connections(settings.path(settings.airbyte_connections_file))}
-    staging = settings.path(settings.data_dir) / "airbyte-staging.duckdb"
+    from elt.warehouse import warehouse_for
+
+    staging = warehouse_for(settings).staging_path
     if not staging.exists():
         return schemas
     import duckdb

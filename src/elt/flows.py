@@ -19,7 +19,7 @@ from prefect.events import emit_event
 from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from elt import dbt_runner, git_repo, preflight, processes, run_lock, warehouse, warehouse_snowflake
+from elt import dbt_runner, git_repo, preflight, processes, run_lock
 from elt.errors import EltError
 from elt.extract.base import (
     ExtractBackend,
@@ -29,7 +29,8 @@ from elt.extract.base import (
     SyncResult,
     UnknownConnections,
 )
-from elt.settings import AirbyteBackend, Settings, Warehouse, load_settings
+from elt.settings import AirbyteBackend, Settings, load_settings
+from elt.warehouse import Warehouse, warehouse_for
 
 
 @dataclass
@@ -185,9 +186,10 @@ def transform(
     settings = load_settings()
     logger = get_run_logger()
     project = dbt_runner.DbtProject.at(Path(project_dir))
-    env = dbt_runner.dbt_environment(settings) | {warehouse_snowflake.QUERY_TAG_VARIABLE: warehouse_snowflake.query_tag(warehouse_snowflake.root_flow_run_id())}
+    warehouse = warehouse_for(settings)
+    env = dbt_runner.dbt_environment(settings)
     target = settings.effective_dbt_target
-    dbt_runner.prepare_warehouse(settings)
+    warehouse.prepare_for_dbt()
 
     with dbt_runner.profiles_dir(settings, project) as profiles_dir:
         options = dict(profiles_dir=profiles_dir, target=target, env=env)
@@ -212,8 +214,7 @@ def transform(
         _emit_node_event(node)
 
     _publish_node_results(run)
-    if settings.warehouse is Warehouse.snowflake:
-        run.cost = _publish_snowflake_cost(settings)
+    run.cost = _publish_cost(warehouse)
     return dbt_runner.check(run)
 
 
@@ -239,18 +240,21 @@ def _emit_node_event(node: dbt_runner.NodeResult) -> None:
     )
 
 
-def _publish_snowflake_cost(settings: Settings) -> str:
-    """Cost of this all-etl run (embedded load and dbt) from Snowflake's query history, as an
-    artifact and one line; when the history can't be read, both say why."""
+def _publish_cost(warehouse: Warehouse) -> str | None:
+    """Cost of this all-etl run (embedded load and dbt), as an artifact and one line; when the
+    warehouse can't say, both say why. None where queries cost nothing (DuckDB)."""
+    key = f"{warehouse.name.lower()}-cost"
     try:
-        rows = warehouse_snowflake.cost_per_node(warehouse_snowflake.run_query_history(settings, warehouse_snowflake.root_flow_run_id()))
+        cost = warehouse.run_cost()
     except Exception as exc:  # observability only: the data is built; say why the cost is missing
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        get_run_logger().warning("Snowflake cost of this run is unknown: %s", reason)
-        create_markdown_artifact(key="snowflake-cost", markdown=f"Cost unknown: {reason}")
+        get_run_logger().warning("%s cost of this run is unknown: %s", warehouse.name, reason)
+        create_markdown_artifact(key=key, markdown=f"Cost unknown: {reason}")
         return f"unknown: {reason}"
-    create_table_artifact(key="snowflake-cost", table=rows, description="Snowflake queries of this run (load and dbt nodes), with estimated credits")
-    return warehouse_snowflake.cost_line(rows)
+    if cost is None:
+        return None
+    create_table_artifact(key=key, table=cost.rows, description=cost.description)
+    return cost.line
 
 
 def _publish_node_results(run: dbt_runner.DbtRun) -> None:
@@ -327,7 +331,7 @@ def all_etl(
                     str(folder), select, exclude, full_refresh,
                     retry_failed=(flow_run.run_count or 1) > 1, skip_downstream_of=failed_connections,
                 )
-            summary.mart_rows = warehouse.mart_row_counts(settings, summary.dbt_run)
+            summary.mart_rows = warehouse_for(settings).mart_row_counts(summary.dbt_run)
         if extract_failure:
             raise extract_failure
     except Exception as exc:

@@ -14,10 +14,10 @@ from typing import Mapping
 
 import yaml
 
-from elt import warehouse_snowflake
 from elt.errors import ConfigurationError
 from elt.git_repo import RepoSource, check_checkout, is_url, refuse_credentials
 from elt.settings import NON_SETTING_VARIABLES, AirbyteBackend, Settings, load_settings, setting_variables
+from elt.warehouse import warehouse_for
 
 
 def check_run(
@@ -33,7 +33,7 @@ def check_run(
     """Every check of one `elt run`, in the order the run would meet the problems; returns the settings."""
     check_environment()
     settings = load_settings()
-    warehouse_snowflake.check_credentials(settings)
+    warehouse_for(settings).check_settings()
     if not skip_extract:
         check_connections(settings, connections, streams=False)
     if not (skip_pull and skip_transform):  # otherwise the run never touches the repo

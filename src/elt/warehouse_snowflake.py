@@ -1,4 +1,5 @@
-"""Snowflake: one place that turns settings into credentials for snowflake-connector-python and dbt-snowflake.
+"""Snowflake, the production warehouse (`SnowflakeWarehouse`): credentials for snowflake-connector-python
+and dbt-snowflake, publishing staged tables, the grants probe and cost per run.
 
 Auth is a key pair (SNOWFLAKE_PRIVATE_KEY as a PEM, as the base64 body of one, or as a path,
 with SNOWFLAKE_PRIVATE_KEY_PASSPHRASE when encrypted) or a password. The key is normalised
@@ -13,6 +14,7 @@ import base64
 import json
 import math
 import re
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from elt.errors import ConfigurationError, EltError, TransientError
-from elt.settings import Settings, Warehouse
+from elt.settings import Settings
+from elt.warehouse import MissingGrants, RunCost, Warehouse, WarehouseUnreachable, display_name
 
 DBT_KEY_VARIABLE = "ELT_SNOWFLAKE_PRIVATE_KEY_DER_BASE64"
 QUERY_TAG_VARIABLE = "ELT_SNOWFLAKE_QUERY_TAG"
@@ -44,16 +47,6 @@ class SnowflakeLoginRejected(ConfigurationError):
 
 class QueryHistoryUnavailable(EltError):
     pass
-
-
-def uses_snowflake(settings: Settings) -> bool:
-    return settings.warehouse is Warehouse.snowflake or settings.effective_dbt_target == Warehouse.snowflake.value
-
-
-def check_credentials(settings: Settings) -> None:
-    """Before a run starts: every required setting is there and the key can be read (no connection made)."""
-    if uses_snowflake(settings):
-        connect_kwargs(settings)
 
 
 def endpoint(settings: Settings) -> str:
@@ -479,3 +472,86 @@ def cost_line(rows: list[dict[str, Any]]) -> str:
         f"~{total['estimated_credits']:.4f} Snowflake credits (estimate: {total['queries']} queries, "
         f"{total['elapsed_seconds']:.1f}s; artifact snowflake-cost)"
     )
+
+
+class SnowflakeWarehouse(Warehouse):
+    """Snowflake: dbt builds in SNOWFLAKE_DATABASE; the embedded backend stages each sync in a
+    DuckDB file and publishes its tables here."""
+
+    name = "Snowflake"
+
+    @property
+    def location(self) -> str:
+        settings = self.settings
+        return f"Snowflake {settings.snowflake_account} {settings.snowflake_database}.{settings.snowflake_schema}"
+
+    @property
+    def lock_path(self) -> Path:
+        settings = self.settings
+        parts = (settings.snowflake_account, settings.snowflake_database, settings.snowflake_schema)
+        name = re.sub(r"[^a-z0-9_.-]+", "_", "-".join(str(part) for part in parts).lower())
+        return settings.path(settings.data_dir) / "run-locks" / f"snowflake-{name}.lock"
+
+    @property
+    def _identity(self) -> str:
+        settings = self.settings
+        return f"snowflake:{settings.snowflake_account}:{settings.snowflake_host}:{settings.snowflake_port}:{settings.snowflake_user}"
+
+    def check_settings(self) -> None:
+        super().check_settings()
+        connect_kwargs(self.settings)
+
+    def _open(self) -> None:
+        try:
+            with closing(connect(self.settings, probe=True)) as connection:
+                connection.cursor().execute("select 1")
+        except SnowflakeUnreachable as exc:
+            raise WarehouseUnreachable(str(exc)) from None
+
+    checks_grants = True
+
+    def check_grants(self, sources: list[tuple[str, str, str]], first_run_creates: set[str] = frozenset()) -> str:
+        settings = self.settings
+        report = missing_grants(settings, sources, first_run_creates)
+        if report.problems:
+            raise MissingGrants(report.problems)
+        detail = (
+            f"role {settings.snowflake_role or '(default)'} can use {settings.snowflake_warehouse}, "
+            f"read {len(sources) - report.unread_tables} source table(s) and build in {settings.snowflake_database}.{settings.snowflake_schema}"
+        )
+        if report.not_loaded_yet:
+            detail += f"; raw schema {', '.join(report.not_loaded_yet)} not loaded yet (the first run creates it)"
+        return detail
+
+    @property
+    def staging_path(self) -> Path:
+        return self.settings.path(self.settings.data_dir) / "airbyte-staging.duckdb"
+
+    def publish_staged(self, staged: Path, schema: str, tables: list[str]) -> None:
+        replace_tables_from_duckdb(self.settings, staged, schema, tables)
+
+    def schema_location(self, schema: str) -> str:
+        return f"Snowflake {self.settings.snowflake_database}.{schema}"
+
+    def dbt_output(self) -> dict[str, Any]:
+        return dbt_output(self.settings)
+
+    def dbt_environment(self) -> dict[str, str]:
+        env = dbt_environment(self.settings)
+        flow_run_id = root_flow_run_id()
+        if flow_run_id:  # outside a run (elt doctor) the profile's default tag applies
+            env[QUERY_TAG_VARIABLE] = query_tag(flow_run_id)
+        return env
+
+    def _row_counts(self, relations: list[str]) -> dict[str, int]:
+        with closing(connect(self.settings, query_tag(root_flow_run_id()))) as connection:
+            cursor = connection.cursor()
+            return {
+                display_name(relation, unquoted_upper=True): cursor.execute(f"select count(*) from {relation}").fetchone()[0]
+                for relation in relations
+            }
+
+    def run_cost(self) -> RunCost:
+        """From Snowflake's query history, by the run's query tag; QueryHistoryUnavailable says why it can't be read."""
+        rows = cost_per_node(run_query_history(self.settings, root_flow_run_id()))
+        return RunCost(rows, cost_line(rows), "Snowflake queries of this run (load and dbt nodes), with estimated credits")
