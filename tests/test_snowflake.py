@@ -20,8 +20,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from elt import dbt_runner, warehouse_snowflake
+from elt.errors import ConfigurationError
 from elt.settings import load_settings
 from elt.warehouse import WarehouseUnreachable, warehouse_for
+from elt.warehouse_snowflake import SnowflakeCredentials
 from tests.conftest import BIN, FakesnowServer
 
 
@@ -110,19 +112,19 @@ def test_key_pair_profile_gives_dbt_base64_der_through_the_environment(
     assert "password" not in output and "private_key_passphrase" not in output
     assert _body(_pem(key))[:40] not in rendered
     assert base64.b64decode(dbt_runner.dbt_environment(settings)[warehouse_snowflake.DBT_KEY_VARIABLE]) == _der(key)
-    assert warehouse_snowflake.connect_kwargs(settings)["private_key"] == _der(key)
+    assert SnowflakeCredentials.from_settings(settings).to_connector_params()["private_key"] == _der(key)
 
 
 def test_connector_connects_with_the_settings(snowflake_env: FakesnowServer) -> None:
-    with warehouse_snowflake.connect(load_settings(), warehouse_snowflake.query_tag("run-1")) as connection:
+    with warehouse_snowflake.connect(SnowflakeCredentials.from_settings(load_settings()), warehouse_snowflake.query_tag("run-1")) as connection:
         assert connection.cursor().execute("select 41 + 1").fetchone() == (42,)
 
 
 def test_missing_settings_are_listed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ELT_WAREHOUSE", "snowflake")
     monkeypatch.setenv("SNOWFLAKE_ACCOUNT", "acme")
-    with pytest.raises(Exception, match="needs SNOWFLAKE_USER, SNOWFLAKE_WAREHOUSE, SNOWFLAKE_DATABASE, SNOWFLAKE_PRIVATE_KEY or SNOWFLAKE_PASSWORD"):
-        warehouse_snowflake.connect_kwargs(load_settings())
+    with pytest.raises(ConfigurationError, match="needs SNOWFLAKE_USER, SNOWFLAKE_WAREHOUSE, SNOWFLAKE_DATABASE, SNOWFLAKE_PRIVATE_KEY or SNOWFLAKE_PASSWORD"):
+        SnowflakeCredentials.from_settings(load_settings()).to_connector_params()
 
 
 def _closed_port() -> int:
@@ -187,7 +189,7 @@ def test_one_bounded_login_for_dbt_too(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SNOWFLAKE_CONNECT_TIMEOUT_SECONDS", "2.5")
     output = yaml.safe_load(dbt_runner.render_profile(load_settings(), "p"))["p"]["outputs"]["snowflake"]
     assert output["connect_timeout"] == 3 and output["connect_retries"] == 0
-    assert warehouse_snowflake.connect_kwargs(load_settings())["login_timeout"] == 2.5
+    assert SnowflakeCredentials.from_settings(load_settings()).to_connector_params()["login_timeout"] == 2.5
 
 
 def _cli(*arguments: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
@@ -230,7 +232,7 @@ def test_unquoted_multiline_key_in_env_file_says_quote_it_or_give_a_path(key: rs
     (tmp_path / ".env").write_text("\n".join([*settings_lines, f'SNOWFLAKE_PRIVATE_KEY="{pem}"', ""]))
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(tmp_path)
-        assert warehouse_snowflake.connect_kwargs(load_settings())["private_key"] == _der(key)
+        assert SnowflakeCredentials.from_settings(load_settings()).to_connector_params()["private_key"] == _der(key)
 
 
 def test_a_custom_dbt_target_name_still_gets_everything_snowflake_needs(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -256,8 +258,6 @@ def test_a_custom_dbt_target_name_still_gets_everything_snowflake_needs(monkeypa
 def test_a_dbt_target_naming_the_other_warehouse_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """ELT_DBT_TARGET=snowflake with the default DuckDB warehouse would load one warehouse and
     build in another: the run stops naming the variable to set."""
-    from elt.errors import ConfigurationError
-
     monkeypatch.setenv("ELT_DBT_TARGET", "snowflake")
     with pytest.raises(ConfigurationError) as error:
         warehouse_for(load_settings()).check_settings()
@@ -265,3 +265,17 @@ def test_a_dbt_target_naming_the_other_warehouse_is_refused(monkeypatch: pytest.
         "ELT_DBT_TARGET=snowflake but ELT_WAREHOUSE=duckdb: set ELT_WAREHOUSE=snowflake "
         "(ELT_WAREHOUSE chooses the warehouse; ELT_DBT_TARGET only names the dbt target)"
     )
+
+
+def test_credentials_keep_their_secrets_out_of_str_and_repr(key: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The credentials object is what the code passes around: printing or logging it shows no
+    password, key or passphrase; only the connector's arguments hold them."""
+    pem = _pem(key, "pp-secret")
+    for name, value in {"ELT_WAREHOUSE": "snowflake", "SNOWFLAKE_ACCOUNT": "acme", "SNOWFLAKE_USER": "u", "SNOWFLAKE_WAREHOUSE": "w",
+                        "SNOWFLAKE_DATABASE": "d", "SNOWFLAKE_PASSWORD": "p@ss/w0rd@", "SNOWFLAKE_PRIVATE_KEY": pem,
+                        "SNOWFLAKE_PRIVATE_KEY_PASSPHRASE": "pp-secret"}.items():
+        monkeypatch.setenv(name, value)
+    credentials = SnowflakeCredentials.from_settings(load_settings())
+    for shown in (str(credentials), repr(credentials)):
+        assert "p@ss/w0rd@" not in shown and "pp-secret" not in shown and _body(pem)[:40] not in shown, shown
+    assert credentials.to_connector_params()["private_key"] == _der(key)
