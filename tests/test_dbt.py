@@ -31,10 +31,12 @@ def profiles_dir(tmp_path: Path, project: dbt_runner.DbtProject, monkeypatch: py
     return folder
 
 
+def _dbt(project: dbt_runner.DbtProject, profiles_dir: Path, target: str = "duckdb") -> dbt_runner.Dbt:
+    return dbt_runner.Dbt(project, profiles_dir, target, dbt_runner.dbt_environment(load_settings()))
+
+
 def _build(project: dbt_runner.DbtProject, profiles_dir: Path, *arguments: str) -> dbt_runner.DbtRun:
-    return dbt_runner.run_dbt(
-        project, ["build", *arguments], profiles_dir=profiles_dir, target="duckdb", env=dbt_runner.dbt_environment(load_settings())
-    )
+    return dbt_runner.run_dbt(_dbt(project, profiles_dir), ["build", *arguments])
 
 
 def test_profile_is_rendered_under_the_projects_own_profile_name(tmp_path: Path, project: dbt_runner.DbtProject, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -97,13 +99,13 @@ def test_retry_rebuilds_only_what_failed(project: dbt_runner.DbtProject, profile
     first = _build(project, profiles_dir)
     assert first.failed_nodes
     broken.write_text("select order_id from {{ ref('orders') }}\n")
-    retried = dbt_runner.check(dbt_runner.run_dbt(project, ["retry"], profiles_dir=profiles_dir, target="duckdb", env=dbt_runner.dbt_environment(load_settings())))
+    retried = dbt_runner.check(dbt_runner.run_dbt(_dbt(project, profiles_dir), ["retry"]))
     assert [node.unique_id for node in retried.results] == ["model.tiny_shop.broken"]
 
 
 def test_unusable_profile_is_an_invocation_error(project: dbt_runner.DbtProject, tmp_path: Path) -> None:
     (tmp_path / "profiles.yml").write_text("some_other_profile: {target: x, outputs: {x: {type: duckdb, path: ':memory:'}}}\n")
-    run = dbt_runner.run_dbt(project, ["build"], profiles_dir=tmp_path, target="x", env=dbt_runner.dbt_environment(load_settings()))
+    run = dbt_runner.run_dbt(_dbt(project, tmp_path, "x"), ["build"])
     with pytest.raises(dbt_runner.DbtInvocationError, match="tiny_shop_warehouse"):
         dbt_runner.check(run)
 
@@ -117,10 +119,11 @@ def test_projects_own_profiles_when_told(project: dbt_runner.DbtProject, tmp_pat
     """ELT_DBT_USE_PROJECT_PROFILES: dbt reads the repo's profiles.yml (here: schema own_profile)."""
     monkeypatch.setenv("ELT_DBT_USE_PROJECT_PROFILES", "true")
     monkeypatch.setenv("TINY_SHOP_DUCKDB", str(tmp_path / "own.duckdb"))
+    monkeypatch.setenv("ELT_DBT_TARGET", "local")
     settings = load_settings()
-    with dbt_runner.profiles_dir(settings, project) as folder:
-        assert folder == project.path
-        run = dbt_runner.check(dbt_runner.run_dbt(project, ["build"], profiles_dir=folder, target="local", env=dbt_runner.dbt_environment(settings)))
+    with dbt_runner.dbt_for(settings, project) as dbt:
+        assert dbt.profiles_dir == project.path
+        run = dbt_runner.check(dbt_runner.run_dbt(dbt, ["build"]))
     assert run.results
     with duckdb.connect(str(tmp_path / "own.duckdb"), read_only=True) as connection:
         assert connection.execute("select count(*) from own_profile_marts.customer_totals").fetchone()[0] == 2
@@ -166,8 +169,8 @@ def test_unreachable_warehouse_fails_with_dbts_own_error_logged_at_error(
     settings = load_settings()
     (tmp_path / "profiles.yml").write_text(dbt_runner.render_profile(settings, project.profile_name))
     with caplog.at_level(logging.INFO, logger="tests.dbt"):
-        run = dbt_runner.run_dbt(project, ["build"], profiles_dir=tmp_path, target="snowflake", env=dbt_runner.dbt_environment(settings),
-                          log=logging.getLogger("tests.dbt"))
+        dbt = dbt_runner.Dbt(project, tmp_path, "snowflake", dbt_runner.dbt_environment(settings))
+        run = dbt_runner.run_dbt(dbt, ["build"], log=logging.getLogger("tests.dbt"))
     assert "Deprecation" in " ".join(run.output_tail[-6:])  # what the old tail-based message reported
     with pytest.raises(dbt_runner.DbtInvocationError) as error:
         dbt_runner.check(run)
@@ -188,10 +191,9 @@ def test_default_project_names_its_connection_under_config_without_deprecations(
     monkeypatch.setenv("ELT_DUCKDB_PATH", str(tmp_path / "w.duckdb"))
     settings = load_settings()
     project = dbt_runner.DbtProject.at(project_dir)
-    with dbt_runner.profiles_dir(settings, project) as folder:
-        options = dict(profiles_dir=folder, target="duckdb", env=dbt_runner.dbt_environment(settings))
-        parsed = dbt_runner.check(dbt_runner.run_dbt(project, ["parse", "--no-partial-parse"], **options))
+    with dbt_runner.dbt_for(settings, project) as dbt:
+        parsed = dbt_runner.check(dbt_runner.run_dbt(dbt, ["parse", "--no-partial-parse"]))
         assert not any("Deprecation" in line for line in parsed.output_tail), parsed.output_tail
-        assert dbt_runner.downstream_of_connections(project, ["faker"], **options) == [
+        assert dbt_runner.downstream_of_connections(dbt, ["faker"]) == [
             "source:faker.products+", "source:faker.purchases+", "source:faker.users+"
         ]

@@ -7,7 +7,6 @@ checks run with its default (a check that depends on it says so instead).
 from __future__ import annotations
 
 import shutil
-import subprocess
 import traceback
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -161,19 +160,14 @@ def _dbt_project(settings: Settings) -> str:
 
 def _dbt(settings: Settings) -> str:
     from elt import dbt_runner
-    from elt.git_repo import RepoSource
 
-    folder = RepoSource.from_settings(settings).checkout / settings.dbt_project_dir
+    folder = dbt_runner.project_folder(settings)
     if not folder.exists():
         return f"{folder} not checked out yet; all-etl clones it on its first run"
     project = dbt_runner.DbtProject.at(folder)
     _needs_warehouse(settings)
-    with dbt_runner.profiles_dir(settings, project) as profiles_dir:
-        completed = subprocess.run(
-            [dbt_runner.dbt_executable(), "debug", "--project-dir", str(project.path), "--profiles-dir", str(profiles_dir),
-             "--target", settings.effective_dbt_target],
-            cwd=project.path, env=dbt_runner.dbt_environment(settings), capture_output=True, text=True, timeout=120,
-        )
+    with dbt_runner.dbt_for(settings, project) as dbt:
+        completed = dbt.run_captured("debug", timeout=120)
     if completed.returncode != 0:
         cause = dbt_runner.failure_cause((completed.stdout + completed.stderr).splitlines(), completed.returncode)
         raise EltError(f"dbt debug failed in {project.path}: {cause}")
@@ -183,17 +177,14 @@ def _dbt(settings: Settings) -> str:
 def _grants(settings: Settings) -> str:
     """What the run's role may do in the warehouse, probed as that role."""
     from elt import dbt_runner
-    from elt.git_repo import RepoSource
     from elt.warehouse import MissingGrants, warehouse_for
 
     _needs_warehouse(settings)
-    folder = RepoSource.from_settings(settings).checkout / settings.dbt_project_dir
+    folder = dbt_runner.project_folder(settings)
     sources: list[tuple[str, str, str]] = []
     if folder.exists():
-        project = dbt_runner.DbtProject.at(folder)
-        with dbt_runner.profiles_dir(settings, project) as profiles_dir:
-            listed = dbt_runner.list_sources(project, profiles_dir=profiles_dir, target=settings.effective_dbt_target,
-                                      env=dbt_runner.dbt_environment(settings))
+        with dbt_runner.dbt_for(settings, dbt_runner.DbtProject.at(folder)) as dbt:
+            listed = dbt_runner.list_sources(dbt)
         sources = [(source.get("database") or "", source["schema"], source["name"]) for source in listed]
     try:
         return warehouse_for(settings).check_grants(sources, first_run_creates=_schemas_not_loaded_yet(settings))

@@ -187,14 +187,11 @@ def transform(
     logger = get_run_logger()
     project = dbt_runner.DbtProject.at(Path(project_dir))
     warehouse = warehouse_for(settings)
-    env = dbt_runner.dbt_environment(settings)
-    target = settings.effective_dbt_target
     warehouse.prepare_for_dbt()
 
-    with dbt_runner.profiles_dir(settings, project) as profiles_dir:
-        options = dict(profiles_dir=profiles_dir, target=target, env=env)
+    with dbt_runner.dbt_for(settings, project) as dbt:
         if project.has_packages:
-            dbt_runner.check(dbt_runner.run_dbt(project, ["deps"], log=logger, **options))
+            dbt_runner.check(dbt_runner.run_dbt(dbt, ["deps"], log=logger))
 
         if retry_failed and project.run_results_path.exists():
             logger.info("Parent run is a retry: running `dbt retry` to rebuild only what failed or was skipped")
@@ -202,14 +199,14 @@ def transform(
         else:
             excluded = [exclude] if exclude else []
             if skip_downstream_of:
-                stale = dbt_runner.downstream_of_connections(project, skip_downstream_of, **options)
+                stale = dbt_runner.downstream_of_connections(dbt, skip_downstream_of)
                 logger.warning("Not building %s: downstream of failed connection(s) %s", " ".join(stale) or "nothing", ", ".join(skip_downstream_of))
                 excluded += stale
             arguments = ["build"]
             arguments += ["--select", select] if select else []
             arguments += ["--exclude", " ".join(excluded)] if excluded else []
             arguments += ["--full-refresh"] if full_refresh else []
-        run = dbt_runner.run_dbt(project, arguments, log=logger, **options)
+        run = dbt_runner.run_dbt(dbt, arguments, log=logger)
     for node in run.results:
         _emit_node_event(node)
 
@@ -324,7 +321,7 @@ def all_etl(
             _show_deployed_commit_as_version(summary.deployed)
 
         if not skip_transform:
-            folder = source.checkout / (project_dir or settings.dbt_project_dir)
+            folder = dbt_runner.project_folder(settings, source, project_dir)
             failed_connections = [failure.connection for failure in extract_failure.report.failed] if extract_failure else None
             with summary.timed("transform"):
                 summary.dbt_run = transform(
