@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -63,35 +62,18 @@ def all_etl_runs(client: httpx.Client, states: list[str], limit: int = 5) -> lis
 
 
 def generate(run_id: str) -> None:
-    from elt import dbt
-    from elt.git_repo import RepoSource
-    from elt.settings import Warehouse, load_settings
+    from elt import dbt_runner
+    from elt.settings import load_settings
+    from elt.warehouse import warehouse_for
 
     settings = load_settings()
-    source = RepoSource.from_settings(settings)
-    project = dbt.DbtProject.at(source.checkout / settings.dbt_project_dir)
+    project = dbt_runner.DbtProject.at(dbt_runner.project_folder(settings))
     with tempfile.TemporaryDirectory(prefix="dbt-docs-") as scratch:
         scratch_dir = Path(scratch)
-        if settings.effective_dbt_target == Warehouse.duckdb.value:
-            warehouse = settings.path(settings.duckdb_path)
-            copy = scratch_dir / "warehouse.duckdb"
-            shutil.copy2(warehouse, copy)
-            if Path(f"{warehouse}.wal").exists():
-                shutil.copy2(f"{warehouse}.wal", f"{copy}.wal")
-            settings = load_settings(duckdb_path=copy)
-        if settings.dbt_use_project_profiles:
-            profiles_dir = project.path
-        else:
-            profiles_dir = scratch_dir
-            (profiles_dir / "profiles.yml").write_text(dbt.render_profile(settings, project.profile_name))
+        settings = warehouse_for(settings).settings_reading_a_copy(scratch_dir)
         target = DOCS_DIR / "target"
-        command = [
-            dbt.dbt_executable(), "docs", "generate",
-            "--project-dir", str(project.path), "--profiles-dir", str(profiles_dir),
-            "--target", settings.effective_dbt_target,
-            "--target-path", str(target), "--log-path", str(scratch_dir / "logs"),
-        ]
-        completed = subprocess.run(command, env=dbt.dbt_environment(settings), capture_output=True, text=True)
+        with dbt_runner.dbt_for(settings, project) as dbt:
+            completed = dbt.run_captured("docs", "generate", "--target-path", str(target), "--log-path", str(scratch_dir / "logs"))
         if completed.returncode != 0:
             tail = "\n".join(completed.stdout.splitlines()[-15:])
             raise RuntimeError(f"dbt docs generate failed (exit {completed.returncode}):\n{tail}")

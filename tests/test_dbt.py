@@ -9,56 +9,59 @@ import duckdb
 import pytest
 import yaml
 
-from elt import dbt, warehouse
+from elt import dbt_runner
 from elt.settings import load_settings
+from elt.warehouse import warehouse_for
 from tests.conftest import REPO_ROOT, TINY_PROJECT
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> dbt.DbtProject:
+def project(tmp_path: Path) -> dbt_runner.DbtProject:
     folder = tmp_path / "tiny_shop"
     shutil.copytree(TINY_PROJECT, folder)
-    return dbt.DbtProject.at(folder)
+    return dbt_runner.DbtProject.at(folder)
 
 
 @pytest.fixture
-def profiles_dir(tmp_path: Path, project: dbt.DbtProject, monkeypatch: pytest.MonkeyPatch) -> Path:
+def profiles_dir(tmp_path: Path, project: dbt_runner.DbtProject, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("ELT_DUCKDB_PATH", str(tmp_path / "warehouse.duckdb"))
     folder = tmp_path / "profiles"
     folder.mkdir()
-    (folder / "profiles.yml").write_text(dbt.render_profile(load_settings(), project.profile_name))
+    (folder / "profiles.yml").write_text(dbt_runner.render_profile(load_settings(), project.profile_name))
     return folder
 
 
-def _build(project: dbt.DbtProject, profiles_dir: Path, *arguments: str) -> dbt.DbtRun:
-    return dbt.run_dbt(
-        project, ["build", *arguments], profiles_dir=profiles_dir, target="duckdb", env=dbt.dbt_environment(load_settings())
-    )
+def _dbt(project: dbt_runner.DbtProject, profiles_dir: Path, target: str = "duckdb") -> dbt_runner.Dbt:
+    return dbt_runner.Dbt(project, profiles_dir, target, dbt_runner.dbt_environment(load_settings()))
 
 
-def test_profile_is_rendered_under_the_projects_own_profile_name(tmp_path: Path, project: dbt.DbtProject, monkeypatch: pytest.MonkeyPatch) -> None:
+def _build(project: dbt_runner.DbtProject, profiles_dir: Path, *arguments: str) -> dbt_runner.DbtRun:
+    return dbt_runner.run_dbt(_dbt(project, profiles_dir), ["build", *arguments])
+
+
+def test_profile_is_rendered_under_the_projects_own_profile_name(tmp_path: Path, project: dbt_runner.DbtProject, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ELT_DUCKDB_PATH", str(tmp_path / "w.duckdb"))
-    rendered = yaml.safe_load(dbt.render_profile(load_settings(), project.profile_name))
+    rendered = yaml.safe_load(dbt_runner.render_profile(load_settings(), project.profile_name))
     assert list(rendered) == ["tiny_shop_warehouse"]
     output = rendered["tiny_shop_warehouse"]["outputs"]["duckdb"]
     assert output["type"] == "duckdb" and output["path"] == str(tmp_path / "w.duckdb")
 
 
-def test_snowflake_profile_keeps_secrets_out_of_the_file(project: dbt.DbtProject, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_snowflake_profile_keeps_secrets_out_of_the_file(project: dbt_runner.DbtProject, monkeypatch: pytest.MonkeyPatch) -> None:
     """The rendered file refers to the password through env_var(); only the dbt process's environment holds it."""
     for name, value in {"ELT_WAREHOUSE": "snowflake", "SNOWFLAKE_ACCOUNT": "acme", "SNOWFLAKE_USER": "u",
                         "SNOWFLAKE_WAREHOUSE": "w", "SNOWFLAKE_DATABASE": "d", "SNOWFLAKE_PASSWORD": "p@ss/w0rd@"}.items():
         monkeypatch.setenv(name, value)
     settings = load_settings()
-    text = dbt.render_profile(settings, project.profile_name)
+    text = dbt_runner.render_profile(settings, project.profile_name)
     assert "p@ss/w0rd@" not in text
     output = yaml.safe_load(text)["tiny_shop_warehouse"]["outputs"]["snowflake"]
     assert output["password"] == "{{ env_var('SNOWFLAKE_PASSWORD') }}"
-    assert dbt.dbt_environment(settings)["SNOWFLAKE_PASSWORD"] == "p@ss/w0rd@"
+    assert dbt_runner.dbt_environment(settings)["SNOWFLAKE_PASSWORD"] == "p@ss/w0rd@"
 
 
-def test_build_reports_every_node(project: dbt.DbtProject, profiles_dir: Path, tmp_path: Path) -> None:
-    run = dbt.check(_build(project, profiles_dir))
+def test_build_reports_every_node(project: dbt_runner.DbtProject, profiles_dir: Path, tmp_path: Path) -> None:
+    run = dbt_runner.check(_build(project, profiles_dir))
     statuses = {node.unique_id: node.status for node in run.results}
     assert statuses["seed.tiny_shop.orders"] == "success"
     assert statuses["model.tiny_shop.customer_totals"] == "success"
@@ -70,12 +73,12 @@ def test_build_reports_every_node(project: dbt.DbtProject, profiles_dir: Path, t
         assert connection.execute("select sum(order_count) from main_marts.customer_totals").fetchone()[0] == 3
 
 
-def test_failed_model_names_the_node_and_skips_downstream(project: dbt.DbtProject, profiles_dir: Path) -> None:
+def test_failed_model_names_the_node_and_skips_downstream(project: dbt_runner.DbtProject, profiles_dir: Path) -> None:
     (project.path / "models" / "broken.sql").write_text("select * from {{ ref('orders') }} where no_such_column = 1\n")
     (project.path / "models" / "after_broken.sql").write_text("select * from {{ ref('broken') }}\n")
     run = _build(project, profiles_dir)
-    with pytest.raises(dbt.DbtBuildFailed) as error:
-        dbt.check(run)
+    with pytest.raises(dbt_runner.DbtBuildFailed) as error:
+        dbt_runner.check(run)
     assert "model.tiny_shop.broken" in str(error.value)
     assert "no_such_column" in str(error.value)
     statuses = {node.unique_id: node.status for node in run.results}
@@ -83,64 +86,65 @@ def test_failed_model_names_the_node_and_skips_downstream(project: dbt.DbtProjec
     assert statuses["model.tiny_shop.customer_totals"] == "success"
 
 
-def test_failed_test_names_the_test(project: dbt.DbtProject, profiles_dir: Path) -> None:
+def test_failed_test_names_the_test(project: dbt_runner.DbtProject, profiles_dir: Path) -> None:
     (project.path / "seeds" / "orders.csv").write_text("order_id,customer,amount\n1,ada,1\n2,,2\n")
-    with pytest.raises(dbt.DbtBuildFailed, match=r"test\.tiny_shop\.not_null_customer_totals_customer"):
-        dbt.check(_build(project, profiles_dir))
+    with pytest.raises(dbt_runner.DbtBuildFailed, match=r"test\.tiny_shop\.not_null_customer_totals_customer"):
+        dbt_runner.check(_build(project, profiles_dir))
 
 
-def test_retry_rebuilds_only_what_failed(project: dbt.DbtProject, profiles_dir: Path) -> None:
+def test_retry_rebuilds_only_what_failed(project: dbt_runner.DbtProject, profiles_dir: Path) -> None:
     """`dbt retry` after a fix runs the failed node and what it skipped, not the whole project."""
     broken = project.path / "models" / "broken.sql"
     broken.write_text("select no_such_column from {{ ref('orders') }}\n")
     first = _build(project, profiles_dir)
     assert first.failed_nodes
     broken.write_text("select order_id from {{ ref('orders') }}\n")
-    retried = dbt.check(dbt.run_dbt(project, ["retry"], profiles_dir=profiles_dir, target="duckdb", env=dbt.dbt_environment(load_settings())))
+    retried = dbt_runner.check(dbt_runner.run_dbt(_dbt(project, profiles_dir), ["retry"]))
     assert [node.unique_id for node in retried.results] == ["model.tiny_shop.broken"]
 
 
-def test_unusable_profile_is_an_invocation_error(project: dbt.DbtProject, tmp_path: Path) -> None:
+def test_unusable_profile_is_an_invocation_error(project: dbt_runner.DbtProject, tmp_path: Path) -> None:
     (tmp_path / "profiles.yml").write_text("some_other_profile: {target: x, outputs: {x: {type: duckdb, path: ':memory:'}}}\n")
-    run = dbt.run_dbt(project, ["build"], profiles_dir=tmp_path, target="x", env=dbt.dbt_environment(load_settings()))
-    with pytest.raises(dbt.DbtInvocationError, match="tiny_shop_warehouse"):
-        dbt.check(run)
+    run = dbt_runner.run_dbt(_dbt(project, tmp_path, "x"), ["build"])
+    with pytest.raises(dbt_runner.DbtInvocationError, match="tiny_shop_warehouse"):
+        dbt_runner.check(run)
 
 
 def test_missing_project_names_the_setting(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="ELT_DBT_PROJECT_DIR"):
-        dbt.DbtProject.at(tmp_path)
+        dbt_runner.DbtProject.at(tmp_path)
 
 
-def test_projects_own_profiles_when_told(project: dbt.DbtProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_projects_own_profiles_when_told(project: dbt_runner.DbtProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """ELT_DBT_USE_PROJECT_PROFILES: dbt reads the repo's profiles.yml (here: schema own_profile)."""
     monkeypatch.setenv("ELT_DBT_USE_PROJECT_PROFILES", "true")
     monkeypatch.setenv("TINY_SHOP_DUCKDB", str(tmp_path / "own.duckdb"))
+    monkeypatch.setenv("ELT_DBT_TARGET", "local")
     settings = load_settings()
-    with dbt.profiles_dir(settings, project) as folder:
-        assert folder == project.path
-        run = dbt.check(dbt.run_dbt(project, ["build"], profiles_dir=folder, target="local", env=dbt.dbt_environment(settings)))
+    with dbt_runner.dbt_for(settings, project) as dbt:
+        assert dbt.profiles_dir == project.path
+        run = dbt_runner.check(dbt_runner.run_dbt(dbt, ["build"]))
     assert run.results
     with duckdb.connect(str(tmp_path / "own.duckdb"), read_only=True) as connection:
         assert connection.execute("select count(*) from own_profile_marts.customer_totals").fetchone()[0] == 2
     (project.path / "profiles.yml").unlink()
     with pytest.raises(Exception, match="ELT_DBT_USE_PROJECT_PROFILES is set but the project has no profiles.yml"):
-        with dbt.profiles_dir(settings, project):
+        with dbt_runner.profiles_dir(settings, project):
             pass
 
 
-def test_row_counts_are_of_this_runs_models_only(project: dbt.DbtProject, profiles_dir: Path, tmp_path: Path) -> None:
+def test_row_counts_are_of_this_runs_models_only(project: dbt_runner.DbtProject, profiles_dir: Path, tmp_path: Path) -> None:
     """Another project (tiny_shop) has built main_marts.customer_totals in the same warehouse;
     a second project's run counts only the table it built, in its real relation."""
-    dbt.check(_build(project, profiles_dir))
+    dbt_runner.check(_build(project, profiles_dir))
     other = tmp_path / "other_shop"
     shutil.copytree(TINY_PROJECT, other)
     (other / "dbt_project.yml").write_text((other / "dbt_project.yml").read_text().replace("tiny_shop", "other_shop").replace("profile: other_shop_warehouse", "profile: tiny_shop_warehouse"))
     (other / "models" / "schema.yml").unlink()
     (other / "models" / "customer_totals.sql").rename(other / "models" / "order_amounts.sql")
     (other / "models" / "big_orders.sql").write_text("{{ config(materialized='view') }}\nselect * from {{ ref('orders') }} where amount > 5\n")
-    run = dbt.check(_build(dbt.DbtProject.at(other), profiles_dir))
-    assert warehouse.mart_row_counts(load_settings(), run) == {"warehouse.main_marts.order_amounts": 2}
+    run = dbt_runner.check(_build(dbt_runner.DbtProject.at(other), profiles_dir))
+    assert warehouse_for(load_settings()).mart_row_counts(run) == {"warehouse.main_marts.order_amounts": 2}
 
 
 def _closed_port() -> int:
@@ -150,7 +154,7 @@ def _closed_port() -> int:
 
 
 def test_unreachable_warehouse_fails_with_dbts_own_error_logged_at_error(
-    project: dbt.DbtProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    project: dbt_runner.DbtProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Snowflake on a closed port, and a deprecated property in the project so that dbt's
     deprecation summary is the last thing it prints: the failure names dbt's connection error,
@@ -163,13 +167,13 @@ def test_unreachable_warehouse_fails_with_dbts_own_error_logged_at_error(
                         "SNOWFLAKE_PORT": str(_closed_port()), "SNOWFLAKE_PROTOCOL": "http"}.items():
         monkeypatch.setenv(name, value)
     settings = load_settings()
-    (tmp_path / "profiles.yml").write_text(dbt.render_profile(settings, project.profile_name))
+    (tmp_path / "profiles.yml").write_text(dbt_runner.render_profile(settings, project.profile_name))
     with caplog.at_level(logging.INFO, logger="tests.dbt"):
-        run = dbt.run_dbt(project, ["build"], profiles_dir=tmp_path, target="snowflake", env=dbt.dbt_environment(settings),
-                          log=logging.getLogger("tests.dbt"))
+        dbt = dbt_runner.Dbt(project, tmp_path, "snowflake", dbt_runner.dbt_environment(settings))
+        run = dbt_runner.run_dbt(dbt, ["build"], log=logging.getLogger("tests.dbt"))
     assert "Deprecation" in " ".join(run.output_tail[-6:])  # what the old tail-based message reported
-    with pytest.raises(dbt.DbtInvocationError) as error:
-        dbt.check(run)
+    with pytest.raises(dbt_runner.DbtInvocationError) as error:
+        dbt_runner.check(run)
     assert str(error.value).startswith(
         f'dbt build in {project.path} could not run: Database error while listing schemas in database "ANALYTICS": '
         "250001: Could not connect to Snowflake backend after "
@@ -186,11 +190,10 @@ def test_default_project_names_its_connection_under_config_without_deprecations(
     shutil.copytree(REPO_ROOT / "dbt", project_dir, ignore=shutil.ignore_patterns("target", "logs"))
     monkeypatch.setenv("ELT_DUCKDB_PATH", str(tmp_path / "w.duckdb"))
     settings = load_settings()
-    project = dbt.DbtProject.at(project_dir)
-    with dbt.profiles_dir(settings, project) as folder:
-        options = dict(profiles_dir=folder, target="duckdb", env=dbt.dbt_environment(settings))
-        parsed = dbt.check(dbt.run_dbt(project, ["parse", "--no-partial-parse"], **options))
+    project = dbt_runner.DbtProject.at(project_dir)
+    with dbt_runner.dbt_for(settings, project) as dbt:
+        parsed = dbt_runner.check(dbt_runner.run_dbt(dbt, ["parse", "--no-partial-parse"]))
         assert not any("Deprecation" in line for line in parsed.output_tail), parsed.output_tail
-        assert dbt.downstream_of_connections(project, ["faker"], **options) == [
+        assert dbt_runner.downstream_of_connections(dbt, ["faker"]) == [
             "source:faker.products+", "source:faker.purchases+", "source:faker.users+"
         ]

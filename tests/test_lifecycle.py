@@ -337,7 +337,7 @@ def test_profiles_folders_of_dead_processes_are_swept(tmp_path: Path, monkeypatc
     dbt invocation; one of a live process is kept."""
     import tempfile
 
-    from elt import dbt
+    from elt import dbt_runner
     from elt.settings import load_settings
     from tests.conftest import TINY_PROJECT
 
@@ -348,6 +348,6 @@ def test_profiles_folders_of_dead_processes_are_swept(tmp_path: Path, monkeypatc
     of_live = tmp_path / f"elt-profiles-{os.getpid()}-efgh5678"
     left_by_dead.mkdir()
     of_live.mkdir()
-    with dbt.profiles_dir(load_settings(home=tmp_path), dbt.DbtProject.at(TINY_PROJECT)) as rendered:
+    with dbt_runner.profiles_dir(load_settings(home=tmp_path), dbt_runner.DbtProject.at(TINY_PROJECT)) as rendered:
         assert (rendered / "profiles.yml").is_file()
     assert not left_by_dead.exists() and of_live.exists() and not rendered.exists()

@@ -19,9 +19,11 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from elt import dbt, snowflake
+from elt import dbt_runner, warehouse_snowflake
+from elt.errors import ConfigurationError
 from elt.settings import load_settings
-from elt.warehouse import WarehouseUnreachable, check_reachable
+from elt.warehouse import WarehouseUnreachable, warehouse_for
+from elt.warehouse_snowflake import SnowflakeCredentials
 from tests.conftest import BIN, FakesnowServer
 
 
@@ -58,7 +60,7 @@ def test_every_accepted_form_gives_the_same_key(key: rsa.RSAPrivateKey, tmp_path
         "path to pem": (str(tmp_path / "plain.pem"), None),
     }
     for form, (value, passphrase) in forms.items():
-        assert snowflake.private_key_der(value, passphrase) == expected, form
+        assert warehouse_snowflake.private_key_der(value, passphrase) == expected, form
 
 
 @pytest.mark.parametrize(
@@ -71,8 +73,8 @@ def test_every_accepted_form_gives_the_same_key(key: rsa.RSAPrivateKey, tmp_path
     ],
 )
 def test_malformed_key_says_which_forms_are_expected(value: str, passphrase: str | None, message: str) -> None:
-    with pytest.raises(snowflake.SnowflakeKeyError) as error:
-        snowflake.private_key_der(value, passphrase)
+    with pytest.raises(warehouse_snowflake.SnowflakeKeyError) as error:
+        warehouse_snowflake.private_key_der(value, passphrase)
     assert message in str(error.value)
     if not value.startswith("/no/such"):
         assert value not in str(error.value)
@@ -81,20 +83,20 @@ def test_malformed_key_says_which_forms_are_expected(value: str, passphrase: str
 def test_key_never_appears_in_an_error(key: rsa.RSAPrivateKey) -> None:
     """A body with a character missing (a bad paste) fails without echoing any of the key."""
     broken = _body(_pem(key))[:-7]
-    with pytest.raises(snowflake.SnowflakeKeyError) as error:
-        snowflake.private_key_der(broken)
+    with pytest.raises(warehouse_snowflake.SnowflakeKeyError) as error:
+        warehouse_snowflake.private_key_der(broken)
     assert broken[:30] not in str(error.value) and broken[-30:] not in str(error.value)
 
 
 def test_passphrase_problems_name_the_variables(key: rsa.RSAPrivateKey) -> None:
     encrypted = _pem(key, "right")
-    with pytest.raises(snowflake.SnowflakeKeyError, match="is encrypted: set SNOWFLAKE_PRIVATE_KEY_PASSPHRASE"):
-        snowflake.private_key_der(encrypted)
-    with pytest.raises(snowflake.SnowflakeKeyError, match="could not be read with SNOWFLAKE_PRIVATE_KEY_PASSPHRASE") as error:
-        snowflake.private_key_der(encrypted, "wrong")
+    with pytest.raises(warehouse_snowflake.SnowflakeKeyError, match="is encrypted: set SNOWFLAKE_PRIVATE_KEY_PASSPHRASE"):
+        warehouse_snowflake.private_key_der(encrypted)
+    with pytest.raises(warehouse_snowflake.SnowflakeKeyError, match="could not be read with SNOWFLAKE_PRIVATE_KEY_PASSPHRASE") as error:
+        warehouse_snowflake.private_key_der(encrypted, "wrong")
     assert "right" not in str(error.value) and _body(encrypted)[:40] not in str(error.value)
-    with pytest.raises(snowflake.SnowflakeKeyError, match="key is not encrypted; unset it"):
-        snowflake.private_key_der(_pem(key), "unneeded")
+    with pytest.raises(warehouse_snowflake.SnowflakeKeyError, match="key is not encrypted; unset it"):
+        warehouse_snowflake.private_key_der(_pem(key), "unneeded")
 
 
 def test_key_pair_profile_gives_dbt_base64_der_through_the_environment(
@@ -104,25 +106,25 @@ def test_key_pair_profile_gives_dbt_base64_der_through_the_environment(
     monkeypatch.setenv("SNOWFLAKE_PRIVATE_KEY", _pem(key, "pp"))
     monkeypatch.setenv("SNOWFLAKE_PRIVATE_KEY_PASSPHRASE", "pp")
     settings = load_settings()
-    rendered = dbt.render_profile(settings, "any_profile")
+    rendered = dbt_runner.render_profile(settings, "any_profile")
     output = yaml.safe_load(rendered)["any_profile"]["outputs"]["snowflake"]
     assert output["private_key"] == "{{ env_var('ELT_SNOWFLAKE_PRIVATE_KEY_DER_BASE64') }}"
     assert "password" not in output and "private_key_passphrase" not in output
     assert _body(_pem(key))[:40] not in rendered
-    assert base64.b64decode(dbt.dbt_environment(settings)[snowflake.DBT_KEY_VARIABLE]) == _der(key)
-    assert snowflake.connect_kwargs(settings)["private_key"] == _der(key)
+    assert base64.b64decode(dbt_runner.dbt_environment(settings)[warehouse_snowflake.DBT_KEY_VARIABLE]) == _der(key)
+    assert SnowflakeCredentials.from_settings(settings).to_connector_params()["private_key"] == _der(key)
 
 
 def test_connector_connects_with_the_settings(snowflake_env: FakesnowServer) -> None:
-    with snowflake.connect(load_settings(), snowflake.query_tag("run-1")) as connection:
+    with warehouse_snowflake.connect(SnowflakeCredentials.from_settings(load_settings()), warehouse_snowflake.query_tag("run-1")) as connection:
         assert connection.cursor().execute("select 41 + 1").fetchone() == (42,)
 
 
 def test_missing_settings_are_listed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ELT_WAREHOUSE", "snowflake")
     monkeypatch.setenv("SNOWFLAKE_ACCOUNT", "acme")
-    with pytest.raises(Exception, match="needs SNOWFLAKE_USER, SNOWFLAKE_WAREHOUSE, SNOWFLAKE_DATABASE, SNOWFLAKE_PRIVATE_KEY or SNOWFLAKE_PASSWORD"):
-        snowflake.connect_kwargs(load_settings())
+    with pytest.raises(ConfigurationError, match="needs SNOWFLAKE_USER, SNOWFLAKE_WAREHOUSE, SNOWFLAKE_DATABASE, SNOWFLAKE_PRIVATE_KEY or SNOWFLAKE_PASSWORD"):
+        SnowflakeCredentials.from_settings(load_settings()).to_connector_params()
 
 
 def _closed_port() -> int:
@@ -145,7 +147,7 @@ def test_closed_port_is_named_with_the_settings_to_check(monkeypatch: pytest.Mon
     for name, value in _unreachable_env(port).items():
         monkeypatch.setenv(name, value)
     with pytest.raises(WarehouseUnreachable) as error:
-        check_reachable(load_settings())
+        warehouse_for(load_settings()).check_reachable()
     assert str(error.value).startswith(
         f"cannot connect to Snowflake account acme-test at http://127.0.0.1:{port} as TRANSFORMER: 250001: Could not connect to Snowflake backend"
     )
@@ -165,7 +167,7 @@ def test_host_that_never_answers_fails_within_the_connect_timeout(monkeypatch: p
         monkeypatch.setenv("SNOWFLAKE_CONNECT_TIMEOUT_SECONDS", "2")
         settings = load_settings()
         outcome: list[BaseException] = []
-        checker = threading.Thread(target=lambda: _capture(outcome, check_reachable, settings), daemon=True)
+        checker = threading.Thread(target=lambda: _capture(outcome, warehouse_for(settings).check_reachable), daemon=True)
         checker.start()
         checker.join(timeout=40)
         assert not checker.is_alive(), "check_reachable did not give up within 40 s on a host that never answers"
@@ -185,9 +187,9 @@ def test_one_bounded_login_for_dbt_too(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in _unreachable_env(_closed_port()).items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("SNOWFLAKE_CONNECT_TIMEOUT_SECONDS", "2.5")
-    output = yaml.safe_load(dbt.render_profile(load_settings(), "p"))["p"]["outputs"]["snowflake"]
+    output = yaml.safe_load(dbt_runner.render_profile(load_settings(), "p"))["p"]["outputs"]["snowflake"]
     assert output["connect_timeout"] == 3 and output["connect_retries"] == 0
-    assert snowflake.connect_kwargs(load_settings())["login_timeout"] == 2.5
+    assert SnowflakeCredentials.from_settings(load_settings()).to_connector_params()["login_timeout"] == 2.5
 
 
 def _cli(*arguments: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
@@ -230,4 +232,50 @@ def test_unquoted_multiline_key_in_env_file_says_quote_it_or_give_a_path(key: rs
     (tmp_path / ".env").write_text("\n".join([*settings_lines, f'SNOWFLAKE_PRIVATE_KEY="{pem}"', ""]))
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(tmp_path)
-        assert snowflake.connect_kwargs(load_settings())["private_key"] == _der(key)
+        assert SnowflakeCredentials.from_settings(load_settings()).to_connector_params()["private_key"] == _der(key)
+
+
+def test_a_custom_dbt_target_name_still_gets_everything_snowflake_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ELT_WAREHOUSE chooses the warehouse; ELT_DBT_TARGET only names the target. A Snowflake run
+    under a target called `prod` still gets the Snowflake output under that name, the variables
+    dbt-snowflake reads (a project's own profiles.yml too) and `elt doctor`'s grants check.
+    The settings use their ELT_SNOWFLAKE_ names, so only the appliance can hand dbt the
+    SNOWFLAKE_ variables (as with settings read from `.env`)."""
+    from elt import doctor
+
+    for name, value in {"ELT_WAREHOUSE": "snowflake", "ELT_DBT_TARGET": "prod", "ELT_SNOWFLAKE_ACCOUNT": "acme",
+                        "ELT_SNOWFLAKE_USER": "u", "ELT_SNOWFLAKE_WAREHOUSE": "w", "ELT_SNOWFLAKE_DATABASE": "d",
+                        "ELT_SNOWFLAKE_PASSWORD": "p@ss/w0rd@"}.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    profile = yaml.safe_load(dbt_runner.render_profile(settings, "p"))["p"]
+    assert profile["target"] == "prod" and profile["outputs"]["prod"]["type"] == "snowflake"
+    environment = dbt_runner.dbt_environment(settings)
+    assert environment["SNOWFLAKE_PASSWORD"] == "p@ss/w0rd@" and environment["SNOWFLAKE_ACCOUNT"] == "acme"
+    assert "snowflake grants" in [name for name, _, _ in doctor._checks(settings)]
+
+
+def test_a_dbt_target_naming_the_other_warehouse_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ELT_DBT_TARGET=snowflake with the default DuckDB warehouse would load one warehouse and
+    build in another: the run stops naming the variable to set."""
+    monkeypatch.setenv("ELT_DBT_TARGET", "snowflake")
+    with pytest.raises(ConfigurationError) as error:
+        warehouse_for(load_settings()).check_settings()
+    assert str(error.value) == (
+        "ELT_DBT_TARGET=snowflake but ELT_WAREHOUSE=duckdb: set ELT_WAREHOUSE=snowflake "
+        "(ELT_WAREHOUSE chooses the warehouse; ELT_DBT_TARGET only names the dbt target)"
+    )
+
+
+def test_credentials_keep_their_secrets_out_of_str_and_repr(key: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The credentials object is what the code passes around: printing or logging it shows no
+    password, key or passphrase; only the connector's arguments hold them."""
+    pem = _pem(key, "pp-secret")
+    for name, value in {"ELT_WAREHOUSE": "snowflake", "SNOWFLAKE_ACCOUNT": "acme", "SNOWFLAKE_USER": "u", "SNOWFLAKE_WAREHOUSE": "w",
+                        "SNOWFLAKE_DATABASE": "d", "SNOWFLAKE_PASSWORD": "p@ss/w0rd@", "SNOWFLAKE_PRIVATE_KEY": pem,
+                        "SNOWFLAKE_PRIVATE_KEY_PASSPHRASE": "pp-secret"}.items():
+        monkeypatch.setenv(name, value)
+    credentials = SnowflakeCredentials.from_settings(load_settings())
+    for shown in (str(credentials), repr(credentials)):
+        assert "p@ss/w0rd@" not in shown and "pp-secret" not in shown and _body(pem)[:40] not in shown, shown
+    assert credentials.to_connector_params()["private_key"] == _der(key)

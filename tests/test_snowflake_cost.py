@@ -6,7 +6,7 @@ a real account is needed to see Snowflake fill them."""
 import pytest
 from prefect import flow, task
 
-from elt.snowflake import cost_line, cost_per_node, query_tag, root_flow_run_id
+from elt.warehouse_snowflake import cost_line, cost_per_node, query_tag, root_flow_run_id
 
 
 def _query(node: str | None, elapsed_ms: int, execution_ms: int, scanned: int, size: str = "X-Small", stage: str | None = None) -> dict:

@@ -7,7 +7,6 @@ checks run with its default (a check that depends on it says so instead).
 from __future__ import annotations
 
 import shutil
-import subprocess
 import traceback
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -37,9 +36,9 @@ class NotChecked(EltError):
 
 
 def _needs_warehouse(settings: Settings) -> None:
-    from elt.warehouse import known_problem
+    from elt.warehouse import warehouse_for
 
-    problem = known_problem(settings)
+    problem = warehouse_for(settings).known_problem()
     if problem:
         raise NotChecked(f"not checked: {problem}")
 
@@ -69,6 +68,7 @@ def run_checks() -> Iterator[Check]:
 def _checks(settings: Settings) -> list[tuple[str, tuple[str, ...], Callable[[], str]]]:
     """(name, the settings fields it depends on (name prefixes), the check)."""
     from elt import preflight
+    from elt.warehouse import warehouse_for
 
     paths = ("home", "data_dir")
     checks: list[tuple[str, tuple[str, ...], Callable[[], str]]] = [
@@ -83,8 +83,9 @@ def _checks(settings: Settings) -> list[tuple[str, tuple[str, ...], Callable[[],
         ("git repo", ("git_", *paths), lambda: _git(settings)),
         ("dbt project", ("git_", "dbt_", *paths), lambda: _dbt_project(settings)),
     ]
-    if settings.effective_dbt_target == "snowflake":
-        checks.append(("snowflake grants", ("snowflake_", "warehouse", "git_", "dbt_"), lambda: _snowflake_grants(settings)))
+    warehouse = warehouse_for(settings)
+    if warehouse.checks_grants:
+        checks.append((f"{warehouse.name.lower()} grants", ("snowflake_", "warehouse", "git_", "dbt_"), lambda: _grants(settings)))
     checks.append(("prefect api", (), _prefect))
     return checks
 
@@ -124,9 +125,9 @@ def _airbyte_server(settings: Settings) -> str:
 
 
 def _warehouse(settings: Settings) -> str:
-    from elt.warehouse import check_reachable
+    from elt.warehouse import warehouse_for
 
-    check_reachable(settings)
+    warehouse_for(settings).check_reachable()
     return "reachable"
 
 
@@ -158,49 +159,37 @@ def _dbt_project(settings: Settings) -> str:
 
 
 def _dbt(settings: Settings) -> str:
-    from elt import dbt
-    from elt.git_repo import RepoSource
+    from elt import dbt_runner
 
-    folder = RepoSource.from_settings(settings).checkout / settings.dbt_project_dir
+    folder = dbt_runner.project_folder(settings)
     if not folder.exists():
         return f"{folder} not checked out yet; all-etl clones it on its first run"
-    project = dbt.DbtProject.at(folder)
+    project = dbt_runner.DbtProject.at(folder)
     _needs_warehouse(settings)
-    with dbt.profiles_dir(settings, project) as profiles_dir:
-        completed = subprocess.run(
-            [dbt.dbt_executable(), "debug", "--project-dir", str(project.path), "--profiles-dir", str(profiles_dir),
-             "--target", settings.effective_dbt_target],
-            cwd=project.path, env=dbt.dbt_environment(settings), capture_output=True, text=True, timeout=120,
-        )
+    with dbt_runner.dbt_for(settings, project) as dbt:
+        completed = dbt.run_captured("debug", timeout=120)
     if completed.returncode != 0:
-        cause = dbt.failure_cause((completed.stdout + completed.stderr).splitlines(), completed.returncode)
+        cause = dbt_runner.failure_cause((completed.stdout + completed.stderr).splitlines(), completed.returncode)
         raise EltError(f"dbt debug failed in {project.path}: {cause}")
     return f"{project.path} (profile {project.profile_name}, target {settings.effective_dbt_target}) passes dbt debug"
 
 
-def _snowflake_grants(settings: Settings) -> str:
-    from elt import dbt, snowflake
-    from elt.git_repo import RepoSource
+def _grants(settings: Settings) -> str:
+    """What the run's role may do in the warehouse, probed as that role."""
+    from elt import dbt_runner
+    from elt.warehouse import MissingGrants, warehouse_for
 
     _needs_warehouse(settings)
-    folder = RepoSource.from_settings(settings).checkout / settings.dbt_project_dir
+    folder = dbt_runner.project_folder(settings)
     sources: list[tuple[str, str, str]] = []
     if folder.exists():
-        project = dbt.DbtProject.at(folder)
-        with dbt.profiles_dir(settings, project) as profiles_dir:
-            listed = dbt.list_sources(project, profiles_dir=profiles_dir, target=settings.effective_dbt_target,
-                                      env=dbt.dbt_environment(settings))
+        with dbt_runner.dbt_for(settings, dbt_runner.DbtProject.at(folder)) as dbt:
+            listed = dbt_runner.list_sources(dbt)
         sources = [(source.get("database") or "", source["schema"], source["name"]) for source in listed]
-    report = snowflake.missing_grants(settings, sources, first_run_creates=_schemas_not_loaded_yet(settings))
-    if report.problems:
-        raise Problems(f"{len(report.problems)} missing grant(s) or object(s):", report.problems)
-    detail = (
-        f"role {settings.snowflake_role or '(default)'} can use {settings.snowflake_warehouse}, "
-        f"read {len(sources) - report.unread_tables} source table(s) and build in {settings.snowflake_database}.{settings.snowflake_schema}"
-    )
-    if report.not_loaded_yet:
-        detail += f"; raw schema {', '.join(report.not_loaded_yet)} not loaded yet (the first run creates it)"
-    return detail
+    try:
+        return warehouse_for(settings).check_grants(sources, first_run_creates=_schemas_not_loaded_yet(settings))
+    except MissingGrants as exc:
+        raise Problems(f"{len(exc.problems)} missing grant(s) or object(s):", exc.problems) from None
 
 
 def _schemas_not_loaded_yet(settings: Settings) -> set[str]:
@@ -212,7 +201,9 @@ def _schemas_not_loaded_yet(settings: Settings) -> set[str]:
     from elt.extract.connections import load_connections
 
     schemas = {spec.destination.schema_.upper() for spec in load_connections(settings.path(settings.airbyte_connections_file))}
-    staging = settings.path(settings.data_dir) / "airbyte-staging.duckdb"
+    from elt.warehouse import warehouse_for
+
+    staging = warehouse_for(settings).staging_path
     if not staging.exists():
         return schemas
     import duckdb

@@ -19,7 +19,7 @@ from prefect.events import emit_event
 from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from elt import dbt, git_repo, preflight, processes, run_lock, snowflake, warehouse
+from elt import dbt_runner, git_repo, preflight, processes, run_lock
 from elt.errors import EltError
 from elt.extract.base import (
     ExtractBackend,
@@ -29,14 +29,15 @@ from elt.extract.base import (
     SyncResult,
     UnknownConnections,
 )
-from elt.settings import AirbyteBackend, Settings, Warehouse, load_settings
+from elt.settings import AirbyteBackend, Settings, load_settings
+from elt.warehouse import Warehouse, warehouse_for
 
 
 @dataclass
 class EtlSummary:
     extract: ExtractReport | None = None
     deployed: git_repo.Deployed | None = None
-    dbt_run: dbt.DbtRun | None = None
+    dbt_run: dbt_runner.DbtRun | None = None
     mart_rows: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
@@ -176,7 +177,7 @@ def transform(
     full_refresh: bool = False,
     retry_failed: bool = False,
     skip_downstream_of: list[str] | None = None,
-) -> dbt.DbtRun:
+) -> dbt_runner.DbtRun:
     """`dbt deps` when needed, then `dbt build` (or `dbt retry` when the parent run is retrying).
 
     `skip_downstream_of`: connections whose sync failed; their sources and everything built on
@@ -184,15 +185,13 @@ def transform(
     """
     settings = load_settings()
     logger = get_run_logger()
-    project = dbt.DbtProject.at(Path(project_dir))
-    env = dbt.dbt_environment(settings) | {snowflake.QUERY_TAG_VARIABLE: snowflake.query_tag(snowflake.root_flow_run_id())}
-    target = settings.effective_dbt_target
-    dbt.prepare_warehouse(settings)
+    project = dbt_runner.DbtProject.at(Path(project_dir))
+    warehouse = warehouse_for(settings)
+    warehouse.prepare_for_dbt()
 
-    with dbt.profiles_dir(settings, project) as profiles_dir:
-        options = dict(profiles_dir=profiles_dir, target=target, env=env)
+    with dbt_runner.dbt_for(settings, project) as dbt:
         if project.has_packages:
-            dbt.check(dbt.run_dbt(project, ["deps"], log=logger, **options))
+            dbt_runner.check(dbt_runner.run_dbt(dbt, ["deps"], log=logger))
 
         if retry_failed and project.run_results_path.exists():
             logger.info("Parent run is a retry: running `dbt retry` to rebuild only what failed or was skipped")
@@ -200,27 +199,26 @@ def transform(
         else:
             excluded = [exclude] if exclude else []
             if skip_downstream_of:
-                stale = dbt.downstream_of_connections(project, skip_downstream_of, **options)
+                stale = dbt_runner.downstream_of_connections(dbt, skip_downstream_of)
                 logger.warning("Not building %s: downstream of failed connection(s) %s", " ".join(stale) or "nothing", ", ".join(skip_downstream_of))
                 excluded += stale
             arguments = ["build"]
             arguments += ["--select", select] if select else []
             arguments += ["--exclude", " ".join(excluded)] if excluded else []
             arguments += ["--full-refresh"] if full_refresh else []
-        run = dbt.run_dbt(project, arguments, log=logger, **options)
+        run = dbt_runner.run_dbt(dbt, arguments, log=logger)
     for node in run.results:
         _emit_node_event(node)
 
     _publish_node_results(run)
-    if settings.warehouse is Warehouse.snowflake:
-        run.cost = _publish_snowflake_cost(settings)
-    return dbt.check(run)
+    run.cost = _publish_cost(warehouse)
+    return dbt_runner.check(run)
 
 
 _UNEVENTFUL = frozenset({"success", "pass"})
 
 
-def _emit_node_event(node: dbt.NodeResult) -> None:
+def _emit_node_event(node: dbt_runner.NodeResult) -> None:
     """A Prefect event for each node that did not simply succeed, so automations can react to it.
 
     Successes are in the dbt-node-results artifact; an event each would cost this process CPU
@@ -239,21 +237,24 @@ def _emit_node_event(node: dbt.NodeResult) -> None:
     )
 
 
-def _publish_snowflake_cost(settings: Settings) -> str:
-    """Cost of this all-etl run (embedded load and dbt) from Snowflake's query history, as an
-    artifact and one line; when the history can't be read, both say why."""
+def _publish_cost(warehouse: Warehouse) -> str | None:
+    """Cost of this all-etl run (embedded load and dbt), as an artifact and one line; when the
+    warehouse can't say, both say why. None where queries cost nothing (DuckDB)."""
+    key = f"{warehouse.name.lower()}-cost"
     try:
-        rows = snowflake.cost_per_node(snowflake.run_query_history(settings, snowflake.root_flow_run_id()))
+        cost = warehouse.run_cost()
     except Exception as exc:  # observability only: the data is built; say why the cost is missing
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        get_run_logger().warning("Snowflake cost of this run is unknown: %s", reason)
-        create_markdown_artifact(key="snowflake-cost", markdown=f"Cost unknown: {reason}")
+        get_run_logger().warning("%s cost of this run is unknown: %s", warehouse.name, reason)
+        create_markdown_artifact(key=key, markdown=f"Cost unknown: {reason}")
         return f"unknown: {reason}"
-    create_table_artifact(key="snowflake-cost", table=rows, description="Snowflake queries of this run (load and dbt nodes), with estimated credits")
-    return snowflake.cost_line(rows)
+    if cost is None:
+        return None
+    create_table_artifact(key=key, table=cost.rows, description=cost.description)
+    return cost.line
 
 
-def _publish_node_results(run: dbt.DbtRun) -> None:
+def _publish_node_results(run: dbt_runner.DbtRun) -> None:
     if not run.results:
         return
     create_table_artifact(
@@ -320,14 +321,14 @@ def all_etl(
             _show_deployed_commit_as_version(summary.deployed)
 
         if not skip_transform:
-            folder = source.checkout / (project_dir or settings.dbt_project_dir)
+            folder = dbt_runner.project_folder(settings, source, project_dir)
             failed_connections = [failure.connection for failure in extract_failure.report.failed] if extract_failure else None
             with summary.timed("transform"):
                 summary.dbt_run = transform(
                     str(folder), select, exclude, full_refresh,
                     retry_failed=(flow_run.run_count or 1) > 1, skip_downstream_of=failed_connections,
                 )
-            summary.mart_rows = warehouse.mart_row_counts(settings, summary.dbt_run)
+            summary.mart_rows = warehouse_for(settings).mart_row_counts(summary.dbt_run)
         if extract_failure:
             raise extract_failure
     except Exception as exc:

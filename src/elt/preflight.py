@@ -14,10 +14,11 @@ from typing import Mapping
 
 import yaml
 
-from elt import snowflake
+from elt import dbt_runner
 from elt.errors import ConfigurationError
 from elt.git_repo import RepoSource, check_checkout, is_url, refuse_credentials
 from elt.settings import NON_SETTING_VARIABLES, AirbyteBackend, Settings, load_settings, setting_variables
+from elt.warehouse import warehouse_for
 
 
 def check_run(
@@ -33,7 +34,7 @@ def check_run(
     """Every check of one `elt run`, in the order the run would meet the problems; returns the settings."""
     check_environment()
     settings = load_settings()
-    snowflake.check_credentials(settings)
+    warehouse_for(settings).check_settings()
     if not skip_extract:
         check_connections(settings, connections, streams=False)
     if not (skip_pull and skip_transform):  # otherwise the run never touches the repo
@@ -127,7 +128,7 @@ def check_dbt_project(settings: Settings, source: RepoSource, project_dir: str |
     """The dbt project folder exists in the checkout and holds a readable dbt_project.yml.
     A repo not cloned yet can't be checked: its first run clones it."""
     name = "--project-dir" if project_dir else "ELT_DBT_PROJECT_DIR"
-    folder = source.checkout / (project_dir or settings.dbt_project_dir)
+    folder = dbt_runner.project_folder(settings, source, project_dir)
     if not source.checkout.exists():
         return f"{source.checkout} not checked out yet; all-etl clones it on its first run"
     project_file = folder / "dbt_project.yml"

@@ -18,7 +18,6 @@ import functools
 import json
 import logging
 import os
-import re
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -28,7 +27,8 @@ from typing import Any, Callable, Iterator, TypeVar, cast
 
 from elt import processes
 from elt.errors import TerminalError
-from elt.settings import Settings, Warehouse
+from elt.settings import Settings
+from elt.warehouse import warehouse_for
 
 logger = logging.getLogger(__name__)
 
@@ -52,18 +52,11 @@ class Holder:
 
 
 def warehouse_name(settings: Settings) -> str:
-    if settings.warehouse is Warehouse.snowflake:
-        return f"Snowflake {settings.snowflake_account} {settings.snowflake_database}.{settings.snowflake_schema}"
-    return str(settings.path(settings.duckdb_path))
+    return warehouse_for(settings).location
 
 
 def lock_path(settings: Settings) -> Path:
-    if settings.warehouse is Warehouse.snowflake:
-        parts = (settings.snowflake_account, settings.snowflake_database, settings.snowflake_schema)
-        name = re.sub(r"[^a-z0-9_.-]+", "_", "-".join(str(part) for part in parts).lower())
-        return settings.path(settings.data_dir) / "run-locks" / f"snowflake-{name}.lock"
-    database = settings.path(settings.duckdb_path)
-    return database.with_name(database.name + ".run.lock")
+    return warehouse_for(settings).lock_path
 
 
 @contextmanager

@@ -238,7 +238,7 @@ NON_SETTING_VARIABLES = frozenset({
     "ELT_HEARTBEAT_SECONDS", "ELT_ZOMBIE_SECONDS",          # Prefect heartbeat and zombie automation
     "ELT_DOCS_DIR", "ELT_DOCS_PORT", "ELT_DOCS_POLL_SECONDS",  # docker/dbt_docs.py
     "ELT_GIT_ASKPASS_TOKEN", "ELT_GIT_ASKPASS_USERNAME",    # git_repo's askpass helper
-    "ELT_SNOWFLAKE_QUERY_TAG", "ELT_SNOWFLAKE_PRIVATE_KEY_DER_BASE64",  # set for dbt (snowflake.py)
+    "ELT_SNOWFLAKE_QUERY_TAG", "ELT_SNOWFLAKE_PRIVATE_KEY_DER_BASE64",  # set for dbt (warehouse_snowflake.py)
 })
 
 

@@ -17,7 +17,8 @@ import duckdb
 import psutil
 import pytest
 
-from elt import snowflake
+from elt import warehouse_snowflake
+from elt.warehouse_snowflake import SnowflakeCredentials
 from elt.extract.embedded import (
     ConnectorInstallFailed,
     ConnectorInstallUnreachable,
@@ -141,7 +142,7 @@ def test_full_refresh_on_snowflake_publishes_exactly_what_the_source_emitted(tmp
     _backend(tmp_path, count=1500).sync("faker", full_refresh=False)
     _backend(tmp_path, count=1000).sync("faker", full_refresh=True)
 
-    with snowflake.connect(load_settings(home=tmp_path)) as connection:
+    with warehouse_snowflake.connect(SnowflakeCredentials.from_settings(load_settings(home=tmp_path))) as connection:
         rows = connection.cursor().execute("select count(*), max(id) from ANALYTICS.raw_faker.users").fetchone()
     assert tuple(rows) == (1000, 1000)
 

@@ -46,7 +46,8 @@ from typing import TYPE_CHECKING, Any
 from elt.errors import ConfigurationError, EltError, TerminalError, TransientError
 from elt.extract.base import SyncResult
 from elt.extract.connections import ConnectionSpec, load_connections, resolve_config
-from elt.settings import Settings, Warehouse
+from elt.settings import Settings
+from elt.warehouse import warehouse_for
 
 if TYPE_CHECKING:
     from airbyte.caches import CacheBase
@@ -102,6 +103,7 @@ _NETWORK_TROUBLE = re.compile(
 class EmbeddedBackend:
     def __init__(self, settings: Settings, connections: list[ConnectionSpec] | None = None) -> None:
         self.settings = settings
+        self.warehouse = warehouse_for(settings)
         self.connections_file = settings.path(settings.airbyte_connections_file)
         specs = connections if connections is not None else load_connections(self.connections_file)
         self._connections = {spec.name: spec for spec in specs if spec.enabled}
@@ -182,8 +184,7 @@ class EmbeddedBackend:
                         cache.close()
                     self._catalogs.store_spec(spec.source.connector, installed, source)
                     self._raise_if_cancelled(spec)
-                    if self.settings.warehouse is Warehouse.snowflake:
-                        self._publish_to_snowflake(spec, cache_path, streams)
+                    self._publish(spec, cache_path, streams)
             except (EltError, KeyboardInterrupt):
                 raise
             except Exception as exc:
@@ -289,27 +290,22 @@ class EmbeddedBackend:
         message = f"connection '{spec.name}' ({spec.source.connector}) failed: {_first_line(exc)}"
         return EmbeddedSyncUnreachable(message) if _is_network_error(exc) else EmbeddedSyncFailed(message)
 
-    def _publish_to_snowflake(self, spec: ConnectionSpec, cache_path: Path, streams: list[str]) -> None:
-        from elt import snowflake
-
+    def _publish(self, spec: ConnectionSpec, staged: Path, streams: list[str]) -> None:
         try:
-            snowflake.replace_tables_from_duckdb(self.settings, cache_path, spec.destination.schema_, streams)
+            self.warehouse.publish_staged(staged, spec.destination.schema_, streams)
         except Exception as exc:
             message = (
-                f"connection '{spec.name}': loading into Snowflake {self.settings.snowflake_database}."
-                f"{spec.destination.schema_} failed: {_first_line(exc)}"
+                f"connection '{spec.name}': loading into {self.warehouse.schema_location(spec.destination.schema_)} "
+                f"failed: {_first_line(exc)}"
             )
             raise (EmbeddedSyncUnreachable if _is_network_error(exc) else EmbeddedSyncFailed)(message) from exc
 
     def _cache(self, spec: ConnectionSpec, records: Path) -> tuple[CacheBase, Path]:
-        """Where PyAirbyte writes: the DuckDB warehouse itself, or a DuckDB staging file that is
-        then published to Snowflake (PyAirbyte keeps incremental state beside the rows)."""
+        """Where PyAirbyte writes: a DuckDB file the warehouse then publishes (or that is the
+        warehouse itself); PyAirbyte keeps incremental state beside the rows."""
         from airbyte.caches import DuckDBCache
 
-        if self.settings.warehouse is Warehouse.duckdb:
-            path = self.settings.path(self.settings.duckdb_path)
-        else:
-            path = self.settings.path(self.settings.data_dir) / "airbyte-staging.duckdb"
+        path = self.warehouse.staging_path
         path.parent.mkdir(parents=True, exist_ok=True)
         cache = DuckDBCache(db_path=path, schema_name=spec.destination.schema_, cache_dir=records)
         return cache, path

@@ -23,13 +23,17 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import yaml
 
 from elt import processes
 from elt.errors import ConfigurationError, TerminalError
-from elt.settings import Settings, Warehouse
+from elt.settings import Settings
+from elt.warehouse import warehouse_for
+
+if TYPE_CHECKING:
+    from elt.git_repo import RepoSource
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +105,14 @@ class DbtRun:
         return [node for node in self.results if node.failed]
 
 
+def project_folder(settings: Settings, source: "RepoSource | None" = None, project_dir: str | None = None) -> Path:
+    """Where the dbt project lives: ELT_DBT_PROJECT_DIR (or --project-dir) in the checkout of the repo."""
+    from elt.git_repo import RepoSource
+
+    checkout = (source or RepoSource.from_settings(settings)).checkout
+    return checkout / (project_dir or settings.dbt_project_dir)
+
+
 @dataclass(frozen=True)
 class DbtProject:
     path: Path
@@ -132,25 +144,10 @@ class DbtProject:
 
 
 def render_profile(settings: Settings, profile_name: str) -> str:
-    """profiles.yml for the project's profile name, built from settings; secrets stay env_var() references."""
+    """profiles.yml for the project's profile name: the warehouse's output under the target's name
+    (ELT_DBT_TARGET, or the warehouse's); secrets stay env_var() references."""
     target = settings.effective_dbt_target
-    if target == Warehouse.duckdb.value:
-        output = {
-            "type": "duckdb",
-            "path": str(settings.path(settings.duckdb_path)),
-            "schema": settings.dbt_schema,
-            "threads": settings.dbt_threads,
-        }
-    elif target == Warehouse.snowflake.value:
-        from elt import snowflake
-
-        output = snowflake.dbt_output(settings)
-    else:
-        raise ConfigurationError(
-            f"ELT_DBT_TARGET={target}: the appliance renders 'duckdb' and 'snowflake' targets; "
-            "for another target set ELT_DBT_USE_PROJECT_PROFILES=true and ship profiles.yml in the project"
-        )
-    profile = {profile_name: {"target": target, "outputs": {target: output}}}
+    profile = {profile_name: {"target": target, "outputs": {target: warehouse_for(settings).dbt_output()}}}
     return yaml.safe_dump(profile, sort_keys=False)
 
 
@@ -183,10 +180,38 @@ def _remove_profiles_of_dead_processes() -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def prepare_warehouse(settings: Settings) -> None:
-    """dbt-duckdb creates the database file but not its folder."""
-    if settings.effective_dbt_target == Warehouse.duckdb.value:
-        settings.path(settings.duckdb_path).parent.mkdir(parents=True, exist_ok=True)
+@dataclass(frozen=True)
+class Dbt:
+    """How every dbt command of the appliance runs: in the project folder, with the profiles
+    folder, the target and the environment of `dbt_for`."""
+
+    project: DbtProject
+    profiles_dir: Path
+    target: str
+    env: dict[str, str]
+
+    def command(self, *arguments: str) -> list[str]:
+        """The command line of `dbt <arguments>` for this project, profile and target."""
+        return [
+            dbt_executable(), *arguments,
+            "--project-dir", str(self.project.path), "--profiles-dir", str(self.profiles_dir), "--target", self.target,
+        ]
+
+    def run_captured(self, *arguments: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+        """Run `dbt <arguments>` to its end, its output captured (for commands whose output is data)."""
+        return subprocess.run(self.command(*arguments), cwd=self.project.path, env=self.env, capture_output=True, text=True, timeout=timeout)
+
+
+@contextmanager
+def dbt_for(settings: Settings, project: DbtProject) -> Iterator[Dbt]:
+    """The one way to run dbt: the profiles folder (rendered from the settings, or the project's
+    own), the target and the environment, for as long as the block runs.
+
+        with dbt_for(settings, DbtProject.at(folder)) as dbt:
+            check(run_dbt(dbt, ["build"]))
+    """
+    with profiles_dir(settings, project) as folder:
+        yield Dbt(project, folder, settings.effective_dbt_target, dbt_environment(settings))
 
 
 def dbt_environment(settings: Settings) -> dict[str, str]:
@@ -196,11 +221,7 @@ def dbt_environment(settings: Settings) -> dict[str, str]:
         "DBT_USE_COLORS": "false",
         "DBT_PRINTER_WIDTH": "120",
     }
-    if settings.effective_dbt_target == Warehouse.snowflake.value:
-        from elt import snowflake
-
-        env.update(snowflake.dbt_environment(settings))
-    return env
+    return env | warehouse_for(settings).dbt_environment()
 
 
 def dbt_executable() -> str:
@@ -213,31 +234,21 @@ def dbt_executable() -> str:
     return found
 
 
-def run_dbt(
-    project: DbtProject,
-    arguments: list[str],
-    *,
-    profiles_dir: Path,
-    target: str,
-    env: dict[str, str],
-    log: logging.Logger | logging.LoggerAdapter = logger,
-) -> DbtRun:
+def run_dbt(dbt: Dbt, arguments: list[str], *, log: logging.Logger | logging.LoggerAdapter = logger) -> DbtRun:
     """Run one dbt command in the project folder, log its output, and return every node's result.
 
     dbt's text log is forwarded as it comes; `--log-format json` would give structured events
     but made a 500-model build 45% slower here (bench/p1_transform_overhead.py), so per-node
     results are read from target/run_results.json once dbt ends.
     """
-    command = [
-        dbt_executable(), *arguments,
-        "--project-dir", str(project.path), "--profiles-dir", str(profiles_dir), "--target", target,
-    ]
+    project = dbt.project
+    command = dbt.command(*arguments)
     log.info("Running dbt %s", " ".join(arguments))
     tail: deque[str] = deque(maxlen=40)
     levels = DbtLogLevels()
     started = time.time()
     process = subprocess.Popen(
-        command, cwd=project.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        command, cwd=project.path, env=dbt.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
         preexec_fn=processes.die_with_parent,  # this thread waits for dbt, so dbt ends when it does
     )
     assert process.stdout is not None
@@ -255,16 +266,13 @@ def run_dbt(
     return run
 
 
-def list_sources(project: DbtProject, *, profiles_dir: Path, target: str, env: dict[str, str]) -> list[dict]:
+def list_sources(dbt: Dbt) -> list[dict]:
     """Every source table of the project: unique_id, database, schema, name and meta."""
-    command = [
-        dbt_executable(), "ls", "--resource-type", "source", "--output", "json",
-        "--output-keys", "unique_id database schema name meta config", "--quiet",
-        "--project-dir", str(project.path), "--profiles-dir", str(profiles_dir), "--target", target,
-    ]
-    completed = subprocess.run(command, cwd=project.path, env=env, capture_output=True, text=True)
+    completed = dbt.run_captured(
+        "ls", "--resource-type", "source", "--output", "json", "--output-keys", "unique_id database schema name meta config", "--quiet",
+    )
     if completed.returncode != 0:
-        raise DbtInvocationError(f"dbt ls in {project.path} could not list sources: {failure_cause(completed.stdout.splitlines(), completed.returncode)}")
+        raise DbtInvocationError(f"dbt ls in {dbt.project.path} could not list sources: {failure_cause(completed.stdout.splitlines(), completed.returncode)}")
     sources = []
     for line in completed.stdout.splitlines():
         source = _parse(line.strip())
@@ -274,15 +282,13 @@ def list_sources(project: DbtProject, *, profiles_dir: Path, target: str, env: d
     return sources
 
 
-def downstream_of_connections(
-    project: DbtProject, connections: list[str], *, profiles_dir: Path, target: str, env: dict[str, str]
-) -> list[str]:
+def downstream_of_connections(dbt: Dbt, connections: list[str]) -> list[str]:
     """Selectors for every source fed by these Airbyte connections and all that depends on them.
 
     A source names its connection in `config: {meta: {airbyte_connection: <name>}}` (a name or a list).
     """
     selectors = []
-    for source in list_sources(project, profiles_dir=profiles_dir, target=target, env=env):
+    for source in list_sources(dbt):
         fed_by = source["meta"].get("airbyte_connection")
         fed_by = [fed_by] if isinstance(fed_by, str) else list(fed_by or [])
         if set(fed_by) & set(connections):

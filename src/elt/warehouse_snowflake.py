@@ -1,4 +1,5 @@
-"""Snowflake: one place that turns settings into credentials for snowflake-connector-python and dbt-snowflake.
+"""Snowflake, the production warehouse (`SnowflakeWarehouse`): credentials for snowflake-connector-python
+and dbt-snowflake, publishing staged tables, the grants probe and cost per run.
 
 Auth is a key pair (SNOWFLAKE_PRIVATE_KEY as a PEM, as the base64 body of one, or as a path,
 with SNOWFLAKE_PRIVATE_KEY_PASSPHRASE when encrypted) or a password. The key is normalised
@@ -13,14 +14,17 @@ import base64
 import json
 import math
 import re
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
+from pydantic import BaseModel, ConfigDict, SecretStr
 
 from elt.errors import ConfigurationError, EltError, TransientError
-from elt.settings import Settings, Warehouse
+from elt.settings import Settings
+from elt.warehouse import MissingGrants, RunCost, Warehouse, WarehouseUnreachable, display_name
 
 DBT_KEY_VARIABLE = "ELT_SNOWFLAKE_PRIVATE_KEY_DER_BASE64"
 QUERY_TAG_VARIABLE = "ELT_SNOWFLAKE_QUERY_TAG"
@@ -44,23 +48,6 @@ class SnowflakeLoginRejected(ConfigurationError):
 
 class QueryHistoryUnavailable(EltError):
     pass
-
-
-def uses_snowflake(settings: Settings) -> bool:
-    return settings.warehouse is Warehouse.snowflake or settings.effective_dbt_target == Warehouse.snowflake.value
-
-
-def check_credentials(settings: Settings) -> None:
-    """Before a run starts: every required setting is there and the key can be read (no connection made)."""
-    if uses_snowflake(settings):
-        connect_kwargs(settings)
-
-
-def endpoint(settings: Settings) -> str:
-    """Where the appliance connects, for messages: the account, and the host and port when they are set."""
-    host = settings.snowflake_host or f"{settings.snowflake_account}.snowflakecomputing.com"
-    port = settings.snowflake_port or (80 if settings.snowflake_protocol == "http" else 443)
-    return f"Snowflake account {settings.snowflake_account} at {settings.snowflake_protocol or 'https'}://{host}:{port}"
 
 
 def private_key_der(value: str, passphrase: str | None = None) -> bytes:
@@ -118,124 +105,140 @@ def _normalise(load, form: str, passphrase: str | None) -> bytes:
     return key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
-def _required(settings: Settings) -> None:
-    missing = [
-        f"SNOWFLAKE_{name.upper()}"
-        for name in ("account", "user", "warehouse", "database")
-        if not getattr(settings, f"snowflake_{name}")
-    ]
-    if not (settings.snowflake_password or settings.snowflake_private_key):
-        missing.append("SNOWFLAKE_PRIVATE_KEY or SNOWFLAKE_PASSWORD")
-    if missing:
-        raise ConfigurationError(f"ELT_WAREHOUSE=snowflake needs {', '.join(missing)}")
+class SnowflakeCredentials(BaseModel):
+    """One Snowflake login, from the SNOWFLAKE_ settings. Secrets stay SecretStr (hidden in str()
+    and repr()) until `to_connector_params()` hands them to the connector; dbt gets the same
+    login from `dbt_output()` and `dbt_environment()`, its secrets through env_var().
+
+    Like dlt's `SnowflakeCredentials.to_connector_params()`: the connector's arguments come from
+    one place. The login fields are named as the connector's arguments, which dbt-snowflake's
+    profile keys share; each is set by the variable SNOWFLAKE_<NAME>.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    account: str
+    user: str
+    warehouse: str
+    database: str
+    schema_name: str
+    role: str | None = None
+    password: SecretStr | None = None
+    private_key: SecretStr | None = None
+    private_key_passphrase: SecretStr | None = None
+    host: str | None = None
+    port: int | None = None
+    protocol: str | None = None
+    connect_timeout_seconds: float = 10
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "SnowflakeCredentials":
+        """The login in the settings; ConfigurationError naming every variable missing (no connection made)."""
+        values = {name: getattr(settings, f"snowflake_{name.removesuffix('_name')}") for name in cls.model_fields}
+        missing = [f"SNOWFLAKE_{name.upper()}" for name in ("account", "user", "warehouse", "database") if not values[name]]
+        if not (values["password"] or values["private_key"]):
+            missing.append("SNOWFLAKE_PRIVATE_KEY or SNOWFLAKE_PASSWORD")
+        if missing:
+            raise ConfigurationError(f"ELT_WAREHOUSE=snowflake needs {', '.join(missing)}")
+        return cls(**values)
+
+    @property
+    def login(self) -> dict[str, str | None]:
+        """account, user, role, warehouse, database and schema, by the connector's (and dbt-snowflake's) names."""
+        return {
+            "account": self.account, "user": self.user, "role": self.role,
+            "warehouse": self.warehouse, "database": self.database, "schema": self.schema_name,
+        }
+
+    @property
+    def endpoint(self) -> dict[str, str | int]:
+        """host, port and protocol where they are set (private link, a test server)."""
+        return {name: value for name, value in {"host": self.host, "port": self.port, "protocol": self.protocol}.items() if value is not None}
+
+    def describe(self) -> str:
+        """Where the appliance connects, for messages: the account, and the host and port when they are set."""
+        host = self.host or f"{self.account}.snowflakecomputing.com"
+        port = self.port or (80 if self.protocol == "http" else 443)
+        return f"Snowflake account {self.account} at {self.protocol or 'https'}://{host}:{port}"
+
+    def private_key_der(self) -> bytes | None:
+        """The key as unencrypted PKCS#8 DER (SnowflakeKeyError when it can't be read); None with password auth."""
+        if not self.private_key:
+            return None
+        passphrase = self.private_key_passphrase.get_secret_value() if self.private_key_passphrase else None
+        return private_key_der(self.private_key.get_secret_value(), passphrase)
+
+    def to_connector_params(self, query_tag: str | None = None, probe: bool = False) -> dict[str, Any]:
+        """Arguments for snowflake.connector.connect. `probe`: a connection for quick checks only,
+        whose every socket read is bounded too (a host that accepts but never answers fails in
+        seconds); a run's connections keep the connector's read timeout, as long queries need."""
+        params: dict[str, Any] = {
+            **self.login,
+            **self.endpoint,
+            "login_timeout": self.connect_timeout_seconds,
+            "network_timeout": 120,
+            "application": "elt-appliance",
+        }
+        if self.private_key:
+            params["private_key"] = self.private_key_der()
+        else:
+            params["password"] = self.password.get_secret_value()
+        if query_tag:
+            params["session_parameters"] = {"QUERY_TAG": query_tag}
+        if probe:
+            params["socket_timeout"] = self.connect_timeout_seconds
+        return {key: value for key, value in params.items() if value is not None}
+
+    def dbt_output(self, threads: int) -> dict[str, Any]:
+        """The profile's snowflake output: every login field an env_var() reference, filled by dbt_environment."""
+        output: dict[str, Any] = {
+            "type": "snowflake",
+            **{name: f"{{{{ env_var('SNOWFLAKE_{name.upper()}') }}}}" for name, value in self.login.items() if value},
+            "query_tag": f"{{{{ env_var('{QUERY_TAG_VARIABLE}', 'elt') }}}}",
+            "threads": threads,
+            # One login attempt, bounded: an unreachable account fails in seconds, naming itself.
+            "connect_timeout": math.ceil(self.connect_timeout_seconds),
+            "connect_retries": 0,
+        }
+        if self.private_key:
+            output["private_key"] = f"{{{{ env_var('{DBT_KEY_VARIABLE}') }}}}"
+        else:
+            output["password"] = "{{ env_var('SNOWFLAKE_PASSWORD') }}"
+        return output | self.endpoint
+
+    def dbt_environment(self) -> dict[str, str]:
+        """The variables dbt_output refers to. The rendered profile has host, port and protocol
+        inline; a project's own profiles.yml reads them here."""
+        env = {f"SNOWFLAKE_{name.upper()}": str(value) for name, value in (self.login | self.endpoint).items() if value is not None}
+        env["SNOWFLAKE_CONNECT_TIMEOUT_SECONDS"] = str(math.ceil(self.connect_timeout_seconds))
+        if self.private_key:
+            env[DBT_KEY_VARIABLE] = base64.b64encode(self.private_key_der()).decode()
+        else:
+            env["SNOWFLAKE_PASSWORD"] = self.password.get_secret_value()
+        return env
 
 
-def connect_kwargs(settings: Settings, query_tag: str | None = None, probe: bool = False) -> dict[str, Any]:
-    """Arguments for snowflake.connector.connect. `probe`: a connection for quick checks only,
-    whose every socket read is bounded too (a host that accepts but never answers fails in
-    seconds); a run's connections keep the connector's read timeout, as long queries need."""
-    _required(settings)
-    kwargs: dict[str, Any] = {
-        "account": settings.snowflake_account,
-        "user": settings.snowflake_user,
-        "role": settings.snowflake_role,
-        "warehouse": settings.snowflake_warehouse,
-        "database": settings.snowflake_database,
-        "schema": settings.snowflake_schema,
-        "login_timeout": settings.snowflake_connect_timeout_seconds,
-        "network_timeout": 120,
-        "application": "elt-appliance",
-    }
-    if settings.snowflake_private_key:
-        passphrase = settings.snowflake_private_key_passphrase
-        kwargs["private_key"] = private_key_der(
-            settings.snowflake_private_key.get_secret_value(), passphrase.get_secret_value() if passphrase else None
-        )
-    else:
-        kwargs["password"] = settings.snowflake_password.get_secret_value()
-    for name in ("host", "port", "protocol"):
-        if getattr(settings, f"snowflake_{name}") is not None:
-            kwargs[name] = getattr(settings, f"snowflake_{name}")
-    if query_tag:
-        kwargs["session_parameters"] = {"QUERY_TAG": query_tag}
-    if probe:
-        kwargs["socket_timeout"] = settings.snowflake_connect_timeout_seconds
-    return {key: value for key, value in kwargs.items() if value is not None}
-
-
-def connect(settings: Settings, query_tag: str | None = None, probe: bool = False):
+def connect(credentials: SnowflakeCredentials, query_tag: str | None = None, probe: bool = False):
     """A connection, after one login bounded by SNOWFLAKE_CONNECT_TIMEOUT_SECONDS; failing that,
     SnowflakeUnreachable naming the account, host and port (or SnowflakeLoginRejected)."""
     import snowflake.connector
     from snowflake.connector.errors import DatabaseError, InterfaceError, OperationalError
 
-    kwargs = connect_kwargs(settings, query_tag, probe)
+    params = credentials.to_connector_params(query_tag, probe)
     try:
-        return snowflake.connector.connect(**kwargs)
+        return snowflake.connector.connect(**params)
     except (DatabaseError, InterfaceError) as exc:
         first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
         if not isinstance(exc, (OperationalError, InterfaceError)):  # reached, but the login was refused
             raise SnowflakeLoginRejected(
-                f"{endpoint(settings)} refused the login of {settings.snowflake_user}: {first_line} "
+                f"{credentials.describe()} refused the login of {credentials.user}: {first_line} "
                 "(check SNOWFLAKE_USER, SNOWFLAKE_ROLE and the key or password)"
             ) from None
         raise SnowflakeUnreachable(
-            f"cannot connect to {endpoint(settings)} as {settings.snowflake_user}: {first_line} "
+            f"cannot connect to {credentials.describe()} as {credentials.user}: {first_line} "
             "(check SNOWFLAKE_ACCOUNT, SNOWFLAKE_HOST/SNOWFLAKE_PORT and the network; "
-            f"SNOWFLAKE_CONNECT_TIMEOUT_SECONDS={settings.snowflake_connect_timeout_seconds:g})"
+            f"SNOWFLAKE_CONNECT_TIMEOUT_SECONDS={credentials.connect_timeout_seconds:g})"
         ) from None
-
-
-def dbt_output(settings: Settings) -> dict[str, Any]:
-    """The profile's snowflake output: every secret is an env_var() reference, filled by dbt_environment."""
-    output: dict[str, Any] = {
-        "type": "snowflake",
-        "account": "{{ env_var('SNOWFLAKE_ACCOUNT') }}",
-        "user": "{{ env_var('SNOWFLAKE_USER') }}",
-        "warehouse": "{{ env_var('SNOWFLAKE_WAREHOUSE') }}",
-        "database": "{{ env_var('SNOWFLAKE_DATABASE') }}",
-        "schema": "{{ env_var('SNOWFLAKE_SCHEMA') }}",
-        "query_tag": f"{{{{ env_var('{QUERY_TAG_VARIABLE}', 'elt') }}}}",
-        "threads": settings.dbt_threads,
-        # One login attempt, bounded: an unreachable account fails in seconds, naming itself.
-        "connect_timeout": math.ceil(settings.snowflake_connect_timeout_seconds),
-        "connect_retries": 0,
-    }
-    if settings.snowflake_role:
-        output["role"] = "{{ env_var('SNOWFLAKE_ROLE') }}"
-    if settings.snowflake_private_key:
-        output["private_key"] = f"{{{{ env_var('{DBT_KEY_VARIABLE}') }}}}"
-    else:
-        output["password"] = "{{ env_var('SNOWFLAKE_PASSWORD') }}"
-    for name in ("host", "port", "protocol"):
-        value = getattr(settings, f"snowflake_{name}")
-        if value is not None:
-            output[name] = value
-    return output
-
-
-def dbt_environment(settings: Settings) -> dict[str, str]:
-    """The variables dbt_output refers to."""
-    _required(settings)
-    env = {
-        "SNOWFLAKE_ACCOUNT": settings.snowflake_account,
-        "SNOWFLAKE_USER": settings.snowflake_user,
-        "SNOWFLAKE_ROLE": settings.snowflake_role,
-        "SNOWFLAKE_WAREHOUSE": settings.snowflake_warehouse,
-        "SNOWFLAKE_DATABASE": settings.snowflake_database,
-        "SNOWFLAKE_SCHEMA": settings.snowflake_schema,
-        # The rendered profile has these inline; a project's own profiles.yml reads them here.
-        "SNOWFLAKE_HOST": settings.snowflake_host,
-        "SNOWFLAKE_PORT": str(settings.snowflake_port) if settings.snowflake_port else None,
-        "SNOWFLAKE_PROTOCOL": settings.snowflake_protocol,
-        "SNOWFLAKE_CONNECT_TIMEOUT_SECONDS": str(math.ceil(settings.snowflake_connect_timeout_seconds)),
-    }
-    if settings.snowflake_private_key:
-        kwargs = connect_kwargs(settings)
-        env[DBT_KEY_VARIABLE] = base64.b64encode(kwargs["private_key"]).decode()
-    else:
-        env["SNOWFLAKE_PASSWORD"] = settings.snowflake_password.get_secret_value()
-    return {key: value for key, value in env.items() if value is not None}
 
 
 def query_tag(flow_run_id: str | None, stage: str | None = None) -> str:
@@ -268,7 +271,7 @@ _DUCKDB_TO_SNOWFLAKE = {
 _BATCH_ROWS = 5000
 
 
-def replace_tables_from_duckdb(settings: Settings, duckdb_path: Path, schema: str, tables: list[str]) -> dict[str, int]:
+def replace_tables_from_duckdb(credentials: SnowflakeCredentials, duckdb_path: Path, schema: str, tables: list[str]) -> dict[str, int]:
     """Copy whole tables from a DuckDB file into SNOWFLAKE_DATABASE.<schema>, each replaced in one transaction.
 
     The embedded backend stages each sync in DuckDB (PyAirbyte keeps incremental state there)
@@ -278,9 +281,9 @@ def replace_tables_from_duckdb(settings: Settings, duckdb_path: Path, schema: st
 
     copied: dict[str, int] = {}
     tag = query_tag(root_flow_run_id(), stage="load")
-    with duckdb.connect(str(duckdb_path), read_only=True) as source, connect(settings, tag) as target:
+    with duckdb.connect(str(duckdb_path), read_only=True) as source, connect(credentials, tag) as target:
         cursor = target.cursor()
-        cursor.execute(f'create schema if not exists "{settings.snowflake_database}".{schema}')
+        cursor.execute(f'create schema if not exists "{credentials.database}".{schema}')
         for table in tables:
             columns = source.execute(
                 "select column_name, data_type from information_schema.columns "
@@ -288,7 +291,7 @@ def replace_tables_from_duckdb(settings: Settings, duckdb_path: Path, schema: st
                 [schema, table],
             ).fetchall()
             definition = ", ".join(f"{name} {_snowflake_type(data_type)}" for name, data_type in columns)
-            qualified = f'"{settings.snowflake_database}".{schema}.{table}'
+            qualified = f'"{credentials.database}".{schema}.{table}'
             cursor.execute(f"create table if not exists {qualified} ({definition})")
             rows = source.execute(f'select * from "{schema}"."{table}"')
             placeholders = ", ".join(["%s"] * len(columns))
@@ -326,7 +329,7 @@ class GrantReport:
 
 
 def missing_grants(
-    settings: Settings, sources: list[tuple[str, str, str]], first_run_creates: set[str] = frozenset()
+    credentials: SnowflakeCredentials, sources: list[tuple[str, str, str]], first_run_creates: set[str] = frozenset()
 ) -> GrantReport:
     """Probe what all-etl needs, as its role: each problem with the GRANT that fixes it.
 
@@ -336,18 +339,18 @@ def missing_grants(
     """
     from snowflake.connector.errors import ProgrammingError
 
-    role = settings.snowflake_role or "<role of SNOWFLAKE_USER>"
-    database, target = settings.snowflake_database, settings.snowflake_schema
+    role = credentials.role or "<role of SNOWFLAKE_USER>"
+    database, target = credentials.database, credentials.schema_name
     report = GrantReport()
     problems = report.problems
-    with connect(settings, query_tag("doctor")) as connection:
+    with connect(credentials, query_tag("doctor")) as connection:
         cursor = connection.cursor()
         try:
-            cursor.execute(f'use warehouse "{settings.snowflake_warehouse}"')
+            cursor.execute(f'use warehouse "{credentials.warehouse}"')
         except ProgrammingError:
             problems.append(
-                f"role {role} cannot use warehouse {settings.snowflake_warehouse}: "
-                f"GRANT USAGE ON WAREHOUSE {settings.snowflake_warehouse} TO ROLE {role};"
+                f"role {role} cannot use warehouse {credentials.warehouse}: "
+                f"GRANT USAGE ON WAREHOUSE {credentials.warehouse} TO ROLE {role};"
             )
         schemas: dict[tuple[str, str], list[str]] = {}
         for source_database, schema, table in sources:
@@ -408,7 +411,7 @@ CREDITS_PER_HOUR = {
 _NODE_IN_COMMENT = re.compile(r'"node_id":\s*"([^"]+)"')
 
 
-def run_query_history(settings: Settings, flow_run_id: str, hours: int = 24) -> list[dict[str, Any]]:
+def run_query_history(credentials: SnowflakeCredentials, flow_run_id: str, hours: int = 24) -> list[dict[str, Any]]:
     """This run's queries from INFORMATION_SCHEMA.QUERY_HISTORY (no ACCOUNT_USAGE latency), found
     by query tag; QueryHistoryUnavailable says why when the history can't be read."""
     from snowflake.connector.errors import Error
@@ -416,12 +419,12 @@ def run_query_history(settings: Settings, flow_run_id: str, hours: int = 24) -> 
     tag_prefix = query_tag(flow_run_id)[:-1]  # the load's tag adds a "stage" key after flow_run_id
     sql = (
         f'select query_id, query_text, query_tag, warehouse_size, total_elapsed_time, execution_time, bytes_scanned '
-        f'from table("{settings.snowflake_database}".information_schema.query_history('
+        f'from table("{credentials.database}".information_schema.query_history('
         f"end_time_range_start => dateadd('hour', -{int(hours)}, current_timestamp()), result_limit => 10000)) "
         "where query_tag = %s or startswith(query_tag, %s)"
     )
     try:
-        with connect(settings, query_tag(None)) as connection:
+        with connect(credentials, query_tag(None)) as connection:
             cursor = connection.cursor()
             cursor.execute(sql, (tag_prefix + "}", tag_prefix + ","))
             columns = [column[0].upper() for column in cursor.description]
@@ -429,8 +432,8 @@ def run_query_history(settings: Settings, flow_run_id: str, hours: int = 24) -> 
     except (Error, SnowflakeUnreachable) as exc:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise QueryHistoryUnavailable(
-            f"query history unavailable: {settings.snowflake_database}.INFORMATION_SCHEMA.QUERY_HISTORY could not be read "
-            f"as role {settings.snowflake_role or '(default)'}: {reason}"
+            f"query history unavailable: {credentials.database}.INFORMATION_SCHEMA.QUERY_HISTORY could not be read "
+            f"as role {credentials.role or '(default)'}: {reason}"
         ) from None
 
 
@@ -479,3 +482,90 @@ def cost_line(rows: list[dict[str, Any]]) -> str:
         f"~{total['estimated_credits']:.4f} Snowflake credits (estimate: {total['queries']} queries, "
         f"{total['elapsed_seconds']:.1f}s; artifact snowflake-cost)"
     )
+
+
+class SnowflakeWarehouse(Warehouse):
+    """Snowflake: dbt builds in SNOWFLAKE_DATABASE; the embedded backend stages each sync in a
+    DuckDB file and publishes its tables here."""
+
+    name = "Snowflake"
+
+    @property
+    def location(self) -> str:
+        settings = self.settings
+        return f"Snowflake {settings.snowflake_account} {settings.snowflake_database}.{settings.snowflake_schema}"
+
+    @property
+    def lock_path(self) -> Path:
+        settings = self.settings
+        parts = (settings.snowflake_account, settings.snowflake_database, settings.snowflake_schema)
+        name = re.sub(r"[^a-z0-9_.-]+", "_", "-".join(str(part) for part in parts).lower())
+        return settings.path(settings.data_dir) / "run-locks" / f"snowflake-{name}.lock"
+
+    @property
+    def _identity(self) -> str:
+        settings = self.settings
+        return f"snowflake:{settings.snowflake_account}:{settings.snowflake_host}:{settings.snowflake_port}:{settings.snowflake_user}"
+
+    @property
+    def credentials(self) -> SnowflakeCredentials:
+        return SnowflakeCredentials.from_settings(self.settings)
+
+    def check_settings(self) -> None:
+        super().check_settings()
+        self.credentials.private_key_der()
+
+    def _open(self) -> None:
+        try:
+            with closing(connect(self.credentials, probe=True)) as connection:
+                connection.cursor().execute("select 1")
+        except SnowflakeUnreachable as exc:
+            raise WarehouseUnreachable(str(exc)) from None
+
+    checks_grants = True
+
+    def check_grants(self, sources: list[tuple[str, str, str]], first_run_creates: set[str] = frozenset()) -> str:
+        credentials = self.credentials
+        report = missing_grants(credentials, sources, first_run_creates)
+        if report.problems:
+            raise MissingGrants(report.problems)
+        detail = (
+            f"role {credentials.role or '(default)'} can use {credentials.warehouse}, "
+            f"read {len(sources) - report.unread_tables} source table(s) and build in {credentials.database}.{credentials.schema_name}"
+        )
+        if report.not_loaded_yet:
+            detail += f"; raw schema {', '.join(report.not_loaded_yet)} not loaded yet (the first run creates it)"
+        return detail
+
+    @property
+    def staging_path(self) -> Path:
+        return self.settings.path(self.settings.data_dir) / "airbyte-staging.duckdb"
+
+    def publish_staged(self, staged: Path, schema: str, tables: list[str]) -> None:
+        replace_tables_from_duckdb(self.credentials, staged, schema, tables)
+
+    def schema_location(self, schema: str) -> str:
+        return f"Snowflake {self.settings.snowflake_database}.{schema}"
+
+    def dbt_output(self) -> dict[str, Any]:
+        return self.credentials.dbt_output(self.settings.dbt_threads)
+
+    def dbt_environment(self) -> dict[str, str]:
+        env = self.credentials.dbt_environment()
+        flow_run_id = root_flow_run_id()
+        if flow_run_id:  # outside a run (elt doctor) the profile's default tag applies
+            env[QUERY_TAG_VARIABLE] = query_tag(flow_run_id)
+        return env
+
+    def _row_counts(self, relations: list[str]) -> dict[str, int]:
+        with closing(connect(self.credentials, query_tag(root_flow_run_id()))) as connection:
+            cursor = connection.cursor()
+            return {
+                display_name(relation, unquoted_upper=True): cursor.execute(f"select count(*) from {relation}").fetchone()[0]
+                for relation in relations
+            }
+
+    def run_cost(self) -> RunCost:
+        """From Snowflake's query history, by the run's query tag; QueryHistoryUnavailable says why it can't be read."""
+        rows = cost_per_node(run_query_history(self.credentials, root_flow_run_id()))
+        return RunCost(rows, cost_line(rows), "Snowflake queries of this run (load and dbt nodes), with estimated credits")
