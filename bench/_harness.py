@@ -8,10 +8,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import psutil
@@ -30,7 +30,7 @@ class Measurement:
 
 def measure(command: list[str], *, cwd: Path, env: dict[str, str] | None = None, log: Path | None = None) -> Measurement:
     """Wall time and peak resident memory summed over the process and all its children (sampled every 20 ms)."""
-    output = open(log, "w") if log else subprocess.DEVNULL
+    output = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - the log file outlives this function: the process writes to it
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT)
     root = psutil.Process(process.pid)
@@ -74,9 +74,13 @@ def prefect_server() -> Iterator[str]:
         port = sock.getsockname()[1]
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
-    log = open(home / "server.log", "w")
-    process = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                               env=env, stdout=log, stderr=subprocess.STDOUT)
+    log = open(home / "server.log", "w")  # noqa: SIM115 - the log file outlives this function: the process writes to it
+    process = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + 120
     while True:

@@ -16,7 +16,6 @@ import argparse
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from _harness import BIN, OUT, REPO_ROOT, Measurement, machine, measure, prefect_server, table
 from generate_project import generate
@@ -55,8 +54,21 @@ def install_prefect_dbt() -> None:
     if (PREFECT_DBT / "prefect_dbt").exists():
         return
     subprocess.run(
-        [str(BIN / "uv"), "pip", "install", "--quiet", "--python", sys.executable, "--target", str(PREFECT_DBT),
-         "--no-deps", "prefect-dbt==0.7.25", "sgqlc>=16", "graphql-core", "prefect-shell>=0.3.2"],
+        [
+            str(BIN / "uv"),
+            "pip",
+            "install",
+            "--quiet",
+            "--python",
+            sys.executable,
+            "--target",
+            str(PREFECT_DBT),
+            "--no-deps",
+            "prefect-dbt==0.7.25",
+            "sgqlc>=16",
+            "graphql-core",
+            "prefect-shell>=0.3.2",
+        ],
         check=True,
     )
 
@@ -80,8 +92,13 @@ def main() -> None:
             (profiles / "profiles.yml").write_text(
                 f"generated:\n  target: duckdb\n  outputs:\n    duckdb: {{type: duckdb, path: '{database}', schema: main, threads: 4}}\n"
             )
-            env = {**os.environ, "PREFECT_API_URL": api_url, "ELT_DUCKDB_PATH": str(database), "ELT_HOME": str(REPO_ROOT),
-                   "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
+            env = {
+                **os.environ,
+                "PREFECT_API_URL": api_url,
+                "ELT_DUCKDB_PATH": str(database),
+                "ELT_HOME": str(REPO_ROOT),
+                "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+            }
             commands = {
                 "dbt build": [str(BIN / "dbt"), "build", "--project-dir", str(project), "--profiles-dir", str(profiles)],
                 "transform stage in all-etl": [sys.executable, "-c", STAGE_SCRIPT, str(project)],
@@ -109,7 +126,9 @@ def main() -> None:
             row = [size, f"{plain.seconds:.1f} s / {plain.peak_mb:.0f} MB"]
             for name in list(commands)[1:]:
                 run = best[name]
-                row.append(f"{run.seconds:.1f} s / {run.peak_mb:.0f} MB ({run.seconds / plain.seconds:.2f}× wall, {run.peak_mb / plain.peak_mb:.2f}× memory)")
+                row.append(
+                    f"{run.seconds:.1f} s / {run.peak_mb:.0f} MB ({run.seconds / plain.seconds:.2f}× wall, {run.peak_mb / plain.peak_mb:.2f}× memory)"
+                )
             rows.append(row)
 
     header = ["models", "dbt build", *list(commands)[1:]]

@@ -17,7 +17,7 @@ import time
 from _harness import OUT, REPO_ROOT, machine, prefect_server, table
 
 sys.path.insert(0, str(REPO_ROOT))
-from tests.fakes.airbyte_server import FakeAirbyte  # noqa: E402  (the benchmark drives the tests' fake)
+from tests.fakes.airbyte_server import FakeAirbyte
 
 
 def run_stage(count: int, sync_seconds: float, poll: float, concurrency: int) -> tuple[float, float]:
@@ -28,11 +28,16 @@ def run_stage(count: int, sync_seconds: float, poll: float, concurrency: int) ->
     with FakeAirbyte() as fake:
         for index in range(count):
             fake.add_connection(f"conn-{index:03d}", sync_seconds=sync_seconds)
-        os.environ.update({
-            "ELT_AIRBYTE_BACKEND": "server", "ELT_AIRBYTE_URL": fake.ui_url,
-            "ELT_AIRBYTE_CLIENT_ID": "fake-client-id", "ELT_AIRBYTE_CLIENT_SECRET": "fake-client-secret",
-            "ELT_AIRBYTE_POLL_SECONDS": str(poll), "ELT_EXTRACT_CONCURRENCY": str(concurrency),
-        })
+        os.environ.update(
+            {
+                "ELT_AIRBYTE_BACKEND": "server",
+                "ELT_AIRBYTE_URL": fake.ui_url,
+                "ELT_AIRBYTE_CLIENT_ID": "fake-client-id",
+                "ELT_AIRBYTE_CLIENT_SECRET": "fake-client-secret",
+                "ELT_AIRBYTE_POLL_SECONDS": str(poll),
+                "ELT_EXTRACT_CONCURRENCY": str(concurrency),
+            }
+        )
         started = time.monotonic()
         report = extract_load.with_options(task_runner=ThreadPoolTaskRunner(max_workers=concurrency))()
         seconds = time.monotonic() - started
@@ -60,12 +65,22 @@ def main() -> None:
                     waves = -(-count // concurrency)
                     ideal = waves * options.sync_seconds
                     target = ideal + options.poll + 2
-                    rows.append([count, label, f"{seconds:.1f} s", f"{ideal:.0f} s", f"{seconds / ideal:.2f}×",
-                                 f"≤ {target:.0f} s: {'met' if seconds <= target else 'MISSED'}", f"{requests:.1f}"])
+                    rows.append(
+                        [
+                            count,
+                            label,
+                            f"{seconds:.1f} s",
+                            f"{ideal:.0f} s",
+                            f"{seconds / ideal:.2f}×",
+                            f"≤ {target:.0f} s: {'met' if seconds <= target else 'MISSED'}",
+                            f"{requests:.1f}",
+                        ]
+                    )
                     print(rows[-1], flush=True)
     report = (
         f"P2 extract concurrency ({options.sync_seconds:g} s syncs, polled every {options.poll:g} s) — {machine()}\n\n"
-        + table(["connections", "concurrency", "stage", "ideal", "ratio", "target", "API requests per sync"], rows) + "\n"
+        + table(["connections", "concurrency", "stage", "ideal", "ratio", "target", "API requests per sync"], rows)
+        + "\n"
     )
     (OUT / "p2.md").write_text(report)
     print("\n" + report)

@@ -28,17 +28,29 @@ def main() -> None:
             raise SystemExit(f"elt run failed; see {log}")
         stages = dict(re.findall(r"([a-z-]+) ([0-9.]+)s", text.split("  time     ", 1)[1].splitlines()[0]))
         staged = sum(float(value) for value in stages.values())
-        rows.append([
-            "first" if attempt == 1 else "second", f"{result.seconds:.1f} s", f"{result.peak_mb:.0f} MB",
-            f"{result.seconds - staged:.1f} s", *(f"{float(stages.get(stage, 0)):.1f} s" for stage in ("extract-load", "update-code", "transform")),
-            "met" if result.seconds <= 60 else "MISSED",
-        ])
+        rows.append(
+            [
+                "first" if attempt == 1 else "second",
+                f"{result.seconds:.1f} s",
+                f"{result.peak_mb:.0f} MB",
+                f"{result.seconds - staged:.1f} s",
+                *(f"{float(stages.get(stage, 0)):.1f} s" for stage in ("extract-load", "update-code", "transform")),
+                "met" if result.seconds <= 60 else "MISSED",
+            ]
+        )
         print(rows[-1], flush=True)
-    dbt_only = measure([str(BIN / "dbt"), "build", "--profiles-dir", "."], cwd=REPO_ROOT / "dbt",
-                       env=env | {"ELT_DUCKDB_PATH": str(REPO_ROOT / "data" / "warehouse.duckdb")}, log=OUT / "p3_dbt.log")
+    dbt_only = measure(
+        [str(BIN / "dbt"), "build", "--profiles-dir", "."],
+        cwd=REPO_ROOT / "dbt",
+        env=env | {"ELT_DUCKDB_PATH": str(REPO_ROOT / "data" / "warehouse.duckdb")},
+        log=OUT / "p3_dbt.log",
+    )
     report = (
         f"P3 embedded all-etl — {machine()}\n\n"
-        + table(["run", "wall", "peak memory", "Prefect start-up and the rest", "extract-load", "update-code", "transform", "≤ 60 s"], rows)
+        + table(
+            ["run", "wall", "peak memory", "Prefect start-up and the rest", "extract-load", "update-code", "transform", "≤ 60 s"],
+            rows,
+        )
         + f"\n\nPlain `dbt build` of the same project, same warehouse: {dbt_only.seconds:.1f} s, {dbt_only.peak_mb:.0f} MB.\n"
     )
     (OUT / "p3.md").write_text(report)

@@ -20,7 +20,7 @@ from pathlib import Path
 from _harness import OUT, REPO_ROOT, machine, table
 
 sys.path.insert(0, str(REPO_ROOT))
-from tests.appliance.test_stack import BASE_IMAGE, HERE, Stack, prepare_checkout, sh  # noqa: E402
+from tests.appliance.test_stack import BASE_IMAGE, HERE, Stack, prepare_checkout, sh
 
 SERVICES = ("postgres", "prefect-server", "prefect-worker", "dbt-docs")
 UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
@@ -66,8 +66,10 @@ def main() -> None:
         stack.compose("down", "-v", "--timeout", "5", check=False)
         shutil.rmtree(workdir, ignore_errors=True)
     idle = sum(value for name, value in memory.items() if "not in" not in name)
-    rows = [["up to healthy", f"{up_seconds:.1f} s", "≤ 60 s", "met" if up_seconds <= 60 else "MISSED"],
-            ["idle memory: server + worker + PostgreSQL", f"{idle:.0f} MB", "≤ 1024 MB", "met" if idle <= 1024 else "MISSED"]]
+    rows = [
+        ["up to healthy", f"{up_seconds:.1f} s", "≤ 60 s", "met" if up_seconds <= 60 else "MISSED"],
+        ["idle memory: server + worker + PostgreSQL", f"{idle:.0f} MB", "≤ 1024 MB", "met" if idle <= 1024 else "MISSED"],
+    ]
     detail = ", ".join(f"{name} {value:.0f} MB" for name, value in memory.items())
     report = f"P4 the stack — {machine()}\n\n{table(['measure', 'value', 'target', ''], rows)}\n\nPer container: {detail}.\n"
     (OUT / "p4.md").write_text(report)

@@ -73,7 +73,9 @@ def generate(run_id: str) -> None:
         settings = warehouse_for(settings).settings_reading_a_copy(scratch_dir)
         target = DOCS_DIR / "target"
         with dbt_runner.dbt_for(settings, project) as dbt:
-            completed = dbt.run_captured("docs", "generate", "--target-path", str(target), "--log-path", str(scratch_dir / "logs"))
+            completed = dbt.run_captured(
+                "docs", "generate", "--target-path", str(target), "--log-path", str(scratch_dir / "logs")
+            )
         if completed.returncode != 0:
             tail = "\n".join(completed.stdout.splitlines()[-15:])
             raise RuntimeError(f"dbt docs generate failed (exit {completed.returncode}):\n{tail}")
@@ -115,7 +117,7 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         self.directory = str(SITE)
         return super().translate_path(path)
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002
+    def log_message(self, format: str, *args) -> None:
         pass
 
 

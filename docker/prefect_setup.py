@@ -20,11 +20,12 @@ import os
 import sys
 from datetime import timedelta
 
-from prefect import get_client
 from prefect.automations import Automation, ChangeFlowRunState, EventTrigger, Posture, SendNotification
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.objects import StateType
 from prefect.exceptions import ObjectNotFound
+
+from prefect import get_client
 
 POOL = "elt"
 SLACK_BLOCK = "elt-alerts"

@@ -20,10 +20,17 @@ import sys
 import time
 
 import httpx
-from prefect import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, WorkPoolFilter, WorkPoolFilterName
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    WorkPoolFilter,
+    WorkPoolFilterName,
+)
 from prefect.client.schemas.objects import StateType
 from prefect.states import Crashed
+
+from prefect import get_client
 
 POOL = "elt"
 API_WAIT_SECONDS = 300
@@ -61,9 +68,14 @@ async def crash_orphaned_runs() -> list[str]:
 def main() -> None:
     if asyncio.run(api_ready(time.monotonic() + API_WAIT_SECONDS)):
         for run_id in asyncio.run(crash_orphaned_runs()):
-            print(f"worker_start: flow run {run_id} was left Pending or Running by the previous worker; marked Crashed", flush=True)
+            print(
+                f"worker_start: flow run {run_id} was left Pending or Running by the previous worker; marked Crashed", flush=True
+            )
     else:
-        print(f"worker_start: the Prefect API did not answer within {API_WAIT_SECONDS} s; starting the worker without checking for orphaned runs", flush=True)
+        print(
+            f"worker_start: the Prefect API did not answer within {API_WAIT_SECONDS} s; starting the worker without checking for orphaned runs",
+            flush=True,
+        )
     os.execvp(sys.argv[1], sys.argv[1:])
 
 

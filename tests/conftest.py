@@ -95,9 +95,7 @@ def tiny_remote(tmp_path: Path) -> GitRemote:
 def faker_connections(tmp_path: Path) -> Path:
     """A connections file that runs the real source-faker with a small row count."""
     path = tmp_path / "connections.yaml"
-    path.write_text(
-        (REPO_ROOT / "airbyte" / "connections.yaml").read_text().replace("count: 1000", "count: 200")
-    )
+    path.write_text((REPO_ROOT / "airbyte" / "connections.yaml").read_text().replace("count: 1000", "count: 200"))
     return path
 
 
@@ -146,13 +144,14 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
 
     home = tmp_path_factory.mktemp("prefect-home")
     port = _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false"}
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
-    log = open(home / "server.log", "w")
+    log = open(home / "server.log", "w")  # noqa: SIM115 - the log file outlives this function: the process writes to it
     process = subprocess.Popen(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     server = PrefectServer(f"http://127.0.0.1:{port}/api", home, process)
     deadline = time.monotonic() + 120
@@ -233,10 +232,11 @@ def fakesnow_server(tmp_path_factory: pytest.TempPathFactory):
         raise RuntimeError(f"{FAKESNOW} is missing: run `make test`, which installs it from tests/fakesnow.lock")
     data_dir = tmp_path_factory.mktemp("fakesnow")
     port = _free_port()
-    log = open(data_dir / "server.log", "w")
+    log = open(data_dir / "server.log", "w")  # noqa: SIM115 - the log file outlives this function: the process writes to it
     process = subprocess.Popen(
         [str(FAKESNOW), "-s", "--host", "127.0.0.1", "-p", str(port), "-d", str(data_dir)],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 60
     while True:

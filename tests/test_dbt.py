@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from elt import dbt_runner
+from elt.errors import ConfigurationError
 from elt.settings import load_settings
 from elt.warehouse import warehouse_for
 from tests.conftest import REPO_ROOT, TINY_PROJECT
@@ -39,7 +40,9 @@ def _build(project: dbt_runner.DbtProject, profiles_dir: Path, *arguments: str) 
     return dbt_runner.run_dbt(_dbt(project, profiles_dir), ["build", *arguments])
 
 
-def test_profile_is_rendered_under_the_projects_own_profile_name(tmp_path: Path, project: dbt_runner.DbtProject, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_profile_is_rendered_under_the_projects_own_profile_name(
+    tmp_path: Path, project: dbt_runner.DbtProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("ELT_DUCKDB_PATH", str(tmp_path / "w.duckdb"))
     rendered = yaml.safe_load(dbt_runner.render_profile(load_settings(), project.profile_name))
     assert list(rendered) == ["tiny_shop_warehouse"]
@@ -49,8 +52,14 @@ def test_profile_is_rendered_under_the_projects_own_profile_name(tmp_path: Path,
 
 def test_snowflake_profile_keeps_secrets_out_of_the_file(project: dbt_runner.DbtProject, monkeypatch: pytest.MonkeyPatch) -> None:
     """The rendered file refers to the password through env_var(); only the dbt process's environment holds it."""
-    for name, value in {"ELT_WAREHOUSE": "snowflake", "SNOWFLAKE_ACCOUNT": "acme", "SNOWFLAKE_USER": "u",
-                        "SNOWFLAKE_WAREHOUSE": "w", "SNOWFLAKE_DATABASE": "d", "SNOWFLAKE_PASSWORD": "p@ss/w0rd@"}.items():
+    for name, value in {
+        "ELT_WAREHOUSE": "snowflake",
+        "SNOWFLAKE_ACCOUNT": "acme",
+        "SNOWFLAKE_USER": "u",
+        "SNOWFLAKE_WAREHOUSE": "w",
+        "SNOWFLAKE_DATABASE": "d",
+        "SNOWFLAKE_PASSWORD": "p@ss/w0rd@",
+    }.items():
         monkeypatch.setenv(name, value)
     settings = load_settings()
     text = dbt_runner.render_profile(settings, project.profile_name)
@@ -128,9 +137,11 @@ def test_projects_own_profiles_when_told(project: dbt_runner.DbtProject, tmp_pat
     with duckdb.connect(str(tmp_path / "own.duckdb"), read_only=True) as connection:
         assert connection.execute("select count(*) from own_profile_marts.customer_totals").fetchone()[0] == 2
     (project.path / "profiles.yml").unlink()
-    with pytest.raises(Exception, match="ELT_DBT_USE_PROJECT_PROFILES is set but the project has no profiles.yml"):
-        with dbt_runner.profiles_dir(settings, project):
-            pass
+    with (
+        pytest.raises(ConfigurationError, match=r"ELT_DBT_USE_PROJECT_PROFILES is set but the project has no profiles\.yml$"),
+        dbt_runner.profiles_dir(settings, project),
+    ):
+        pass
 
 
 def test_row_counts_are_of_this_runs_models_only(project: dbt_runner.DbtProject, profiles_dir: Path, tmp_path: Path) -> None:
@@ -139,10 +150,17 @@ def test_row_counts_are_of_this_runs_models_only(project: dbt_runner.DbtProject,
     dbt_runner.check(_build(project, profiles_dir))
     other = tmp_path / "other_shop"
     shutil.copytree(TINY_PROJECT, other)
-    (other / "dbt_project.yml").write_text((other / "dbt_project.yml").read_text().replace("tiny_shop", "other_shop").replace("profile: other_shop_warehouse", "profile: tiny_shop_warehouse"))
+    (other / "dbt_project.yml").write_text(
+        (other / "dbt_project.yml")
+        .read_text()
+        .replace("tiny_shop", "other_shop")
+        .replace("profile: other_shop_warehouse", "profile: tiny_shop_warehouse")
+    )
     (other / "models" / "schema.yml").unlink()
     (other / "models" / "customer_totals.sql").rename(other / "models" / "order_amounts.sql")
-    (other / "models" / "big_orders.sql").write_text("{{ config(materialized='view') }}\nselect * from {{ ref('orders') }} where amount > 5\n")
+    (other / "models" / "big_orders.sql").write_text(
+        "{{ config(materialized='view') }}\nselect * from {{ ref('orders') }} where amount > 5\n"
+    )
     run = dbt_runner.check(_build(dbt_runner.DbtProject.at(other), profiles_dir))
     assert warehouse_for(load_settings()).mart_row_counts(run) == {"warehouse.main_marts.order_amounts": 2}
 
@@ -162,9 +180,17 @@ def test_unreachable_warehouse_fails_with_dbts_own_error_logged_at_error(
     (project.path / "models" / "sources.yml").write_text(
         "version: 2\nsources:\n  - name: shop\n    meta: {owner: tests}\n    tables: [{name: raw_orders}]\n"
     )
-    for name, value in {"ELT_WAREHOUSE": "snowflake", "SNOWFLAKE_ACCOUNT": "acme-test", "SNOWFLAKE_USER": "U", "SNOWFLAKE_PASSWORD": "p",
-                        "SNOWFLAKE_WAREHOUSE": "W", "SNOWFLAKE_DATABASE": "ANALYTICS", "SNOWFLAKE_HOST": "127.0.0.1",
-                        "SNOWFLAKE_PORT": str(_closed_port()), "SNOWFLAKE_PROTOCOL": "http"}.items():
+    for name, value in {
+        "ELT_WAREHOUSE": "snowflake",
+        "SNOWFLAKE_ACCOUNT": "acme-test",
+        "SNOWFLAKE_USER": "U",
+        "SNOWFLAKE_PASSWORD": "p",
+        "SNOWFLAKE_WAREHOUSE": "W",
+        "SNOWFLAKE_DATABASE": "ANALYTICS",
+        "SNOWFLAKE_HOST": "127.0.0.1",
+        "SNOWFLAKE_PORT": str(_closed_port()),
+        "SNOWFLAKE_PROTOCOL": "http",
+    }.items():
         monkeypatch.setenv(name, value)
     settings = load_settings()
     (tmp_path / "profiles.yml").write_text(dbt_runner.render_profile(settings, project.profile_name))
@@ -181,10 +207,16 @@ def test_unreachable_warehouse_fails_with_dbts_own_error_logged_at_error(
     errors = [record.getMessage().strip() for record in caplog.records if record.levelno == logging.ERROR]
     assert any(message.startswith("250001: Could not connect to Snowflake backend") for message in errors), errors
     assert not any("Deprecat" in message for message in errors)
-    assert any("PropertyMovedToConfigDeprecation" in record.getMessage() for record in caplog.records if record.levelno == logging.WARNING)
+    assert any(
+        "PropertyMovedToConfigDeprecation" in record.getMessage()
+        for record in caplog.records
+        if record.levelno == logging.WARNING
+    )
 
 
-def test_default_project_names_its_connection_under_config_without_deprecations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_project_names_its_connection_under_config_without_deprecations(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """dbt 1.10+ wants a source's `meta` under `config:`; the connection is still found there."""
     project_dir = tmp_path / "appliance"
     shutil.copytree(REPO_ROOT / "dbt", project_dir, ignore=shutil.ignore_patterns("target", "logs"))
@@ -195,5 +227,7 @@ def test_default_project_names_its_connection_under_config_without_deprecations(
         parsed = dbt_runner.check(dbt_runner.run_dbt(dbt, ["parse", "--no-partial-parse"]))
         assert not any("Deprecation" in line for line in parsed.output_tail), parsed.output_tail
         assert dbt_runner.downstream_of_connections(dbt, ["faker"]) == [
-            "source:faker.products+", "source:faker.purchases+", "source:faker.users+"
+            "source:faker.products+",
+            "source:faker.purchases+",
+            "source:faker.users+",
         ]

@@ -83,7 +83,11 @@ def test_cancelling_the_flow_run_cancels_the_airbyte_jobs_it_started(
     }
     worker = subprocess.Popen(
         [str(BIN / "prefect"), "worker", "start", "--pool", "elt", "--run-once"],
-        env=worker_env, cwd=appliance_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=worker_env,
+        cwd=appliance_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         _wait_for(lambda: fake_airbyte.count("GET", "/jobs/") >= 2, 180, "the Airbyte job to be polled")
@@ -91,10 +95,13 @@ def test_cancelling_the_flow_run_cancels_the_airbyte_jobs_it_started(
             f"/flow_runs/{flow_run['id']}/set_state", {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True}
         )
         assert cancel.status_code in (200, 201), cancel.text
-        _wait_for(lambda: fake_airbyte.jobs_for(connection_id)[-1]["status"] == "cancelled", 120, "the Airbyte job to be cancelled")
+        _wait_for(
+            lambda: fake_airbyte.jobs_for(connection_id)[-1]["status"] == "cancelled", 120, "the Airbyte job to be cancelled"
+        )
         _wait_for(
             lambda: prefect_server.get(f"/flow_runs/{flow_run['id']}").json()["state"]["type"] == "CANCELLED",
-            60, "the flow run to be Cancelled",
+            60,
+            "the flow run to be Cancelled",
         )
         assert fake_airbyte.count("DELETE", "/jobs/") == 1
     finally:

@@ -8,7 +8,9 @@ from tests.conftest import BIN, GitRemote, git
 
 
 def _doctor(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "elt"), "doctor", *args], env={**os.environ, **env}, cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(BIN / "elt"), "doctor", *args], env={**os.environ, **env}, cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_healthy_configuration_passes(appliance_remote: GitRemote, appliance_env: Path, tmp_path: Path) -> None:
@@ -32,7 +34,9 @@ def test_every_problem_is_listed_with_what_to_fix(appliance_env: Path, faker_con
     out = completed.stdout
     assert f"FAIL airbyte connections: {faker_connections}: connection 'faker': source: Field required" in out
     assert "FAIL warehouse: ELT_WAREHOUSE=snowflake needs SNOWFLAKE_ACCOUNT, SNOWFLAKE_USER" in out
-    assert f"FAIL git repo: ELT_GIT_REPO: {tmp_path / 'no-such-repo'} does not exist; give the path of a git repo or its URL" in out
+    assert (
+        f"FAIL git repo: ELT_GIT_REPO: {tmp_path / 'no-such-repo'} does not exist; give the path of a git repo or its URL" in out
+    )
     assert "problem(s) found" in completed.stderr
 
 
@@ -45,8 +49,13 @@ def test_every_check_runs_after_invalid_settings_and_failed_checks(
     checkout = appliance_remote.clone(tmp_path / "checkout")
     faker_connections.write_text(faker_connections.read_text().replace("seed: 42", "seed: '${FAKER_SEED}'"))
     completed = _doctor(
-        {"ELT_HOME": str(checkout), "ELT_AIRBYTE_CONNECTIONS_FILE": str(faker_connections),
-         "ELT_WAREHOUSE": "bigquery", "ELT_DBT_PROJECT_DIR": "missing", "ELT_AIRBYTE_BACKED": "server"},
+        {
+            "ELT_HOME": str(checkout),
+            "ELT_AIRBYTE_CONNECTIONS_FILE": str(faker_connections),
+            "ELT_WAREHOUSE": "bigquery",
+            "ELT_DBT_PROJECT_DIR": "missing",
+            "ELT_AIRBYTE_BACKED": "server",
+        },
         checkout,
     )
     assert completed.returncode == 1
@@ -73,9 +82,13 @@ def test_every_check_runs_after_invalid_settings_and_failed_checks(
 
 def test_credentials_in_the_repo_setting_fail_without_printing_them(appliance_env: Path) -> None:
     token = "ghp_TOPSECRET123"
-    completed = _doctor({"ELT_HOME": str(appliance_env), "ELT_GIT_REPO": f"https://x:{token}@git.example/team/analytics.git"}, appliance_env)
+    completed = _doctor(
+        {"ELT_HOME": str(appliance_env), "ELT_GIT_REPO": f"https://x:{token}@git.example/team/analytics.git"}, appliance_env
+    )
     assert completed.returncode == 1
-    assert "       - ELT_GIT_REPO: https://***@git.example/team/analytics.git has credentials written into it;" in completed.stdout
+    assert (
+        "       - ELT_GIT_REPO: https://***@git.example/team/analytics.git has credentials written into it;" in completed.stdout
+    )
     assert "skip git repo: not checked: ELT_GIT_REPO is invalid (see settings)" in completed.stdout
     assert "skip dbt project: not checked: ELT_GIT_REPO is invalid (see settings)" in completed.stdout
     assert token not in completed.stdout + completed.stderr
@@ -88,9 +101,14 @@ def test_checkout_of_another_repo_fails_naming_both(appliance_remote: GitRemote,
     other.parent.mkdir()
     git("init", "-q", "--bare", str(other), cwd=tmp_path)
     completed = _doctor(
-        {"ELT_HOME": str(appliance_env), "ELT_GIT_REPO": str(other), "ELT_GIT_CHECKOUT_DIR": str(checkout),
-         "ELT_DBT_PROJECT_DIR": "missing"},
-        appliance_env, "--debug",
+        {
+            "ELT_HOME": str(appliance_env),
+            "ELT_GIT_REPO": str(other),
+            "ELT_GIT_CHECKOUT_DIR": str(checkout),
+            "ELT_DBT_PROJECT_DIR": "missing",
+        },
+        appliance_env,
+        "--debug",
     )
     assert completed.returncode == 1
     assert (

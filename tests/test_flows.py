@@ -30,7 +30,10 @@ def test_cli_runs_all_etl_end_to_end(prefect_server: PrefectServer, appliance_re
     completed = subprocess.run(
         [str(BIN / "elt"), "run", "--repo", str(appliance_remote.bare), "--branch", "main"],
         env=prefect_server.env() | {"ELT_HOME": str(appliance_env)},
-        cwd=appliance_env, capture_output=True, text=True, timeout=600,
+        cwd=appliance_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-3000:] + completed.stdout[-3000:]
     sha = git("rev-parse", "HEAD", cwd=appliance_remote.author_clone)
@@ -54,7 +57,9 @@ def test_cli_runs_all_etl_end_to_end(prefect_server: PrefectServer, appliance_re
     assert "purchases" in str(extract_rows)
 
 
-def test_failing_model_fails_the_run_and_names_the_node(prefect_server: PrefectServer, tiny_remote: GitRemote, appliance_env: Path) -> None:
+def test_failing_model_fails_the_run_and_names_the_node(
+    prefect_server: PrefectServer, tiny_remote: GitRemote, appliance_env: Path
+) -> None:
     tiny_remote.commit("dbt/models/broken.sql", "select missing_column from {{ ref('orders') }}\n", "break a model")
     state = all_etl(skip_extract=True, repo=str(tiny_remote.bare), return_state=True)
     assert state.is_failed()
@@ -64,7 +69,9 @@ def test_failing_model_fails_the_run_and_names_the_node(prefect_server: PrefectS
     assert "model.tiny_shop.broken" in summary["data"]
 
 
-def test_failed_extract_fails_the_run_and_skips_what_it_feeds(prefect_server: PrefectServer, appliance_remote: GitRemote, appliance_env: Path, faker_connections: Path) -> None:
+def test_failed_extract_fails_the_run_and_skips_what_it_feeds(
+    prefect_server: PrefectServer, appliance_remote: GitRemote, appliance_env: Path, faker_connections: Path
+) -> None:
     """A connector that fails fails extract-load and all-etl; dbt builds nothing downstream of its sources."""
     faker_connections.write_text(faker_connections.read_text().replace("count: 200", "count: not-a-number"))
     state = all_etl(repo=str(appliance_remote.bare), return_state=True)
@@ -94,7 +101,7 @@ def test_retry_of_all_etl_runs_dbt_retry(prefect_server: PrefectServer, tmp_path
     (project / "models" / "flaky.sql").write_text("select * from {{ target.schema }}.created_after_first_run\n")
     with (project / "dbt_project.yml").open("a") as config:
         config.write(
-            "on-run-end:\n  - \"create table if not exists {{ target.schema }}.created_after_first_run as select 1 as id\"\n"
+            'on-run-end:\n  - "create table if not exists {{ target.schema }}.created_after_first_run as select 1 as id"\n'
         )
     (tmp_path / "flaky").mkdir()
     remote = make_remote(tmp_path / "flaky", project)

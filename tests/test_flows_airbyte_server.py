@@ -67,7 +67,9 @@ def test_twenty_syncs_one_fails_and_dbt_builds_what_it_does_not_feed(
     state = all_etl(repo=str(two_source_remote.bare), return_state=True)
 
     assert state.is_failed()
-    with pytest.raises(ExtractFailed, match=r"^1 of 20 connections failed to sync: crm: connection 'crm': sync job \d+ ended failed \(http"):
+    with pytest.raises(
+        ExtractFailed, match=r"^1 of 20 connections failed to sync: crm: connection 'crm': sync job \d+ ended failed \(http"
+    ):
         state.result()
     assert fake_airbyte.count("POST", "/jobs") == 20
     with duckdb.connect(str(raw_tables), read_only=True) as warehouse:

@@ -7,6 +7,7 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -130,9 +131,9 @@ def test_credentials_in_a_repo_parameter_are_refused(appliance_env: Path) -> Non
 class _DenyingGitHost(BaseHTTPRequestHandler):
     """An HTTPS-style git host that refuses every request with 401 and records what it was sent."""
 
-    authorizations: list[str] = []
+    authorizations: ClassVar[list[str]] = []
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         self.authorizations.append(self.headers.get("Authorization", ""))
         self.send_response(401)
         self.send_header("WWW-Authenticate", 'Basic realm="git"')
@@ -237,9 +238,7 @@ def test_checkout_of_another_repo_is_repointed_when_nothing_can_be_lost(
     assert git("for-each-ref", "refs/elt-candidate/", cwd=checkout) == ""
 
 
-def test_checkout_of_another_repo_is_never_deployed(
-    monkeypatch: pytest.MonkeyPatch, appliance_env: Path, tmp_path: Path
-) -> None:
+def test_checkout_of_another_repo_is_never_deployed(monkeypatch: pytest.MonkeyPatch, appliance_env: Path, tmp_path: Path) -> None:
     """ELT_GIT_CHECKOUT_DIR holds A's clone but B is configured and shares no history: the run stops
     naming both repos and the fix; the checkout, its origin and its files are as they were."""
     team_a, team_b = _two_remotes_named_analytics(tmp_path)
@@ -275,7 +274,10 @@ def test_dirty_checkout_of_another_repo_is_left_alone(
     monkeypatch.setenv("ELT_GIT_CHECKOUT_DIR", str(checkout))
     before = _snapshot(checkout)
 
-    with pytest.raises(GitOriginMismatch, match="it has uncommitted changes in dbt/models/marts/daily_revenue.sql; nothing was deployed"):
+    with pytest.raises(
+        GitOriginMismatch,
+        match=re.escape("it has uncommitted changes in dbt/models/marts/daily_revenue.sql; nothing was deployed"),
+    ):
         update_code(RepoSource.from_settings(load_settings(), repo=str(mirror)))
     assert _snapshot(checkout) == before
     assert git("remote", "get-url", "origin", cwd=checkout) == str(appliance_remote.bare)

@@ -5,6 +5,7 @@ left, the warehouse lock is free, and the next run works."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -24,7 +25,7 @@ CHILDREN_END_SECONDS = 10
 
 # A dbt Python model (dbt-duckdb runs it inside dbt's process) that, when the test asks, says it
 # has started and then holds the warehouse until the run is stopped.
-SLOW_MODEL = '''
+SLOW_MODEL = """
 import os
 import time
 
@@ -35,7 +36,7 @@ def model(dbt, session):
         open(marker, "w").close()
         time.sleep(900)
     return session.sql("select 1 as id")
-'''
+"""
 
 GUARDED_PARENT = """
 import subprocess, sys, time
@@ -80,6 +81,7 @@ def _descendants(pid: int) -> list[psutil.Process]:
 
 def _assert_all_end(recorded: dict[int, psutil.Process]) -> None:
     """Every process recorded as the run's descendant ends within CHILDREN_END_SECONDS."""
+
     def survivors() -> list[str]:
         left = []
         for process in recorded.values():
@@ -107,7 +109,7 @@ def _lock_is_free(lock: Path) -> bool:
         return True
 
 
-_started_runs: list["Run"] = []
+_started_runs: list[Run] = []
 
 
 @pytest.fixture(autouse=True)
@@ -120,10 +122,8 @@ def _no_run_outlives_its_test():
         run.process.kill()
         run.process.wait()
         for process in leftovers:
-            try:
+            with contextlib.suppress(psutil.Error):
                 process.kill()  # psutil checks the PID still names the process it recorded
-            except psutil.Error:
-                pass
 
 
 class Run:
@@ -133,8 +133,11 @@ class Run:
         self.log = home.parent / f"{name}.log"
         self.err = home.parent / f"{name}.err"
         self.process = subprocess.Popen(
-            [str(BIN / "elt"), "run", *args], cwd=home, env=env,
-            stdout=self.log.open("w"), stderr=self.err.open("w"),
+            [str(BIN / "elt"), "run", *args],
+            cwd=home,
+            env=env,
+            stdout=self.log.open("w"),
+            stderr=self.err.open("w"),
         )
         self.recorded: dict[int, psutil.Process] = {}
         _started_runs.append(self)
@@ -181,7 +184,9 @@ def _leftover_profiles(env: dict[str, str]) -> list[str]:
 
 def _holder(home: Path) -> dict:
     lock = home / "data" / "warehouse.duckdb.run.lock"
-    return _wait_until(lambda: lock.exists() and lock.read_text() and json.loads(lock.read_text()), 30, "the run records itself in the lock")
+    return _wait_until(
+        lambda: lock.exists() and lock.read_text() and json.loads(lock.read_text()), 30, "the run records itself in the lock"
+    )
 
 
 def test_watchdog_stops_the_children_of_a_killed_process(tmp_path: Path) -> None:
@@ -199,7 +204,9 @@ def test_watchdog_stops_the_children_of_a_killed_process(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_kill_9_during_dbt(prefect_server: PrefectServer, tiny_remote: GitRemote, appliance_env: Path, run_env: dict, tmp_path: Path) -> None:
+def test_kill_9_during_dbt(
+    prefect_server: PrefectServer, tiny_remote: GitRemote, appliance_env: Path, run_env: dict, tmp_path: Path
+) -> None:
     """kill -9 of `elt run` while dbt holds the warehouse: dbt and every other child end within 10 s,
     the lock and profiles folder go with them, a second run meanwhile was refused naming the first,
     the next run succeeds and marks the killed run Crashed."""
@@ -240,8 +247,14 @@ def test_kill_9_during_dbt(prefect_server: PrefectServer, tiny_remote: GitRemote
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_sigterm_or_sigint_during_dbt(prefect_server: PrefectServer, tiny_remote: GitRemote, appliance_env: Path, run_env: dict,
-                            tmp_path: Path, stop_signal: signal.Signals) -> None:
+def test_sigterm_or_sigint_during_dbt(
+    prefect_server: PrefectServer,
+    tiny_remote: GitRemote,
+    appliance_env: Path,
+    run_env: dict,
+    tmp_path: Path,
+    stop_signal: signal.Signals,
+) -> None:
     """SIGTERM (docker stop, systemd) or SIGINT to the elt process alone: dbt is stopped, the run
     is marked Crashed, and elt exits 128 + the signal with one line saying so."""
     tiny_remote.commit("dbt/models/slow.py", SLOW_MODEL, "a model that waits")
@@ -267,8 +280,9 @@ def test_sigterm_or_sigint_during_dbt(prefect_server: PrefectServer, tiny_remote
 
 
 @pytest.mark.slow
-def test_sigterm_during_sync(prefect_server: PrefectServer, appliance_remote: GitRemote, appliance_env: Path,
-                             run_env: dict, faker_connections: Path) -> None:
+def test_sigterm_during_sync(
+    prefect_server: PrefectServer, appliance_remote: GitRemote, appliance_env: Path, run_env: dict, faker_connections: Path
+) -> None:
     """SIGTERM while source-faker is syncing: the connector is stopped rather than left to finish
     and commit; elt exits 143 with one line; nothing is built and the warehouse still opens."""
     faker_connections.write_text(faker_connections.read_text().replace("count: 200", "count: 20000000"))
@@ -300,8 +314,9 @@ def test_sigterm_during_sync(prefect_server: PrefectServer, appliance_remote: Gi
 
 
 @pytest.mark.slow
-def test_kill_9_during_sync(prefect_server: PrefectServer, appliance_remote: GitRemote, appliance_env: Path,
-                            run_env: dict, faker_connections: Path) -> None:
+def test_kill_9_during_sync(
+    prefect_server: PrefectServer, appliance_remote: GitRemote, appliance_env: Path, run_env: dict, faker_connections: Path
+) -> None:
     """kill -9 while source-faker is syncing: the connector has no parent-death signal; the
     watchdog stops it (and its own child) within 10 s, and the lock is free."""
     faker_connections.write_text(faker_connections.read_text().replace("count: 200", "count: 20000000"))
@@ -315,7 +330,9 @@ def test_kill_9_during_sync(prefect_server: PrefectServer, appliance_remote: Git
 
 
 @pytest.mark.slow
-def test_kill_9_stops_the_temporary_prefect_server(tiny_remote: GitRemote, appliance_env: Path, run_env: dict, tmp_path: Path) -> None:
+def test_kill_9_stops_the_temporary_prefect_server(
+    tiny_remote: GitRemote, appliance_env: Path, run_env: dict, tmp_path: Path
+) -> None:
     """Without PREFECT_API_URL Prefect starts a temporary server as a child of the run; kill -9 of
     the run must not leave it (or dbt) running."""
     tiny_remote.commit("dbt/models/slow.py", SLOW_MODEL, "a model that waits")

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -22,7 +23,7 @@ from tests.conftest import BIN, CONNECTORS_DIR, GitRemote, git
 
 
 class _Recorder(BaseHTTPRequestHandler):
-    requests: list[str] = []
+    requests: ClassVar[list[str]] = []
 
     def _record(self) -> None:
         self.requests.append(f"{self.command} {self.path}")
@@ -62,8 +63,12 @@ class Home:
         )
         environment = {**os.environ, "PREFECT_API_URL": self.api_url, "PREFECT_HOME": str(self.prefect_home), **(env or {})}
         process = subprocess.Popen(
-            [str(BIN / "elt"), "run", *args], cwd=self.path, env=environment, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [str(BIN / "elt"), "run", *args],
+            cwd=self.path,
+            env=environment,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         # A run that got past the checks calls Prefect's API within seconds: fail then, not at the deadline.
         deadline = time.monotonic() + 120
@@ -108,10 +113,16 @@ def test_unknown_variables_are_all_named_and_stack_variables_are_not() -> None:
     """Variables the compose stack and setup.sh put in `.env` are no settings but are not flagged;
     names match case-insensitively like pydantic-settings does."""
     environ = {
-        "ELT_UID": "1000", "ELT_IMAGE": "elt-appliance:latest", "ELT_HEARTBEAT_SECONDS": "30",
-        "ELT_AIRBYTE_URL_FROM_STACK": "http://host.docker.internal:8000", "ELT_COMPOSE_OVERRIDE": "",
-        "ELT_DOCS_DIR": "/var/lib/elt/dbt-docs", "elt_warehouse": "duckdb", "SNOWFLAKE_ACCOUNTT": "x",
-        "ELT_DBT_THREAD": "8", "ELT_FROBNICATE": "1",
+        "ELT_UID": "1000",
+        "ELT_IMAGE": "elt-appliance:latest",
+        "ELT_HEARTBEAT_SECONDS": "30",
+        "ELT_AIRBYTE_URL_FROM_STACK": "http://host.docker.internal:8000",
+        "ELT_COMPOSE_OVERRIDE": "",
+        "ELT_DOCS_DIR": "/var/lib/elt/dbt-docs",
+        "elt_warehouse": "duckdb",
+        "SNOWFLAKE_ACCOUNTT": "x",
+        "ELT_DBT_THREAD": "8",
+        "ELT_FROBNICATE": "1",
     }
     assert unknown_variables(environ, Path("/nonexistent/.env")) == [
         "ELT_DBT_THREAD: unknown setting; did you mean ELT_DBT_THREADS?",
@@ -165,7 +176,9 @@ def test_variable_set_in_dotenv_satisfies_a_connection_reference(home: Home) -> 
 def test_misspelled_key_in_a_connection_names_the_key_it_should_be(home: Home) -> None:
     home.connections.write_text(home.connections.read_text().replace("pip:", "pipp:"))
     completed = home.run()
-    assert _last_line(completed) == f"error: {home.connections}: connection 'faker': source.pipp: unknown key; did you mean 'pip'?"
+    assert (
+        _last_line(completed) == f"error: {home.connections}: connection 'faker': source.pipp: unknown key; did you mean 'pip'?"
+    )
 
 
 def test_unknown_connection_name_lists_the_enabled_ones(home: Home) -> None:

@@ -30,8 +30,10 @@ with run_lock.hold(load_settings(), sys.argv[1]):
 def _holder(home: Path, flow_run_id: str) -> subprocess.Popen:
     """Another process holding the run lock of the warehouse under `home`, as a run would."""
     process = subprocess.Popen(
-        [sys.executable, "-c", HOLD_THE_LOCK, flow_run_id], env={**os.environ, "ELT_HOME": str(home)},
-        stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-c", HOLD_THE_LOCK, flow_run_id],
+        env={**os.environ, "ELT_HOME": str(home)},
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert process.stdout.readline() == "held\n", "the holder did not take the lock"
     return process
@@ -50,9 +52,11 @@ def test_second_run_on_a_warehouse_fails_naming_the_first(tmp_path: Path, monkey
     settings = load_settings()
     first = _holder(tmp_path, "11111111-1111-1111-1111-111111111111")
     try:
-        with pytest.raises(run_lock.WarehouseInUse) as refused:
-            with run_lock.hold(settings, "22222222-2222-2222-2222-222222222222"):
-                pytest.fail("a second run got the lock while the first held it")
+        with (
+            pytest.raises(run_lock.WarehouseInUse) as refused,
+            run_lock.hold(settings, "22222222-2222-2222-2222-222222222222"),
+        ):
+            pytest.fail("a second run got the lock while the first held it")
         warehouse = tmp_path / "data" / "warehouse.duckdb"
         assert str(refused.value) == (
             f"another all-etl run (flow run 11111111-1111-1111-1111-111111111111, PID {first.pid}) "
@@ -65,8 +69,13 @@ def test_second_run_on_a_warehouse_fails_naming_the_first(tmp_path: Path, monkey
 
 def test_snowflake_lock_is_per_database_and_schema(tmp_path: Path) -> None:
     settings = load_settings(home=tmp_path, warehouse="snowflake", snowflake_account="acme-eu", snowflake_database="ANALYTICS")
-    other_schema = load_settings(home=tmp_path, warehouse="snowflake", snowflake_account="acme-eu",
-                                 snowflake_database="ANALYTICS", snowflake_schema="STAGING")
+    other_schema = load_settings(
+        home=tmp_path,
+        warehouse="snowflake",
+        snowflake_account="acme-eu",
+        snowflake_database="ANALYTICS",
+        snowflake_schema="STAGING",
+    )
     assert run_lock.lock_path(settings) == tmp_path / "data" / "run-locks" / "snowflake-acme-eu-analytics-analytics.lock"
     assert run_lock.lock_path(other_schema) != run_lock.lock_path(settings)
     assert run_lock.warehouse_name(settings) == "Snowflake acme-eu ANALYTICS.ANALYTICS"
@@ -88,7 +97,9 @@ def test_lock_is_free_after_its_holder_is_killed(tmp_path: Path, monkeypatch: py
 
 
 @pytest.mark.slow
-def test_run_whose_process_died_is_marked_crashed(prefect_server: PrefectServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_whose_process_died_is_marked_crashed(
+    prefect_server: PrefectServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A flow run left Running by a killed process (and its Running child flow run) is set Crashed by
     the next run on the warehouse, with a message saying why; finished runs are left alone."""
     from prefect import flow
@@ -111,7 +122,9 @@ def test_run_whose_process_died_is_marked_crashed(prefect_server: PrefectServer,
         killed_run()
     child_id, parent_id = ids
     for flow_run_id in (child_id, parent_id):
-        prefect_server.post(f"/flow_runs/{flow_run_id}/set_state", {"state": {"type": "RUNNING"}, "force": True}).raise_for_status()
+        prefect_server.post(
+            f"/flow_runs/{flow_run_id}/set_state", {"state": {"type": "RUNNING"}, "force": True}
+        ).raise_for_status()
 
     monkeypatch.setenv("ELT_HOME", str(tmp_path))
     settings = load_settings()

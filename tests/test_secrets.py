@@ -119,9 +119,7 @@ def leak_search(
         "snowflake_private_key_passphrase": passphrase,
     }
     snowflake = {k: v for k, v in fakesnow_server.env().items() if k not in ("SNOWFLAKE_PASSWORD",)}
-    base = {
-        k: v for k, v in os.environ.items() if not k.startswith(("ELT_", "SNOWFLAKE_"))
-    } | {
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("ELT_", "SNOWFLAKE_"))} | {
         "PREFECT_API_URL": prefect_server.api_url,
         "ELT_CONNECTORS_DIR": str(Path(__file__).resolve().parents[1] / ".venv-connectors"),
         "ELT_AIRBYTE_CONNECTIONS_FILE": str(connections),
@@ -134,21 +132,31 @@ def leak_search(
         scenarios = [
             Scenario(
                 "embedded into snowflake, password",
-                snowflake | {"SNOWFLAKE_PASSWORD": values["snowflake_password"],
-                             "ELT_AIRBYTE_CLIENT_SECRET": values["airbyte_client_secret"]},
+                snowflake
+                | {
+                    "SNOWFLAKE_PASSWORD": values["snowflake_password"],
+                    "ELT_AIRBYTE_CLIENT_SECRET": values["airbyte_client_secret"],
+                },
                 [["run"], ["doctor"]],
             ),
             Scenario(
                 "dbt on snowflake, encrypted key pair",
-                snowflake | {"SNOWFLAKE_PRIVATE_KEY": values["snowflake_private_key"],
-                             "SNOWFLAKE_PRIVATE_KEY_PASSPHRASE": values["snowflake_private_key_passphrase"]},
+                snowflake
+                | {
+                    "SNOWFLAKE_PRIVATE_KEY": values["snowflake_private_key"],
+                    "SNOWFLAKE_PRIVATE_KEY_PASSPHRASE": values["snowflake_private_key_passphrase"],
+                },
                 [["run", "--skip-extract"], ["doctor"]],
             ),
             Scenario(
                 "server backend",
-                {"ELT_AIRBYTE_BACKEND": "server", "ELT_AIRBYTE_URL": airbyte.ui_url,
-                 "ELT_AIRBYTE_CLIENT_ID": "fake-client-id",
-                 "ELT_AIRBYTE_CLIENT_SECRET": values["airbyte_client_secret"], "ELT_AIRBYTE_POLL_SECONDS": "0.2"},
+                {
+                    "ELT_AIRBYTE_BACKEND": "server",
+                    "ELT_AIRBYTE_URL": airbyte.ui_url,
+                    "ELT_AIRBYTE_CLIENT_ID": "fake-client-id",
+                    "ELT_AIRBYTE_CLIENT_SECRET": values["airbyte_client_secret"],
+                    "ELT_AIRBYTE_POLL_SECONDS": "0.2",
+                },
                 [["run", "--skip-transform"], ["doctor"]],
             ),
         ]
@@ -201,7 +209,7 @@ def test_the_leak_search_finds_a_partial_secret() -> None:
     haystack.add("log", f"connecting with ...{secret[-LEAK_WINDOW:]} failed")
     assert haystack.leaks(secret) == ["log"]
     haystack = Haystack()
-    haystack.add("log", f"connecting with ...{secret[-LEAK_WINDOW + 1:]} failed")
+    haystack.add("log", f"connecting with ...{secret[-LEAK_WINDOW + 1 :]} failed")
     assert haystack.leaks(secret) == []
 
 
@@ -209,9 +217,7 @@ def test_every_secret_looking_setting_has_a_secret_type() -> None:
     """A setting named like a credential is a SecretStr, so `repr`, `str` and the scenarios above
     hide and cover it; turning one into a plain `str` fails here, not in production."""
     credential_words = ("secret", "token", "password", "passphrase", "private_key")
-    named_like_secrets = {
-        name for name in Settings.model_fields if any(word in name for word in credential_words)
-    }
+    named_like_secrets = {name for name in Settings.model_fields if any(word in name for word in credential_words)}
     assert named_like_secrets, "no credential settings found: the name list above is stale"
     assert named_like_secrets <= set(secret_fields()), named_like_secrets - set(secret_fields())
 

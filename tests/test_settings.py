@@ -66,7 +66,8 @@ def test_repo_url_with_credentials_is_refused_without_printing_them(monkeypatch:
 
 
 @pytest.mark.parametrize(
-    "url", ["git@github.com:acme/analytics.git", "ssh://git@github.com/acme/analytics.git", "https://github.com/acme/analytics.git"]
+    "url",
+    ["git@github.com:acme/analytics.git", "ssh://git@github.com/acme/analytics.git", "https://github.com/acme/analytics.git"],
 )
 def test_repo_urls_without_credentials_are_accepted(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
     """The user in an SSH URL (git@) is no secret: SSH URLs load as they are."""

@@ -92,7 +92,9 @@ def test_passphrase_problems_name_the_variables(key: rsa.RSAPrivateKey) -> None:
     encrypted = _pem(key, "right")
     with pytest.raises(warehouse_snowflake.SnowflakeKeyError, match="is encrypted: set SNOWFLAKE_PRIVATE_KEY_PASSPHRASE"):
         warehouse_snowflake.private_key_der(encrypted)
-    with pytest.raises(warehouse_snowflake.SnowflakeKeyError, match="could not be read with SNOWFLAKE_PRIVATE_KEY_PASSPHRASE") as error:
+    with pytest.raises(
+        warehouse_snowflake.SnowflakeKeyError, match="could not be read with SNOWFLAKE_PRIVATE_KEY_PASSPHRASE"
+    ) as error:
         warehouse_snowflake.private_key_der(encrypted, "wrong")
     assert "right" not in str(error.value) and _body(encrypted)[:40] not in str(error.value)
     with pytest.raises(warehouse_snowflake.SnowflakeKeyError, match="key is not encrypted; unset it"):
@@ -116,14 +118,19 @@ def test_key_pair_profile_gives_dbt_base64_der_through_the_environment(
 
 
 def test_connector_connects_with_the_settings(snowflake_env: FakesnowServer) -> None:
-    with warehouse_snowflake.connect(SnowflakeCredentials.from_settings(load_settings()), warehouse_snowflake.query_tag("run-1")) as connection:
+    with warehouse_snowflake.connect(
+        SnowflakeCredentials.from_settings(load_settings()), warehouse_snowflake.query_tag("run-1")
+    ) as connection:
         assert connection.cursor().execute("select 41 + 1").fetchone() == (42,)
 
 
 def test_missing_settings_are_listed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ELT_WAREHOUSE", "snowflake")
     monkeypatch.setenv("SNOWFLAKE_ACCOUNT", "acme")
-    with pytest.raises(ConfigurationError, match="needs SNOWFLAKE_USER, SNOWFLAKE_WAREHOUSE, SNOWFLAKE_DATABASE, SNOWFLAKE_PRIVATE_KEY or SNOWFLAKE_PASSWORD"):
+    with pytest.raises(
+        ConfigurationError,
+        match="needs SNOWFLAKE_USER, SNOWFLAKE_WAREHOUSE, SNOWFLAKE_DATABASE, SNOWFLAKE_PRIVATE_KEY or SNOWFLAKE_PASSWORD",
+    ):
         SnowflakeCredentials.from_settings(load_settings()).to_connector_params()
 
 
@@ -136,9 +143,15 @@ def _closed_port() -> int:
 
 def _unreachable_env(port: int) -> dict[str, str]:
     return {
-        "ELT_WAREHOUSE": "snowflake", "SNOWFLAKE_ACCOUNT": "acme-test", "SNOWFLAKE_USER": "TRANSFORMER",
-        "SNOWFLAKE_PASSWORD": "p@ss:w/rd", "SNOWFLAKE_WAREHOUSE": "TRANSFORMING", "SNOWFLAKE_DATABASE": "ANALYTICS",
-        "SNOWFLAKE_HOST": "127.0.0.1", "SNOWFLAKE_PORT": str(port), "SNOWFLAKE_PROTOCOL": "http",
+        "ELT_WAREHOUSE": "snowflake",
+        "SNOWFLAKE_ACCOUNT": "acme-test",
+        "SNOWFLAKE_USER": "TRANSFORMER",
+        "SNOWFLAKE_PASSWORD": "p@ss:w/rd",
+        "SNOWFLAKE_WAREHOUSE": "TRANSFORMING",
+        "SNOWFLAKE_DATABASE": "ANALYTICS",
+        "SNOWFLAKE_HOST": "127.0.0.1",
+        "SNOWFLAKE_PORT": str(port),
+        "SNOWFLAKE_PROTOCOL": "http",
     }
 
 
@@ -178,7 +191,7 @@ def test_host_that_never_answers_fails_within_the_connect_timeout(monkeypatch: p
 def _capture(outcome: list[BaseException], function, *args) -> None:
     try:
         function(*args)
-    except BaseException as exc:  # handed to the test thread, which asserts on it
+    except BaseException as exc:  # noqa: BLE001 - handed to the test thread, which asserts on it
         outcome.append(exc)
 
 
@@ -193,14 +206,18 @@ def test_one_bounded_login_for_dbt_too(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _cli(*arguments: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "elt"), *arguments], env={**os.environ, **env}, cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(BIN / "elt"), *arguments], env={**os.environ, **env}, cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_bad_key_stops_the_run_before_prefect_starts(key: rsa.RSAPrivateKey, tmp_path: Path) -> None:
     """`elt run` parses the key in its pre-run check: exit 2 and one line, no flow run, no traceback."""
-    env = _unreachable_env(_closed_port()) | {"SNOWFLAKE_PRIVATE_KEY": _pem(key, "right"), "SNOWFLAKE_PRIVATE_KEY_PASSPHRASE": "wrong",
-                                              "ELT_HOME": str(tmp_path)}
+    env = _unreachable_env(_closed_port()) | {
+        "SNOWFLAKE_PRIVATE_KEY": _pem(key, "right"),
+        "SNOWFLAKE_PRIVATE_KEY_PASSPHRASE": "wrong",
+        "ELT_HOME": str(tmp_path),
+    }
     completed = _cli("run", "--skip-extract", "--skip-pull", env=env, cwd=tmp_path)
     assert completed.returncode == 2, completed.stdout + completed.stderr
     assert completed.stderr.strip().splitlines() == [
@@ -215,7 +232,9 @@ def test_unquoted_multiline_key_in_env_file_says_quote_it_or_give_a_path(key: rs
     """python-dotenv keeps only the first line of an unquoted multi-line value: the run stops
     before it starts, naming the fix, and no line of the key is printed."""
     pem = _pem(key)
-    settings_lines = [f"{name}={value}" for name, value in _unreachable_env(_closed_port()).items() if name != "SNOWFLAKE_PASSWORD"]
+    settings_lines = [
+        f"{name}={value}" for name, value in _unreachable_env(_closed_port()).items() if name != "SNOWFLAKE_PASSWORD"
+    ]
     (tmp_path / ".env").write_text("\n".join([*settings_lines, f"SNOWFLAKE_PRIVATE_KEY={pem}", "ELT_DBT_THREADS=2", ""]))
     completed = _cli("run", "--skip-extract", "--skip-pull", env={"ELT_HOME": str(tmp_path)}, cwd=tmp_path)
     assert completed.returncode == 2, completed.stdout + completed.stderr
@@ -243,9 +262,15 @@ def test_a_custom_dbt_target_name_still_gets_everything_snowflake_needs(monkeypa
     SNOWFLAKE_ variables (as with settings read from `.env`)."""
     from elt import doctor
 
-    for name, value in {"ELT_WAREHOUSE": "snowflake", "ELT_DBT_TARGET": "prod", "ELT_SNOWFLAKE_ACCOUNT": "acme",
-                        "ELT_SNOWFLAKE_USER": "u", "ELT_SNOWFLAKE_WAREHOUSE": "w", "ELT_SNOWFLAKE_DATABASE": "d",
-                        "ELT_SNOWFLAKE_PASSWORD": "p@ss/w0rd@"}.items():
+    for name, value in {
+        "ELT_WAREHOUSE": "snowflake",
+        "ELT_DBT_TARGET": "prod",
+        "ELT_SNOWFLAKE_ACCOUNT": "acme",
+        "ELT_SNOWFLAKE_USER": "u",
+        "ELT_SNOWFLAKE_WAREHOUSE": "w",
+        "ELT_SNOWFLAKE_DATABASE": "d",
+        "ELT_SNOWFLAKE_PASSWORD": "p@ss/w0rd@",
+    }.items():
         monkeypatch.setenv(name, value)
     settings = load_settings()
     profile = yaml.safe_load(dbt_runner.render_profile(settings, "p"))["p"]
@@ -271,9 +296,16 @@ def test_credentials_keep_their_secrets_out_of_str_and_repr(key: rsa.RSAPrivateK
     """The credentials object is what the code passes around: printing or logging it shows no
     password, key or passphrase; only the connector's arguments hold them."""
     pem = _pem(key, "pp-secret")
-    for name, value in {"ELT_WAREHOUSE": "snowflake", "SNOWFLAKE_ACCOUNT": "acme", "SNOWFLAKE_USER": "u", "SNOWFLAKE_WAREHOUSE": "w",
-                        "SNOWFLAKE_DATABASE": "d", "SNOWFLAKE_PASSWORD": "p@ss/w0rd@", "SNOWFLAKE_PRIVATE_KEY": pem,
-                        "SNOWFLAKE_PRIVATE_KEY_PASSPHRASE": "pp-secret"}.items():
+    for name, value in {
+        "ELT_WAREHOUSE": "snowflake",
+        "SNOWFLAKE_ACCOUNT": "acme",
+        "SNOWFLAKE_USER": "u",
+        "SNOWFLAKE_WAREHOUSE": "w",
+        "SNOWFLAKE_DATABASE": "d",
+        "SNOWFLAKE_PASSWORD": "p@ss/w0rd@",
+        "SNOWFLAKE_PRIVATE_KEY": pem,
+        "SNOWFLAKE_PRIVATE_KEY_PASSPHRASE": "pp-secret",
+    }.items():
         monkeypatch.setenv(name, value)
     credentials = SnowflakeCredentials.from_settings(load_settings())
     for shown in (str(credentials), repr(credentials)):

@@ -4,15 +4,18 @@ warehouse size. fakesnow has no query history, so the rows here are written in t
 a real account is needed to see Snowflake fill them."""
 
 import pytest
-from prefect import flow, task
 
 from elt.warehouse_snowflake import cost_line, cost_per_node, query_tag, root_flow_run_id
+from prefect import flow, task
 
 
-def _query(node: str | None, elapsed_ms: int, execution_ms: int, scanned: int, size: str = "X-Small", stage: str | None = None) -> dict:
+def _query(
+    node: str | None, elapsed_ms: int, execution_ms: int, scanned: int, size: str = "X-Small", stage: str | None = None
+) -> dict:
     comment = (
         f'/* {{"app": "dbt", "dbt_version": "1.11.16", "profile_name": "elt_appliance", "target_name": "snowflake", "node_id": "{node}"}} */\n'
-        if node else ""
+        if node
+        else ""
     )
     return {
         "QUERY_ID": "01b2c3d4-0000-0000-0000-000000000001",

@@ -20,7 +20,9 @@ pytestmark = pytest.mark.slow
 
 def _doctor(env: dict[str, str], cwd: Path, deadline: float = 300) -> subprocess.CompletedProcess:
     """Fails the test (TimeoutExpired) if doctor has not ended by the deadline."""
-    return subprocess.run([str(BIN / "elt"), "doctor"], env={**os.environ, **env}, cwd=cwd, capture_output=True, text=True, timeout=deadline)
+    return subprocess.run(
+        [str(BIN / "elt"), "doctor"], env={**os.environ, **env}, cwd=cwd, capture_output=True, text=True, timeout=deadline
+    )
 
 
 def _closed_port() -> int:
@@ -37,14 +39,24 @@ def test_unreachable_warehouse_is_named_once_and_dependent_checks_are_not_run(
     checkout = appliance_remote.clone(tmp_path / "checkout")
     port = _closed_port()
     env = {
-        "ELT_HOME": str(checkout), "ELT_WAREHOUSE": "snowflake", "SNOWFLAKE_ACCOUNT": "acme-test", "SNOWFLAKE_USER": "TRANSFORMER",
-        "SNOWFLAKE_PASSWORD": "p@ss", "SNOWFLAKE_WAREHOUSE": "TRANSFORMING", "SNOWFLAKE_DATABASE": "ANALYTICS",
-        "SNOWFLAKE_HOST": "127.0.0.1", "SNOWFLAKE_PORT": str(port), "SNOWFLAKE_PROTOCOL": "http",
+        "ELT_HOME": str(checkout),
+        "ELT_WAREHOUSE": "snowflake",
+        "SNOWFLAKE_ACCOUNT": "acme-test",
+        "SNOWFLAKE_USER": "TRANSFORMER",
+        "SNOWFLAKE_PASSWORD": "p@ss",
+        "SNOWFLAKE_WAREHOUSE": "TRANSFORMING",
+        "SNOWFLAKE_DATABASE": "ANALYTICS",
+        "SNOWFLAKE_HOST": "127.0.0.1",
+        "SNOWFLAKE_PORT": str(port),
+        "SNOWFLAKE_PROTOCOL": "http",
     }
     completed = _doctor(env, checkout, deadline=60)
     assert completed.returncode == 1
     out = completed.stdout
-    assert f"FAIL warehouse: cannot connect to Snowflake account acme-test at http://127.0.0.1:{port} as TRANSFORMER: 250001: Could not connect" in out
+    assert (
+        f"FAIL warehouse: cannot connect to Snowflake account acme-test at http://127.0.0.1:{port} as TRANSFORMER: 250001: Could not connect"
+        in out
+    )
     assert out.count(f"127.0.0.1:{port}") == 1
     assert "skip dbt project: not checked: warehouse unreachable" in out
     assert "skip snowflake grants: not checked: warehouse unreachable" in out
@@ -84,7 +96,9 @@ def test_snowflake_grants_on_a_fresh_embedded_install_and_after_loading(
     assert "GRANT USAGE ON SCHEMA DOCTOR_DB.RAW_FAKER TO ROLE TRANSFORMER;" in staged.stdout
     assert snowflake_env.env()["SNOWFLAKE_PASSWORD"] not in staged.stdout + staged.stderr
 
-    with snowflake.connector.connect(user="x", password="x", account="x", host="127.0.0.1", port=snowflake_env.port, protocol="http") as connection:
+    with snowflake.connector.connect(
+        user="x", password="x", account="x", host="127.0.0.1", port=snowflake_env.port, protocol="http"
+    ) as connection:
         cursor = connection.cursor()
         cursor.execute("create database if not exists DOCTOR_DB")
         cursor.execute("create schema if not exists DOCTOR_DB.RAW_FAKER")

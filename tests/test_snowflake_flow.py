@@ -30,7 +30,9 @@ def test_all_etl_into_snowflake(
     import snowflake.connector
 
     # Another project's table in the same marts schema: not this run's, so not in its summary.
-    with snowflake.connector.connect(user="x", password="x", account="x", host="127.0.0.1", port=snowflake_env.port, protocol="http") as connection:
+    with snowflake.connector.connect(
+        user="x", password="x", account="x", host="127.0.0.1", port=snowflake_env.port, protocol="http"
+    ) as connection:
         connection.cursor().execute("create database if not exists ANALYTICS")
         connection.cursor().execute("create schema if not exists ANALYTICS.DBT_MARTS")
         connection.cursor().execute("create or replace table ANALYTICS.DBT_MARTS.OTHER_PROJECTS_TABLE as select 1 as id")
@@ -68,12 +70,26 @@ def test_unreachable_warehouse_run_ends_naming_the_connection_failure(
         port = sock.getsockname()[1]
     checkout = appliance_remote.clone(tmp_path / "checkout")
     env = {
-        **os.environ, "ELT_HOME": str(checkout), "ELT_WAREHOUSE": "snowflake", "SNOWFLAKE_ACCOUNT": "acme-test",
-        "SNOWFLAKE_USER": "TRANSFORMER", "SNOWFLAKE_PASSWORD": "p@ss", "SNOWFLAKE_WAREHOUSE": "TRANSFORMING",
-        "SNOWFLAKE_DATABASE": "ANALYTICS", "SNOWFLAKE_HOST": "127.0.0.1", "SNOWFLAKE_PORT": str(port), "SNOWFLAKE_PROTOCOL": "http",
+        **os.environ,
+        "ELT_HOME": str(checkout),
+        "ELT_WAREHOUSE": "snowflake",
+        "SNOWFLAKE_ACCOUNT": "acme-test",
+        "SNOWFLAKE_USER": "TRANSFORMER",
+        "SNOWFLAKE_PASSWORD": "p@ss",
+        "SNOWFLAKE_WAREHOUSE": "TRANSFORMING",
+        "SNOWFLAKE_DATABASE": "ANALYTICS",
+        "SNOWFLAKE_HOST": "127.0.0.1",
+        "SNOWFLAKE_PORT": str(port),
+        "SNOWFLAKE_PROTOCOL": "http",
     }
-    completed = subprocess.run([str(BIN / "elt"), "run", "--skip-extract", "--skip-pull"], env=env, cwd=checkout,
-                               capture_output=True, text=True, timeout=600)
+    completed = subprocess.run(
+        [str(BIN / "elt"), "run", "--skip-extract", "--skip-pull"],
+        env=env,
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert completed.returncode == 1
     last = completed.stderr.strip().splitlines()[-1]
     assert last.startswith(

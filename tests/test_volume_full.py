@@ -47,7 +47,9 @@ def test_full_warehouse_volume_fails_the_run_and_keeps_the_built_marts(
 ) -> None:
     warehouse = small_volume / "warehouse.duckdb"
     env = prefect_server.env() | {
-        "ELT_HOME": str(appliance_env), "ELT_DUCKDB_PATH": str(warehouse), "ELT_GIT_REPO": str(tiny_remote.bare),
+        "ELT_HOME": str(appliance_env),
+        "ELT_DUCKDB_PATH": str(warehouse),
+        "ELT_GIT_REPO": str(tiny_remote.bare),
     }
     first = _run(env, appliance_env)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -60,8 +62,9 @@ def test_full_warehouse_volume_fails_the_run_and_keeps_the_built_marts(
     assert last_line.startswith("all-etl Failed: dbt build failed on 1 node(s): model.tiny_shop.big")
     assert f'Could not write file "{warehouse}": No space left on device' in last_line
     with duckdb.connect(str(warehouse), read_only=True) as connection:
-        assert connection.execute(
-            "select customer, order_count from main_marts.customer_totals order by 1"
-        ).fetchall() == [("ada", 2), ("grace", 1)]
+        assert connection.execute("select customer, order_count from main_marts.customer_totals order by 1").fetchall() == [
+            ("ada", 2),
+            ("grace", 1),
+        ]
         tables = {row[0] for row in connection.execute("select table_name from information_schema.tables").fetchall()}
     assert "big" not in tables, "the half-written model must not be left in the warehouse"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import traceback
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,19 +15,33 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="The ELT appl
 
 @app.command()
 def run(
-    connection: Annotated[Optional[list[str]], typer.Option("--connection", "-c", help="Sync only this connection (repeatable). Default: all.")] = None,
-    full_refresh: Annotated[bool, typer.Option("--full-refresh", help="Re-sync from scratch and rebuild incremental models.")] = False,
-    select: Annotated[Optional[str], typer.Option("--select", "-s", help="dbt node selection, e.g. 'marts' or '+daily_revenue'.")] = None,
-    exclude: Annotated[Optional[str], typer.Option("--exclude", help="dbt nodes to leave out.")] = None,
+    connection: Annotated[
+        list[str] | None, typer.Option("--connection", "-c", help="Sync only this connection (repeatable). Default: all.")
+    ] = None,
+    full_refresh: Annotated[
+        bool, typer.Option("--full-refresh", help="Re-sync from scratch and rebuild incremental models.")
+    ] = False,
+    select: Annotated[
+        str | None, typer.Option("--select", "-s", help="dbt node selection, e.g. 'marts' or '+daily_revenue'.")
+    ] = None,
+    exclude: Annotated[str | None, typer.Option("--exclude", help="dbt nodes to leave out.")] = None,
     skip_extract: Annotated[bool, typer.Option("--skip-extract", help="Do not sync Airbyte connections.")] = False,
     skip_pull: Annotated[bool, typer.Option("--skip-pull", help="Build the checkout as it is, without git pull.")] = False,
     skip_transform: Annotated[bool, typer.Option("--skip-transform", help="Do not run dbt.")] = False,
-    repo: Annotated[Optional[str], typer.Option("--repo", help="Repo holding the dbt project (URL or path). Default: ELT_GIT_REPO.")] = None,
-    branch: Annotated[Optional[str], typer.Option("--branch", help="Branch to deploy. Default: ELT_GIT_BRANCH.")] = None,
-    project_dir: Annotated[Optional[str], typer.Option("--project-dir", help="dbt project folder in the repo. Default: ELT_DBT_PROJECT_DIR.")] = None,
-    target: Annotated[Optional[str], typer.Option("--target", help="dbt target. Default: ELT_DBT_TARGET or the warehouse.")] = None,
-    tag: Annotated[Optional[str], typer.Option("--tag", help="Sync only Airbyte connections with this tag (server backend).")] = None,
-    connections_file: Annotated[Optional[str], typer.Option("--connections-file", help="Embedded connections file. Default: ELT_AIRBYTE_CONNECTIONS_FILE.")] = None,
+    repo: Annotated[
+        str | None, typer.Option("--repo", help="Repo holding the dbt project (URL or path). Default: ELT_GIT_REPO.")
+    ] = None,
+    branch: Annotated[str | None, typer.Option("--branch", help="Branch to deploy. Default: ELT_GIT_BRANCH.")] = None,
+    project_dir: Annotated[
+        str | None, typer.Option("--project-dir", help="dbt project folder in the repo. Default: ELT_DBT_PROJECT_DIR.")
+    ] = None,
+    target: Annotated[str | None, typer.Option("--target", help="dbt target. Default: ELT_DBT_TARGET or the warehouse.")] = None,
+    tag: Annotated[
+        str | None, typer.Option("--tag", help="Sync only Airbyte connections with this tag (server backend).")
+    ] = None,
+    connections_file: Annotated[
+        str | None, typer.Option("--connections-file", help="Embedded connections file. Default: ELT_AIRBYTE_CONNECTIONS_FILE.")
+    ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Print the traceback of an error, not only its message.")] = False,
 ) -> None:
     """Run the all-etl flow here: sync connections, pull the dbt project, dbt build."""
@@ -35,8 +49,14 @@ def run(
         if value is not None:
             os.environ[variable] = value
     _fail_on_bad_settings(
-        debug, connections=connection or None, repo=repo, branch=branch, project_dir=project_dir,
-        skip_extract=skip_extract, skip_pull=skip_pull, skip_transform=skip_transform,
+        debug,
+        connections=connection or None,
+        repo=repo,
+        branch=branch,
+        project_dir=project_dir,
+        skip_extract=skip_extract,
+        skip_pull=skip_pull,
+        skip_transform=skip_transform,
     )
     # A temporary Prefect server's first start migrates a fresh SQLite database (~20 s here).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -112,8 +132,11 @@ def _fail_on_bad_settings(debug: bool, **run: object) -> None:
         if debug:
             raise
         first = str(exc).splitlines()[0] if str(exc) else ""
-        typer.secho(f"error: checking the configuration failed: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
-                    fg="red", err=True)
+        typer.secho(
+            f"error: checking the configuration failed: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+            fg="red",
+            err=True,
+        )
         raise typer.Exit(2) from None
 
 
@@ -130,14 +153,14 @@ def _send_prefect_backlog() -> None:
 def _print_state_traceback(state) -> None:
     try:
         state.result()
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure of the flow: --debug prints its traceback
         traceback.print_exc()
 
 
 def _state_message(state) -> str:
     try:
         state.result()
-    except Exception as exc:  # the flow's own exception carries the message the user needs
+    except Exception as exc:  # noqa: BLE001 - the flow's own exception carries the message the user needs
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return state.message or "no message"
 

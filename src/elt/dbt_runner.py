@@ -20,10 +20,11 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -59,7 +60,7 @@ class DbtInvocationError(DbtError):
 
 
 class DbtBuildFailed(DbtError):
-    def __init__(self, command: str, failed: list["NodeResult"]) -> None:
+    def __init__(self, command: str, failed: list[NodeResult]) -> None:
         self.failed = failed
         names = "; ".join(f"{node.unique_id} ({node.status}: {node.short_message})" for node in failed)
         super().__init__(f"dbt {command} failed on {len(failed)} node(s): {names}")
@@ -105,7 +106,7 @@ class DbtRun:
         return [node for node in self.results if node.failed]
 
 
-def project_folder(settings: Settings, source: "RepoSource | None" = None, project_dir: str | None = None) -> Path:
+def project_folder(settings: Settings, source: RepoSource | None = None, project_dir: str | None = None) -> Path:
     """Where the dbt project lives: ELT_DBT_PROJECT_DIR (or --project-dir) in the checkout of the repo."""
     from elt.git_repo import RepoSource
 
@@ -118,7 +119,7 @@ class DbtProject:
     path: Path
 
     @classmethod
-    def at(cls, path: Path) -> "DbtProject":
+    def at(cls, path: Path) -> DbtProject:
         path = path.resolve()
         if not (path / "dbt_project.yml").is_file():
             raise ConfigurationError(
@@ -157,9 +158,7 @@ def profiles_dir(settings: Settings, project: DbtProject) -> Iterator[Path]:
     or a temporary one holding the profile rendered from settings."""
     if settings.dbt_use_project_profiles:
         if not (project.path / "profiles.yml").is_file():
-            raise ConfigurationError(
-                f"{project.path}: ELT_DBT_USE_PROJECT_PROFILES is set but the project has no profiles.yml"
-            )
+            raise ConfigurationError(f"{project.path}: ELT_DBT_USE_PROJECT_PROFILES is set but the project has no profiles.yml")
         yield project.path
         return
     _remove_profiles_of_dead_processes()
@@ -175,7 +174,7 @@ _PROFILES_PREFIX = "elt-profiles-"
 def _remove_profiles_of_dead_processes() -> None:
     """Profiles folders whose process died with its watchdog (a whole process group killed)."""
     for folder in Path(tempfile.gettempdir()).glob(f"{_PROFILES_PREFIX}*-*"):
-        pid = folder.name[len(_PROFILES_PREFIX):].split("-")[0]
+        pid = folder.name[len(_PROFILES_PREFIX) :].split("-")[0]
         if pid.isdigit() and processes.supported() and not Path(f"/proc/{pid}").exists():
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -193,13 +192,21 @@ class Dbt:
     def command(self, *arguments: str) -> list[str]:
         """The command line of `dbt <arguments>` for this project, profile and target."""
         return [
-            dbt_executable(), *arguments,
-            "--project-dir", str(self.project.path), "--profiles-dir", str(self.profiles_dir), "--target", self.target,
+            dbt_executable(),
+            *arguments,
+            "--project-dir",
+            str(self.project.path),
+            "--profiles-dir",
+            str(self.profiles_dir),
+            "--target",
+            self.target,
         ]
 
     def run_captured(self, *arguments: str, timeout: float | None = None) -> subprocess.CompletedProcess:
         """Run `dbt <arguments>` to its end, its output captured (for commands whose output is data)."""
-        return subprocess.run(self.command(*arguments), cwd=self.project.path, env=self.env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            self.command(*arguments), cwd=self.project.path, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
 
 
 @contextmanager
@@ -248,7 +255,13 @@ def run_dbt(dbt: Dbt, arguments: list[str], *, log: logging.Logger | logging.Log
     levels = DbtLogLevels()
     started = time.time()
     process = subprocess.Popen(
-        command, cwd=project.path, env=dbt.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        command,
+        cwd=project.path,
+        env=dbt.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
         preexec_fn=processes.die_with_parent,  # this thread waits for dbt, so dbt ends when it does
     )
     assert process.stdout is not None
@@ -269,10 +282,19 @@ def run_dbt(dbt: Dbt, arguments: list[str], *, log: logging.Logger | logging.Log
 def list_sources(dbt: Dbt) -> list[dict]:
     """Every source table of the project: unique_id, database, schema, name and meta."""
     completed = dbt.run_captured(
-        "ls", "--resource-type", "source", "--output", "json", "--output-keys", "unique_id database schema name meta config", "--quiet",
+        "ls",
+        "--resource-type",
+        "source",
+        "--output",
+        "json",
+        "--output-keys",
+        "unique_id database schema name meta config",
+        "--quiet",
     )
     if completed.returncode != 0:
-        raise DbtInvocationError(f"dbt ls in {dbt.project.path} could not list sources: {failure_cause(completed.stdout.splitlines(), completed.returncode)}")
+        raise DbtInvocationError(
+            f"dbt ls in {dbt.project.path} could not list sources: {failure_cause(completed.stdout.splitlines(), completed.returncode)}"
+        )
     sources = []
     for line in completed.stdout.splitlines():
         source = _parse(line.strip())

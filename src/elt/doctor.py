@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import shutil
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from elt.errors import EltError
 from elt.settings import AirbyteBackend, Settings, load_settings_or_defaults
@@ -46,8 +46,11 @@ def _needs_warehouse(settings: Settings) -> None:
 def run_checks() -> Iterator[Check]:
     settings, invalid = load_settings_or_defaults()
     if invalid:
-        yield Check("settings", False, f"{len(invalid)} invalid setting(s); the checks below use the default instead\n"
-                    + "\n".join(invalid.values()))
+        yield Check(
+            "settings",
+            False,
+            f"{len(invalid)} invalid setting(s); the checks below use the default instead\n" + "\n".join(invalid.values()),
+        )
     else:
         yield Check("settings", True, f"warehouse {settings.warehouse.value}, Airbyte backend {settings.airbyte_backend.value}")
     for name, depends_on, check in _checks(settings):
@@ -61,7 +64,7 @@ def run_checks() -> Iterator[Check]:
             yield Check(name, False, str(exc), checked=False)
         except Problems as exc:
             yield Check(name, False, str(exc), traceback.format_exc())
-        except Exception as exc:  # every failure becomes a reported problem, never a crash
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a reported problem, never a crash
             yield Check(name, False, str(exc).splitlines()[0] if str(exc) else type(exc).__name__, traceback.format_exc())
 
 
@@ -85,7 +88,9 @@ def _checks(settings: Settings) -> list[tuple[str, tuple[str, ...], Callable[[],
     ]
     warehouse = warehouse_for(settings)
     if warehouse.checks_grants:
-        checks.append((f"{warehouse.name.lower()} grants", ("snowflake_", "warehouse", "git_", "dbt_"), lambda: _grants(settings)))
+        checks.append(
+            (f"{warehouse.name.lower()} grants", ("snowflake_", "warehouse", "git_", "dbt_"), lambda: _grants(settings))
+        )
     checks.append(("prefect api", (), _prefect))
     return checks
 
@@ -118,7 +123,9 @@ def _airbyte_server(settings: Settings) -> str:
     names = [name for name in backend.connection_names() if name not in blocked]
     if not names:
         scope = f" tagged '{settings.airbyte_connection_tag}'" if settings.airbyte_connection_tag else ""
-        raise EltError(f"{settings.airbyte_api_url}: no active connections{scope}; create them in the Airbyte UI (docs/airbyte.md)")
+        raise EltError(
+            f"{settings.airbyte_api_url}: no active connections{scope}; create them in the Airbyte UI (docs/airbyte.md)"
+        )
     auth = "client credentials" if settings.airbyte_client_id else "no auth"
     not_synced = "".join(f"; not synced, a run fails on it: {name} ({why})" for name, why in sorted(blocked.items()))
     return f"{settings.airbyte_api_url} ({auth}): {len(names)} active connection(s): {', '.join(sorted(names))}{not_synced}"
@@ -210,8 +217,10 @@ def _schemas_not_loaded_yet(settings: Settings) -> set[str]:
 
     try:
         with duckdb.connect(str(staging), read_only=True) as connection:
-            staged = {name.upper() for (name,) in connection.execute(
-                "select distinct table_schema from information_schema.tables").fetchall()}
+            staged = {
+                name.upper()
+                for (name,) in connection.execute("select distinct table_schema from information_schema.tables").fetchall()
+            }
     except duckdb.Error:  # held by a running sync: assume loaded, so a missing schema still fails
         return set()
     return schemas - staged

@@ -6,12 +6,11 @@ This module only wires the system modules together; read it top to bottom.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
-from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.actions import DeploymentUpdate
@@ -31,6 +30,7 @@ from elt.extract.base import (
 )
 from elt.settings import AirbyteBackend, Settings, load_settings
 from elt.warehouse import Warehouse, warehouse_for
+from prefect import flow, get_client, get_run_logger, task
 
 
 @dataclass
@@ -65,16 +65,12 @@ def make_backend(settings: Settings, tag: str | None = None) -> ExtractBackend:
 def sync_connection(backend: ExtractBackend, connection: str, full_refresh: bool) -> SyncResult:
     result = backend.sync(connection, full_refresh=full_refresh)
     detail = ", ".join(f"{stream} {rows}" for stream, rows in (result.rows_per_stream or {}).items())
-    get_run_logger().info(
-        "%s: %d rows%s in %.1fs", connection, result.rows, f" ({detail})" if detail else "", result.seconds
-    )
+    get_run_logger().info("%s: %d rows%s in %.1fs", connection, result.rows, f" ({detail})" if detail else "", result.seconds)
     return result
 
 
 @flow(name="extract-load")
-def extract_load(
-    connections: list[str] | None = None, full_refresh: bool = False, tag: str | None = None
-) -> ExtractReport:
+def extract_load(connections: list[str] | None = None, full_refresh: bool = False, tag: str | None = None) -> ExtractReport:
     """Sync the chosen connections (all, or those with `tag`, when none are named) concurrently.
 
     Every sync runs to its end even when another fails; the stage then fails naming the failed ones.
@@ -93,7 +89,7 @@ def extract_load(
         for name, future in futures.items():
             try:
                 report.synced.append(future.result())
-            except Exception as exc:  # recorded; the stage fails below, once every sync has ended
+            except Exception as exc:  # noqa: BLE001 - recorded; the stage fails below, once every sync has ended
                 report.failed.append(SyncFailure(name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
     except BaseException:
         # The flow run is being cancelled or killed: stop the syncs this run started.
@@ -125,8 +121,16 @@ def _sync_rows(report: ExtractReport) -> list[dict]:
             for stream, count in streams.items()
         ]
     rows += [
-        {"connection": failure.connection, "stream": "", "status": "failed", "rows": None, "bytes": None,
-         "seconds": None, "job": None, "link": failure.error}
+        {
+            "connection": failure.connection,
+            "stream": "",
+            "status": "failed",
+            "rows": None,
+            "bytes": None,
+            "seconds": None,
+            "job": None,
+            "link": failure.error,
+        }
         for failure in report.failed
     ]
     return rows
@@ -200,7 +204,11 @@ def transform(
             excluded = [exclude] if exclude else []
             if skip_downstream_of:
                 stale = dbt_runner.downstream_of_connections(dbt, skip_downstream_of)
-                logger.warning("Not building %s: downstream of failed connection(s) %s", " ".join(stale) or "nothing", ", ".join(skip_downstream_of))
+                logger.warning(
+                    "Not building %s: downstream of failed connection(s) %s",
+                    " ".join(stale) or "nothing",
+                    ", ".join(skip_downstream_of),
+                )
                 excluded += stale
             arguments = ["build"]
             arguments += ["--select", select] if select else []
@@ -243,7 +251,7 @@ def _publish_cost(warehouse: Warehouse) -> str | None:
     key = f"{warehouse.name.lower()}-cost"
     try:
         cost = warehouse.run_cost()
-    except Exception as exc:  # observability only: the data is built; say why the cost is missing
+    except Exception as exc:  # noqa: BLE001 - observability only: the data is built; say why the cost is missing
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         get_run_logger().warning("%s cost of this run is unknown: %s", warehouse.name, reason)
         create_markdown_artifact(key=key, markdown=f"Cost unknown: {reason}")
@@ -299,8 +307,13 @@ def all_etl(
     """
     # The CLI checked already; a deployment run (UI, schedule) is checked here, before any sync.
     settings = preflight.check_run(
-        connections=connections, repo=repo, branch=branch, project_dir=project_dir,
-        skip_extract=skip_extract, skip_pull=skip_pull, skip_transform=skip_transform,
+        connections=connections,
+        repo=repo,
+        branch=branch,
+        project_dir=project_dir,
+        skip_extract=skip_extract,
+        skip_pull=skip_pull,
+        skip_transform=skip_transform,
     )
     summary = EtlSummary()
     extract_failure: ExtractFailed | None = None
@@ -325,8 +338,12 @@ def all_etl(
             failed_connections = [failure.connection for failure in extract_failure.report.failed] if extract_failure else None
             with summary.timed("transform"):
                 summary.dbt_run = transform(
-                    str(folder), select, exclude, full_refresh,
-                    retry_failed=(flow_run.run_count or 1) > 1, skip_downstream_of=failed_connections,
+                    str(folder),
+                    select,
+                    exclude,
+                    full_refresh,
+                    retry_failed=(flow_run.run_count or 1) > 1,
+                    skip_downstream_of=failed_connections,
                 )
             summary.mart_rows = warehouse_for(settings).mart_row_counts(summary.dbt_run)
         if extract_failure:
@@ -365,7 +382,10 @@ def render_summary(summary: EtlSummary) -> str:
         counts: dict[str, int] = {}
         for node in summary.dbt_run.results:
             counts[node.status] = counts.get(node.status, 0) + 1
-        lines += [f"`dbt {summary.dbt_run.command}`: " + ", ".join(f"{count} {status}" for status, count in sorted(counts.items())), ""]
+        lines += [
+            f"`dbt {summary.dbt_run.command}`: " + ", ".join(f"{count} {status}" for status, count in sorted(counts.items())),
+            "",
+        ]
     if summary.stage_seconds:
         lines += ["## Time", "", "| stage | seconds |", "|---|---:|"]
         lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in summary.stage_seconds.items()]

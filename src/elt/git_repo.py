@@ -15,10 +15,10 @@ import logging
 import re
 import stat
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlsplit
 
 import git
@@ -80,15 +80,15 @@ class RepoSource:
     managed: bool = False
 
     @classmethod
-    def from_settings(
-        cls, settings: Settings, repo: str | None = None, branch: str | None = None
-    ) -> "RepoSource":
+    def from_settings(cls, settings: Settings, repo: str | None = None, branch: str | None = None) -> RepoSource:
         location = refuse_credentials(repo, "repo") if repo else settings.git_repo
         branch = branch or settings.git_branch
 
         def source(location: str, checkout: Path, managed: bool = False) -> RepoSource:
             return cls(
-                location, checkout, branch,
+                location,
+                checkout,
+                branch,
                 token=settings.git_token.get_secret_value() if settings.git_token else None,
                 ssh_key_path=settings.path(settings.git_ssh_key_path) if settings.git_ssh_key_path else None,
                 username=settings.git_username,
@@ -253,8 +253,13 @@ def _ensure_origin_is_the_configured_repo(source: RepoSource, env: dict[str, str
         repo.remote(remote_name).set_url(source.location)
     else:
         repo.create_remote(remote_name, source.location)
-    logger.warning("%s: re-pointed %s from %s to the configured repo %s (clean, and HEAD is on it)",
-                   source.checkout, remote_name, fetched_from, configured)
+    logger.warning(
+        "%s: re-pointed %s from %s to the configured repo %s (clean, and HEAD is on it)",
+        source.checkout,
+        remote_name,
+        fetched_from,
+        configured,
+    )
 
 
 def _mismatch(source: RepoSource, fetched_from: str, reason: str) -> GitOriginMismatch:
@@ -442,7 +447,4 @@ def _enclosing_worktree(start: Path) -> Path:
     for folder in (start.resolve(), *start.resolve().parents):
         if _is_worktree(folder):
             return folder
-    raise ConfigurationError(
-        f"{start} is not inside a git checkout; set ELT_GIT_REPO to the repo that holds the dbt project"
-    )
-
+    raise ConfigurationError(f"{start} is not inside a git checkout; set ELT_GIT_REPO to the repo that holds the dbt project")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import yaml
 
@@ -136,9 +136,7 @@ def check_dbt_project(settings: Settings, source: RepoSource, project_dir: str |
         found = _dbt_projects_in(source.checkout)
         hint = f" (dbt projects in the repo: {', '.join(found)})" if found else ""
         problem = "does not exist" if not folder.exists() else "has no dbt_project.yml"
-        raise ConfigurationError(
-            f"{name}: {folder} {problem}; set {name} to the dbt project's folder in the repo{hint}"
-        )
+        raise ConfigurationError(f"{name}: {folder} {problem}; set {name} to the dbt project's folder in the repo{hint}")
     try:
         document = yaml.safe_load(project_file.read_text())
     except yaml.YAMLError as exc:

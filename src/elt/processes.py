@@ -20,6 +20,7 @@ Linux only: it reads /proc. Elsewhere runs go unguarded.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -29,10 +30,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 if TYPE_CHECKING:
     import ctypes
@@ -82,7 +84,7 @@ def _read_process(pid: int) -> Process | None:
     except OSError:
         return None
     # The command name (field 2) is in parentheses and may itself hold spaces or parentheses.
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     return Process(pid=pid, parent=int(fields[1]), started=int(fields[19]))
 
 
@@ -91,7 +93,7 @@ def _is_zombie(pid: int) -> bool:
         stat = (PROC / str(pid) / "stat").read_text()
     except OSError:
         return True
-    return stat[stat.rindex(")") + 2:].startswith(("Z", "X"))
+    return stat[stat.rindex(")") + 2 :].startswith(("Z", "X"))
 
 
 def descendants(pid: int) -> list[Process]:
@@ -136,10 +138,8 @@ def stop(processes: Iterable[Process], grace_seconds: float = STOP_GRACE_SECONDS
 
 
 def _signal(process: Process, signum: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(process.pid, signum)
-    except ProcessLookupError:
-        pass
 
 
 def stop_children(keep_prefect_server: bool = True) -> None:
@@ -185,14 +185,14 @@ class RunGuard:
     adds a folder for the watchdog to delete in that case.
     """
 
-    _active: "RunGuard | None" = None
+    _active: RunGuard | None = None
 
     def __init__(self) -> None:
         self.watchdog: subprocess.Popen | None = None
         self.flow_run_id: str | None = None  # set by the run lock once the flow run exists
         self._outer: RunGuard | None = None
 
-    def __enter__(self) -> "RunGuard":
+    def __enter__(self) -> RunGuard:
         if RunGuard._active is not None:
             self._outer = RunGuard._active
             return self._outer
@@ -200,7 +200,10 @@ class RunGuard:
         if supported():
             self.watchdog = subprocess.Popen(
                 [sys.executable, "-m", _WATCHDOG_MARK, str(os.getpid())],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
             )
         return self
 
@@ -300,7 +303,7 @@ def exit_stopped(stopped: BaseException, flow_run_id: str | None) -> None:
         from prefect.logging.handlers import APILogWorker
 
         APILogWorker.drain_all(timeout=5)
-    except Exception as exc:  # the run is ending either way; its state is already recorded
+    except Exception as exc:  # noqa: BLE001 - the run is ending either way; its state is already recorded
         logger.warning("Could not send the last logs to Prefect: %s", exc)
     stop_children(keep_prefect_server=False)
     if flow_run_id:
@@ -325,6 +328,7 @@ def _watch(pid: int) -> None:
     folders: list[Path] = []
     finished = False
     pending = b""
+
     def record() -> None:
         for process in descendants(pid):
             if process.pid != me and process.started >= since:

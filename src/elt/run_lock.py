@@ -19,11 +19,12 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from elt import processes
 from elt.errors import TerminalError
@@ -80,8 +81,9 @@ def hold(settings: Settings, flow_run_id: str) -> Iterator[Holder]:
         guard = processes.active_guard()
         if guard is not None:
             guard.flow_run_id = flow_run_id
-        holder = Holder(flow_run_id, os.getpid(), datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        guard.watchdog_pid if guard else None)
+        holder = Holder(
+            flow_run_id, os.getpid(), datetime.now(UTC).isoformat(timespec="seconds"), guard.watchdog_pid if guard else None
+        )
         _write(descriptor, json.dumps(asdict(holder)))
         try:
             yield holder
@@ -140,7 +142,7 @@ def _clean_up_after(dead: Holder, flow_run_id: str) -> None:
     )
     try:
         mark_crashed(dead.flow_run_id, message)
-    except Exception as exc:  # the dead run's record is history; this run goes on
+    except Exception as exc:  # noqa: BLE001 - the dead run's record is history; this run goes on
         logger.warning("Could not mark flow run %s Crashed: %s", dead.flow_run_id, str(exc).splitlines()[0])
 
 

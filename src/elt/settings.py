@@ -44,15 +44,9 @@ class Settings(BaseSettings):
         default_factory=Path.cwd,
         description="Directory that relative paths below are resolved against.",
     )
-    data_dir: Path = Field(
-        Path("data"), description="Where the DuckDB warehouse, checkouts and run state live."
-    )
-    warehouse: Warehouse = Field(
-        Warehouse.duckdb, description="Warehouse that Airbyte loads into and dbt builds in."
-    )
-    duckdb_path: Path = Field(
-        Path("data/warehouse.duckdb"), description="DuckDB database file of the embedded warehouse."
-    )
+    data_dir: Path = Field(Path("data"), description="Where the DuckDB warehouse, checkouts and run state live.")
+    warehouse: Warehouse = Field(Warehouse.duckdb, description="Warehouse that Airbyte loads into and dbt builds in.")
+    duckdb_path: Path = Field(Path("data/warehouse.duckdb"), description="DuckDB database file of the embedded warehouse.")
 
     airbyte_backend: AirbyteBackend = Field(
         AirbyteBackend.embedded,
@@ -111,16 +105,10 @@ class Settings(BaseSettings):
     git_username: str | None = Field(
         None, description="User name sent with ELT_GIT_TOKEN. Unset: x-access-token (what GitHub and GitLab accept)."
     )
-    git_ssh_key_path: Path | None = Field(
-        None, description="Deploy key for an SSH repo URL."
-    )
+    git_ssh_key_path: Path | None = Field(None, description="Deploy key for an SSH repo URL.")
 
-    dbt_project_dir: Path = Field(
-        Path("dbt"), description="Folder of the dbt project inside the repo."
-    )
-    dbt_target: str | None = Field(
-        None, description="dbt target to build. Unset: the warehouse's name (duckdb or snowflake)."
-    )
+    dbt_project_dir: Path = Field(Path("dbt"), description="Folder of the dbt project inside the repo.")
+    dbt_target: str | None = Field(None, description="dbt target to build. Unset: the warehouse's name (duckdb or snowflake).")
     dbt_use_project_profiles: bool = Field(
         False,
         description="Use the repo's own profiles.yml instead of the profile the appliance renders from these settings.",
@@ -140,9 +128,7 @@ class Settings(BaseSettings):
         validation_alias=_snowflake("PRIVATE_KEY"),
         description="Key-pair auth: a PEM, its base64 body without newlines, or a path to the key file.",
     )
-    snowflake_private_key_passphrase: SecretStr | None = Field(
-        None, validation_alias=_snowflake("PRIVATE_KEY_PASSPHRASE")
-    )
+    snowflake_private_key_passphrase: SecretStr | None = Field(None, validation_alias=_snowflake("PRIVATE_KEY_PASSPHRASE"))
     snowflake_host: str | None = Field(
         None, validation_alias=_snowflake("HOST"), description="Only for private link or a test server."
     )
@@ -230,16 +216,27 @@ def _problems(exc: ValidationError) -> list[tuple[str, str, str]]:
 # ELT_ variables that are not settings of the appliance: the compose stack, setup.sh and the
 # dbt-docs service read them (docker/docker-compose.yml, docker/Dockerfile, docker/dbt_docs.py),
 # or the appliance sets them for its own children (git's askpass helper, dbt's query tag).
-NON_SETTING_VARIABLES = frozenset({
-    "ELT_UID", "ELT_GID",                                   # user the containers run as
-    "ELT_IMAGE", "ELT_BASE_IMAGE", "ELT_CI_BASE_IMAGE", "ELT_POSTGRES_IMAGE",
-    "ELT_COMPOSE_OVERRIDE",                                 # docker/compose.sh
-    "ELT_AIRBYTE_URL_FROM_STACK",                           # becomes the worker's ELT_AIRBYTE_URL
-    "ELT_HEARTBEAT_SECONDS", "ELT_ZOMBIE_SECONDS",          # Prefect heartbeat and zombie automation
-    "ELT_DOCS_DIR", "ELT_DOCS_PORT", "ELT_DOCS_POLL_SECONDS",  # docker/dbt_docs.py
-    "ELT_GIT_ASKPASS_TOKEN", "ELT_GIT_ASKPASS_USERNAME",    # git_repo's askpass helper
-    "ELT_SNOWFLAKE_QUERY_TAG", "ELT_SNOWFLAKE_PRIVATE_KEY_DER_BASE64",  # set for dbt (warehouse_snowflake.py)
-})
+NON_SETTING_VARIABLES = frozenset(
+    {
+        "ELT_UID",
+        "ELT_GID",  # user the containers run as
+        "ELT_IMAGE",
+        "ELT_BASE_IMAGE",
+        "ELT_CI_BASE_IMAGE",
+        "ELT_POSTGRES_IMAGE",
+        "ELT_COMPOSE_OVERRIDE",  # docker/compose.sh
+        "ELT_AIRBYTE_URL_FROM_STACK",  # becomes the worker's ELT_AIRBYTE_URL
+        "ELT_HEARTBEAT_SECONDS",
+        "ELT_ZOMBIE_SECONDS",  # Prefect heartbeat and zombie automation
+        "ELT_DOCS_DIR",
+        "ELT_DOCS_PORT",
+        "ELT_DOCS_POLL_SECONDS",  # docker/dbt_docs.py
+        "ELT_GIT_ASKPASS_TOKEN",
+        "ELT_GIT_ASKPASS_USERNAME",  # git_repo's askpass helper
+        "ELT_SNOWFLAKE_QUERY_TAG",
+        "ELT_SNOWFLAKE_PRIVATE_KEY_DER_BASE64",  # set for dbt (warehouse_snowflake.py)
+    }
+)
 
 
 def setting_variables() -> set[str]:

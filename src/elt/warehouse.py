@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from elt.errors import ConfigurationError, EltError, TransientError
-from elt.settings import Settings, Warehouse as WarehouseKind, load_settings
+from elt.settings import Settings, load_settings
+from elt.settings import Warehouse as WarehouseKind
 
 if TYPE_CHECKING:
     from elt.dbt_runner import DbtRun
@@ -146,7 +147,7 @@ class Warehouse(ABC):
         return self.settings
 
     # --- after a run ----------------------------------------------------------------------
-    def mart_row_counts(self, run: "DbtRun | None") -> dict[str, int]:
+    def mart_row_counts(self, run: DbtRun | None) -> dict[str, int]:
         """Rows in each table model this dbt run built, keyed by its relation (`database.schema.table`).
 
         Only this run's models, from run_results.json and the manifest: another project building
@@ -154,9 +155,12 @@ class Warehouse(ABC):
         (counting one runs its query).
         """
         built = [
-            node.relation_name for node in (run.results if run else [])
-            if node.unique_id.startswith("model.") and node.status == "success"
-            and node.materialized in TABLE_MATERIALIZATIONS and node.relation_name
+            node.relation_name
+            for node in (run.results if run else [])
+            if node.unique_id.startswith("model.")
+            and node.status == "success"
+            and node.materialized in TABLE_MATERIALIZATIONS
+            and node.relation_name
         ]
         return self._row_counts(built) if built else {}
 

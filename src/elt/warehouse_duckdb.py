@@ -37,7 +37,7 @@ class DuckDBWarehouse(Warehouse):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with closing(duckdb.connect(str(self.path))) as connection:
                 connection.execute("select 1")
-        except Exception as exc:  # duckdb raises IOException, PermissionError, lock errors...
+        except Exception as exc:  # noqa: BLE001 - duckdb raises IOException, PermissionError, lock errors...
             raise WarehouseUnreachable(f"ELT_DUCKDB_PATH={self.path}: cannot open the DuckDB file: {exc}") from None
 
     @property

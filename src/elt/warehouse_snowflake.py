@@ -63,7 +63,9 @@ def private_key_der(value: str, passphrase: str | None = None) -> bytes:
         try:
             der = base64.b64decode(compact)
         except ValueError:  # binascii.Error: a character lost in a copy-paste
-            raise SnowflakeKeyError(f"SNOWFLAKE_PRIVATE_KEY (base64 body) is truncated or damaged; expected {_ACCEPTED_FORMS}") from None
+            raise SnowflakeKeyError(
+                f"SNOWFLAKE_PRIVATE_KEY (base64 body) is truncated or damaged; expected {_ACCEPTED_FORMS}"
+            ) from None
         return _normalise(lambda: serialization.load_der_private_key(der, password), "base64 body", passphrase)
     path = Path(text).expanduser()
     if path.is_file():
@@ -82,7 +84,7 @@ def _truncated_pem_message() -> str:
     lines = env_file.read_text(errors="replace").splitlines() if env_file.is_file() else []
     if any(re.match(r"^\s*(export\s+)?(ELT_)?SNOWFLAKE_PRIVATE_KEY\s*=\s*-----BEGIN", line) for line in lines):
         return (
-            "SNOWFLAKE_PRIVATE_KEY in .env: a multi-line key must be quoted (SNOWFLAKE_PRIVATE_KEY=\"-----BEGIN ...\"), "
+            'SNOWFLAKE_PRIVATE_KEY in .env: a multi-line key must be quoted (SNOWFLAKE_PRIVATE_KEY="-----BEGIN ..."), '
             "or give a path (SNOWFLAKE_PRIVATE_KEY=/path/to/rsa_key.p8)"
         )
     return f"SNOWFLAKE_PRIVATE_KEY is a PEM cut off after its first line (no END line); expected {_ACCEPTED_FORMS}"
@@ -101,7 +103,9 @@ def _normalise(load, form: str, passphrase: str | None) -> bytes:
                 f"SNOWFLAKE_PRIVATE_KEY ({form}) could not be read with SNOWFLAKE_PRIVATE_KEY_PASSPHRASE: "
                 f"a wrong passphrase, or not a key; expected {_ACCEPTED_FORMS}"
             ) from None
-        raise SnowflakeKeyError(f"SNOWFLAKE_PRIVATE_KEY ({form}) is not a valid private key; expected {_ACCEPTED_FORMS}") from None
+        raise SnowflakeKeyError(
+            f"SNOWFLAKE_PRIVATE_KEY ({form}) is not a valid private key; expected {_ACCEPTED_FORMS}"
+        ) from None
     return key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
@@ -132,7 +136,7 @@ class SnowflakeCredentials(BaseModel):
     connect_timeout_seconds: float = 10
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "SnowflakeCredentials":
+    def from_settings(cls, settings: Settings) -> SnowflakeCredentials:
         """The login in the settings; ConfigurationError naming every variable missing (no connection made)."""
         values = {name: getattr(settings, f"snowflake_{name.removesuffix('_name')}") for name in cls.model_fields}
         missing = [f"SNOWFLAKE_{name.upper()}" for name in ("account", "user", "warehouse", "database") if not values[name]]
@@ -146,14 +150,22 @@ class SnowflakeCredentials(BaseModel):
     def login(self) -> dict[str, str | None]:
         """account, user, role, warehouse, database and schema, by the connector's (and dbt-snowflake's) names."""
         return {
-            "account": self.account, "user": self.user, "role": self.role,
-            "warehouse": self.warehouse, "database": self.database, "schema": self.schema_name,
+            "account": self.account,
+            "user": self.user,
+            "role": self.role,
+            "warehouse": self.warehouse,
+            "database": self.database,
+            "schema": self.schema_name,
         }
 
     @property
     def endpoint(self) -> dict[str, str | int]:
         """host, port and protocol where they are set (private link, a test server)."""
-        return {name: value for name, value in {"host": self.host, "port": self.port, "protocol": self.protocol}.items() if value is not None}
+        return {
+            name: value
+            for name, value in {"host": self.host, "port": self.port, "protocol": self.protocol}.items()
+            if value is not None
+        }
 
     def describe(self) -> str:
         """Where the appliance connects, for messages: the account, and the host and port when they are set."""
@@ -209,7 +221,9 @@ class SnowflakeCredentials(BaseModel):
     def dbt_environment(self) -> dict[str, str]:
         """The variables dbt_output refers to. The rendered profile has host, port and protocol
         inline; a project's own profiles.yml reads them here."""
-        env = {f"SNOWFLAKE_{name.upper()}": str(value) for name, value in (self.login | self.endpoint).items() if value is not None}
+        env = {
+            f"SNOWFLAKE_{name.upper()}": str(value) for name, value in (self.login | self.endpoint).items() if value is not None
+        }
         env["SNOWFLAKE_CONNECT_TIMEOUT_SECONDS"] = str(math.ceil(self.connect_timeout_seconds))
         if self.private_key:
             env[DBT_KEY_VARIABLE] = base64.b64encode(self.private_key_der()).decode()
@@ -271,7 +285,9 @@ _DUCKDB_TO_SNOWFLAKE = {
 _BATCH_ROWS = 5000
 
 
-def replace_tables_from_duckdb(credentials: SnowflakeCredentials, duckdb_path: Path, schema: str, tables: list[str]) -> dict[str, int]:
+def replace_tables_from_duckdb(
+    credentials: SnowflakeCredentials, duckdb_path: Path, schema: str, tables: list[str]
+) -> dict[str, int]:
     """Copy whole tables from a DuckDB file into SNOWFLAKE_DATABASE.<schema>, each replaced in one transaction.
 
     The embedded backend stages each sync in DuckDB (PyAirbyte keeps incremental state there)
@@ -301,7 +317,9 @@ def replace_tables_from_duckdb(credentials: SnowflakeCredentials, duckdb_path: P
                 cursor.execute(f"delete from {qualified}")
                 count = 0
                 while batch := rows.fetchmany(_BATCH_ROWS):
-                    cursor.executemany(f"insert into {qualified} ({names}) values ({placeholders})", [_bindable(row) for row in batch])
+                    cursor.executemany(
+                        f"insert into {qualified} ({names}) values ({placeholders})", [_bindable(row) for row in batch]
+                    )
                     count += len(batch)
                 cursor.execute("commit")
             except BaseException:
@@ -405,8 +423,16 @@ def missing_grants(
 
 # Credits per hour of a standard warehouse, by WAREHOUSE_SIZE as query history reports it.
 CREDITS_PER_HOUR = {
-    "X-Small": 1, "Small": 2, "Medium": 4, "Large": 8, "X-Large": 16, "2X-Large": 32,
-    "3X-Large": 64, "4X-Large": 128, "5X-Large": 256, "6X-Large": 512,
+    "X-Small": 1,
+    "Small": 2,
+    "Medium": 4,
+    "Large": 8,
+    "X-Large": 16,
+    "2X-Large": 32,
+    "3X-Large": 64,
+    "4X-Large": 128,
+    "5X-Large": 256,
+    "6X-Large": 512,
 }
 _NODE_IN_COMMENT = re.compile(r'"node_id":\s*"([^"]+)"')
 
@@ -418,7 +444,7 @@ def run_query_history(credentials: SnowflakeCredentials, flow_run_id: str, hours
 
     tag_prefix = query_tag(flow_run_id)[:-1]  # the load's tag adds a "stage" key after flow_run_id
     sql = (
-        f'select query_id, query_text, query_tag, warehouse_size, total_elapsed_time, execution_time, bytes_scanned '
+        f"select query_id, query_text, query_tag, warehouse_size, total_elapsed_time, execution_time, bytes_scanned "
         f'from table("{credentials.database}".information_schema.query_history('
         f"end_time_range_start => dateadd('hour', -{int(hours)}, current_timestamp()), result_limit => 10000)) "
         "where query_tag = %s or startswith(query_tag, %s)"
@@ -428,7 +454,7 @@ def run_query_history(credentials: SnowflakeCredentials, flow_run_id: str, hours
             cursor = connection.cursor()
             cursor.execute(sql, (tag_prefix + "}", tag_prefix + ","))
             columns = [column[0].upper() for column in cursor.description]
-            return [dict(zip(columns, row)) for row in cursor.fetchall()]
+            return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
     except (Error, SnowflakeUnreachable) as exc:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise QueryHistoryUnavailable(
@@ -455,7 +481,9 @@ def cost_per_node(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
             node = "(embedded load)"
         else:
             node = "(dbt overhead)"
-        row = nodes.setdefault(node, {"node": node, "queries": 0, "elapsed_seconds": 0.0, "bytes_scanned": 0, "estimated_credits": 0.0})
+        row = nodes.setdefault(
+            node, {"node": node, "queries": 0, "elapsed_seconds": 0.0, "bytes_scanned": 0, "estimated_credits": 0.0}
+        )
         row["queries"] += 1
         row["elapsed_seconds"] += (query.get("TOTAL_ELAPSED_TIME") or 0) / 1000
         row["bytes_scanned"] += query.get("BYTES_SCANNED") or 0

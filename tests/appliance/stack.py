@@ -27,9 +27,7 @@ def sh(command: list[str] | str, *, cwd: Path | None = None, timeout: int = 1200
         command, cwd=cwd, capture_output=True, text=True, timeout=timeout, shell=isinstance(command, str), env=env
     )
     if check and completed.returncode != 0:
-        raise AssertionError(
-            f"{command} exited {completed.returncode}:\n{completed.stdout[-4000:]}\n{completed.stderr[-4000:]}"
-        )
+        raise AssertionError(f"{command} exited {completed.returncode}:\n{completed.stdout[-4000:]}\n{completed.stderr[-4000:]}")
     return completed
 
 
@@ -56,9 +54,17 @@ class Stack:
 
     def setup(self) -> subprocess.CompletedProcess:
         return sh(
-            [str(self.checkout / "setup.sh"), "--no-airbyte", "--no-docker-install",
-             "--compose-override", CI_OVERRIDE, "--base-image", BASE_IMAGE],
-            cwd=self.checkout, timeout=1500,
+            [
+                str(self.checkout / "setup.sh"),
+                "--no-airbyte",
+                "--no-docker-install",
+                "--compose-override",
+                CI_OVERRIDE,
+                "--base-image",
+                BASE_IMAGE,
+            ],
+            cwd=self.checkout,
+            timeout=1500,
         )
 
     def container_ids(self) -> dict[str, str]:
@@ -73,9 +79,7 @@ class Stack:
     @property
     def api(self) -> httpx.Client:
         user, _, password = self.env["PREFECT_SERVER_API_AUTH_STRING"].partition(":")
-        return httpx.Client(
-            base_url=f"http://127.0.0.1:{self.env['PREFECT_PORT']}/api", auth=(user, password), timeout=30
-        )
+        return httpx.Client(base_url=f"http://127.0.0.1:{self.env['PREFECT_PORT']}/api", auth=(user, password), timeout=30)
 
     def wait_api(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
@@ -93,9 +97,7 @@ class Stack:
         with self.api as api:
             deployment = api.get("/deployments/name/all-etl/all-etl")
             deployment.raise_for_status()
-            created = api.post(
-                f"/deployments/{deployment.json()['id']}/create_flow_run", json={"parameters": parameters or {}}
-            )
+            created = api.post(f"/deployments/{deployment.json()['id']}/create_flow_run", json={"parameters": parameters or {}})
             created.raise_for_status()
             return created.json()["id"]
 
@@ -118,7 +120,8 @@ class Stack:
 
     def mart_rows(self, table: str = "main_marts.daily_revenue") -> int:
         out = self.exec_worker(
-            "python", "-c",
+            "python",
+            "-c",
             "import duckdb,sys; c=duckdb.connect('/var/lib/elt/data/warehouse.duckdb', read_only=True); "
             f"print(c.execute('select count(*) from {table}').fetchone()[0])",
         )
@@ -168,22 +171,26 @@ def prepare_checkout(checkout: Path) -> None:
     )
 
 
-
-
 SERVICES = ("postgres", "prefect-server", "prefect-worker", "dbt-docs")
 
 
 def health(container: str) -> str:
-    return sh(["docker", "inspect", "-f", "{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}",
-               container], check=False).stdout.strip()
+    return sh(
+        ["docker", "inspect", "-f", "{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}", container],
+        check=False,
+    ).stdout.strip()
 
 
 def wait_stack_healthy(stack: Stack, timeout: float = 300) -> None:
     """Every service healthy (its compose healthcheck) and the API answering, or AssertionError."""
     deadline = time.monotonic() + timeout
     while True:
-        ids = {service: sh([str(stack.checkout / "docker" / "compose.sh"), "ps", "-q", service],
-                           cwd=stack.checkout, check=False).stdout.strip() for service in SERVICES}
+        ids = {
+            service: sh(
+                [str(stack.checkout / "docker" / "compose.sh"), "ps", "-q", service], cwd=stack.checkout, check=False
+            ).stdout.strip()
+            for service in SERVICES
+        }
         statuses = {service: health(container) if container else "not created" for service, container in ids.items()}
         if all(status == "healthy" for status in statuses.values()):
             stack.wait_api(max(deadline - time.monotonic(), 5))

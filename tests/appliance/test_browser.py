@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -68,7 +68,6 @@ class User:
         self.page.get_by_role("link", name="Deployments", exact=True).click()
         self.page.get_by_role("link", name="all-etl").first.click()
         self.page.get_by_text("Deployment Version").wait_for()
-
 
     def child_runs(self) -> dict[str, str]:
         """{child flow: its run's name} from the Subflow Runs tab (each card links the flow, then the run)."""
@@ -140,8 +139,12 @@ def deployment_runs(stack: Stack, **flow_run_filter) -> list[dict]:
         deployment = api.get("/deployments/name/all-etl/all-etl").json()
         response = api.post(
             "/flow_runs/filter",
-            json={"deployments": {"id": {"any_": [deployment["id"]]}}, "flow_runs": flow_run_filter,
-                  "sort": "START_TIME_DESC", "limit": 50},
+            json={
+                "deployments": {"id": {"any_": [deployment["id"]]}},
+                "flow_runs": flow_run_filter,
+                "sort": "START_TIME_DESC",
+                "limit": 50,
+            },
         )
         response.raise_for_status()
         return response.json()
@@ -184,7 +187,7 @@ def test_an_interval_schedule_added_in_the_ui_runs_all_etl(user: User) -> None:
     dialog.get_by_role("tab", name="Interval").click()
     dialog.get_by_label("Value").fill("2")
     user.shot("04-add-schedule")
-    saved_at = datetime.now(timezone.utc)
+    saved_at = datetime.now(UTC)
     dialog.get_by_role("button", name="Save").click()
     page.get_by_text("Every 2 minutes").wait_for()
     user.shot("05-deployment-with-schedule")
@@ -192,10 +195,12 @@ def test_an_interval_schedule_added_in_the_ui_runs_all_etl(user: User) -> None:
         scheduled = wait_for(
             "a run made by the schedule reached Completed",
             lambda: [
-                run for run in deployment_runs(stack, state={"type": {"any_": ["COMPLETED"]}})
+                run
+                for run in deployment_runs(stack, state={"type": {"any_": ["COMPLETED"]}})
                 if run["auto_scheduled"] and datetime.fromisoformat(run["created"]) >= saved_at
             ],
-            timeout=900, interval=5,
+            timeout=900,
+            interval=5,
         )[0]
         page.goto(f"{user.base}/v2/runs/flow-run/{scheduled['id']}")
         page.get_by_text("auto-scheduled").first.wait_for()
@@ -213,8 +218,12 @@ def test_an_interval_schedule_added_in_the_ui_runs_all_etl(user: User) -> None:
         for run in deployment_runs(stack, state={"type": {"any_": ["SCHEDULED"]}}):
             with stack.api as api:
                 api.delete(f"/flow_runs/{run['id']}")
-        wait_for("the deployment's runs ended", lambda: not deployment_runs(
-            stack, state={"type": {"any_": ["PENDING", "RUNNING", "CANCELLING"]}}), timeout=900, interval=5)
+        wait_for(
+            "the deployment's runs ended",
+            lambda: not deployment_runs(stack, state={"type": {"any_": ["PENDING", "RUNNING", "CANCELLING"]}}),
+            timeout=900,
+            interval=5,
+        )
 
 
 def test_a_quick_run_shows_its_child_flows_artifacts_and_the_deployed_commit(user: User, tmp_path: Path) -> None:

@@ -43,7 +43,10 @@ def checkout(tmp_path: Path) -> Path:
 
 def compose_config(checkout: Path, **env: str) -> dict:
     completed = subprocess.run(
-        [str(checkout / "docker" / "compose.sh"), "config"], capture_output=True, text=True, timeout=120,
+        [str(checkout / "docker" / "compose.sh"), "config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, **env},
     )
     assert completed.returncode == 0, completed.stderr
@@ -92,7 +95,10 @@ def test_the_override_file_and_the_listed_overrides_apply(checkout: Path) -> Non
 
 def test_a_missing_listed_override_is_named(checkout: Path) -> None:
     completed = subprocess.run(
-        [str(checkout / "docker" / "compose.sh"), "config"], capture_output=True, text=True, timeout=120,
+        [str(checkout / "docker" / "compose.sh"), "config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "ELT_COMPOSE_OVERRIDE": "docker/nope.yml"},
     )
     assert completed.returncode == 1
@@ -115,7 +121,10 @@ def test_the_automation_comparison_does_not_depend_on_the_hash_seed() -> None:
     dumps = []
     for seed in ("0", "1", "2", "3", "4"):
         completed = subprocess.run(
-            [sys.executable, "-c", DUMP, str(REPO_ROOT / "docker")], capture_output=True, text=True, timeout=120,
+            [sys.executable, "-c", DUMP, str(REPO_ROOT / "docker")],
+            capture_output=True,
+            text=True,
+            timeout=120,
             env={**os.environ, "PYTHONHASHSEED": seed},
         )
         assert completed.returncode == 0, completed.stderr

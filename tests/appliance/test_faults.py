@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -34,10 +34,13 @@ def wait_until_syncing(stack: Stack, run_id: str, timeout: float = 300, state_ty
     deadline = time.monotonic() + timeout
     while True:
         with stack.api as api:
-            tasks = api.post("/task_runs/filter", json={
-                "flow_runs": {"parent_flow_run_id": {"any_": [run_id]}},
-                "task_runs": {"name": {"any_": ["sync-faker"]}},
-            }).json()
+            tasks = api.post(
+                "/task_runs/filter",
+                json={
+                    "flow_runs": {"parent_flow_run_id": {"any_": [run_id]}},
+                    "task_runs": {"name": {"any_": ["sync-faker"]}},
+                },
+            ).json()
         if any(task["state"]["type"] == state_type for task in tasks):
             return
         state = stack.state(run_id)
@@ -65,7 +68,10 @@ def wait_state_through_outages(stack: Stack, run_id: str, types: set[str], timeo
 def warehouse_facts(stack: Stack) -> dict:
     """Raw users, and the purchases the daily_revenue mart counted against what the raw tables
     hold now (staging models are views on them): equal unless a mart was built over half a load."""
-    out = stack.exec_worker("python", "-c", """
+    out = stack.exec_worker(
+        "python",
+        "-c",
+        """
 import duckdb, json
 c = duckdb.connect('/var/lib/elt/data/warehouse.duckdb', read_only=True)
 one = lambda sql: c.execute(sql).fetchone()[0]
@@ -75,14 +81,25 @@ print(json.dumps({
     'purchases in the raw tables': one('select count(*) from main_staging.stg_faker__purchases p join main_staging.stg_faker__products using (product_id) where p.is_purchased'),
     'customer_lifetime_value rows': one('select count(*) from main_marts.customer_lifetime_value'),
 }))
-""")
+""",
+    )
     return json.loads(out.strip().splitlines()[-1])
 
 
 def marts_built(stack: Stack) -> bool:
-    return stack.compose("exec", "-T", "prefect-worker", "python", "-c",
-                         "import duckdb; duckdb.connect('/var/lib/elt/data/warehouse.duckdb', read_only=True)"
-                         ".execute('select 1 from main_marts.daily_revenue limit 1')", check=False).returncode == 0
+    return (
+        stack.compose(
+            "exec",
+            "-T",
+            "prefect-worker",
+            "python",
+            "-c",
+            "import duckdb; duckdb.connect('/var/lib/elt/data/warehouse.duckdb', read_only=True)"
+            ".execute('select 1 from main_marts.daily_revenue limit 1')",
+            check=False,
+        ).returncode
+        == 0
+    )
 
 
 def assert_completed_with_the_right_data(stack: Stack, run_id: str, state: dict) -> None:
@@ -161,16 +178,24 @@ def test_vm_reboot_mid_run_the_stack_comes_back_and_the_scheduled_run_completes(
     interrupted = stack.start_run()
     wait_until_syncing(stack, interrupted)
     # A daily schedule whose run comes due while the machine is down.
-    due = datetime.now(timezone.utc) + timedelta(seconds=10)
+    due = datetime.now(UTC) + timedelta(seconds=10)
     with stack.api as api:
-        created = api.post(f"/deployments/{deployment['id']}/schedules", json=[{
-            "schedule": {"interval": 86400, "anchor_date": due.isoformat()}, "active": True,
-        }])
+        created = api.post(
+            f"/deployments/{deployment['id']}/schedules",
+            json=[
+                {
+                    "schedule": {"interval": 86400, "anchor_date": due.isoformat()},
+                    "active": True,
+                }
+            ],
+        )
         created.raise_for_status()
         schedule_id = created.json()[0]["id"]
         api.post(f"/deployments/{deployment['id']}/schedule", json={"max_runs": 1}).raise_for_status()
-        scheduled = api.post("/flow_runs/filter", json={"flow_runs": {
-            "deployment_id": {"any_": [deployment["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}}}).json()
+        scheduled = api.post(
+            "/flow_runs/filter",
+            json={"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}}},
+        ).json()
     soon = (due + timedelta(hours=1)).isoformat()
     due_runs = [run for run in scheduled if run["auto_scheduled"] and run["expected_start_time"] < soon]
     assert len(due_runs) == 1, scheduled
@@ -190,8 +215,10 @@ def test_vm_reboot_mid_run_the_stack_comes_back_and_the_scheduled_run_completes(
     finally:
         with stack.api as api:
             api.delete(f"/deployments/{deployment['id']}/schedules/{schedule_id}")
-            left = api.post("/flow_runs/filter", json={"flow_runs": {
-                "deployment_id": {"any_": [deployment["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}}}).json()
+            left = api.post(
+                "/flow_runs/filter",
+                json={"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}}},
+            ).json()
             for run in left:
                 if run["auto_scheduled"]:
                     api.delete(f"/flow_runs/{run['id']}")

@@ -52,8 +52,15 @@ def test_first_install_says_created(stack: Stack) -> None:
 def test_rerunning_the_prefect_setup_says_unchanged_whatever_the_hash_seed(stack: Stack, seed: str) -> None:
     # The trigger's expect/after are sets: their order in the JSON depends on PYTHONHASHSEED.
     output = stack.compose(
-        "exec", "-T", "-e", f"PYTHONHASHSEED={seed}", "-e", f"ELT_ZOMBIE_SECONDS={stack.env['ELT_ZOMBIE_SECONDS']}",
-        "prefect-server", "sh", "-c",
+        "exec",
+        "-T",
+        "-e",
+        f"PYTHONHASHSEED={seed}",
+        "-e",
+        f"ELT_ZOMBIE_SECONDS={stack.env['ELT_ZOMBIE_SECONDS']}",
+        "prefect-server",
+        "sh",
+        "-c",
         'PREFECT_API_URL=http://127.0.0.1:4200/api PREFECT_API_AUTH_STRING="$PREFECT_SERVER_API_AUTH_STRING" '
         "exec python /opt/elt/docker/prefect_setup.py",
     ).stdout
@@ -123,8 +130,16 @@ def test_the_ui_is_served_not_just_the_api(stack: Stack) -> None:
 
 
 def test_ports_are_published_on_localhost_only(stack: Stack) -> None:
-    ports = sh(["docker", "ps", "--filter", f"label=com.docker.compose.project={stack.env['COMPOSE_PROJECT_NAME']}",
-                "--format", "{{.Names}} {{.Ports}}"]).stdout
+    ports = sh(
+        [
+            "docker",
+            "ps",
+            "--filter",
+            f"label=com.docker.compose.project={stack.env['COMPOSE_PROJECT_NAME']}",
+            "--format",
+            "{{.Names}} {{.Ports}}",
+        ]
+    ).stdout
     published = [line for line in ports.splitlines() if "->" in line]
     assert len(published) == 2, ports  # Prefect UI/API and the dbt docs
     assert "0.0.0.0" not in ports and ":::" not in ports, ports
@@ -187,8 +202,12 @@ def test_history_and_the_ui_survive_down_and_up(stack: Stack) -> None:
 
 def test_a_run_whose_worker_is_killed_ends_crashed_and_the_next_completes(stack: Stack) -> None:
     deadline = time.monotonic() + 300
-    while "healthy" not in sh(["docker", "inspect", "-f", "{{.State.Health.Status}}",
-                               stack.container_ids()["prefect-worker"]], check=False).stdout:
+    while (
+        "healthy"
+        not in sh(
+            ["docker", "inspect", "-f", "{{.State.Health.Status}}", stack.container_ids()["prefect-worker"]], check=False
+        ).stdout
+    ):
         assert time.monotonic() < deadline, "worker not healthy after up"
         time.sleep(2)
     run_id = stack.start_run()

@@ -30,15 +30,36 @@ connections:
     [
         ("connections: [", "not valid YAML"),
         ("{}", "connections: Field required"),
-        (GOOD.replace("connector: source-faker", "connector: faker"), "connection 'shop': source.connector: 'faker' does not match"),
+        (
+            GOOD.replace("connector: source-faker", "connector: faker"),
+            "connection 'shop': source.connector: 'faker' does not match",
+        ),
         (GOOD.replace("    streams: [users]\n", ""), "connection 'shop': streams: Field required"),
         (GOOD.replace("streams: [users]", "streams: []"), "connection 'shop': streams: Value error, list at least one stream"),
-        (GOOD.replace("schema: raw_shop", "schema: raw-shop"), "connection 'shop': destination.schema: Value error, 'raw-shop' is not a plain SQL identifier"),
-        (GOOD.replace("pip: airbyte-source-faker", "pipp: airbyte-source-faker"), "connection 'shop': source.pipp: unknown key; did you mean 'pip'?"),
-        (GOOD.replace("streams: [users]", "stream: [users]"), "connection 'shop': stream: unknown key; did you mean 'streams'? (and 1 more problems)"),
-        (GOOD.replace("schema: raw_shop", "shema: raw_shop"), "connection 'shop': destination.shema: unknown key; did you mean 'schema'? (and 1 more problems)"),
-        (GOOD.replace("source: {", "source: {colour: red, "), "connection 'shop': source.colour: unknown key (known keys: connector, pip, executable, config)"),
-        (GOOD.replace("connections:", "connection:"), "connection: unknown key; did you mean 'connections'? (and 1 more problems)"),
+        (
+            GOOD.replace("schema: raw_shop", "schema: raw-shop"),
+            "connection 'shop': destination.schema: Value error, 'raw-shop' is not a plain SQL identifier",
+        ),
+        (
+            GOOD.replace("pip: airbyte-source-faker", "pipp: airbyte-source-faker"),
+            "connection 'shop': source.pipp: unknown key; did you mean 'pip'?",
+        ),
+        (
+            GOOD.replace("streams: [users]", "stream: [users]"),
+            "connection 'shop': stream: unknown key; did you mean 'streams'? (and 1 more problems)",
+        ),
+        (
+            GOOD.replace("schema: raw_shop", "shema: raw_shop"),
+            "connection 'shop': destination.shema: unknown key; did you mean 'schema'? (and 1 more problems)",
+        ),
+        (
+            GOOD.replace("source: {", "source: {colour: red, "),
+            "connection 'shop': source.colour: unknown key (known keys: connector, pip, executable, config)",
+        ),
+        (
+            GOOD.replace("connections:", "connection:"),
+            "connection: unknown key; did you mean 'connections'? (and 1 more problems)",
+        ),
         (GOOD + GOOD.replace("connections:\n", ""), "connection 'shop': name: defined twice"),
     ],
 )

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from elt.errors import ConfigurationError
 from elt.extract.connections import load_connections
 from elt.extract.embedded import ConnectorInstallFailed, ConnectorNotInstalled, EmbeddedBackend
-from elt.errors import ConfigurationError
 from elt.settings import load_settings
 
 CONNECTION = """

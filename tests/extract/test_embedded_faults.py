@@ -18,7 +18,6 @@ import psutil
 import pytest
 
 from elt import warehouse_snowflake
-from elt.warehouse_snowflake import SnowflakeCredentials
 from elt.extract.embedded import (
     ConnectorInstallFailed,
     ConnectorInstallUnreachable,
@@ -28,14 +27,20 @@ from elt.extract.embedded import (
     UnknownStream,
 )
 from elt.settings import load_settings
+from elt.warehouse_snowflake import SnowflakeCredentials
 from tests.conftest import BIN, CONNECTORS_DIR
 
 FAKER = "airbyte-source-faker==7.2.1"
 
 
 def _write_connections(
-    path: Path, *, count: int, pip: str | None = FAKER, executable: Path | None = None,
-    streams: str = "[users]", extra_config: str = "",
+    path: Path,
+    *,
+    count: int,
+    pip: str | None = FAKER,
+    executable: Path | None = None,
+    streams: str = "[users]",
+    extra_config: str = "",
 ) -> Path:
     source = f"pip: {pip}" if executable is None else f"executable: {executable}"
     path.write_text(
@@ -115,11 +120,7 @@ def _crashing_connector(folder: Path, lines: int) -> Path:
     """source-faker itself, except that its `read` dies after `lines` messages (a connector crash)."""
     real = CONNECTORS_DIR / "source-faker" / "bin" / "source-faker"
     script = folder / "source-faker-crashing"
-    script.write_text(
-        "#!/bin/sh\n"
-        f'if [ "$1" = read ]; then {real} "$@" | head -n {lines}; exit 3; fi\n'
-        f'exec {real} "$@"\n'
-    )
+    script.write_text(f'#!/bin/sh\nif [ "$1" = read ]; then {real} "$@" | head -n {lines}; exit 3; fi\nexec {real} "$@"\n')
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     return script
 
@@ -148,7 +149,9 @@ def test_full_refresh_on_snowflake_publishes_exactly_what_the_source_emitted(tmp
 
 
 @pytest.mark.slow
-def test_crashed_full_refresh_keeps_the_previous_table_and_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crashed_full_refresh_keeps_the_previous_table_and_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A connector that dies mid-read during a full refresh: the sync fails, naming the
     connection; the table keeps the previous sync's rows, not a part of the new ones; no record
     files or resolved config outlive the sync."""
@@ -218,7 +221,7 @@ def test_cancel_stops_the_connector_and_keeps_the_previous_table(tmp_path: Path)
     def sync() -> None:
         try:
             backend.sync("faker", full_refresh=True)
-        except BaseException as exc:  # handed to the test thread
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
             outcome["error"] = exc
 
     thread = threading.Thread(target=sync)
@@ -246,8 +249,13 @@ def test_sigterm_to_elt_run_stops_the_sync(tmp_path: Path, prefect_server, appli
     connector ends within 10 s and the table keeps the previous sync's rows."""
     home = appliance_env
     _write_connections(home / "connections.yaml", count=200)
-    env = {**prefect_server.env(), "ELT_HOME": str(home), "ELT_AIRBYTE_CONNECTIONS_FILE": str(home / "connections.yaml"),
-           "ELT_CONNECTORS_DIR": str(CONNECTORS_DIR), "ELT_GIT_REPO": str(appliance_remote.bare)}
+    env = {
+        **prefect_server.env(),
+        "ELT_HOME": str(home),
+        "ELT_AIRBYTE_CONNECTIONS_FILE": str(home / "connections.yaml"),
+        "ELT_CONNECTORS_DIR": str(CONNECTORS_DIR),
+        "ELT_GIT_REPO": str(appliance_remote.bare),
+    }
     command = [str(BIN / "elt"), "run", "--skip-pull", "--skip-transform"]
     first = subprocess.run(command, env=env, cwd=home, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -436,7 +444,9 @@ def test_cached_catalog_expires_after_its_max_age(tmp_path: Path) -> None:
 
     from elt.extract.embedded import CatalogCache
 
-    catalog = AirbyteCatalog.model_validate({"streams": [{"name": "users", "json_schema": {}, "supported_sync_modes": ["full_refresh"]}]})
+    catalog = AirbyteCatalog.model_validate(
+        {"streams": [{"name": "users", "json_schema": {}, "supported_sync_modes": ["full_refresh"]}]}
+    )
     CatalogCache(tmp_path, max_age_seconds=3600).store_catalog("faker", "key-1", catalog)
 
     assert CatalogCache(tmp_path, max_age_seconds=3600).stream_names("faker", "key-1") == ["users"]

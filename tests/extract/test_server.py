@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -63,9 +63,7 @@ def _client(fake: FakeAirbyte, clock: FakeClock, **options) -> AirbyteClient:
 
 def _backend(fake: FakeAirbyte, clock: FakeClock, client: AirbyteClient | None = None, **settings) -> ServerBackend:
     values = dict(airbyte_backend="server", airbyte_url=fake.ui_url, airbyte_poll_seconds=0.1) | settings
-    return ServerBackend(
-        load_settings(**values), client or _client(fake, clock), clock=clock.monotonic, wait=clock.wait
-    )
+    return ServerBackend(load_settings(**values), client or _client(fake, clock), clock=clock.monotonic, wait=clock.wait)
 
 
 def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
@@ -146,9 +144,7 @@ def test_connection_that_cannot_run_is_not_synced_and_fails_with_the_reason(
         fake.assert_no_violations()
 
 
-def test_a_status_reason_that_is_not_a_breaking_change_does_not_block(
-    fake_airbyte: FakeAirbyte, clock: FakeClock
-) -> None:
+def test_a_status_reason_that_is_not_a_breaking_change_does_not_block(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
     fake_airbyte.add_connection("shop", status_reason="Non-breaking schema change propagated")
     backend = _backend(fake_airbyte, clock)
     assert backend.not_runnable() == {}
@@ -163,8 +159,7 @@ def test_sync_reports_rows_bytes_and_a_link_to_the_job(fake_airbyte: FakeAirbyte
     result = _backend(fake_airbyte, clock).sync("stripe", full_refresh=False)
     assert (result.rows, result.bytes_synced) == (1234, 5678)
     assert result.job_url == (
-        f"{fake_airbyte.ui_url}/workspaces/{fake_airbyte.workspace_id}/connections/{connection_id}"
-        f"/job-history#{result.job_id}::0"
+        f"{fake_airbyte.ui_url}/workspaces/{fake_airbyte.workspace_id}/connections/{connection_id}/job-history#{result.job_id}::0"
     )
     assert result.seconds == pytest.approx(0.3, abs=0.1 + 1e-9)
 
@@ -325,7 +320,10 @@ def test_burst_of_server_errors_is_retried_with_backoff(fake_airbyte: FakeAirbyt
     assert backend.sync("stripe", full_refresh=False).rows == 1000
     assert clock.sleeps[:3] == [1.0, 2.0, 4.0]
     assert [status for method, path, status in fake_airbyte.requests if (method, path) == ("POST", "/jobs")] == [
-        503, 503, 503, 200
+        503,
+        503,
+        503,
+        200,
     ]
 
 
@@ -343,7 +341,7 @@ def test_retry_after_as_an_http_date_is_honoured(fake_airbyte: FakeAirbyte, cloc
     fake_airbyte.add_connection("stripe")
     client = _client(fake_airbyte, clock)
     client.list_connections()
-    come_back = datetime.fromtimestamp(clock.time() + 42, tz=timezone.utc)
+    come_back = datetime.fromtimestamp(clock.time() + 42, tz=UTC)
     fake_airbyte.fail_next(1, 429, path_prefix="/connections", retry_after=come_back)
     assert [connection.name for connection in client.list_connections()] == ["stripe"]
     assert clock.sleeps == [pytest.approx(42, abs=1)]

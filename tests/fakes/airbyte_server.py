@@ -71,7 +71,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -417,9 +417,7 @@ class ApiContract:
         parsed.body = self._check_body(operation, content_type, raw_body, parsed.errors)
         return parsed
 
-    def _check_parameter(
-        self, param: Parameter, raw: list[str] | None, target: dict[str, Any], errors: list[str]
-    ) -> None:
+    def _check_parameter(self, param: Parameter, raw: list[str] | None, target: dict[str, Any], errors: list[str]) -> None:
         what = f"{param.location} parameter {param.name!r}"
         if raw is None:
             if param.required:
@@ -449,9 +447,7 @@ class ApiContract:
             raise _CoercionError(f"given {len(raw)} times but it is not an array")
         return _coerce_scalar(schema.get("type"), raw[0])
 
-    def _check_body(
-        self, operation: Operation, content_type: str | None, raw_body: bytes, errors: list[str]
-    ) -> Any:
+    def _check_body(self, operation: Operation, content_type: str | None, raw_body: bytes, errors: list[str]) -> Any:
         request_body = operation.spec.get("requestBody")
         if request_body is None:
             if raw_body.strip():
@@ -494,7 +490,15 @@ class ApiContract:
             if "schema" not in content[media_type]:
                 return []
             uri = _pointer_uri(
-                PUBLIC_URI, "paths", operation.template, operation.method.lower(), "responses", key, "content", media_type, "schema"
+                PUBLIC_URI,
+                "paths",
+                operation.template,
+                operation.method.lower(),
+                "responses",
+                key,
+                "content",
+                media_type,
+                "schema",
             )
             return self.validate("response", uri, body, "response body")
         if status >= 400:
@@ -505,7 +509,9 @@ class ApiContract:
 
     def check_problem(self, status: int, body: Any) -> list[str]:
         """BaseProblemFields, then the named problem its type/title identify, and status == HTTP status."""
-        errors = self.validate("response", _pointer_uri(PROBLEMS_URI, "components", "schemas", "BaseProblemFields"), body, "problem body")
+        errors = self.validate(
+            "response", _pointer_uri(PROBLEMS_URI, "components", "schemas", "BaseProblemFields"), body, "problem body"
+        )
         if errors:
             return errors
         name = self._problem_by_identity.get((body["type"], body["title"]))
@@ -563,9 +569,7 @@ def load_contract(
     extra_job_statuses: frozenset[str] = frozenset(), extra_connection_statuses: frozenset[str] = frozenset()
 ) -> ApiContract:
     """The contract, built once per set of tolerated extra JobStatusEnum/ConnectionStatusEnum values."""
-    return ApiContract(
-        extra_job_statuses=sorted(extra_job_statuses), extra_connection_statuses=sorted(extra_connection_statuses)
-    )
+    return ApiContract(extra_job_statuses=sorted(extra_job_statuses), extra_connection_statuses=sorted(extra_connection_statuses))
 
 
 # --------------------------------------------------------------------------- Java-style formatting
@@ -573,7 +577,7 @@ def load_contract(
 
 def java_offset_datetime(epoch_seconds: float) -> str:
     """`OffsetDateTime.ofInstant(Instant.ofEpochSecond(s), UTC).toString()`: seconds omitted when 0."""
-    moment = datetime.fromtimestamp(int(epoch_seconds), tz=timezone.utc)
+    moment = datetime.fromtimestamp(int(epoch_seconds), tz=UTC)
     text = moment.strftime("%Y-%m-%dT%H:%M") if moment.second == 0 else moment.strftime("%Y-%m-%dT%H:%M:%S")
     return text + "Z"
 
@@ -699,9 +703,7 @@ class _Fault:
     retry_after: float | datetime | None
 
     def matches(self, method: str, path: str) -> bool:
-        return (self.method is None or self.method == method) and (
-            self.path_prefix is None or path.startswith(self.path_prefix)
-        )
+        return (self.method is None or self.method == method) and (self.path_prefix is None or path.startswith(self.path_prefix))
 
 
 @dataclass
@@ -711,9 +713,7 @@ class _Corruption:
     path_prefix: str | None
 
     def matches(self, method: str, path: str) -> bool:
-        return (self.method is None or self.method == method) and (
-            self.path_prefix is None or path.startswith(self.path_prefix)
-        )
+        return (self.method is None or self.method == method) and (self.path_prefix is None or path.startswith(self.path_prefix))
 
 
 @dataclass
@@ -979,7 +979,7 @@ class FakeAirbyte:
         try:
             recorded_path, operation, reply = self._respond(method, split.path, split.query, handler, raw_body)
             self._check_reply(method, recorded_path, operation, reply)
-        except Exception:  # a bug in the fake must fail the test, not hang it
+        except Exception:  # noqa: BLE001 - a bug in the fake must fail the test, not hang it
             self._violation("fake crashed on", method, recorded_path, traceback.format_exc())
             reply = _Reply(500, self.contract.problem("UnexpectedProblemResponse", 500))
         with self._lock:
@@ -1061,7 +1061,7 @@ class FakeAirbyte:
                 self._faults.remove(fault)
         reply = self._problem(fault.status, detail=f"Injected failure ({fault.status}).")
         if isinstance(fault.retry_after, datetime):
-            reply.headers["Retry-After"] = format_datetime(fault.retry_after.astimezone(timezone.utc), usegmt=True)
+            reply.headers["Retry-After"] = format_datetime(fault.retry_after.astimezone(UTC), usegmt=True)
         elif fault.retry_after is not None:
             reply.headers["Retry-After"] = str(math.ceil(fault.retry_after))
         return reply
@@ -1323,5 +1323,5 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass

@@ -6,7 +6,7 @@ import hashlib
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -284,7 +284,13 @@ def test_failed_attempts_report_incomplete_then_run_again(fake: FakeAirbyte, api
     job = api.post("/jobs", json={"connectionId": connection_id, "jobType": "sync"}).json()
     seen = poll_until_terminal(api, clock, job["jobId"])
     assert distinct(["pending"] + [snapshot["status"] for snapshot in seen]) == [
-        "pending", "running", "incomplete", "running", "incomplete", "running", "succeeded"
+        "pending",
+        "running",
+        "incomplete",
+        "running",
+        "incomplete",
+        "running",
+        "succeeded",
     ]
     incomplete = next(snapshot for snapshot in seen if snapshot["status"] == "incomplete")
     assert "lastUpdatedAt" not in incomplete and "rowsSynced" not in incomplete
@@ -393,7 +399,7 @@ def test_delay_responses_outlast_a_client_timeout(fake: FakeAirbyte) -> None:
 def test_retry_after_as_seconds_or_an_http_date(fake: FakeAirbyte, api: httpx.Client) -> None:
     fake.fail_next(1, 503, retry_after=1.2)
     assert api.get("/connections").headers["Retry-After"] == "2"
-    fake.fail_next(1, 429, retry_after=datetime(2026, 3, 1, 12, 30, 5, tzinfo=timezone.utc))
+    fake.fail_next(1, 429, retry_after=datetime(2026, 3, 1, 12, 30, 5, tzinfo=UTC))
     limited = api.get("/connections")
     assert limited.status_code == 429 and limited.headers["Retry-After"] == "Sun, 01 Mar 2026 12:30:05 GMT"
     assert "Retry-After" not in api.get("/connections").headers

@@ -54,9 +54,7 @@ class ExtractFailed(TerminalError):
 
 class UnknownConnections(ConfigurationError):
     def __init__(self, unknown: list[str], known: list[str]) -> None:
-        super().__init__(
-            f"no connection named {', '.join(unknown)}; known connections: {', '.join(known) or 'none'}"
-        )
+        super().__init__(f"no connection named {', '.join(unknown)}; known connections: {', '.join(known) or 'none'}")
 
 
 class ExtractBackend(Protocol):

@@ -95,7 +95,9 @@ def load_connections(path: Path) -> list[ConnectionSpec]:
     connections: list[ConnectionSpec] = []
     seen: set[str] = set()
     for index, entry in enumerate(document.connections):
-        label = f"connection '{entry.get('name')}'" if isinstance(entry, dict) and entry.get("name") else f"connection #{index + 1}"
+        label = (
+            f"connection '{entry.get('name')}'" if isinstance(entry, dict) and entry.get("name") else f"connection #{index + 1}"
+        )
         try:
             connection = ConnectionSpec.model_validate(entry)
         except ValidationError as exc:

@@ -109,7 +109,9 @@ class EmbeddedBackend:
         self._connections = {spec.name: spec for spec in specs if spec.enabled}
         data_dir = settings.path(settings.data_dir)
         self._scratch = data_dir / "airbyte-cache"
-        self._catalogs = CatalogCache(data_dir / "airbyte-catalogs", max_age_seconds=settings.airbyte_catalog_max_age_hours * 3600)
+        self._catalogs = CatalogCache(
+            data_dir / "airbyte-catalogs", max_age_seconds=settings.airbyte_catalog_max_age_hours * 3600
+        )
         self._cancelled = threading.Event()
         self._running: set[SyncFolder] = set()
         self._running_lock = threading.Lock()
@@ -177,7 +179,7 @@ class EmbeddedBackend:
                             # "auto" merges on the primary key: rows the source no longer emits would stay.
                             write_strategy="replace" if full_refresh else "auto",
                         )
-                        counts = dict(result._progress_tracker.stream_read_counts)  # noqa: SLF001  # PyAirbyte exposes only the total
+                        counts = dict(result._progress_tracker.stream_read_counts)  # PyAirbyte exposes only the total
                         if full_refresh:
                             _empty_streams_without_records(cache, streams, counts)
                     finally:
@@ -227,13 +229,13 @@ class EmbeddedBackend:
         # PyAirbyte discovers on first use of `discovered_catalog` and specs on first validation;
         # handing it the cached ones saves a connector start-up each.
         if cached is not None:
-            source._discovered_catalog = cached  # noqa: SLF001
+            source._discovered_catalog = cached
         else:
             self._raise_if_cancelled(spec)
             self._catalogs.store_catalog(spec.name, key, source.discovered_catalog)
         cached_spec = self._catalogs.load_spec(spec.source.connector, installed)
         if cached_spec is not None:
-            source._spec = cached_spec  # noqa: SLF001
+            source._spec = cached_spec
         return source, installed
 
     def _selected_streams(self, spec: ConnectionSpec, source: Source) -> list[str]:
@@ -317,7 +319,7 @@ def _stop_reading_when_cancelled(source: Source, cancelled: threading.Event, err
     PyAirbyte treats a connector that exits on SIGTERM as finished and would then write the
     records read so far; raising from the message stream stops it before anything is written.
     """
-    read_with_catalog = source._read_with_catalog  # noqa: SLF001
+    read_with_catalog = source._read_with_catalog
 
     def read_until_cancelled(*args: Any, **kwargs: Any) -> Iterator[Any]:
         with contextlib.closing(read_with_catalog(*args, **kwargs)) as messages:
@@ -328,7 +330,7 @@ def _stop_reading_when_cancelled(source: Source, cancelled: threading.Event, err
         if cancelled.is_set():
             raise error
 
-    source._read_with_catalog = read_until_cancelled  # noqa: SLF001
+    source._read_with_catalog = read_until_cancelled
 
 
 def _empty_streams_without_records(cache: CacheBase, streams: list[str], counts: dict[str, int]) -> None:
@@ -336,7 +338,7 @@ def _empty_streams_without_records(cache: CacheBase, streams: list[str], counts:
     PyAirbyte only swaps in a new table for a stream that had records."""
     processor = cache.processor
     statements = [
-        f"DELETE FROM {processor._fully_qualified(processor.get_sql_table_name(stream))}"  # noqa: SLF001
+        f"DELETE FROM {processor._fully_qualified(processor.get_sql_table_name(stream))}"
         for stream in streams
         if not counts.get(stream)
     ]
@@ -449,7 +451,9 @@ class CatalogCache:
         self.max_age_seconds = max_age_seconds
 
     def key(self, spec: ConnectionSpec, installed: str, config: dict[str, Any]) -> str:
-        identity = json.dumps({"connector": spec.source.connector, "installed": installed, "config": config}, sort_keys=True, default=str)
+        identity = json.dumps(
+            {"connector": spec.source.connector, "installed": installed, "config": config}, sort_keys=True, default=str
+        )
         return hmac.new(self._secret(), identity.encode(), hashlib.sha256).hexdigest()
 
     def load_catalog(self, connection: str, key: str):
@@ -469,7 +473,10 @@ class CatalogCache:
         return entry
 
     def store_catalog(self, connection: str, key: str, catalog: Any) -> None:
-        self._write(self.folder / f"{connection}.catalog.json", {"key": key, "saved_at": time.time(), "catalog": catalog.model_dump(mode="json", exclude_none=True)})
+        self._write(
+            self.folder / f"{connection}.catalog.json",
+            {"key": key, "saved_at": time.time(), "catalog": catalog.model_dump(mode="json", exclude_none=True)},
+        )
 
     def load_spec(self, connector: str, installed: str):
         from airbyte_protocol.models import ConnectorSpecification
@@ -480,9 +487,12 @@ class CatalogCache:
         return ConnectorSpecification.model_validate(entry["spec"])
 
     def store_spec(self, connector: str, installed: str, source: Source) -> None:
-        spec = source._spec  # noqa: SLF001  # set once PyAirbyte has validated the config
+        spec = source._spec  # set once PyAirbyte has validated the config
         if spec is not None:
-            self._write(self.folder / f"{connector}.spec.json", {"installed": installed, "spec": spec.model_dump(mode="json", exclude_none=True)})
+            self._write(
+                self.folder / f"{connector}.spec.json",
+                {"installed": installed, "spec": spec.model_dump(mode="json", exclude_none=True)},
+            )
 
     def _secret(self) -> bytes:
         path = self.folder / ".key"
@@ -538,9 +548,7 @@ def ensure_connector(spec: ConnectionSpec, connectors_dir: Path, connections_fil
     where = f"{connections_file}: connection '{spec.name}'"
     if source.executable:
         if not source.executable.exists():
-            raise ConnectorNotInstalled(
-                f"{where}: source.executable: {source.executable} does not exist"
-            )
+            raise ConnectorNotInstalled(f"{where}: source.executable: {source.executable} does not exist")
         return source.executable
 
     link = connectors_dir / source.connector
@@ -655,8 +663,9 @@ def _import_pyairbyte():
     # existing handler and sends all logs through its JSON formatter; put Prefect's logging back.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # google-cloud's Python 3.11 end-of-life notices
-        import airbyte
         import airbyte_cdk.entrypoint  # noqa: F401
+
+        import airbyte
 
     if root.handlers != handlers_before:
         from prefect.logging.configuration import setup_logging

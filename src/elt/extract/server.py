@@ -12,9 +12,10 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlparse, urlsplit, urlunsplit
 
 import requests
@@ -154,7 +155,7 @@ class AirbyteClient:
         hooks.register_after_success_hook(self._connection_status_hook)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "AirbyteClient":
+    def from_settings(cls, settings: Settings) -> AirbyteClient:
         if bool(settings.airbyte_client_id) != bool(settings.airbyte_client_secret):
             raise ConfigurationError(
                 "set both ELT_AIRBYTE_CLIENT_ID and ELT_AIRBYTE_CLIENT_SECRET (from `abctl local credentials`), or neither for --disable-auth"
@@ -227,7 +228,7 @@ class AirbyteClient:
             request = api.ListConnectionsRequest(
                 limit=self._page_size, offset=offset, workspace_ids=[workspace_id] if workspace_id else None
             )
-            page = self._call("GET /connections", lambda: self._sdk.connections.list_connections(request))
+            page = self._call("GET /connections", lambda request=request: self._sdk.connections.list_connections(request))
             body = page.connections_response
             connections += [
                 Connection(
@@ -265,7 +266,7 @@ class AirbyteClient:
         # An incomplete job is between attempts: it is still the connection's current job.
         for status in (models.JobStatusEnum.RUNNING, models.JobStatusEnum.PENDING, models.JobStatusEnum.INCOMPLETE):
             request = api.ListJobsRequest(connection_id=connection_id, status=status, limit=5, order_by="createdAt|DESC")
-            jobs = self._call("GET /jobs", lambda: self._sdk.jobs.list_jobs(request)).jobs_response.data
+            jobs = self._call("GET /jobs", lambda request=request: self._sdk.jobs.list_jobs(request)).jobs_response.data
             if jobs:
                 return _job(jobs[0])
         return None
@@ -563,7 +564,8 @@ class ServerBackend:
     def not_runnable(self) -> dict[str, str]:
         """Connections a run would report as failed without syncing, each with the reason."""
         return {
-            name: because for name, connection in self.connections().items()
+            name: because
+            for name, connection in self.connections().items()
             if (because := connection.not_runnable_because()) is not None
         }
 
@@ -614,7 +616,9 @@ class ServerBackend:
                     )
                 previous, job = job.status, self.client.get_job(job.id)
                 if job.status == "incomplete" and previous != "incomplete":
-                    logger.info("%s: %s job %s incomplete (an attempt failed; Airbyte retries it)", connection.name, job_type, job.id)
+                    logger.info(
+                        "%s: %s job %s incomplete (an attempt failed; Airbyte retries it)", connection.name, job_type, job.id
+                    )
         finally:
             with self._lock:
                 self._started.pop(job.id, None)
@@ -632,5 +636,5 @@ class ServerBackend:
             try:
                 self.client.cancel_job(job_id)
                 logger.warning("Cancelled Airbyte job %s of connection '%s'", job_id, name)
-            except Exception as exc:  # best effort: the flow run is already going down
+            except Exception as exc:  # noqa: BLE001 - best effort: the flow run is already going down
                 logger.error("Could not cancel Airbyte job %s of connection '%s': %s", job_id, name, exc)
