@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import os
 import traceback
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
 from elt.errors import EltError
+
+if TYPE_CHECKING:
+    from prefect.states import State
+
+    from elt.flows import EtlSummary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The ELT appliance's command line.")
 
@@ -66,20 +71,24 @@ def run(
     from elt.processes import run_with_watchdog
 
     # The watchdog starts before Prefect does: a temporary Prefect server is a child of the run too.
-    state = run_with_watchdog(
-        all_etl,
-        connections=connection or None,
-        full_refresh=full_refresh,
-        select=select,
-        exclude=exclude,
-        skip_extract=skip_extract,
-        skip_pull=skip_pull,
-        skip_transform=skip_transform,
-        repo=repo,
-        branch=branch,
-        project_dir=project_dir,
-        tag=tag,
-        return_state=True,
+    # return_state=True: Prefect's engine returns the final State, not the flow's value.
+    state = cast(
+        "State[EtlSummary]",
+        run_with_watchdog(
+            all_etl,
+            connections=connection or None,
+            full_refresh=full_refresh,
+            select=select,
+            exclude=exclude,
+            skip_extract=skip_extract,
+            skip_pull=skip_pull,
+            skip_transform=skip_transform,
+            repo=repo,
+            branch=branch,
+            project_dir=project_dir,
+            tag=tag,
+            return_state=True,
+        ),
     )
     _send_prefect_backlog()
     if not state.is_completed():
@@ -116,7 +125,7 @@ def doctor(
     typer.echo("all checks passed")
 
 
-def _fail_on_bad_settings(debug: bool, **run: object) -> None:
+def _fail_on_bad_settings(debug: bool, **run: Any) -> None:
     """Refuse to start a run whose configuration can't work, before Prefect spins up: one line
     naming the variable or file and the fix (src/elt/preflight.py has every check)."""
     from elt import preflight
@@ -150,14 +159,14 @@ def _send_prefect_backlog() -> None:
         worker.drain_all(timeout=30, at_exit=False)
 
 
-def _print_state_traceback(state) -> None:
+def _print_state_traceback(state: State[Any]) -> None:
     try:
         state.result()
     except Exception:  # noqa: BLE001 - any failure of the flow: --debug prints its traceback
         traceback.print_exc()
 
 
-def _state_message(state) -> str:
+def _state_message(state: State[Any]) -> str:
     try:
         state.result()
     except Exception as exc:  # noqa: BLE001 - the flow's own exception carries the message the user needs
@@ -165,7 +174,7 @@ def _state_message(state) -> str:
     return state.message or "no message"
 
 
-def _print_summary(summary) -> None:
+def _print_summary(summary: EtlSummary) -> None:
     typer.echo("")
     typer.secho("all-etl completed", fg="green", bold=True)
     if summary.extract:

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -382,13 +382,14 @@ def _meaningful(lines: list[str]) -> list[str]:
     return list(kept)
 
 
-def _parse(line: str) -> dict | None:
+def _parse(line: str) -> dict[str, Any] | None:
     if not line.startswith("{"):
         return None
     try:
-        return json.loads(line)
+        event = json.loads(line)
     except json.JSONDecodeError:
         return None
+    return event if isinstance(event, dict) else None
 
 
 def _read_run_results(project: DbtProject, written_after: float) -> list[NodeResult]:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -319,9 +320,11 @@ def all_etl(
     extract_failure: ExtractFailed | None = None
     try:
         if not skip_extract:
-            runner = ThreadPoolTaskRunner(max_workers=settings.extract_concurrency)
+            runner = ThreadPoolTaskRunner[Any](max_workers=settings.extract_concurrency)
             with summary.timed("extract-load"):
-                state = extract_load.with_options(task_runner=runner)(connections, full_refresh, tag, return_state=True)
+                # Prefect types task_runner as a TaskRunner of plain PrefectFutures; the thread pool's are a subclass.
+                configured = extract_load.with_options(task_runner=runner)  # type: ignore[arg-type]
+                state = configured(connections, full_refresh, tag, return_state=True)
             try:
                 summary.extract = state.result()
             except ExtractFailed as failure:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -166,7 +167,7 @@ class Settings(BaseSettings):
         return self.dbt_target or self.warehouse.value
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Read settings from the environment and `.env`; bad values raise one ConfigurationError.
 
     >>> load_settings(warehouse="duckdb").warehouse
@@ -241,7 +242,7 @@ NON_SETTING_VARIABLES = frozenset(
 
 def setting_variables() -> set[str]:
     """Every variable name that sets a field of Settings (ELT_ names and their SNOWFLAKE_ aliases)."""
-    names = set()
+    names: set[str] = set()
     for name, info in Settings.model_fields.items():
         if isinstance(info.validation_alias, AliasChoices):
             names.update(str(choice) for choice in info.validation_alias.choices)

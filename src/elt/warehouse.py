@@ -112,7 +112,9 @@ class Warehouse(ABC):
 
     checks_grants = False  # whether check_grants has anything to probe
 
-    def check_grants(self, sources: list[tuple[str, str, str]], first_run_creates: set[str] = frozenset()) -> str:
+    def check_grants(
+        self, sources: list[tuple[str, str, str]], first_run_creates: frozenset[str] | set[str] = frozenset()
+    ) -> str:
         """What the run's role may do, as one line; MissingGrants listing each problem and its fix."""
         return "no grants to check"
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import shutil
 from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from elt.settings import Settings
 from elt.warehouse import Warehouse, WarehouseUnreachable, display_name
+
+if TYPE_CHECKING:
+    import duckdb
 
 
 class DuckDBWarehouse(Warehouse):
@@ -75,7 +78,13 @@ class DuckDBWarehouse(Warehouse):
         with closing(duckdb.connect(str(self.path), read_only=True)) as connection:
             attached = {name for (name,) in connection.execute("select database_name from duckdb_databases()").fetchall()}
             return {
-                display_name(relation): connection.execute(f"select count(*) from {relation}").fetchone()[0]
+                display_name(relation): _count(connection, f"select count(*) from {relation}")
                 for relation in relations
                 if display_name(relation).split(".")[0] in attached  # built by a project profile into another DuckDB file
             }
+
+
+def _count(connection: duckdb.DuckDBPyConnection, sql: str) -> int:
+    row = connection.execute(sql).fetchone()
+    assert row is not None  # count(*) gives one row
+    return int(row[0])

@@ -14,17 +14,23 @@ import base64
 import json
 import math
 import re
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from elt.errors import ConfigurationError, EltError, TransientError
 from elt.settings import Settings
 from elt.warehouse import MissingGrants, RunCost, Warehouse, WarehouseUnreachable, display_name
+
+if TYPE_CHECKING:
+    from snowflake.connector import SnowflakeConnection
+    from snowflake.connector.cursor import SnowflakeCursor
 
 DBT_KEY_VARIABLE = "ELT_SNOWFLAKE_PRIVATE_KEY_DER_BASE64"
 QUERY_TAG_VARIABLE = "ELT_SNOWFLAKE_QUERY_TAG"
@@ -90,7 +96,7 @@ def _truncated_pem_message() -> str:
     return f"SNOWFLAKE_PRIVATE_KEY is a PEM cut off after its first line (no END line); expected {_ACCEPTED_FORMS}"
 
 
-def _normalise(load, form: str, passphrase: str | None) -> bytes:
+def _normalise(load: Callable[[], PrivateKeyTypes], form: str, passphrase: str | None) -> bytes:
     try:
         key = load()
     except TypeError:
@@ -180,6 +186,11 @@ class SnowflakeCredentials(BaseModel):
         passphrase = self.private_key_passphrase.get_secret_value() if self.private_key_passphrase else None
         return private_key_der(self.private_key.get_secret_value(), passphrase)
 
+    def _password(self) -> str:
+        if self.password is None:  # from_settings refuses a login with neither key nor password
+            raise ConfigurationError("ELT_WAREHOUSE=snowflake needs SNOWFLAKE_PRIVATE_KEY or SNOWFLAKE_PASSWORD")
+        return self.password.get_secret_value()
+
     def to_connector_params(self, query_tag: str | None = None, probe: bool = False) -> dict[str, Any]:
         """Arguments for snowflake.connector.connect. `probe`: a connection for quick checks only,
         whose every socket read is bounded too (a host that accepts but never answers fails in
@@ -191,10 +202,11 @@ class SnowflakeCredentials(BaseModel):
             "network_timeout": 120,
             "application": "elt-appliance",
         }
-        if self.private_key:
-            params["private_key"] = self.private_key_der()
+        key = self.private_key_der()
+        if key is not None:
+            params["private_key"] = key
         else:
-            params["password"] = self.password.get_secret_value()
+            params["password"] = self._password()
         if query_tag:
             params["session_parameters"] = {"QUERY_TAG": query_tag}
         if probe:
@@ -225,14 +237,22 @@ class SnowflakeCredentials(BaseModel):
             f"SNOWFLAKE_{name.upper()}": str(value) for name, value in (self.login | self.endpoint).items() if value is not None
         }
         env["SNOWFLAKE_CONNECT_TIMEOUT_SECONDS"] = str(math.ceil(self.connect_timeout_seconds))
-        if self.private_key:
-            env[DBT_KEY_VARIABLE] = base64.b64encode(self.private_key_der()).decode()
+        key = self.private_key_der()
+        if key is not None:
+            env[DBT_KEY_VARIABLE] = base64.b64encode(key).decode()
         else:
-            env["SNOWFLAKE_PASSWORD"] = self.password.get_secret_value()
+            env["SNOWFLAKE_PASSWORD"] = self._password()
         return env
 
 
-def connect(credentials: SnowflakeCredentials, query_tag: str | None = None, probe: bool = False):
+def _count(cursor: SnowflakeCursor, sql: str, params: tuple[str, ...] = ()) -> int:
+    cursor.execute(sql, params)
+    row = cursor.fetchone()
+    assert isinstance(row, tuple)  # count(*) gives one row; a plain cursor gives tuples
+    return int(row[0])
+
+
+def connect(credentials: SnowflakeCredentials, query_tag: str | None = None, probe: bool = False) -> SnowflakeConnection:
     """A connection, after one login bounded by SNOWFLAKE_CONNECT_TIMEOUT_SECONDS; failing that,
     SnowflakeUnreachable naming the account, host and port (or SnowflakeLoginRejected)."""
     import snowflake.connector
@@ -347,7 +367,9 @@ class GrantReport:
 
 
 def missing_grants(
-    credentials: SnowflakeCredentials, sources: list[tuple[str, str, str]], first_run_creates: set[str] = frozenset()
+    credentials: SnowflakeCredentials,
+    sources: list[tuple[str, str, str]],
+    first_run_creates: frozenset[str] | set[str] = frozenset(),
 ) -> GrantReport:
     """Probe what all-etl needs, as its role: each problem with the GRANT that fixes it.
 
@@ -375,10 +397,11 @@ def missing_grants(
             schemas.setdefault(((source_database or database).upper(), schema.upper()), []).append(table)
         for (source_database, schema), tables in schemas.items():
             try:
-                visible = cursor.execute(
+                visible = _count(
+                    cursor,
                     f'select count(*) from "{source_database}".information_schema.schemata where upper(schema_name) = %s',
                     (schema,),
-                ).fetchone()[0]
+                )
             except ProgrammingError:
                 visible = 0
             if not visible and schema in first_run_creates and source_database == database.upper():
@@ -552,7 +575,9 @@ class SnowflakeWarehouse(Warehouse):
 
     checks_grants = True
 
-    def check_grants(self, sources: list[tuple[str, str, str]], first_run_creates: set[str] = frozenset()) -> str:
+    def check_grants(
+        self, sources: list[tuple[str, str, str]], first_run_creates: frozenset[str] | set[str] = frozenset()
+    ) -> str:
         credentials = self.credentials
         report = missing_grants(credentials, sources, first_run_creates)
         if report.problems:
@@ -589,11 +614,14 @@ class SnowflakeWarehouse(Warehouse):
         with closing(connect(self.credentials, query_tag(root_flow_run_id()))) as connection:
             cursor = connection.cursor()
             return {
-                display_name(relation, unquoted_upper=True): cursor.execute(f"select count(*) from {relation}").fetchone()[0]
+                display_name(relation, unquoted_upper=True): _count(cursor, f"select count(*) from {relation}")
                 for relation in relations
             }
 
     def run_cost(self) -> RunCost:
         """From Snowflake's query history, by the run's query tag; QueryHistoryUnavailable says why it can't be read."""
-        rows = cost_per_node(run_query_history(self.credentials, root_flow_run_id()))
+        flow_run_id = root_flow_run_id()
+        if flow_run_id is None:
+            raise QueryHistoryUnavailable("not inside a flow run: no query tag to find this run's queries by")
+        rows = cost_per_node(run_query_history(self.credentials, flow_run_id))
         return RunCost(rows, cost_line(rows), "Snowflake queries of this run (load and dbt nodes), with estimated credits")

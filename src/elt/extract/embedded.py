@@ -41,6 +41,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from elt.errors import ConfigurationError, EltError, TerminalError, TransientError
@@ -52,6 +53,7 @@ from elt.warehouse import warehouse_for
 if TYPE_CHECKING:
     from airbyte.caches import CacheBase
     from airbyte.sources import Source
+    from airbyte_protocol.models import AirbyteCatalog, ConnectorSpecification
 
 logger = logging.getLogger(__name__)
 
@@ -330,7 +332,7 @@ def _stop_reading_when_cancelled(source: Source, cancelled: threading.Event, err
         if cancelled.is_set():
             raise error
 
-    source._read_with_catalog = read_until_cancelled
+    source._read_with_catalog = read_until_cancelled  # type: ignore[method-assign,assignment]
 
 
 def _empty_streams_without_records(cache: CacheBase, streams: list[str], counts: dict[str, int]) -> None:
@@ -432,7 +434,7 @@ def _running(process: Any) -> bool:
     import psutil
 
     try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        return bool(process.is_running() and process.status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False
 
@@ -456,7 +458,7 @@ class CatalogCache:
         )
         return hmac.new(self._secret(), identity.encode(), hashlib.sha256).hexdigest()
 
-    def load_catalog(self, connection: str, key: str):
+    def load_catalog(self, connection: str, key: str) -> AirbyteCatalog | None:
         from airbyte_protocol.models import AirbyteCatalog
 
         entry = self._current(connection, key)
@@ -466,7 +468,7 @@ class CatalogCache:
         entry = self._current(connection, key)
         return None if entry is None else [stream["name"] for stream in entry["catalog"]["streams"]]
 
-    def _current(self, connection: str, key: str) -> dict | None:
+    def _current(self, connection: str, key: str) -> dict[str, Any] | None:
         entry = self._read(self.folder / f"{connection}.catalog.json")
         if not entry or entry.get("key") != key or time.time() - entry.get("saved_at", 0) >= self.max_age_seconds:
             return None
@@ -478,7 +480,7 @@ class CatalogCache:
             {"key": key, "saved_at": time.time(), "catalog": catalog.model_dump(mode="json", exclude_none=True)},
         )
 
-    def load_spec(self, connector: str, installed: str):
+    def load_spec(self, connector: str, installed: str) -> ConnectorSpecification | None:
         from airbyte_protocol.models import ConnectorSpecification
 
         entry = self._read(self.folder / f"{connector}.spec.json")
@@ -504,11 +506,12 @@ class CatalogCache:
             return path.read_bytes()
 
     @staticmethod
-    def _read(path: Path) -> dict | None:
+    def _read(path: Path) -> dict[str, Any] | None:
         try:
-            return json.loads(path.read_text())
+            entry = json.loads(path.read_text())
         except (FileNotFoundError, ValueError):
             return None
+        return entry if isinstance(entry, dict) else None
 
     def _write(self, path: Path, entry: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -654,7 +657,7 @@ def _is_network_error(exc: BaseException) -> bool:
     return False
 
 
-def _import_pyairbyte():
+def _import_pyairbyte() -> ModuleType:
     os.environ.setdefault("AIRBYTE_OFFLINE_MODE", "1")
     os.environ.setdefault("NO_LIVE_PROGRESS", "1")
     root = logging.getLogger()

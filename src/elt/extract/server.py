@@ -7,6 +7,7 @@ sync to its end on top of it. `prefect-airbyte` is not used: it does not import 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -228,7 +229,7 @@ class AirbyteClient:
             request = api.ListConnectionsRequest(
                 limit=self._page_size, offset=offset, workspace_ids=[workspace_id] if workspace_id else None
             )
-            page = self._call("GET /connections", lambda request=request: self._sdk.connections.list_connections(request))
+            page = self._call("GET /connections", functools.partial(self._sdk.connections.list_connections, request))
             body = page.connections_response
             connections += [
                 Connection(
@@ -266,7 +267,7 @@ class AirbyteClient:
         # An incomplete job is between attempts: it is still the connection's current job.
         for status in (models.JobStatusEnum.RUNNING, models.JobStatusEnum.PENDING, models.JobStatusEnum.INCOMPLETE):
             request = api.ListJobsRequest(connection_id=connection_id, status=status, limit=5, order_by="createdAt|DESC")
-            jobs = self._call("GET /jobs", lambda request=request: self._sdk.jobs.list_jobs(request)).jobs_response.data
+            jobs = self._call("GET /jobs", functools.partial(self._sdk.jobs.list_jobs, request)).jobs_response.data
             if jobs:
                 return _job(jobs[0])
         return None
