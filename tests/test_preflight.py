@@ -18,6 +18,7 @@ from typing import ClassVar
 
 import pytest
 
+from elt import preflight
 from elt.preflight import unknown_variables
 from tests.conftest import BIN, CONNECTORS_DIR, GitRemote, git
 
@@ -239,3 +240,19 @@ def test_debug_flag_adds_the_traceback(home: Home) -> None:
     completed = home.run("--debug", dotenv="ELT_DBT_PROJECT_DIR=missing\n")
     assert "Traceback (most recent call last)" in completed.stderr
     assert completed.stderr.rstrip("\n").splitlines()[-1].startswith("error: ELT_DBT_PROJECT_DIR: ")
+
+
+def test_a_run_the_cli_checked_is_not_loaded_or_checked_again_by_its_flow(settings_loads: list[dict]) -> None:
+    """`elt run` checks before Prefect starts, then runs the flow in the same process, whose first
+    step is the same check: the settings are loaded once and the flow gets the CLI's object, with
+    --target applied as an override (not written into os.environ). Another run is checked afresh."""
+    run = {"skip_extract": True, "skip_pull": True, "skip_transform": True, "dbt_target": "ci"}
+    with preflight.checked_once(**run) as checked:
+        assert preflight.check_run(**run) is checked
+        assert len(settings_loads) == 1
+        other = preflight.check_run(**(run | {"dbt_target": "prod"}))
+        assert len(settings_loads) == 2
+    assert (checked.effective_dbt_target, other.effective_dbt_target) == ("ci", "prod")
+    assert "ELT_DBT_TARGET" not in os.environ
+    preflight.check_run(**run)
+    assert len(settings_loads) == 3  # outside the block, a run is checked again

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import traceback
+from contextlib import ExitStack
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
@@ -50,11 +51,7 @@ def run(
     debug: Annotated[bool, typer.Option("--debug", help="Print the traceback of an error, not only its message.")] = False,
 ) -> None:
     """Run the all-etl flow here: sync connections, pull the dbt project, dbt build."""
-    for variable, value in (("ELT_DBT_TARGET", target), ("ELT_AIRBYTE_CONNECTIONS_FILE", connections_file)):
-        if value is not None:
-            os.environ[variable] = value
-    _fail_on_bad_settings(
-        debug,
+    checked = dict(
         connections=connection or None,
         repo=repo,
         branch=branch,
@@ -62,34 +59,26 @@ def run(
         skip_extract=skip_extract,
         skip_pull=skip_pull,
         skip_transform=skip_transform,
+        dbt_target=target,
+        connections_file=connections_file,
     )
-    # A temporary Prefect server's first start migrates a fresh SQLite database (~20 s here).
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    with ExitStack() as stack:
+        _fail_on_bad_settings(debug, stack, **checked)
+        # A temporary Prefect server's first start migrates a fresh SQLite database (~20 s here).
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-    from elt.flows import all_etl
-    from elt.processes import run_with_watchdog
+        from elt.flows import all_etl
+        from elt.processes import run_with_watchdog
 
-    # The watchdog starts before Prefect does: a temporary Prefect server is a child of the run too.
-    # return_state=True: Prefect's engine returns the final State, not the flow's value.
-    state = cast(
-        "State[EtlSummary]",
-        run_with_watchdog(
-            all_etl,
-            connections=connection or None,
-            full_refresh=full_refresh,
-            select=select,
-            exclude=exclude,
-            skip_extract=skip_extract,
-            skip_pull=skip_pull,
-            skip_transform=skip_transform,
-            repo=repo,
-            branch=branch,
-            project_dir=project_dir,
-            tag=tag,
-            return_state=True,
-        ),
-    )
+        # The watchdog starts before Prefect does: a temporary Prefect server is a child of the run too.
+        # return_state=True: Prefect's engine returns the final State, not the flow's value.
+        state = cast(
+            "State[EtlSummary]",
+            run_with_watchdog(
+                all_etl, **checked, full_refresh=full_refresh, select=select, exclude=exclude, tag=tag, return_state=True
+            ),
+        )
     _send_prefect_backlog()
     if not state.is_completed():
         if debug:
@@ -125,13 +114,14 @@ def doctor(
     typer.echo("all checks passed")
 
 
-def _fail_on_bad_settings(debug: bool, **run: Any) -> None:
+def _fail_on_bad_settings(debug: bool, stack: ExitStack, **run: Any) -> None:
     """Refuse to start a run whose configuration can't work, before Prefect spins up: one line
-    naming the variable or file and the fix (src/elt/preflight.py has every check)."""
+    naming the variable or file and the fix (src/elt/preflight.py has every check). Until `stack`
+    closes, the flow's own check of this run returns these checked settings."""
     from elt import preflight
 
     try:
-        preflight.check_run(**run)
+        stack.enter_context(preflight.checked_once(**run))
     except EltError as exc:
         if debug:
             traceback.print_exc()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,24 @@ from elt.extract.base import (
 from elt.settings import AirbyteBackend, Settings, load_settings
 from elt.warehouse import Warehouse, warehouse_for
 from prefect import flow, get_client, get_run_logger, task
+
+# The settings of the all-etl run in progress in this process. Its child flows read them here:
+# a Settings object can't be a flow parameter (Prefect records parameters in the flow run).
+_run_settings: ContextVar[Settings | None] = ContextVar("elt_run_settings", default=None)
+
+
+def _settings() -> Settings:
+    """The running all-etl's settings; loaded afresh for a child flow run on its own."""
+    return _run_settings.get() or load_settings()
+
+
+@contextmanager
+def _settings_of_this_run(settings: Settings) -> Iterator[None]:
+    token = _run_settings.set(settings)
+    try:
+        yield
+    finally:
+        _run_settings.reset(token)
 
 
 @dataclass
@@ -76,7 +95,7 @@ def extract_load(connections: list[str] | None = None, full_refresh: bool = Fals
 
     Every sync runs to its end even when another fails; the stage then fails naming the failed ones.
     """
-    settings = load_settings()
+    settings = _settings()
     backend = make_backend(settings, tag)
     known = backend.connection_names()
     names = connections or known
@@ -140,7 +159,7 @@ def _sync_rows(report: ExtractReport) -> list[dict]:
 @flow(name="update-code")
 def update_code(repo: str | None = None, branch: str | None = None) -> git_repo.Deployed:
     """Fast-forward the repo that holds the dbt project and record the deployed commit."""
-    settings = load_settings()
+    settings = _settings()
     deployed = git_repo.update_code(git_repo.RepoSource.from_settings(settings, repo, branch))
     get_run_logger().info("Deployed %s@%s (%s)", deployed.branch, deployed.sha, "updated" if deployed.changed else "unchanged")
     create_table_artifact(
@@ -188,7 +207,7 @@ def transform(
     `skip_downstream_of`: connections whose sync failed; their sources and everything built on
     them are left out, so nothing stale is rebuilt as if it were fresh.
     """
-    settings = load_settings()
+    settings = _settings()
     logger = get_run_logger()
     project = dbt_runner.DbtProject.at(Path(project_dir))
     warehouse = warehouse_for(settings)
@@ -284,7 +303,6 @@ def _publish_node_results(run: dbt_runner.DbtRun) -> None:
 
 @flow(name="all-etl")
 @processes.guard_run  # the run's children end with it, kill -9 included
-@run_lock.one_run_per_warehouse  # before any sync; marks a previous run that died Crashed
 def all_etl(
     connections: list[str] | None = None,
     full_refresh: bool = False,
@@ -297,16 +315,20 @@ def all_etl(
     branch: str | None = None,
     project_dir: str | None = None,
     tag: str | None = None,
+    dbt_target: str | None = None,
+    connections_file: str | None = None,
 ) -> EtlSummary:
     """Sync the Airbyte connections, `git pull` the dbt project's repo, then `dbt build`.
 
     `connections`: names to sync (all when empty). `select`/`exclude`: dbt node selection.
     `repo`, `branch`, `project_dir`: override ELT_GIT_REPO, ELT_GIT_BRANCH, ELT_DBT_PROJECT_DIR.
     `tag`: sync only Airbyte connections with this tag (server backend).
+    `dbt_target`, `connections_file`: override ELT_DBT_TARGET, ELT_AIRBYTE_CONNECTIONS_FILE.
     A failed sync does not stop the run: dbt builds everything not downstream of it, then the
     run fails naming the failed connections.
     """
-    # The CLI checked already; a deployment run (UI, schedule) is checked here, before any sync.
+    # A deployment run (UI, schedule) is checked here, before any sync; under `elt run` this
+    # returns the settings the CLI checked before Prefect started.
     settings = preflight.check_run(
         connections=connections,
         repo=repo,
@@ -315,7 +337,41 @@ def all_etl(
         skip_extract=skip_extract,
         skip_pull=skip_pull,
         skip_transform=skip_transform,
+        dbt_target=dbt_target,
+        connections_file=connections_file,
     )
+    # The lock before any sync; taking it marks a previous run that died Crashed.
+    with _settings_of_this_run(settings), run_lock.hold(settings, str(flow_run.id)):
+        return _all_stages(
+            settings,
+            connections,
+            full_refresh,
+            select,
+            exclude,
+            skip_extract,
+            skip_pull,
+            skip_transform,
+            repo,
+            branch,
+            project_dir,
+            tag,
+        )
+
+
+def _all_stages(
+    settings: Settings,
+    connections: list[str] | None,
+    full_refresh: bool,
+    select: str | None,
+    exclude: str | None,
+    skip_extract: bool,
+    skip_pull: bool,
+    skip_transform: bool,
+    repo: str | None,
+    branch: str | None,
+    project_dir: str | None,
+    tag: str | None,
+) -> EtlSummary:
     summary = EtlSummary()
     extract_failure: ExtractFailed | None = None
     try:

@@ -14,17 +14,15 @@ from a shell and overlapping deployments.
 from __future__ import annotations
 
 import fcntl
-import functools
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar, cast
 
 from elt import processes
 from elt.errors import TerminalError
@@ -36,8 +34,6 @@ logger = logging.getLogger(__name__)
 # A dead run's watchdog may still be stopping its children (dbt holding DuckDB's lock).
 WATCHDOG_WAIT_SECONDS = 15.0
 _UNFINISHED_STATES = frozenset({"SCHEDULED", "PENDING", "RUNNING", "CANCELLING", "PAUSED"})
-
-F = TypeVar("F", bound=Callable)
 
 
 class WarehouseInUse(TerminalError):
@@ -91,20 +87,6 @@ def hold(settings: Settings, flow_run_id: str) -> Iterator[Holder]:
             _write(descriptor, "")
     finally:
         os.close(descriptor)  # releases the flock
-
-
-def one_run_per_warehouse(function: F) -> F:
-    """Decorator for the all-etl flow function: the run holds its warehouse's lock throughout."""
-    from elt.settings import load_settings
-
-    @functools.wraps(function)
-    def locked(*args: Any, **kwargs: Any) -> Any:
-        from prefect.runtime import flow_run
-
-        with hold(load_settings(), str(flow_run.id)):
-            return function(*args, **kwargs)
-
-    return cast(F, locked)
 
 
 def _write(descriptor: int, text: str) -> None:
