@@ -178,7 +178,7 @@ def check_connections(settings: Settings, names: list[str] | None = None, *, str
     path = settings.path(settings.airbyte_connections_file)
     backend = EmbeddedBackend(settings, load_connections(path))
     selected = [backend.connection(name).name for name in names] if names else backend.connection_names()
-    environment = _environment()
+    environment = settings.environment()
     for name in selected:
         unset = unset_references(backend.connection(name), environment)
         if unset:
@@ -221,11 +221,3 @@ def _dbt_projects_in(checkout: Path) -> list[str]:
     found = [*checkout.glob("dbt_project.yml"), *checkout.glob("*/dbt_project.yml"), *checkout.glob("*/*/dbt_project.yml")]
     folders = [str(path.parent.relative_to(checkout)) for path in found if "dbt_packages" not in path.parts]
     return sorted(folders)[:5]
-
-
-def _environment() -> dict[str, str]:
-    """Process environment plus `.env`, where `${VAR}` references are looked up at sync time."""
-    from dotenv import dotenv_values
-
-    values = {key: value for key, value in dotenv_values(".env").items() if value is not None}
-    return {**values, **os.environ}

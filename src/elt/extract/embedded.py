@@ -152,7 +152,7 @@ class EmbeddedBackend:
     def _offered_streams(self, spec: ConnectionSpec) -> list[str]:
         """From the cached catalog when it is current (no PyAirbyte import, no connector start-up)."""
         executable = ensure_connector(spec, self.settings.path(self.settings.connectors_dir), self.connections_file)
-        key = self._catalogs.key(spec, installed_version(executable), resolve_config(spec, _environment()))
+        key = self._catalogs.key(spec, installed_version(executable), resolve_config(spec, self.settings.environment()))
         cached = self._catalogs.stream_names(spec.name, key)
         if cached is not None and set(spec.streams) <= set(cached):
             return cached
@@ -215,7 +215,7 @@ class EmbeddedBackend:
     def _source(self, spec: ConnectionSpec, folder: SyncFolder, *, rediscover: bool) -> tuple[Source, str]:
         """The PyAirbyte source, its catalog and spec taken from the cache where they are current."""
         executable = ensure_connector(spec, self.settings.path(self.settings.connectors_dir), self.connections_file)
-        config = resolve_config(spec, _environment())
+        config = resolve_config(spec, self.settings.environment())
         airbyte = _import_pyairbyte()
         source = airbyte.get_source(
             spec.source.connector,
@@ -711,14 +711,6 @@ def _read(path: Path) -> str | None:
         return path.read_text()
     except FileNotFoundError:
         return None
-
-
-def _environment() -> dict[str, str]:
-    """Process environment plus `.env`, which pydantic-settings reads but does not export."""
-    from dotenv import dotenv_values
-
-    values = {key: value for key, value in dotenv_values(".env").items() if value is not None}
-    return {**values, **os.environ}
 
 
 def _first_line(exc: BaseException) -> str:
