@@ -19,7 +19,10 @@ from typing import ClassVar
 import pytest
 
 from elt import preflight
+from elt.errors import ConfigurationError
+from elt.extract import backend_for
 from elt.preflight import unknown_variables
+from elt.settings import load_settings
 from tests.conftest import BIN, CONNECTORS_DIR, GitRemote, git
 
 
@@ -185,6 +188,25 @@ def test_misspelled_key_in_a_connection_names_the_key_it_should_be(home: Home) -
 def test_unknown_connection_name_lists_the_enabled_ones(home: Home) -> None:
     completed = home.run("-c", "stripe")
     assert _last_line(completed) == f"error: connection 'stripe' is not in {home.connections} (enabled connections: faker)"
+
+
+TAG_REFUSED = (
+    "--tag nightly: tags select connections of an Airbyte server (ELT_AIRBYTE_BACKEND=server), "
+    "but ELT_AIRBYTE_BACKEND=embedded; name the connections with --connection instead"
+)
+
+
+def test_tag_on_the_embedded_backend_is_refused_not_ignored(home: Home) -> None:
+    """The embedded connections file has no tags: `--tag` there would sync every connection."""
+    completed = home.run("--tag", "nightly")
+    assert _last_line(completed) == f"error: {TAG_REFUSED}"
+
+
+def test_the_extract_backend_refuses_a_tag_the_flow_was_given(tmp_path: Path) -> None:
+    """A deployment run's `tag` parameter meets the same refusal where the backend is chosen."""
+    with pytest.raises(ConfigurationError) as refused:
+        backend_for(load_settings(home=tmp_path), tag="nightly")
+    assert str(refused.value) == TAG_REFUSED
 
 
 def test_missing_dbt_project_folder_names_the_setting_and_the_projects_found(home: Home) -> None:

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
-from elt.errors import EltError
+from elt.errors import EltError, first_line
 
 if TYPE_CHECKING:
     from prefect.states import State
 
-    from elt.flows import EtlSummary
+    from elt.reporting import EtlSummary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The ELT appliance's command line.")
 
@@ -59,6 +59,7 @@ def run(
         skip_extract=skip_extract,
         skip_pull=skip_pull,
         skip_transform=skip_transform,
+        tag=tag,
         dbt_target=target,
         connections_file=connections_file,
     )
@@ -75,9 +76,7 @@ def run(
         # return_state=True: Prefect's engine returns the final State, not the flow's value.
         state = cast(
             "State[EtlSummary]",
-            run_with_watchdog(
-                all_etl, **checked, full_refresh=full_refresh, select=select, exclude=exclude, tag=tag, return_state=True
-            ),
+            run_with_watchdog(all_etl, **checked, full_refresh=full_refresh, select=select, exclude=exclude, return_state=True),
         )
     _send_prefect_backlog()
     if not state.is_completed():
@@ -130,9 +129,8 @@ def _fail_on_bad_settings(debug: bool, stack: ExitStack, **run: Any) -> None:
     except Exception as exc:  # a check itself broke: say so in one line; --debug shows where
         if debug:
             raise
-        first = str(exc).splitlines()[0] if str(exc) else ""
         typer.secho(
-            f"error: checking the configuration failed: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+            f"error: checking the configuration failed: {type(exc).__name__}: {first_line(exc)} (rerun with --debug for the traceback)",
             fg="red",
             err=True,
         )
@@ -160,7 +158,7 @@ def _state_message(state: State[Any]) -> str:
     try:
         state.result()
     except Exception as exc:  # noqa: BLE001 - the flow's own exception carries the message the user needs
-        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return first_line(exc)
     return state.message or "no message"
 
 

@@ -319,6 +319,22 @@ def downstream_of_connections(dbt: Dbt, connections: list[str]) -> list[str]:
     return selectors
 
 
+def build_arguments(
+    select: str | None = None, exclude: str | None = None, *, full_refresh: bool = False, stale: list[str] | None = None
+) -> list[str]:
+    """`dbt build`'s arguments for a run's selection; `stale` (selectors) is left out besides `exclude`.
+
+    >>> build_arguments("marts", "legacy", full_refresh=True, stale=["source:faker.users+"])
+    ['build', '--select', 'marts', '--exclude', 'legacy source:faker.users+', '--full-refresh']
+    """
+    excluded = ([exclude] if exclude else []) + (stale or [])
+    arguments = ["build"]
+    arguments += ["--select", select] if select else []
+    arguments += ["--exclude", " ".join(excluded)] if excluded else []
+    arguments += ["--full-refresh"] if full_refresh else []
+    return arguments
+
+
 class DbtLogLevels:
     """The logging level of each line of dbt's text log, and the lines of its error events.
 

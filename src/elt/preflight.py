@@ -19,6 +19,7 @@ import yaml
 
 from elt import dbt_runner
 from elt.errors import ConfigurationError
+from elt.extract import refuse_tag
 from elt.git_repo import RepoSource, check_checkout, is_url, refuse_credentials
 from elt.settings import NON_SETTING_VARIABLES, AirbyteBackend, Settings, load_settings, setting_variables
 from elt.warehouse import warehouse_for
@@ -33,6 +34,7 @@ def check_run(
     skip_extract: bool = False,
     skip_pull: bool = False,
     skip_transform: bool = False,
+    tag: str | None = None,
     dbt_target: str | None = None,
     connections_file: str | None = None,
 ) -> Settings:
@@ -49,6 +51,7 @@ def check_run(
         skip_extract=skip_extract,
         skip_pull=skip_pull,
         skip_transform=skip_transform,
+        tag=tag,
         dbt_target=dbt_target,
         connections_file=connections_file,
     )
@@ -59,6 +62,7 @@ def check_run(
     settings = run_settings(dbt_target, connections_file)
     warehouse_for(settings).check_settings()
     if not skip_extract:
+        refuse_tag(settings, tag)
         check_connections(settings, connections, streams=False)
     if not (skip_pull and skip_transform):  # otherwise the run never touches the repo
         source = check_repo(settings, repo, branch, will_pull=not skip_pull)
@@ -101,13 +105,14 @@ class _Run(NamedTuple):
     skip_extract: bool
     skip_pull: bool
     skip_transform: bool
+    tag: str | None
     dbt_target: str | None
     connections_file: str | None
 
     @classmethod
     def of(cls, connections: list[str] | None = None, **run: Any) -> _Run:
         """From check_run's keyword arguments; those not given take check_run's defaults."""
-        fields: dict[str, Any] = {"repo": None, "branch": None, "project_dir": None, "dbt_target": None}
+        fields: dict[str, Any] = {"repo": None, "branch": None, "project_dir": None, "tag": None, "dbt_target": None}
         fields |= {"connections_file": None, "skip_extract": False, "skip_pull": False, "skip_transform": False}
         return cls(connections=tuple(connections or ()), **(fields | run))
 

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from elt import processes
-from elt.errors import TerminalError
+from elt.errors import TerminalError, first_line
 from elt.settings import Settings
 from elt.warehouse import warehouse_for
 
@@ -125,7 +125,7 @@ def _clean_up_after(dead: Holder, flow_run_id: str) -> None:
     try:
         mark_crashed(dead.flow_run_id, message)
     except Exception as exc:  # noqa: BLE001 - the dead run's record is history; this run goes on
-        logger.warning("Could not mark flow run %s Crashed: %s", dead.flow_run_id, str(exc).splitlines()[0])
+        logger.warning("Could not mark flow run %s Crashed: %s", dead.flow_run_id, first_line(exc))
 
 
 def mark_crashed(flow_run_id: str, message: str) -> list[str]:

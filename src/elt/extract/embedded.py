@@ -44,7 +44,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from elt.errors import ConfigurationError, EltError, TerminalError, TransientError
+from elt.errors import ConfigurationError, EltError, TerminalError, TransientError, first_line
 from elt.extract.base import SyncResult
 from elt.extract.connections import ConnectionSpec, load_connections, resolve_config
 from elt.settings import Settings
@@ -141,7 +141,7 @@ class EmbeddedBackend:
             try:
                 offered = self._offered_streams(spec)
             except Exception as exc:  # noqa: BLE001 - its sync fails with the full story; others still sync
-                logger.warning("connection '%s': streams not checked before the run: %s", name, _first_line(exc))
+                logger.warning("connection '%s': streams not checked before the run: %s", name, first_line(exc))
                 continue
             problem = self._unknown_streams(spec, offered)
             if problem:
@@ -291,7 +291,7 @@ class EmbeddedBackend:
     def _failure(self, spec: ConnectionSpec, exc: BaseException) -> EltError:
         if self._cancelled.is_set():
             return self._cancel_error(spec)
-        message = f"connection '{spec.name}' ({spec.source.connector}) failed: {_first_line(exc)}"
+        message = f"connection '{spec.name}' ({spec.source.connector}) failed: {first_line(exc)}"
         return EmbeddedSyncUnreachable(message) if _is_network_error(exc) else EmbeddedSyncFailed(message)
 
     def _publish(self, spec: ConnectionSpec, staged: Path, streams: list[str]) -> None:
@@ -300,7 +300,7 @@ class EmbeddedBackend:
         except Exception as exc:
             message = (
                 f"connection '{spec.name}': loading into {self.warehouse.schema_location(spec.destination.schema_)} "
-                f"failed: {_first_line(exc)}"
+                f"failed: {first_line(exc)}"
             )
             raise (EmbeddedSyncUnreachable if _is_network_error(exc) else EmbeddedSyncFailed)(message) from exc
 
@@ -711,8 +711,3 @@ def _read(path: Path) -> str | None:
         return path.read_text()
     except FileNotFoundError:
         return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
