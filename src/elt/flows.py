@@ -13,17 +13,19 @@ from pathlib import Path
 from typing import Any
 
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
 from prefect.runtime import flow_run
+from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from elt import dbt_runner, git_repo, preflight, processes, reporting, run_lock
-from elt.errors import EltError, first_line
+from elt.errors import EltError, TransientError, first_line
 from elt.extract import backend_for
 from elt.extract.base import ExtractBackend, ExtractFailed, ExtractReport, SyncFailure, SyncResult, UnknownConnections
 from elt.reporting import EtlSummary
 from elt.settings import Settings, load_settings
 from elt.warehouse import warehouse_for
-from prefect import flow, get_run_logger, task
+from prefect import Task, flow, get_run_logger, task
 
 __all__ = ["EtlSummary", "all_etl", "extract_load", "transform", "update_code"]
 
@@ -46,7 +48,18 @@ def _settings_of_this_run(settings: Settings) -> Iterator[None]:
         _run_settings.reset(token)
 
 
-@task(task_run_name="sync-{connection}", cache_policy=NO_CACHE)
+def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Prefect's retry_condition_fn: retry only what a retry can fix (errors.TransientError)."""
+    try:
+        state.result()
+    except TransientError:
+        return True
+    except BaseException:  # noqa: BLE001 - any other failure is terminal: no retry
+        return False
+    return False
+
+
+@task(task_run_name="sync-{connection}", cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient)
 def sync_connection(backend: ExtractBackend, connection: str, full_refresh: bool) -> SyncResult:
     result = backend.sync(connection, full_refresh=full_refresh)
     detail = ", ".join(f"{stream} {rows}" for stream, rows in (result.rows_per_stream or {}).items())
@@ -60,7 +73,8 @@ def extract_load(connections: list[str] | None = None, full_refresh: bool = Fals
 
     Every sync runs to its end even when another fails; the stage then fails naming the failed ones.
     """
-    backend = backend_for(_settings(), tag)
+    settings = _settings()
+    backend = backend_for(settings, tag)
     known = backend.connection_names()
     names = connections or known
     unknown = sorted(set(names) - set(known))
@@ -68,7 +82,8 @@ def extract_load(connections: list[str] | None = None, full_refresh: bool = Fals
         raise UnknownConnections(unknown, known)
 
     report = ExtractReport()
-    futures = {name: sync_connection.submit(backend, name, full_refresh) for name in names}
+    sync = sync_connection.with_options(retries=settings.sync_attempts - 1, retry_delay_seconds=settings.sync_retry_delay_seconds)
+    futures = {name: sync.submit(backend, name, full_refresh) for name in names}
     try:
         for name, future in futures.items():
             try:

@@ -69,6 +69,13 @@ class Settings(BaseSettings):
         "discover runs again; 0 discovers on every sync. A changed config or connector version always rediscovers.",
     )
     extract_concurrency: int = Field(10, ge=1, description="How many connections sync at once.")
+    sync_attempts: int = Field(
+        1,
+        ge=1,
+        description="Attempts per connection sync that fails with a transient error (network, a busy or restarting "
+        "server); a terminal error (bad config, a failed connector) fails at once. 1: no retry.",
+    )
+    sync_retry_delay_seconds: float = Field(30.0, ge=0, description="Wait before a sync's next attempt.")
 
     airbyte_url: str = Field(
         "http://localhost:8000",
