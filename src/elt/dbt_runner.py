@@ -73,7 +73,6 @@ class NodeResult:
     seconds: float
     message: str | None
     rows_affected: int | None
-    failures: int | None = None
     relation_name: str | None = None  # as dbt quotes it in SQL, e.g. "warehouse"."main_marts"."orders"
     materialized: str | None = None
 
@@ -426,7 +425,6 @@ def _read_run_results(project: DbtProject, written_after: float) -> list[NodeRes
                 seconds=round(float(result.get("execution_time") or 0.0), 3),
                 message=result.get("message"),
                 rows_affected=adapter_response.get("rows_affected"),
-                failures=result.get("failures"),
                 relation_name=result.get("relation_name") or node.get("relation_name"),
                 materialized=(node.get("config") or {}).get("materialized"),
             )

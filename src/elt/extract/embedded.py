@@ -82,7 +82,7 @@ class EmbeddedSyncCancelled(EltError):
     """The run was cancelled or the process told to stop; nothing of the unfinished streams was written."""
 
 
-class UnknownConnection(ConfigurationError):
+class ConnectionNotInFile(ConfigurationError):
     pass
 
 
@@ -125,7 +125,7 @@ class EmbeddedBackend:
         try:
             return self._connections[name]
         except KeyError:
-            raise UnknownConnection(
+            raise ConnectionNotInFile(
                 f"connection '{name}' is not in {self.connections_file} "
                 f"(enabled connections: {', '.join(self._connections) or 'none'})"
             ) from None
@@ -663,7 +663,9 @@ def _import_pyairbyte() -> ModuleType:
     root = logging.getLogger()
     handlers_before = list(root.handlers)
     # airbyte_cdk's entrypoint runs logging.config.dictConfig at import time, which closes every
-    # existing handler and sends all logs through its JSON formatter; put Prefect's logging back.
+    # existing handler (even with disable_existing_loggers=False:
+    # https://github.com/python/cpython/issues/127567) and sends all logs through its JSON
+    # formatter; put Prefect's logging back.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # google-cloud's Python 3.11 end-of-life notices
         import airbyte_cdk.entrypoint  # noqa: F401
