@@ -137,7 +137,9 @@ def notify_automation(block_id) -> Automation:
 
 def main() -> None:
     print(f"work pool {POOL}: {asyncio.run(work_pool())}")
-    seconds = int(os.environ.get("ELT_ZOMBIE_SECONDS") or 300)
+    from elt.settings import load_settings
+
+    seconds = load_settings().zombie_seconds
     print(f"automation {ZOMBIE}: {ensure_automation(zombie_automation(seconds))}")
     url = os.environ.get("SLACK_WEBHOOK_URL")
     if not url and "--slack-webhook-url-from-stdin" in sys.argv[1:]:

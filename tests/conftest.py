@@ -258,3 +258,20 @@ def snowflake_env(monkeypatch: pytest.MonkeyPatch, fakesnow_server: FakesnowServ
     for name, value in fakesnow_server.env().items():
         monkeypatch.setenv(name, value)
     return fakesnow_server
+
+
+@pytest.fixture
+def settings_loads(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Every Settings object built in this process from now on (load_settings and direct builds alike),
+    as the keyword arguments it was built with."""
+    from elt.settings import Settings
+
+    loads: list[dict] = []
+    build = Settings.__init__
+
+    def counted(self: Settings, **values: object) -> None:
+        loads.append(values)
+        build(self, **values)
+
+    monkeypatch.setattr(Settings, "__init__", counted)
+    return loads

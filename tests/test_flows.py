@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
 import duckdb
 import pytest
+from typer.testing import CliRunner
 
+from elt.cli import app
 from elt.flows import all_etl, transform
 from tests.conftest import BIN, TINY_PROJECT, GitRemote, PrefectServer, git, make_remote
 
@@ -55,6 +59,29 @@ def test_cli_runs_all_etl_end_to_end(prefect_server: PrefectServer, appliance_re
     assert {status for node, status in statuses.items() if node.startswith("test.")} == {"pass"}
     extract_rows = _artifact(prefect_server, "extract-load-results")["data"]
     assert "purchases" in str(extract_rows)
+
+
+def test_cli_run_loads_settings_once_and_passes_its_flags_as_flow_parameters(
+    prefect_server: PrefectServer, tiny_remote: GitRemote, appliance_env: Path, settings_loads: list[dict]
+) -> None:
+    """`elt run --target ci` in this process: the settings are loaded once (the CLI's check; the flow
+    and its child flows use that object), and --target reaches the flow run's parameters and dbt
+    without being written into os.environ."""
+    handler = signal.getsignal(signal.SIGTERM)  # the CLI's watchdog installs its own
+    try:
+        result = CliRunner().invoke(app, ["run", "--skip-extract", "--repo", str(tiny_remote.bare), "--target", "ci"])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert result.exit_code == 0, result.output
+    assert "all-etl completed" in result.output
+    assert len(settings_loads) == 1, settings_loads
+    assert "ELT_DBT_TARGET" not in os.environ
+    response = prefect_server.post(
+        "/flow_runs/filter", {"flows": {"name": {"any_": ["all-etl"]}}, "sort": "START_TIME_DESC", "limit": 1}
+    )
+    assert response.json()[0]["parameters"]["dbt_target"] == "ci"
+    (run_results,) = (appliance_env / "data" / "repos").glob("*/dbt/target/run_results.json")
+    assert json.loads(run_results.read_text())["args"]["target"] == "ci"
 
 
 def test_failing_model_fails_the_run_and_names_the_node(

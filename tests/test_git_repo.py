@@ -97,7 +97,7 @@ def test_branch_without_upstream_deploys_local_head(tmp_path: Path) -> None:
     git("-c", "user.email=t@example.invalid", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init", cwd=checkout)
     deployed = update_code(RepoSource.from_settings(load_settings(), repo=str(checkout)))
     assert deployed.sha == git("rev-parse", "HEAD", cwd=checkout)
-    assert not deployed.pulled
+    assert not deployed.changed
 
 
 def test_wrong_branch_is_refused(appliance_remote: GitRemote, tmp_path: Path) -> None:

@@ -18,7 +18,11 @@ from typing import ClassVar
 
 import pytest
 
+from elt import preflight
+from elt.errors import ConfigurationError
+from elt.extract import backend_for
 from elt.preflight import unknown_variables
+from elt.settings import load_settings
 from tests.conftest import BIN, CONNECTORS_DIR, GitRemote, git
 
 
@@ -186,6 +190,25 @@ def test_unknown_connection_name_lists_the_enabled_ones(home: Home) -> None:
     assert _last_line(completed) == f"error: connection 'stripe' is not in {home.connections} (enabled connections: faker)"
 
 
+TAG_REFUSED = (
+    "--tag nightly: tags select connections of an Airbyte server (ELT_AIRBYTE_BACKEND=server), "
+    "but ELT_AIRBYTE_BACKEND=embedded; name the connections with --connection instead"
+)
+
+
+def test_tag_on_the_embedded_backend_is_refused_not_ignored(home: Home) -> None:
+    """The embedded connections file has no tags: `--tag` there would sync every connection."""
+    completed = home.run("--tag", "nightly")
+    assert _last_line(completed) == f"error: {TAG_REFUSED}"
+
+
+def test_the_extract_backend_refuses_a_tag_the_flow_was_given(tmp_path: Path) -> None:
+    """A deployment run's `tag` parameter meets the same refusal where the backend is chosen."""
+    with pytest.raises(ConfigurationError) as refused:
+        backend_for(load_settings(home=tmp_path), tag="nightly")
+    assert str(refused.value) == TAG_REFUSED
+
+
 def test_missing_dbt_project_folder_names_the_setting_and_the_projects_found(home: Home) -> None:
     completed = home.run("--skip-extract", dotenv="ELT_DBT_PROJECT_DIR=missing\n")
     assert _last_line(completed) == (
@@ -239,3 +262,19 @@ def test_debug_flag_adds_the_traceback(home: Home) -> None:
     completed = home.run("--debug", dotenv="ELT_DBT_PROJECT_DIR=missing\n")
     assert "Traceback (most recent call last)" in completed.stderr
     assert completed.stderr.rstrip("\n").splitlines()[-1].startswith("error: ELT_DBT_PROJECT_DIR: ")
+
+
+def test_a_run_the_cli_checked_is_not_loaded_or_checked_again_by_its_flow(settings_loads: list[dict]) -> None:
+    """`elt run` checks before Prefect starts, then runs the flow in the same process, whose first
+    step is the same check: the settings are loaded once and the flow gets the CLI's object, with
+    --target applied as an override (not written into os.environ). Another run is checked afresh."""
+    run = {"skip_extract": True, "skip_pull": True, "skip_transform": True, "dbt_target": "ci"}
+    with preflight.checked_once(**run) as checked:
+        assert preflight.check_run(**run) is checked
+        assert len(settings_loads) == 1
+        other = preflight.check_run(**(run | {"dbt_target": "prod"}))
+        assert len(settings_loads) == 2
+    assert (checked.effective_dbt_target, other.effective_dbt_target) == ("ci", "prod")
+    assert "ELT_DBT_TARGET" not in os.environ
+    preflight.check_run(**run)
+    assert len(settings_loads) == 3  # outside the block, a run is checked again

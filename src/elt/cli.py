@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import os
 import traceback
+from contextlib import ExitStack
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
-from elt.errors import EltError
+from elt.errors import EltError, first_line
 
 if TYPE_CHECKING:
     from prefect.states import State
 
-    from elt.flows import EtlSummary
+    from elt.reporting import EtlSummary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The ELT appliance's command line.")
 
@@ -50,11 +51,7 @@ def run(
     debug: Annotated[bool, typer.Option("--debug", help="Print the traceback of an error, not only its message.")] = False,
 ) -> None:
     """Run the all-etl flow here: sync connections, pull the dbt project, dbt build."""
-    for variable, value in (("ELT_DBT_TARGET", target), ("ELT_AIRBYTE_CONNECTIONS_FILE", connections_file)):
-        if value is not None:
-            os.environ[variable] = value
-    _fail_on_bad_settings(
-        debug,
+    checked = dict(
         connections=connection or None,
         repo=repo,
         branch=branch,
@@ -62,34 +59,25 @@ def run(
         skip_extract=skip_extract,
         skip_pull=skip_pull,
         skip_transform=skip_transform,
+        tag=tag,
+        dbt_target=target,
+        connections_file=connections_file,
     )
-    # A temporary Prefect server's first start migrates a fresh SQLite database (~20 s here).
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    with ExitStack() as stack:
+        _fail_on_bad_settings(debug, stack, **checked)
+        # A temporary Prefect server's first start migrates a fresh SQLite database (~20 s here).
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-    from elt.flows import all_etl
-    from elt.processes import run_with_watchdog
+        from elt.flows import all_etl
+        from elt.processes import run_with_watchdog
 
-    # The watchdog starts before Prefect does: a temporary Prefect server is a child of the run too.
-    # return_state=True: Prefect's engine returns the final State, not the flow's value.
-    state = cast(
-        "State[EtlSummary]",
-        run_with_watchdog(
-            all_etl,
-            connections=connection or None,
-            full_refresh=full_refresh,
-            select=select,
-            exclude=exclude,
-            skip_extract=skip_extract,
-            skip_pull=skip_pull,
-            skip_transform=skip_transform,
-            repo=repo,
-            branch=branch,
-            project_dir=project_dir,
-            tag=tag,
-            return_state=True,
-        ),
-    )
+        # The watchdog starts before Prefect does: a temporary Prefect server is a child of the run too.
+        # return_state=True: Prefect's engine returns the final State, not the flow's value.
+        state = cast(
+            "State[EtlSummary]",
+            run_with_watchdog(all_etl, **checked, full_refresh=full_refresh, select=select, exclude=exclude, return_state=True),
+        )
     _send_prefect_backlog()
     if not state.is_completed():
         if debug:
@@ -125,13 +113,14 @@ def doctor(
     typer.echo("all checks passed")
 
 
-def _fail_on_bad_settings(debug: bool, **run: Any) -> None:
+def _fail_on_bad_settings(debug: bool, stack: ExitStack, **run: Any) -> None:
     """Refuse to start a run whose configuration can't work, before Prefect spins up: one line
-    naming the variable or file and the fix (src/elt/preflight.py has every check)."""
+    naming the variable or file and the fix (src/elt/preflight.py has every check). Until `stack`
+    closes, the flow's own check of this run returns these checked settings."""
     from elt import preflight
 
     try:
-        preflight.check_run(**run)
+        stack.enter_context(preflight.checked_once(**run))
     except EltError as exc:
         if debug:
             traceback.print_exc()
@@ -140,9 +129,8 @@ def _fail_on_bad_settings(debug: bool, **run: Any) -> None:
     except Exception as exc:  # a check itself broke: say so in one line; --debug shows where
         if debug:
             raise
-        first = str(exc).splitlines()[0] if str(exc) else ""
         typer.secho(
-            f"error: checking the configuration failed: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+            f"error: checking the configuration failed: {type(exc).__name__}: {first_line(exc)} (rerun with --debug for the traceback)",
             fg="red",
             err=True,
         )
@@ -170,7 +158,7 @@ def _state_message(state: State[Any]) -> str:
     try:
         state.result()
     except Exception as exc:  # noqa: BLE001 - the flow's own exception carries the message the user needs
-        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return first_line(exc)
     return state.message or "no message"
 
 

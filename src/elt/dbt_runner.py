@@ -73,7 +73,6 @@ class NodeResult:
     seconds: float
     message: str | None
     rows_affected: int | None
-    failures: int | None = None
     relation_name: str | None = None  # as dbt quotes it in SQL, e.g. "warehouse"."main_marts"."orders"
     materialized: str | None = None
 
@@ -319,6 +318,22 @@ def downstream_of_connections(dbt: Dbt, connections: list[str]) -> list[str]:
     return selectors
 
 
+def build_arguments(
+    select: str | None = None, exclude: str | None = None, *, full_refresh: bool = False, stale: list[str] | None = None
+) -> list[str]:
+    """`dbt build`'s arguments for a run's selection; `stale` (selectors) is left out besides `exclude`.
+
+    >>> build_arguments("marts", "legacy", full_refresh=True, stale=["source:faker.users+"])
+    ['build', '--select', 'marts', '--exclude', 'legacy source:faker.users+', '--full-refresh']
+    """
+    excluded = ([exclude] if exclude else []) + (stale or [])
+    arguments = ["build"]
+    arguments += ["--select", select] if select else []
+    arguments += ["--exclude", " ".join(excluded)] if excluded else []
+    arguments += ["--full-refresh"] if full_refresh else []
+    return arguments
+
+
 class DbtLogLevels:
     """The logging level of each line of dbt's text log, and the lines of its error events.
 
@@ -410,7 +425,6 @@ def _read_run_results(project: DbtProject, written_after: float) -> list[NodeRes
                 seconds=round(float(result.get("execution_time") or 0.0), 3),
                 message=result.get("message"),
                 rows_affected=adapter_response.get("rows_affected"),
-                failures=result.get("failures"),
                 relation_name=result.get("relation_name") or node.get("relation_name"),
                 materialized=(node.get("config") or {}).get("materialized"),
             )

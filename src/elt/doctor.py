@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from elt.errors import EltError
+from elt.errors import EltError, first_line
 from elt.settings import AirbyteBackend, Settings, load_settings_or_defaults
 
 
@@ -65,7 +65,7 @@ def run_checks() -> Iterator[Check]:
         except Problems as exc:
             yield Check(name, False, str(exc), traceback.format_exc())
         except Exception as exc:  # noqa: BLE001 - every failure becomes a reported problem, never a crash
-            yield Check(name, False, str(exc).splitlines()[0] if str(exc) else type(exc).__name__, traceback.format_exc())
+            yield Check(name, False, first_line(exc), traceback.format_exc())
 
 
 def _checks(settings: Settings) -> list[tuple[str, tuple[str, ...], Callable[[], str]]]:

@@ -21,3 +21,14 @@ class TerminalError(EltError):
 
 class ConfigurationError(TerminalError):
     """A setting, file or parameter is missing or malformed."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none: what one
+    line of a table, log or summary shows.
+
+    >>> first_line(ValueError("bad value\\nmore detail"))
+    'bad value'
+    """
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -56,7 +56,6 @@ class Deployed:
     branch: str
     sha: str
     previous_sha: str | None
-    pulled: bool
 
     @property
     def changed(self) -> bool:
@@ -222,7 +221,7 @@ def _clone(source: RepoSource, env: dict[str, str]) -> Deployed:
     except git.GitCommandError as exc:
         raise _remote_error(exc, source, "clone") from None
     sha = repo.head.commit.hexsha
-    return Deployed(shown_location(source.location), source.checkout, repo.active_branch.name, sha, None, True)
+    return Deployed(shown_location(source.location), source.checkout, repo.active_branch.name, sha, None)
 
 
 def origin_mismatch(source: RepoSource) -> str | None:
@@ -330,7 +329,7 @@ def _fast_forward(source: RepoSource, env: dict[str, str]) -> Deployed:
     tracking = current.tracking_branch()
     if tracking is None:
         logger.info("%s: branch '%s' tracks no remote branch; deploying local HEAD %s", where, branch, previous[:12])
-        return Deployed(shown_location(source.location), source.checkout, branch, previous, previous, False)
+        return Deployed(shown_location(source.location), source.checkout, branch, previous, previous)
 
     remote = repo.remote(tracking.remote_name)
     fetched_from = shown_location(remote.url)
@@ -345,7 +344,7 @@ def _fast_forward(source: RepoSource, env: dict[str, str]) -> Deployed:
         ahead = len(list(repo.iter_commits(f"{upstream.hexsha}..HEAD")))
         if ahead:
             logger.warning("%s: %d local commit(s) not on %s; deploying local HEAD", where, ahead, tracking.name)
-        return Deployed(fetched_from, source.checkout, branch, previous, previous, True)
+        return Deployed(fetched_from, source.checkout, branch, previous, previous)
     if not repo.is_ancestor(repo.head.commit, upstream):
         raise GitHistoryDiverged(
             f"{where}: branch '{branch}' and {tracking.name} have diverged "
@@ -359,7 +358,7 @@ def _fast_forward(source: RepoSource, env: dict[str, str]) -> Deployed:
         raise GitError(f"{where}: fast-forward to {upstream.hexsha[:12]} refused: {_stderr(exc)}") from None
     sha = repo.head.commit.hexsha
     logger.info("%s: fast-forwarded %s → %s", where, previous[:12], sha[:12])
-    return Deployed(fetched_from, source.checkout, branch, sha, previous, True)
+    return Deployed(fetched_from, source.checkout, branch, sha, previous)
 
 
 def check_reachable(source: RepoSource) -> str:

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import yaml
 
 from elt import dbt_runner
 from elt.errors import ConfigurationError
+from elt.extract import refuse_tag
 from elt.git_repo import RepoSource, check_checkout, is_url, refuse_credentials
 from elt.settings import NON_SETTING_VARIABLES, AirbyteBackend, Settings, load_settings, setting_variables
 from elt.warehouse import warehouse_for
@@ -30,12 +34,35 @@ def check_run(
     skip_extract: bool = False,
     skip_pull: bool = False,
     skip_transform: bool = False,
+    tag: str | None = None,
+    dbt_target: str | None = None,
+    connections_file: str | None = None,
 ) -> Settings:
-    """Every check of one `elt run`, in the order the run would meet the problems; returns the settings."""
+    """Every check of one `elt run`, in the order the run would meet the problems; returns the
+    settings, loaded once with the run's `dbt_target` and `connections_file` (--target,
+    --connections-file) over ELT_DBT_TARGET and ELT_AIRBYTE_CONNECTIONS_FILE.
+
+    Inside `checked_once(...)` of the same run it returns that block's settings without checking again."""
+    run = _Run.of(
+        connections=connections,
+        repo=repo,
+        branch=branch,
+        project_dir=project_dir,
+        skip_extract=skip_extract,
+        skip_pull=skip_pull,
+        skip_transform=skip_transform,
+        tag=tag,
+        dbt_target=dbt_target,
+        connections_file=connections_file,
+    )
+    already = _checked.get()
+    if already is not None and already[0] == run:
+        return already[1]
     check_environment()
-    settings = load_settings()
+    settings = run_settings(dbt_target, connections_file)
     warehouse_for(settings).check_settings()
     if not skip_extract:
+        refuse_tag(settings, tag)
         check_connections(settings, connections, streams=False)
     if not (skip_pull and skip_transform):  # otherwise the run never touches the repo
         source = check_repo(settings, repo, branch, will_pull=not skip_pull)
@@ -45,6 +72,52 @@ def check_run(
         # Last: without a cached catalog this starts the connector (discover), so cheaper checks go first.
         check_connections(settings, connections, streams=True)
     return settings
+
+
+def run_settings(dbt_target: str | None = None, connections_file: str | None = None) -> Settings:
+    """The settings of one run: the environment and `.env`, with the run's own dbt target and
+    connections file (flow parameters, --target and --connections-file) where given."""
+    overrides = {"dbt_target": dbt_target, "airbyte_connections_file": connections_file}
+    return load_settings(**{name: value for name, value in overrides.items() if value is not None})
+
+
+@contextmanager
+def checked_once(**run: Any) -> Iterator[Settings]:
+    """`check_run(**run)` now; inside the block, `check_run` of the same run returns these settings
+    instead of loading and checking again. `elt run` checks before Prefect starts (a fast,
+    one-line error) and then runs the flow in this process, whose first step is the same check
+    (a deployment run's only one)."""
+    settings = check_run(**run)
+    token = _checked.set((_Run.of(**run), settings))
+    try:
+        yield settings
+    finally:
+        _checked.reset(token)
+
+
+class _Run(NamedTuple):
+    """The arguments of one check_run, compared to tell whether a run was checked already."""
+
+    connections: tuple[str, ...]
+    repo: str | None
+    branch: str | None
+    project_dir: str | None
+    skip_extract: bool
+    skip_pull: bool
+    skip_transform: bool
+    tag: str | None
+    dbt_target: str | None
+    connections_file: str | None
+
+    @classmethod
+    def of(cls, connections: list[str] | None = None, **run: Any) -> _Run:
+        """From check_run's keyword arguments; those not given take check_run's defaults."""
+        fields: dict[str, Any] = {"repo": None, "branch": None, "project_dir": None, "tag": None, "dbt_target": None}
+        fields |= {"connections_file": None, "skip_extract": False, "skip_pull": False, "skip_transform": False}
+        return cls(connections=tuple(connections or ()), **(fields | run))
+
+
+_checked: ContextVar[tuple[_Run, Settings] | None] = ContextVar("elt_checked_run", default=None)
 
 
 def check_environment(environ: Mapping[str, str] | None = None, dotenv: Path = Path(".env")) -> str:
@@ -110,7 +183,7 @@ def check_connections(settings: Settings, names: list[str] | None = None, *, str
     path = settings.path(settings.airbyte_connections_file)
     backend = EmbeddedBackend(settings, load_connections(path))
     selected = [backend.connection(name).name for name in names] if names else backend.connection_names()
-    environment = _environment()
+    environment = settings.environment()
     for name in selected:
         unset = unset_references(backend.connection(name), environment)
         if unset:
@@ -153,11 +226,3 @@ def _dbt_projects_in(checkout: Path) -> list[str]:
     found = [*checkout.glob("dbt_project.yml"), *checkout.glob("*/dbt_project.yml"), *checkout.glob("*/*/dbt_project.yml")]
     folders = [str(path.parent.relative_to(checkout)) for path in found if "dbt_packages" not in path.parts]
     return sorted(folders)[:5]
-
-
-def _environment() -> dict[str, str]:
-    """Process environment plus `.env`, where `${VAR}` references are looked up at sync time."""
-    from dotenv import dotenv_values
-
-    values = {key: value for key, value in dotenv_values(".env").items() if value is not None}
-    return {**values, **os.environ}

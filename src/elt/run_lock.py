@@ -14,20 +14,18 @@ from a shell and overlapping deployments.
 from __future__ import annotations
 
 import fcntl
-import functools
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar, cast
 
 from elt import processes
-from elt.errors import TerminalError
+from elt.errors import TerminalError, first_line
 from elt.settings import Settings
 from elt.warehouse import warehouse_for
 
@@ -36,8 +34,6 @@ logger = logging.getLogger(__name__)
 # A dead run's watchdog may still be stopping its children (dbt holding DuckDB's lock).
 WATCHDOG_WAIT_SECONDS = 15.0
 _UNFINISHED_STATES = frozenset({"SCHEDULED", "PENDING", "RUNNING", "CANCELLING", "PAUSED"})
-
-F = TypeVar("F", bound=Callable)
 
 
 class WarehouseInUse(TerminalError):
@@ -93,20 +89,6 @@ def hold(settings: Settings, flow_run_id: str) -> Iterator[Holder]:
         os.close(descriptor)  # releases the flock
 
 
-def one_run_per_warehouse(function: F) -> F:
-    """Decorator for the all-etl flow function: the run holds its warehouse's lock throughout."""
-    from elt.settings import load_settings
-
-    @functools.wraps(function)
-    def locked(*args: Any, **kwargs: Any) -> Any:
-        from prefect.runtime import flow_run
-
-        with hold(load_settings(), str(flow_run.id)):
-            return function(*args, **kwargs)
-
-    return cast(F, locked)
-
-
 def _write(descriptor: int, text: str) -> None:
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, text.encode(), 0)
@@ -143,7 +125,7 @@ def _clean_up_after(dead: Holder, flow_run_id: str) -> None:
     try:
         mark_crashed(dead.flow_run_id, message)
     except Exception as exc:  # noqa: BLE001 - the dead run's record is history; this run goes on
-        logger.warning("Could not mark flow run %s Crashed: %s", dead.flow_run_id, str(exc).splitlines()[0])
+        logger.warning("Could not mark flow run %s Crashed: %s", dead.flow_run_id, first_line(exc))
 
 
 def mark_crashed(flow_run_id: str, message: str) -> list[str]:

@@ -8,6 +8,7 @@ inside the worker container.
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,13 @@ class Settings(BaseSettings):
         "discover runs again; 0 discovers on every sync. A changed config or connector version always rediscovers.",
     )
     extract_concurrency: int = Field(10, ge=1, description="How many connections sync at once.")
+    sync_attempts: int = Field(
+        1,
+        ge=1,
+        description="Attempts per connection sync that fails with a transient error (network, a busy or restarting "
+        "server); a terminal error (bad config, a failed connector) fails at once. 1: no retry.",
+    )
+    sync_retry_delay_seconds: float = Field(30.0, ge=0, description="Wait before a sync's next attempt.")
 
     airbyte_url: str = Field(
         "http://localhost:8000",
@@ -142,6 +150,20 @@ class Settings(BaseSettings):
         description="How long one login to Snowflake may take, retries included, before it fails naming the account and host.",
     )
 
+    docs_dir: Path = Field(
+        Path("/var/lib/elt/dbt-docs"),
+        description="The dbt-docs service's folder: site/ (served) and target/ (dbt's target path).",
+    )
+    docs_port: int = Field(8080, ge=1, le=65535, description="Port the dbt-docs service listens on inside its container.")
+    docs_poll_seconds: float = Field(
+        30.0, gt=0, description="How often the dbt-docs service asks Prefect for a newer completed all-etl run."
+    )
+    zombie_seconds: int = Field(
+        300,
+        ge=1,
+        description="The crash-zombie-flow-runs automation marks a flow run Crashed after this long without a heartbeat.",
+    )
+
     @field_validator("git_repo")
     @classmethod
     def _no_credentials_in_repo_url(cls, value: str | None) -> str | None:
@@ -165,6 +187,15 @@ class Settings(BaseSettings):
     @property
     def effective_dbt_target(self) -> str:
         return self.dbt_target or self.warehouse.value
+
+    def environment(self) -> dict[str, str]:
+        """The process environment over the `.env` file these settings read, which pydantic-settings
+        does not export: where the connections' `${VAR}` references are looked up."""
+        from dotenv import dotenv_values
+
+        env_file = self.model_config.get("env_file")
+        values = dotenv_values(env_file) if isinstance(env_file, str) else {}
+        return {**{key: value for key, value in values.items() if value is not None}, **os.environ}
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -214,8 +245,8 @@ def _problems(exc: ValidationError) -> list[tuple[str, str, str]]:
     return problems
 
 
-# ELT_ variables that are not settings of the appliance: the compose stack, setup.sh and the
-# dbt-docs service read them (docker/docker-compose.yml, docker/Dockerfile, docker/dbt_docs.py),
+# ELT_ variables that are not settings of the appliance: the compose stack and setup.sh read them
+# (docker/docker-compose.yml, docker/Dockerfile),
 # or the appliance sets them for its own children (git's askpass helper, dbt's query tag).
 NON_SETTING_VARIABLES = frozenset(
     {
@@ -227,11 +258,7 @@ NON_SETTING_VARIABLES = frozenset(
         "ELT_POSTGRES_IMAGE",
         "ELT_COMPOSE_OVERRIDE",  # docker/compose.sh
         "ELT_AIRBYTE_URL_FROM_STACK",  # becomes the worker's ELT_AIRBYTE_URL
-        "ELT_HEARTBEAT_SECONDS",
-        "ELT_ZOMBIE_SECONDS",  # Prefect heartbeat and zombie automation
-        "ELT_DOCS_DIR",
-        "ELT_DOCS_PORT",
-        "ELT_DOCS_POLL_SECONDS",  # docker/dbt_docs.py
+        "ELT_HEARTBEAT_SECONDS",  # the worker's PREFECT_FLOWS_HEARTBEAT_FREQUENCY
         "ELT_GIT_ASKPASS_TOKEN",
         "ELT_GIT_ASKPASS_USERNAME",  # git_repo's askpass helper
         "ELT_SNOWFLAKE_QUERY_TAG",

@@ -44,7 +44,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from elt.errors import ConfigurationError, EltError, TerminalError, TransientError
+from elt.errors import ConfigurationError, EltError, TerminalError, TransientError, first_line
 from elt.extract.base import SyncResult
 from elt.extract.connections import ConnectionSpec, load_connections, resolve_config
 from elt.settings import Settings
@@ -82,7 +82,7 @@ class EmbeddedSyncCancelled(EltError):
     """The run was cancelled or the process told to stop; nothing of the unfinished streams was written."""
 
 
-class UnknownConnection(ConfigurationError):
+class ConnectionNotInFile(ConfigurationError):
     pass
 
 
@@ -125,7 +125,7 @@ class EmbeddedBackend:
         try:
             return self._connections[name]
         except KeyError:
-            raise UnknownConnection(
+            raise ConnectionNotInFile(
                 f"connection '{name}' is not in {self.connections_file} "
                 f"(enabled connections: {', '.join(self._connections) or 'none'})"
             ) from None
@@ -141,7 +141,7 @@ class EmbeddedBackend:
             try:
                 offered = self._offered_streams(spec)
             except Exception as exc:  # noqa: BLE001 - its sync fails with the full story; others still sync
-                logger.warning("connection '%s': streams not checked before the run: %s", name, _first_line(exc))
+                logger.warning("connection '%s': streams not checked before the run: %s", name, first_line(exc))
                 continue
             problem = self._unknown_streams(spec, offered)
             if problem:
@@ -152,7 +152,7 @@ class EmbeddedBackend:
     def _offered_streams(self, spec: ConnectionSpec) -> list[str]:
         """From the cached catalog when it is current (no PyAirbyte import, no connector start-up)."""
         executable = ensure_connector(spec, self.settings.path(self.settings.connectors_dir), self.connections_file)
-        key = self._catalogs.key(spec, installed_version(executable), resolve_config(spec, _environment()))
+        key = self._catalogs.key(spec, installed_version(executable), resolve_config(spec, self.settings.environment()))
         cached = self._catalogs.stream_names(spec.name, key)
         if cached is not None and set(spec.streams) <= set(cached):
             return cached
@@ -215,7 +215,7 @@ class EmbeddedBackend:
     def _source(self, spec: ConnectionSpec, folder: SyncFolder, *, rediscover: bool) -> tuple[Source, str]:
         """The PyAirbyte source, its catalog and spec taken from the cache where they are current."""
         executable = ensure_connector(spec, self.settings.path(self.settings.connectors_dir), self.connections_file)
-        config = resolve_config(spec, _environment())
+        config = resolve_config(spec, self.settings.environment())
         airbyte = _import_pyairbyte()
         source = airbyte.get_source(
             spec.source.connector,
@@ -291,7 +291,7 @@ class EmbeddedBackend:
     def _failure(self, spec: ConnectionSpec, exc: BaseException) -> EltError:
         if self._cancelled.is_set():
             return self._cancel_error(spec)
-        message = f"connection '{spec.name}' ({spec.source.connector}) failed: {_first_line(exc)}"
+        message = f"connection '{spec.name}' ({spec.source.connector}) failed: {first_line(exc)}"
         return EmbeddedSyncUnreachable(message) if _is_network_error(exc) else EmbeddedSyncFailed(message)
 
     def _publish(self, spec: ConnectionSpec, staged: Path, streams: list[str]) -> None:
@@ -300,7 +300,7 @@ class EmbeddedBackend:
         except Exception as exc:
             message = (
                 f"connection '{spec.name}': loading into {self.warehouse.schema_location(spec.destination.schema_)} "
-                f"failed: {_first_line(exc)}"
+                f"failed: {first_line(exc)}"
             )
             raise (EmbeddedSyncUnreachable if _is_network_error(exc) else EmbeddedSyncFailed)(message) from exc
 
@@ -663,7 +663,9 @@ def _import_pyairbyte() -> ModuleType:
     root = logging.getLogger()
     handlers_before = list(root.handlers)
     # airbyte_cdk's entrypoint runs logging.config.dictConfig at import time, which closes every
-    # existing handler and sends all logs through its JSON formatter; put Prefect's logging back.
+    # existing handler (even with disable_existing_loggers=False:
+    # https://github.com/python/cpython/issues/127567) and sends all logs through its JSON
+    # formatter; put Prefect's logging back.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # google-cloud's Python 3.11 end-of-life notices
         import airbyte_cdk.entrypoint  # noqa: F401
@@ -711,16 +713,3 @@ def _read(path: Path) -> str | None:
         return path.read_text()
     except FileNotFoundError:
         return None
-
-
-def _environment() -> dict[str, str]:
-    """Process environment plus `.env`, which pydantic-settings reads but does not export."""
-    from dotenv import dotenv_values
-
-    values = {key: value for key, value in dotenv_values(".env").items() if value is not None}
-    return {**values, **os.environ}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

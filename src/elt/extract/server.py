@@ -104,7 +104,6 @@ class Job:
     id: int
     connection_id: str
     status: str
-    job_type: str
     rows: int | None = None
     bytes_synced: int | None = None
 
@@ -183,7 +182,8 @@ class AirbyteClient:
 
     def _refresh_token(self) -> None:
         # Airbyte's spec names the field `grant-type`; airbyte-api's own token hook posts a form
-        # with `grant_type` to a URL without /api/public/v1, so the exchange is made here.
+        # with `grant_type` to a URL without /api/public/v1, so the exchange is made here
+        # (https://github.com/airbytehq/airbyte-api-python-sdk/issues/112, .../issues/126).
         description = "POST /applications/token"
         url = f"{self.api_url}/applications/token"
         body = {"client_id": self._client_id, "client_secret": self._client_secret, "grant-type": "client_credentials"}
@@ -502,7 +502,6 @@ def _job(response: models.JobResponse) -> Job:
         id=int(response.job_id),
         connection_id=response.connection_id,
         status=getattr(response.status, "value", str(response.status)),
-        job_type=getattr(response.job_type, "value", str(response.job_type)),
         rows=response.rows_synced,
         bytes_synced=response.bytes_synced,
     )
