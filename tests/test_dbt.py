@@ -70,7 +70,7 @@ def test_snowflake_profile_keeps_secrets_out_of_the_file(project: dbt_runner.Dbt
 
 
 def test_build_reports_every_node(project: dbt_runner.DbtProject, profiles_dir: Path, tmp_path: Path) -> None:
-    run = dbt_runner.check(_build(project, profiles_dir))
+    run = dbt_runner.raise_if_failed(_build(project, profiles_dir))
     statuses = {node.unique_id: node.status for node in run.results}
     assert statuses["seed.tiny_shop.orders"] == "success"
     assert statuses["model.tiny_shop.customer_totals"] == "success"
@@ -87,7 +87,7 @@ def test_failed_model_names_the_node_and_skips_downstream(project: dbt_runner.Db
     (project.path / "models" / "after_broken.sql").write_text("select * from {{ ref('broken') }}\n")
     run = _build(project, profiles_dir)
     with pytest.raises(dbt_runner.DbtBuildFailed) as error:
-        dbt_runner.check(run)
+        dbt_runner.raise_if_failed(run)
     assert "model.tiny_shop.broken" in str(error.value)
     assert "no_such_column" in str(error.value)
     statuses = {node.unique_id: node.status for node in run.results}
@@ -98,7 +98,7 @@ def test_failed_model_names_the_node_and_skips_downstream(project: dbt_runner.Db
 def test_failed_test_names_the_test(project: dbt_runner.DbtProject, profiles_dir: Path) -> None:
     (project.path / "seeds" / "orders.csv").write_text("order_id,customer,amount\n1,ada,1\n2,,2\n")
     with pytest.raises(dbt_runner.DbtBuildFailed, match=r"test\.tiny_shop\.not_null_customer_totals_customer"):
-        dbt_runner.check(_build(project, profiles_dir))
+        dbt_runner.raise_if_failed(_build(project, profiles_dir))
 
 
 def test_retry_rebuilds_only_what_failed(project: dbt_runner.DbtProject, profiles_dir: Path) -> None:
@@ -108,7 +108,7 @@ def test_retry_rebuilds_only_what_failed(project: dbt_runner.DbtProject, profile
     first = _build(project, profiles_dir)
     assert first.failed_nodes
     broken.write_text("select order_id from {{ ref('orders') }}\n")
-    retried = dbt_runner.check(dbt_runner.run_dbt(_dbt(project, profiles_dir), ["retry"]))
+    retried = dbt_runner.raise_if_failed(dbt_runner.run_dbt(_dbt(project, profiles_dir), ["retry"]))
     assert [node.unique_id for node in retried.results] == ["model.tiny_shop.broken"]
 
 
@@ -116,7 +116,7 @@ def test_unusable_profile_is_an_invocation_error(project: dbt_runner.DbtProject,
     (tmp_path / "profiles.yml").write_text("some_other_profile: {target: x, outputs: {x: {type: duckdb, path: ':memory:'}}}\n")
     run = dbt_runner.run_dbt(_dbt(project, tmp_path, "x"), ["build"])
     with pytest.raises(dbt_runner.DbtInvocationError, match="tiny_shop_warehouse"):
-        dbt_runner.check(run)
+        dbt_runner.raise_if_failed(run)
 
 
 def test_missing_project_names_the_setting(tmp_path: Path) -> None:
@@ -132,7 +132,7 @@ def test_projects_own_profiles_when_told(project: dbt_runner.DbtProject, tmp_pat
     settings = load_settings()
     with dbt_runner.dbt_for(settings, project) as dbt:
         assert dbt.profiles_dir == project.path
-        run = dbt_runner.check(dbt_runner.run_dbt(dbt, ["build"]))
+        run = dbt_runner.raise_if_failed(dbt_runner.run_dbt(dbt, ["build"]))
     assert run.results
     with duckdb.connect(str(tmp_path / "own.duckdb"), read_only=True) as connection:
         assert connection.execute("select count(*) from own_profile_marts.customer_totals").fetchone()[0] == 2
@@ -147,7 +147,7 @@ def test_projects_own_profiles_when_told(project: dbt_runner.DbtProject, tmp_pat
 def test_row_counts_are_of_this_runs_models_only(project: dbt_runner.DbtProject, profiles_dir: Path, tmp_path: Path) -> None:
     """Another project (tiny_shop) has built main_marts.customer_totals in the same warehouse;
     a second project's run counts only the table it built, in its real relation."""
-    dbt_runner.check(_build(project, profiles_dir))
+    dbt_runner.raise_if_failed(_build(project, profiles_dir))
     other = tmp_path / "other_shop"
     shutil.copytree(TINY_PROJECT, other)
     (other / "dbt_project.yml").write_text(
@@ -161,7 +161,7 @@ def test_row_counts_are_of_this_runs_models_only(project: dbt_runner.DbtProject,
     (other / "models" / "big_orders.sql").write_text(
         "{{ config(materialized='view') }}\nselect * from {{ ref('orders') }} where amount > 5\n"
     )
-    run = dbt_runner.check(_build(dbt_runner.DbtProject.at(other), profiles_dir))
+    run = dbt_runner.raise_if_failed(_build(dbt_runner.DbtProject.at(other), profiles_dir))
     assert warehouse_for(load_settings()).mart_row_counts(run) == {"warehouse.main_marts.order_amounts": 2}
 
 
@@ -199,7 +199,7 @@ def test_unreachable_warehouse_fails_with_dbts_own_error_logged_at_error(
         run = dbt_runner.run_dbt(dbt, ["build"], log=logging.getLogger("tests.dbt"))
     assert "Deprecation" in " ".join(run.output_tail[-6:])  # what the old tail-based message reported
     with pytest.raises(dbt_runner.DbtInvocationError) as error:
-        dbt_runner.check(run)
+        dbt_runner.raise_if_failed(run)
     assert str(error.value).startswith(
         f'dbt build in {project.path} could not run: Database error while listing schemas in database "ANALYTICS": '
         "250001: Could not connect to Snowflake backend after "
@@ -224,7 +224,7 @@ def test_default_project_names_its_connection_under_config_without_deprecations(
     settings = load_settings()
     project = dbt_runner.DbtProject.at(project_dir)
     with dbt_runner.dbt_for(settings, project) as dbt:
-        parsed = dbt_runner.check(dbt_runner.run_dbt(dbt, ["parse", "--no-partial-parse"]))
+        parsed = dbt_runner.raise_if_failed(dbt_runner.run_dbt(dbt, ["parse", "--no-partial-parse"]))
         assert not any("Deprecation" in line for line in parsed.output_tail), parsed.output_tail
         assert dbt_runner.downstream_of_connections(dbt, ["faker"]) == [
             "source:faker.products+",

@@ -4,7 +4,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.conftest import BIN, GitRemote, git
+from tests.conftest import BIN, CONNECTORS_DIR, GitRemote, git
 
 
 def _doctor(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -38,6 +38,32 @@ def test_every_problem_is_listed_with_what_to_fix(appliance_env: Path, faker_con
         f"FAIL git repo: ELT_GIT_REPO: {tmp_path / 'no-such-repo'} does not exist; give the path of a git repo or its URL" in out
     )
     assert "problem(s) found" in completed.stderr
+
+
+def test_connectors_that_no_run_could_install_are_each_named(
+    appliance_env: Path, faker_connections: Path, tmp_path: Path
+) -> None:
+    """The doctor asks the installer's own lookup (no install): a connector neither installed
+    nor installable and an executable that is gone fail, each naming its connection and what to
+    set; one with a pip spec and a disabled one pass."""
+    faker_connections.write_text(
+        "connections:\n"
+        "  - {name: faker, source: {connector: source-faker, pip: airbyte-source-faker==7.2.1}, streams: [users], destination: {schema: raw_faker}}\n"
+        "  - {name: crm, source: {connector: source-no-such-thing}, streams: [users], destination: {schema: raw_crm}}\n"
+        f"  - {{name: erp, source: {{connector: source-erp, executable: {tmp_path}/gone/source-erp}}, streams: [users], destination: {{schema: raw_erp}}}}\n"
+        "  - {name: old, enabled: false, source: {connector: source-also-missing}, streams: [users], destination: {schema: raw_old}}\n"
+    )
+    completed = _doctor({"ELT_HOME": str(appliance_env)}, appliance_env)
+    assert completed.returncode == 1
+    out = completed.stdout
+    assert "FAIL airbyte connections: 2 connector(s) not installed and not installable:" in out
+    assert (
+        f"{faker_connections}: connection 'crm': source.connector: 'source-no-such-thing' is not installed "
+        f"(looked in {CONNECTORS_DIR / 'source-no-such-thing'} and on PATH); "
+        "add its PyPI package as source.pip, e.g. pip: airbyte-source-no-such-thing" in out
+    )
+    assert f"{faker_connections}: connection 'erp': source.executable: {tmp_path}/gone/source-erp does not exist" in out
+    assert "'faker'" not in out and "'old'" not in out and "source-also-missing" not in out
 
 
 def test_every_check_runs_after_invalid_settings_and_failed_checks(

@@ -214,7 +214,7 @@ def dbt_for(settings: Settings, project: DbtProject) -> Iterator[Dbt]:
     own), the target and the environment, for as long as the block runs.
 
         with dbt_for(settings, DbtProject.at(folder)) as dbt:
-            check(run_dbt(dbt, ["build"]))
+            raise_if_failed(run_dbt(dbt, ["build"]))
     """
     with profiles_dir(settings, project) as folder:
         yield Dbt(project, folder, settings.effective_dbt_target, dbt_environment(settings))
@@ -432,7 +432,7 @@ def _read_run_results(project: DbtProject, written_after: float) -> list[NodeRes
     return results
 
 
-def check(run: DbtRun) -> DbtRun:
+def raise_if_failed(run: DbtRun) -> DbtRun:
     """Raise if any node failed or dbt itself could not run; return the run otherwise."""
     if run.failed_nodes:
         raise DbtBuildFailed(run.command, run.failed_nodes)

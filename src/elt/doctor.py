@@ -6,7 +6,6 @@ checks run with its default (a check that depends on it says so instead).
 
 from __future__ import annotations
 
-import shutil
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -99,16 +98,19 @@ def _embedded_connections(settings: Settings) -> str:
     """The file, the connectors, every `${VAR}` and (with the embedded backend's check) every stream."""
     from elt import preflight
     from elt.extract.connections import load_connections
+    from elt.extract.embedded import find_connector
 
     path = settings.path(settings.airbyte_connections_file)
-    connections = load_connections(path)
-    missing = []
-    for spec in connections:
-        venv = settings.path(settings.connectors_dir) / spec.source.connector / "bin" / spec.source.connector
-        if not (spec.source.executable or venv.exists() or spec.source.pip or shutil.which(spec.source.connector)):
-            missing.append(spec.name)
-    if missing:
-        raise EltError(f"{path}: connection(s) {', '.join(missing)} name a connector that is not installed and has no 'pip' spec")
+    not_installable = []
+    for spec in load_connections(path):
+        if not spec.enabled:
+            continue
+        try:
+            find_connector(spec, settings.path(settings.connectors_dir), path)
+        except EltError as exc:
+            not_installable.append(str(exc))
+    if not_installable:
+        raise Problems(f"{len(not_installable)} connector(s) not installed and not installable:", not_installable)
     return preflight.check_connections(settings)
 
 

@@ -132,7 +132,7 @@ def transform(
 
     with dbt_runner.dbt_for(settings, project) as dbt:
         if project.has_packages:
-            dbt_runner.check(dbt_runner.run_dbt(dbt, ["deps"], log=logger))
+            dbt_runner.raise_if_failed(dbt_runner.run_dbt(dbt, ["deps"], log=logger))
 
         if retry_failed and project.run_results_path.exists():
             logger.info("Parent run is a retry: running `dbt retry` to rebuild only what failed or was skipped")
@@ -149,7 +149,7 @@ def transform(
         run = dbt_runner.run_dbt(dbt, arguments, log=logger)
 
     reporting.publish_dbt_run(run, warehouse)
-    return dbt_runner.check(run)
+    return dbt_runner.raise_if_failed(run)
 
 
 @flow(name="all-etl")

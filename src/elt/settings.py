@@ -125,24 +125,46 @@ class Settings(BaseSettings):
     dbt_threads: int = Field(4, ge=1, description="dbt threads.")
     dbt_schema: str = Field("main", description="Base schema dbt builds into; marts go to <schema>_marts.")
 
-    snowflake_account: str | None = Field(None, validation_alias=_snowflake("ACCOUNT"))
-    snowflake_user: str | None = Field(None, validation_alias=_snowflake("USER"))
-    snowflake_password: SecretStr | None = Field(None, validation_alias=_snowflake("PASSWORD"))
-    snowflake_role: str | None = Field(None, validation_alias=_snowflake("ROLE"))
-    snowflake_warehouse: str | None = Field(None, validation_alias=_snowflake("WAREHOUSE"))
-    snowflake_database: str | None = Field(None, validation_alias=_snowflake("DATABASE"))
-    snowflake_schema: str = Field("ANALYTICS", validation_alias=_snowflake("SCHEMA"))
+    snowflake_account: str | None = Field(
+        None,
+        validation_alias=_snowflake("ACCOUNT"),
+        description="Account identifier, e.g. myorg-myaccount (the part before .snowflakecomputing.com).",
+    )
+    snowflake_user: str | None = Field(None, validation_alias=_snowflake("USER"), description="The user runs log in as.")
+    snowflake_password: SecretStr | None = Field(
+        None, validation_alias=_snowflake("PASSWORD"), description="Password auth; unset when SNOWFLAKE_PRIVATE_KEY is set."
+    )
+    snowflake_role: str | None = Field(
+        None, validation_alias=_snowflake("ROLE"), description="Role runs use; unset: the user's default role."
+    )
+    snowflake_warehouse: str | None = Field(
+        None, validation_alias=_snowflake("WAREHOUSE"), description="Virtual warehouse that runs the queries (and is billed)."
+    )
+    snowflake_database: str | None = Field(
+        None, validation_alias=_snowflake("DATABASE"), description="Database raw data lands in and dbt builds into."
+    )
+    snowflake_schema: str = Field(
+        "ANALYTICS", validation_alias=_snowflake("SCHEMA"), description="Base schema dbt builds into on Snowflake."
+    )
     snowflake_private_key: SecretStr | None = Field(
         None,
         validation_alias=_snowflake("PRIVATE_KEY"),
         description="Key-pair auth: a PEM, its base64 body without newlines, or a path to the key file.",
     )
-    snowflake_private_key_passphrase: SecretStr | None = Field(None, validation_alias=_snowflake("PRIVATE_KEY_PASSPHRASE"))
+    snowflake_private_key_passphrase: SecretStr | None = Field(
+        None,
+        validation_alias=_snowflake("PRIVATE_KEY_PASSPHRASE"),
+        description="Passphrase of an encrypted SNOWFLAKE_PRIVATE_KEY.",
+    )
     snowflake_host: str | None = Field(
         None, validation_alias=_snowflake("HOST"), description="Only for private link or a test server."
     )
-    snowflake_port: int | None = Field(None, validation_alias=_snowflake("PORT"))
-    snowflake_protocol: str | None = Field(None, validation_alias=_snowflake("PROTOCOL"))
+    snowflake_port: int | None = Field(
+        None, validation_alias=_snowflake("PORT"), description="Only with SNOWFLAKE_HOST: its port."
+    )
+    snowflake_protocol: str | None = Field(
+        None, validation_alias=_snowflake("PROTOCOL"), description="Only with SNOWFLAKE_HOST: http or https."
+    )
     snowflake_connect_timeout_seconds: float = Field(
         10,
         gt=0,

@@ -547,29 +547,41 @@ def installed_version(executable: Path) -> str:
 
 def ensure_connector(spec: ConnectionSpec, connectors_dir: Path, connections_file: Path) -> Path:
     """The connector's executable, installed into its own virtualenv if needed."""
+    if spec.source.executable:
+        return find_connector(spec, connectors_dir, connections_file) or spec.source.executable
+    link = connectors_dir / spec.source.connector
+    with _install_locks[str(link)], _file_lock(connectors_dir / f".{spec.source.connector}.lock"):
+        found = find_connector(spec, connectors_dir, connections_file)
+        if found:
+            return found
+        installed = _read(link / ".installed-from")
+        in_use = installed if (link / "bin" / spec.source.connector).exists() else None
+        return _install_beside(spec, link, in_use, f"{connections_file}: connection '{spec.name}'")
+
+
+def find_connector(spec: ConnectionSpec, connectors_dir: Path, connections_file: Path) -> Path | None:
+    """The installed executable the spec asks for, without installing anything: None when only
+    an install from `source.pip` would provide it; ConnectorNotInstalled when nothing would."""
     source = spec.source
     where = f"{connections_file}: connection '{spec.name}'"
     if source.executable:
         if not source.executable.exists():
             raise ConnectorNotInstalled(f"{where}: source.executable: {source.executable} does not exist")
         return source.executable
-
     link = connectors_dir / source.connector
     executable = link / "bin" / source.connector
-    with _install_locks[str(link)], _file_lock(connectors_dir / f".{source.connector}.lock"):
-        installed = _read(link / ".installed-from")
-        if executable.exists() and (source.pip is None or installed == source.pip):
-            return link.resolve() / "bin" / source.connector
-        if source.pip is None:
-            found = shutil.which(source.connector)
-            if found:
-                return Path(found)
-            raise ConnectorNotInstalled(
-                f"{where}: source.connector: '{source.connector}' is not installed "
-                f"(looked in {link} and on PATH); add its PyPI package as source.pip, "
-                f"e.g. pip: airbyte-{source.connector}"
-            )
-        return _install_beside(spec, link, installed if executable.exists() else None, where)
+    if executable.exists() and (source.pip is None or _read(link / ".installed-from") == source.pip):
+        return link.resolve() / "bin" / source.connector
+    if source.pip is not None:
+        return None
+    found = shutil.which(source.connector)
+    if found:
+        return Path(found)
+    raise ConnectorNotInstalled(
+        f"{where}: source.connector: '{source.connector}' is not installed "
+        f"(looked in {link} and on PATH); add its PyPI package as source.pip, "
+        f"e.g. pip: airbyte-{source.connector}"
+    )
 
 
 def _install_beside(spec: ConnectionSpec, link: Path, installed: str | None, where: str) -> Path:
