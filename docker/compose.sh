@@ -18,7 +18,8 @@ env_file="$repo/.env"
 run_env="$repo/.run.env"
 STACK_ONLY="POSTGRES_PASSWORD PREFECT_SERVER_API_AUTH_STRING SLACK_WEBHOOK_URL PREFECT_API_URL
 PREFECT_API_AUTH_STRING COMPOSE_PROJECT_NAME ELT_COMPOSE_OVERRIDE ELT_IMAGE ELT_BASE_IMAGE
-ELT_POSTGRES_IMAGE ELT_UID ELT_GID PREFECT_PORT DBT_DOCS_PORT ELT_AIRBYTE_URL_FROM_STACK"
+ELT_POSTGRES_IMAGE ELT_UID ELT_GID PREFECT_PORT DBT_DOCS_PORT ELT_AIRBYTE_URL_FROM_STACK ELT_RETENTION_DAYS
+ELT_RETENTION_CHECK_SECONDS"
 
 read_env() {  # read_env NAME: the value of NAME in .env (last assignment wins), or nothing
   [ -f "$env_file" ] || return 0
@@ -55,6 +56,14 @@ for override in "${override_list[@]}"; do
   files+=(-f "$override")
 done
 [ -f "$repo/docker/docker-compose.override.yml" ] && files+=(-f "$repo/docker/docker-compose.override.yml")
+
+# Prefect's database vacuum takes seconds; .env says days.
+retention_days="${ELT_RETENTION_DAYS:-$(read_env ELT_RETENTION_DAYS)}"
+if ! [[ "${retention_days:=30}" =~ ^[0-9]+$ ]] || [ "$retention_days" -lt 1 ]; then
+  echo "compose.sh: ELT_RETENTION_DAYS=$retention_days in $env_file: give a whole number of days, 1 or more" >&2
+  exit 1
+fi
+export ELT_RETENTION_SECONDS=$((retention_days * 86400))
 
 write_run_env
 project="${COMPOSE_PROJECT_NAME:-$(read_env COMPOSE_PROJECT_NAME)}"

@@ -281,6 +281,9 @@ NON_SETTING_VARIABLES = frozenset(
         "ELT_COMPOSE_OVERRIDE",  # docker/compose.sh
         "ELT_AIRBYTE_URL_FROM_STACK",  # becomes the worker's ELT_AIRBYTE_URL
         "ELT_HEARTBEAT_SECONDS",  # the worker's PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+        "ELT_RETENTION_DAYS",
+        "ELT_RETENTION_CHECK_SECONDS",
+        "ELT_RETENTION_SECONDS",  # the server's database vacuum (docker/compose.sh)
         "ELT_GIT_ASKPASS_TOKEN",
         "ELT_GIT_ASKPASS_USERNAME",  # git_repo's askpass helper
         "ELT_SNOWFLAKE_QUERY_TAG",

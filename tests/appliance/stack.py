@@ -167,6 +167,8 @@ def prepare_checkout(checkout: Path) -> None:
         + f"COMPOSE_PROJECT_NAME={project}\nELT_IMAGE=elt-appliance:ci\n"
         + f"PREFECT_PORT={_free_port()}\nDBT_DOCS_PORT={_free_port()}\n"
         + "ELT_ZOMBIE_SECONDS=240\nELT_DOCS_POLL_SECONDS=5\n"
+        # The retention vacuum every 5 s instead of hourly: test_stack ages runs and waits for it.
+        + "ELT_RETENTION_CHECK_SECONDS=5\n"
         # No SLACK_WEBHOOK_URL: a notification would leave this machine, which tests must not do.
     )
 

@@ -107,6 +107,42 @@ def test_a_missing_listed_override_is_named(checkout: Path) -> None:
     )
 
 
+def test_every_service_rotates_its_container_logs(checkout: Path) -> None:
+    """Docker's json-file logs grow without end unless each service caps them."""
+    services = compose_config(checkout)
+    assert set(services) == {"postgres", "prefect-server", "prefect-worker", "dbt-docs"}
+    for name, service in services.items():
+        assert service.get("logging") == {"driver": "json-file", "options": {"max-size": "10m", "max-file": "5"}}, name
+
+
+@pytest.mark.parametrize(("in_env", "seconds"), [(None, "2592000"), ("7", "604800")])
+def test_the_server_deletes_runs_that_ended_more_than_the_retention_days_ago(
+    checkout: Path, in_env: str | None, seconds: str
+) -> None:
+    """ELT_RETENTION_DAYS in .env (default 30) turns on Prefect's own flow-run vacuum with that
+    period; only the server gets it."""
+    if in_env:
+        with (checkout / ".env").open("a") as env_file:
+            env_file.write(f"ELT_RETENTION_DAYS={in_env}\n")
+    services = compose_config(checkout)
+    server = environment(services["prefect-server"])
+    assert server["PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED"] == "events,flow_runs"
+    assert server["PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD"] == seconds
+    assert server["PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS"] == "3600"
+    assert "ELT_RETENTION_DAYS" not in (checkout / ".run.env").read_text()
+
+
+@pytest.mark.parametrize("value", ["30d", "0", "-1"])
+def test_a_retention_that_is_not_whole_days_is_refused_naming_the_variable(checkout: Path, value: str) -> None:
+    with (checkout / ".env").open("a") as env_file:
+        env_file.write(f"ELT_RETENTION_DAYS={value}\n")
+    completed = subprocess.run([str(checkout / "docker" / "compose.sh"), "config"], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 1
+    assert completed.stderr.strip() == (
+        f"compose.sh: ELT_RETENTION_DAYS={value} in {checkout}/.env: give a whole number of days, 1 or more"
+    )
+
+
 DUMP = """
 import json, sys
 sys.path.insert(0, sys.argv[1])

@@ -237,3 +237,56 @@ def test_no_secret_from_env_reaches_any_container_log(stack: Stack) -> None:
     assert len(logs) > 1000
     leaked = [name for name, value in secrets.items() if value in logs or value in stack.first_output]
     assert not leaked, f"secrets in container logs or setup.sh output: {leaked}"
+
+
+def _psql(stack: Stack, sql: str) -> list[str]:
+    out = stack.compose("exec", "-T", "postgres", "psql", "-U", "prefect", "-d", "prefect", "-At", "-c", sql).stdout
+    return [line for line in out.splitlines() if line]
+
+
+def _rows(stack: Stack, table: str, runs: str) -> int:
+    """Rows of `table` belonging to the flow runs `runs` selects (a SQL condition on flow_run_id)."""
+    return int(_psql(stack, f"SELECT count(*) FROM {table} WHERE {runs}")[0])
+
+
+def test_runs_older_than_the_retention_are_deleted_with_their_logs_and_artifacts(stack: Stack) -> None:
+    """Prefect's own database vacuum, as the compose file configures it (ELT_RETENTION_DAYS,
+    default 30; the test stack checks every 5 s). The runs earlier tests left, child flow runs
+    included, are aged 40 days in PostgreSQL (nothing else can make a run end in the past):
+    they go, with their logs and artifacts; a run from now with its own, the deployment, its
+    schedules and the automations stay."""
+    old = stack.start_run()
+    assert stack.wait_state(old, TERMINAL, 900)["type"] == "COMPLETED"
+    recent = stack.start_run()
+    assert stack.wait_state(recent, TERMINAL, 900)["type"] == "COMPLETED"
+    with stack.api as api:
+        recent_start = api.get(f"/flow_runs/{recent}").json()["start_time"]
+        automations_before = sorted(automation["name"] for automation in api.post("/automations/filter", json={}).json())
+        schedules_before = api.get("/deployments/name/all-etl/all-etl").json()["schedules"]
+    aged = _psql(
+        stack,
+        "UPDATE flow_run SET start_time = start_time - interval '40 days', end_time = end_time - interval '40 days' "
+        f"WHERE end_time < '{recent_start}' RETURNING id",
+    )
+    assert old in aged and recent not in aged
+    in_aged = f"flow_run_id IN ({', '.join(repr(run_id) for run_id in aged)})"
+    kept = f"flow_run_id IS NOT NULL AND NOT {in_aged}"
+    assert _rows(stack, "log", in_aged) > 0 and _rows(stack, "artifact", in_aged) > 0
+    kept_before = {table: _rows(stack, table, kept) for table in ("log", "artifact")}
+    assert all(kept_before.values()), kept_before
+
+    deadline = time.monotonic() + 180
+    while (
+        _rows(stack, "flow_run", in_aged.replace("flow_run_id", "id"))
+        or _rows(stack, "log", in_aged)
+        or _rows(stack, "artifact", in_aged)
+    ):
+        assert time.monotonic() < deadline, "the vacuum left aged runs, logs or artifacts for 180 s"
+        time.sleep(5)
+
+    assert stack.state(recent)["type"] == "COMPLETED"
+    for table, before in kept_before.items():
+        assert _rows(stack, table, kept) >= before, f"the vacuum deleted {table} rows of runs inside the retention"
+    with stack.api as api:
+        assert api.get("/deployments/name/all-etl/all-etl").json()["schedules"] == schedules_before
+        assert sorted(automation["name"] for automation in api.post("/automations/filter", json={}).json()) == automations_before
