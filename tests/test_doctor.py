@@ -1,6 +1,7 @@
 """`elt doctor` checks each configured dependency for real and lists every problem it finds."""
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -64,6 +65,21 @@ def test_connectors_that_no_run_could_install_are_each_named(
     )
     assert f"{faker_connections}: connection 'erp': source.executable: {tmp_path}/gone/source-erp does not exist" in out
     assert "'faker'" not in out and "'old'" not in out and "source-also-missing" not in out
+
+
+def test_free_space_on_the_data_disk_is_reported_and_fails_under_the_threshold(appliance_env: Path) -> None:
+    """The real disk of the data folder (not created yet: its nearest existing parent)."""
+    data = appliance_env / "data"
+    usage = shutil.disk_usage(appliance_env)
+    healthy = _doctor({"ELT_HOME": str(appliance_env)}, appliance_env)
+    line = next(line for line in healthy.stdout.splitlines() if "disk space:" in line)
+    assert line.startswith("ok   disk space: ") and line.endswith(f"GB free of {usage.total / 1e9:.1f} GB on the disk of {data}")
+
+    full = _doctor({"ELT_HOME": str(appliance_env), "ELT_MIN_FREE_GB": "1000000"}, appliance_env)
+    assert full.returncode == 1
+    line = next(line for line in full.stdout.splitlines() if "disk space:" in line)
+    assert line.startswith("FAIL disk space: ")
+    assert line.endswith(f"on the disk of {data}, under ELT_MIN_FREE_GB=1000000: free space or grow the disk")
 
 
 def test_every_check_runs_after_invalid_settings_and_failed_checks(

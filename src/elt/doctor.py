@@ -6,6 +6,7 @@ checks run with its default (a check that depends on it says so instead).
 
 from __future__ import annotations
 
+import shutil
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -90,8 +91,21 @@ def _checks(settings: Settings) -> list[tuple[str, tuple[str, ...], Callable[[],
         checks.append(
             (f"{warehouse.name.lower()} grants", ("snowflake_", "warehouse", "git_", "dbt_"), lambda: _grants(settings))
         )
+    checks.append(("disk space", ("min_free_gb", *paths), lambda: _disk_space(settings)))
     checks.append(("prefect api", (), _prefect))
     return checks
+
+
+def _disk_space(settings: Settings) -> str:
+    """Free space where the warehouse, checkouts and connector caches grow."""
+    folder = settings.path(settings.data_dir)
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    usage = shutil.disk_usage(existing)
+    free_gb, total_gb = usage.free / 1e9, usage.total / 1e9
+    summary = f"{free_gb:.1f} GB free of {total_gb:.1f} GB on the disk of {folder}"
+    if free_gb < settings.min_free_gb:
+        raise EltError(f"{summary}, under ELT_MIN_FREE_GB={settings.min_free_gb:.15g}: free space or grow the disk")
+    return summary
 
 
 def _embedded_connections(settings: Settings) -> str:

@@ -185,6 +185,11 @@ class Settings(BaseSettings):
         ge=1,
         description="The crash-zombie-flow-runs automation marks a flow run Crashed after this long without a heartbeat.",
     )
+    min_free_gb: float = Field(
+        5.0,
+        ge=0,
+        description="`elt doctor` fails when the data folder's disk has less free space than this, in GB.",
+    )
 
     @field_validator("git_repo")
     @classmethod
