@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import traceback
+from collections.abc import Callable
 from contextlib import ExitStack
-from typing import TYPE_CHECKING, Annotated, Any, cast
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
 import typer
+from pydantic import ValidationError
 
 from elt.errors import EltError, first_line
 
@@ -15,6 +18,8 @@ if TYPE_CHECKING:
     from prefect.states import State
 
     from elt.reporting import EtlSummary
+
+T = TypeVar("T")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The ELT appliance's command line.")
 
@@ -111,6 +116,41 @@ def doctor(
         typer.secho(f"{problems} problem(s) found", fg="red", err=True)
         raise typer.Exit(1)
     typer.echo("all checks passed")
+
+
+warehouse_app = typer.Typer(no_args_is_help=True, help="Back up and restore the DuckDB warehouse.")
+app.add_typer(warehouse_app, name="warehouse")
+
+
+@warehouse_app.command("backup")
+def warehouse_backup(
+    destination: Annotated[Path, typer.Argument(help="File to write; '-' writes to stdout.")],
+    wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for a running all-etl to finish.")] = 3600,
+) -> None:
+    """A consistent copy of the warehouse, taken when no all-etl run is writing to it."""
+    from elt.backup import backup_warehouse
+    from elt.settings import load_settings
+
+    size = _or_exit(lambda: backup_warehouse(load_settings(), destination, wait))
+    typer.echo(f"warehouse backup: {size} bytes to {'stdout' if str(destination) == '-' else destination}", err=True)
+
+
+@warehouse_app.command("restore")
+def warehouse_restore(source: Annotated[Path, typer.Argument(help="Backup file; '-' reads stdin.")]) -> None:
+    """Replace the warehouse with a backup (refused while an all-etl run uses it)."""
+    from elt.backup import restore_warehouse
+    from elt.settings import load_settings
+
+    size = _or_exit(lambda: restore_warehouse(load_settings(), source))
+    typer.echo(f"warehouse restored: {size} bytes from {'stdin' if str(source) == '-' else source}", err=True)
+
+
+def _or_exit(action: Callable[[], T]) -> T:
+    try:
+        return action()
+    except (EltError, ValidationError) as exc:
+        typer.secho(f"error: {' | '.join(str(exc).splitlines())}", fg="red", err=True)
+        raise typer.Exit(1) from None
 
 
 def _fail_on_bad_settings(debug: bool, stack: ExitStack, **run: Any) -> None:

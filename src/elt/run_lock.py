@@ -42,10 +42,16 @@ class WarehouseInUse(TerminalError):
 
 @dataclass(frozen=True)
 class Holder:
-    flow_run_id: str
+    flow_run_id: str | None  # None: a maintenance task (`task`), not a run
     pid: int
     started: str
     watchdog_pid: int | None = None
+    task: str | None = None
+
+    def __str__(self) -> str:
+        if self.task:
+            return f"the {self.task} (PID {self.pid})"
+        return f"another all-etl run (flow run {self.flow_run_id}, PID {self.pid})"
 
 
 def warehouse_name(settings: Settings) -> str:
@@ -67,12 +73,10 @@ def hold(settings: Settings, flow_run_id: str) -> Iterator[Holder]:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_holder(descriptor, wait_seconds=2.0)
-            who = f"flow run {holder.flow_run_id}, PID {holder.pid}" if holder else f"see {path}"
-            raise WarehouseInUse(
-                f"another all-etl run ({who}) is using {warehouse_name(settings)}; wait for it or cancel it"
-            ) from None
+            who = str(holder) if holder else f"another all-etl run (see {path})"
+            raise WarehouseInUse(f"{who} is using {warehouse_name(settings)}; wait for it or cancel it") from None
         stale = _read_holder(descriptor)
-        if stale is not None:
+        if stale is not None and stale.flow_run_id is not None:
             _clean_up_after(stale, flow_run_id)
         guard = processes.active_guard()
         if guard is not None:
@@ -87,6 +91,45 @@ def hold(settings: Settings, flow_run_id: str) -> Iterator[Holder]:
             _write(descriptor, "")
     finally:
         os.close(descriptor)  # releases the flock
+
+
+@contextmanager
+def hold_for_task(settings: Settings, task: str, wait_seconds: float) -> Iterator[None]:
+    """Hold the warehouse's run lock for a maintenance task (a backup, a restore): wait up to
+    `wait_seconds` for a running all-etl to finish; a run that starts meanwhile is refused,
+    naming the task."""
+    path = lock_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = _read_holder(descriptor)
+                    who = str(holder) if holder else f"another all-etl run (see {path})"
+                    raise WarehouseInUse(
+                        f"{who} still holds {warehouse_name(settings)} after {wait_seconds:.0f} s; "
+                        f"the {task} did not start: run it again when that ends"
+                    ) from None
+                time.sleep(0.5)
+        stale = _read_holder(descriptor)
+        if stale is not None and stale.flow_run_id is not None:
+            logger.warning(
+                "The last all-etl run (flow run %s) ended without finishing; the next run marks it Crashed", stale.flow_run_id
+            )
+        holder = Holder(None, os.getpid(), datetime.now(UTC).isoformat(timespec="seconds"), task=task)
+        _write(descriptor, json.dumps(asdict(holder)))
+        try:
+            yield
+        finally:
+            # A dead run's record stays for the next run to mark Crashed; the task's own goes.
+            _write(descriptor, json.dumps(asdict(stale)) if stale is not None and stale.flow_run_id else "")
+    finally:
+        os.close(descriptor)
 
 
 def _write(descriptor: int, text: str) -> None:
@@ -113,6 +156,7 @@ def _read_holder(descriptor: int, wait_seconds: float = 0.0) -> Holder | None:
 
 def _clean_up_after(dead: Holder, flow_run_id: str) -> None:
     """The previous holder died holding the lock: let its watchdog finish, then mark its run Crashed."""
+    assert dead.flow_run_id is not None  # a task's record is never left for cleanup
     logger.warning("The previous all-etl run (flow run %s, PID %s) ended without finishing", dead.flow_run_id, dead.pid)
     if dead.watchdog_pid:
         deadline = time.monotonic() + WATCHDOG_WAIT_SECONDS
