@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 # BASE_IMAGE, HERE, Stack, prepare_checkout, sh: also imported from here by bench/p4_stack.py.
-from tests.appliance.stack import BASE_IMAGE, HERE, TERMINAL, Stack, git, prepare_checkout, sh  # noqa: F401
+from tests.appliance.stack import BASE_IMAGE, HERE, TERMINAL, Stack, git, prepare_checkout, sh, wait_stack_healthy  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(2400)]
 
@@ -290,3 +290,37 @@ def test_runs_older_than_the_retention_are_deleted_with_their_logs_and_artifacts
     with stack.api as api:
         assert api.get("/deployments/name/all-etl/all-etl").json()["schedules"] == schedules_before
         assert sorted(automation["name"] for automation in api.post("/automations/filter", json={}).json()) == automations_before
+
+
+def test_backup_then_new_volumes_then_restore_brings_back_history_and_marts(stack: Stack, tmp_path: Path) -> None:
+    """docker/backup.sh while the stack runs, `down -v` (every volume gone, as on a new VM),
+    `up`, docker/restore.sh: the runs, the deployment, the automations and the marts are back,
+    and the next run completes. Runs last: it replaces the stack's volumes."""
+    run = stack.start_run()
+    assert stack.wait_state(run, TERMINAL, 900)["type"] == "COMPLETED"
+    with stack.api as api:
+        runs_before = sorted(flow_run["id"] for flow_run in api.post("/flow_runs/filter", json={}).json())
+        deployment_before = api.get("/deployments/name/all-etl/all-etl").json()["id"]
+        automations_before = sorted(automation["name"] for automation in api.post("/automations/filter", json={}).json())
+    marts_before = stack.mart_rows()
+
+    backed_up = sh([str(stack.checkout / "docker" / "backup.sh"), str(tmp_path)], cwd=stack.checkout)
+    folder = Path(backed_up.stdout.strip().splitlines()[-1].removeprefix("backed up to "))
+    assert folder.parent == tmp_path and {path.name for path in folder.iterdir()} == {"prefect.dump", "warehouse.duckdb"}
+
+    stack.compose("down", "-v", "--timeout", "10")
+    stack.compose("up", "-d")
+    wait_stack_healthy(stack)
+    with stack.api as api:
+        assert api.get("/deployments/name/all-etl/all-etl").status_code == 404, "down -v kept the database"
+
+    restored = sh([str(stack.checkout / "docker" / "restore.sh"), str(folder)], cwd=stack.checkout)
+    assert f"restored from {folder}" in restored.stdout, restored.stdout + restored.stderr
+    wait_stack_healthy(stack)
+    with stack.api as api:
+        assert sorted(flow_run["id"] for flow_run in api.post("/flow_runs/filter", json={}).json()) == runs_before
+        assert api.get("/deployments/name/all-etl/all-etl").json()["id"] == deployment_before
+        assert sorted(automation["name"] for automation in api.post("/automations/filter", json={}).json()) == automations_before
+    assert stack.mart_rows() == marts_before
+    after = stack.start_run()
+    assert stack.wait_state(after, TERMINAL, 900)["type"] == "COMPLETED"
