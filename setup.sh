@@ -168,8 +168,8 @@ done
 say "The stack is healthy"
 
 # --- The all-etl deployment -------------------------------------------------------------
-say "Deploying all-etl from prefect/prefect.yaml"
-"$COMPOSE" exec -T prefect-worker prefect --no-prompt deploy --all --prefect-file prefect/prefect.yaml >/dev/null
+say "Deploying all-etl from prefect/prefect.yaml (one deployment per environments/<name>.env if any)"
+"$COMPOSE" exec -T prefect-worker elt deploy
 
 host="$(hostname -I 2>/dev/null | awk '{print $1}')"
 prefect_port="$(env_get PREFECT_PORT)"; prefect_port="${prefect_port:-4200}"

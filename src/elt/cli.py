@@ -53,6 +53,9 @@ def run(
     connections_file: Annotated[
         str | None, typer.Option("--connections-file", help="Embedded connections file. Default: ELT_AIRBYTE_CONNECTIONS_FILE.")
     ] = None,
+    env: Annotated[
+        str | None, typer.Option("--env", help="Environment: environments/<env>.env over .env. Default: ELT_ENV.")
+    ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Print the traceback of an error, not only its message.")] = False,
 ) -> None:
     """Run the all-etl flow here: sync connections, pull the dbt project, dbt build."""
@@ -67,6 +70,7 @@ def run(
         tag=tag,
         dbt_target=target,
         connections_file=connections_file,
+        env=env,
     )
     with ExitStack() as stack:
         _fail_on_bad_settings(debug, stack, **checked)
@@ -94,13 +98,14 @@ def run(
 
 @app.command()
 def doctor(
+    env: Annotated[str | None, typer.Option("--env", help="Check this environment. Default: ELT_ENV.")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Print the traceback of each failed check.")] = False,
 ) -> None:
     """Check the configuration and that every configured dependency is reachable; every check runs."""
     from elt.doctor import run_checks
 
     problems = 0
-    for check in run_checks():
+    for check in run_checks(env):
         if debug and check.traceback:
             typer.echo(check.traceback.rstrip(), err=True)
         if check.ok:
@@ -116,6 +121,17 @@ def doctor(
         typer.secho(f"{problems} problem(s) found", fg="red", err=True)
         raise typer.Exit(1)
     typer.echo("all checks passed")
+
+
+@app.command()
+def deploy() -> None:
+    """Deploy all-etl to the Prefect server in PREFECT_API_URL: one deployment, or one per environment."""
+    from elt.deployments import deploy as deploy_all
+    from elt.settings import load_settings
+
+    home = _or_exit(lambda: load_settings().home)
+    for name in _or_exit(lambda: deploy_all(home)):
+        typer.echo(f"deployed {name}")
 
 
 warehouse_app = typer.Typer(no_args_is_help=True, help="Back up and restore the DuckDB warehouse.")

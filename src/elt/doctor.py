@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from elt.errors import EltError, first_line
-from elt.settings import AirbyteBackend, Settings, load_settings_or_defaults
+from elt.settings import AirbyteBackend, Settings, environment_names, load_settings, load_settings_or_defaults
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,8 @@ def _needs_warehouse(settings: Settings) -> None:
         raise NotChecked(f"not checked: {problem}")
 
 
-def run_checks() -> Iterator[Check]:
-    settings, invalid = load_settings_or_defaults()
+def run_checks(env: str | None = None) -> Iterator[Check]:
+    settings, invalid = load_settings_or_defaults(env)
     if invalid:
         yield Check(
             "settings",
@@ -52,7 +52,10 @@ def run_checks() -> Iterator[Check]:
             f"{len(invalid)} invalid setting(s); the checks below use the default instead\n" + "\n".join(invalid.values()),
         )
     else:
-        yield Check("settings", True, f"warehouse {settings.warehouse.value}, Airbyte backend {settings.airbyte_backend.value}")
+        where = f"environment {settings.env} ({settings.path(settings.data_dir)}), " if settings.env else ""
+        yield Check(
+            "settings", True, f"{where}warehouse {settings.warehouse.value}, Airbyte backend {settings.airbyte_backend.value}"
+        )
     for name, depends_on, check in _checks(settings):
         blocked = sorted(problem.split(":", 1)[0] for field, problem in invalid.items() if field.startswith(depends_on))
         if blocked:
@@ -73,7 +76,7 @@ def _checks(settings: Settings) -> list[tuple[str, tuple[str, ...], Callable[[],
     from elt import preflight
     from elt.warehouse import warehouse_for
 
-    paths = ("home", "data_dir")
+    paths = ("home", "data_dir", "env")
     checks: list[tuple[str, tuple[str, ...], Callable[[], str]]] = [
         ("environment", (), preflight.check_environment),
     ]
@@ -91,9 +94,35 @@ def _checks(settings: Settings) -> list[tuple[str, tuple[str, ...], Callable[[],
         checks.append(
             (f"{warehouse.name.lower()} grants", ("snowflake_", "warehouse", "git_", "dbt_"), lambda: _grants(settings))
         )
+    if environment_names(settings.home):
+        checks.append(("environments", ("home",), lambda: _environments(settings)))
     checks.append(("disk space", ("min_free_gb", *paths), lambda: _disk_space(settings)))
     checks.append(("prefect api", (), _prefect))
     return checks
+
+
+def _environments(settings: Settings) -> str:
+    """Every environment's file loads, and no two environments share a data folder or warehouse."""
+    from elt.warehouse import warehouse_for
+
+    names = environment_names(settings.home)
+    problems: list[str] = []
+    owners: dict[tuple[str, str], str] = {}
+    default = Settings(home=settings.home, env=None) if settings.env else settings
+    for name in [None, *names]:
+        try:
+            loaded = load_settings(home=settings.home, env=name) if name else default
+        except EltError as exc:
+            problems.append(first_line(exc))
+            continue
+        shown = f"environment {name}" if name else "the default (no environment)"
+        for kind, where in (("data folder", str(loaded.path(loaded.data_dir))), ("warehouse", warehouse_for(loaded).location)):
+            other = owners.setdefault((kind, where), shown)
+            if other != shown:
+                problems.append(f"{other} and {shown} share the {kind} {where}: give each its own in environments/<name>.env")
+    if problems:
+        raise Problems(f"{len(problems)} problem(s) in environments/:", problems)
+    return f"{len(names)} defined: {', '.join(names)}; each with its own data folder and warehouse"
 
 
 def _disk_space(settings: Settings) -> str:

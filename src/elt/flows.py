@@ -168,6 +168,7 @@ def all_etl(
     tag: str | None = None,
     dbt_target: str | None = None,
     connections_file: str | None = None,
+    env: str | None = None,
 ) -> EtlSummary:
     """Sync the Airbyte connections, `git pull` the dbt project's repo, then `dbt build`.
 
@@ -175,6 +176,7 @@ def all_etl(
     `repo`, `branch`, `project_dir`: override ELT_GIT_REPO, ELT_GIT_BRANCH, ELT_DBT_PROJECT_DIR.
     `tag`: sync only Airbyte connections with this tag (server backend).
     `dbt_target`, `connections_file`: override ELT_DBT_TARGET, ELT_AIRBYTE_CONNECTIONS_FILE.
+    `env`: the environment (environments/<env>.env over .env), overriding ELT_ENV.
     A failed sync does not stop the run: dbt builds everything not downstream of it, then the
     run fails naming the failed connections.
     """
@@ -191,6 +193,7 @@ def all_etl(
         tag=tag,
         dbt_target=dbt_target,
         connections_file=connections_file,
+        env=env,
     )
     summary = EtlSummary()
     extract_failure: ExtractFailed | None = None

@@ -37,10 +37,11 @@ def check_run(
     tag: str | None = None,
     dbt_target: str | None = None,
     connections_file: str | None = None,
+    env: str | None = None,
 ) -> Settings:
     """Every check of one `elt run`, in the order the run would meet the problems; returns the
-    settings, loaded once with the run's `dbt_target` and `connections_file` (--target,
-    --connections-file) over ELT_DBT_TARGET and ELT_AIRBYTE_CONNECTIONS_FILE.
+    settings, loaded once with the run's `dbt_target`, `connections_file` and `env` (--target,
+    --connections-file, --env) over ELT_DBT_TARGET, ELT_AIRBYTE_CONNECTIONS_FILE and ELT_ENV.
 
     Inside `checked_once(...)` of the same run it returns that block's settings without checking again."""
     run = _Run.of(
@@ -54,12 +55,13 @@ def check_run(
         tag=tag,
         dbt_target=dbt_target,
         connections_file=connections_file,
+        env=env,
     )
     already = _checked.get()
     if already is not None and already[0] == run:
         return already[1]
     check_environment()
-    settings = run_settings(dbt_target, connections_file)
+    settings = run_settings(dbt_target, connections_file, env)
     warehouse_for(settings).check_settings()
     if not skip_extract:
         refuse_tag(settings, tag)
@@ -74,10 +76,11 @@ def check_run(
     return settings
 
 
-def run_settings(dbt_target: str | None = None, connections_file: str | None = None) -> Settings:
-    """The settings of one run: the environment and `.env`, with the run's own dbt target and
-    connections file (flow parameters, --target and --connections-file) where given."""
-    overrides = {"dbt_target": dbt_target, "airbyte_connections_file": connections_file}
+def run_settings(dbt_target: str | None = None, connections_file: str | None = None, env: str | None = None) -> Settings:
+    """The settings of one run: the environment and `.env` (and the environment's file), with the
+    run's own dbt target, connections file and environment (flow parameters, --target,
+    --connections-file and --env) where given."""
+    overrides = {"dbt_target": dbt_target, "airbyte_connections_file": connections_file, "env": env}
     return load_settings(**{name: value for name, value in overrides.items() if value is not None})
 
 
@@ -108,12 +111,13 @@ class _Run(NamedTuple):
     tag: str | None
     dbt_target: str | None
     connections_file: str | None
+    env: str | None
 
     @classmethod
     def of(cls, connections: list[str] | None = None, **run: Any) -> _Run:
         """From check_run's keyword arguments; those not given take check_run's defaults."""
         fields: dict[str, Any] = {"repo": None, "branch": None, "project_dir": None, "tag": None, "dbt_target": None}
-        fields |= {"connections_file": None, "skip_extract": False, "skip_pull": False, "skip_transform": False}
+        fields |= {"connections_file": None, "env": None, "skip_extract": False, "skip_pull": False, "skip_transform": False}
         return cls(connections=tuple(connections or ()), **(fields | run))
 
 

@@ -46,6 +46,12 @@ class Settings(BaseSettings):
         default_factory=Path.cwd,
         description="Directory that relative paths below are resolved against.",
     )
+    env: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9_-]*$",
+        description="Environment (staging, prod...): environments/<env>.env overlays .env, and the environment gets "
+        "its own data folder and DuckDB file unless its file names them (`elt run --env`).",
+    )
     data_dir: Path = Field(Path("data"), description="Where the DuckDB warehouse, checkouts and run state live.")
     warehouse: Warehouse = Field(Warehouse.duckdb, description="Warehouse that Airbyte loads into and dbt builds in.")
     duckdb_path: Path = Field(Path("data/warehouse.duckdb"), description="DuckDB database file of the embedded warehouse.")
@@ -217,42 +223,114 @@ class Settings(BaseSettings):
 
     def environment(self) -> dict[str, str]:
         """The process environment over the `.env` file these settings read, which pydantic-settings
-        does not export: where the connections' `${VAR}` references are looked up."""
+        does not export, and the environment's file over both: where the connections' `${VAR}`
+        references are looked up."""
         from dotenv import dotenv_values
 
         env_file = self.model_config.get("env_file")
         values = dotenv_values(env_file) if isinstance(env_file, str) else {}
-        return {**{key: value for key, value in values.items() if value is not None}, **os.environ}
+        overlay = _env_file_values(self.path(environment_file(self.env))) if self.env else {}
+        return {**{key: value for key, value in values.items() if value is not None}, **os.environ, **overlay}
+
+
+ENVIRONMENTS_FOLDER = Path("environments")
+
+
+def environment_file(name: str) -> Path:
+    return ENVIRONMENTS_FOLDER / f"{name}.env"
+
+
+def environment_names(home: Path) -> list[str]:
+    """The environments defined under `home` (environments/<name>.env), sorted."""
+    folder = home / ENVIRONMENTS_FOLDER
+    return sorted(path.stem for path in folder.glob("*.env")) if folder.is_dir() else []
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Read settings from the environment and `.env`; bad values raise one ConfigurationError.
+    """Read settings from the environment and `.env` (and an environment's file, `env=` or
+    ELT_ENV); bad values raise one ConfigurationError.
 
     >>> load_settings(warehouse="duckdb").warehouse
     <Warehouse.duckdb: 'duckdb'>
     """
     try:
-        return Settings(**overrides)
+        return _in_environment(Settings(**overrides), overrides)
     except ValidationError as exc:
         problems = [f"{variable}: {message}" for _, variable, message in _problems(exc)]
         raise ConfigurationError("invalid settings: " + "; ".join(problems)) from None
 
 
-def load_settings_or_defaults() -> tuple[Settings, dict[str, str]]:
+def _in_environment(base: Settings, overrides: dict[str, Any]) -> Settings:
+    """`base` with its environment's file (environments/<env>.env) over the process environment
+    and `.env`; `overrides` (the run's own flags) over all. An environment never shares the
+    default's data folder or DuckDB file: unless its file names them they are
+    <data folder>/environments/<env> and <that folder>/warehouse.duckdb."""
+    if not base.env:
+        return base
+    path = base.path(environment_file(base.env))
+    if not path.is_file():
+        defined = ", ".join(environment_names(base.home)) or "none"
+        raise ConfigurationError(
+            f"ELT_ENV={base.env}: {path} does not exist (environments defined: {defined}); create it or choose another"
+        )
+    fields = _fields_by_variable()
+    values = _env_file_values(path)
+    unknown = sorted(name for name in values if name.upper().startswith("ELT_") and name.upper() not in fields)
+    if unknown:
+        raise ConfigurationError(f"{path}: {', '.join(unknown)}: unknown setting(s) (every setting is listed in .env.example)")
+    if "ELT_ENV" in {name.upper() for name in values} or "ELT_HOME" in {name.upper() for name in values}:
+        raise ConfigurationError(f"{path}: ELT_ENV and ELT_HOME cannot be set by an environment's own file")
+    overlay: dict[str, Any] = {fields[name.upper()]: value for name, value in values.items() if name.upper() in fields}
+    overlay.setdefault("data_dir", base.data_dir / "environments" / base.env)
+    overlay.setdefault("duckdb_path", Path(overlay["data_dir"]) / "warehouse.duckdb")
+    try:
+        return Settings(**{**overlay, **overrides, "home": base.home, "env": base.env})
+    except ValidationError as exc:
+        problems = [f"{variable}: {message}" for _, variable, message in _problems(exc)]
+        raise ConfigurationError(f"{path}: invalid settings: " + "; ".join(problems)) from None
+
+
+def _env_file_values(path: Path) -> dict[str, str]:
+    from dotenv import dotenv_values
+
+    return {name: value for name, value in dotenv_values(path).items() if value is not None}
+
+
+def _fields_by_variable() -> dict[str, str]:
+    """{variable name: field name} for every variable that sets a field."""
+    fields: dict[str, str] = {}
+    for name, info in Settings.model_fields.items():
+        if isinstance(info.validation_alias, AliasChoices):
+            fields.update({str(choice): name for choice in info.validation_alias.choices})
+        else:
+            fields[f"ELT_{name.upper()}"] = name
+    return fields
+
+
+def load_settings_or_defaults(env: str | None = None) -> tuple[Settings, dict[str, str]]:
     """Settings with every invalid value replaced by its default, and {field name: problem}.
 
-    For `elt doctor`, which reports the invalid variables and still runs every other check.
+    For `elt doctor`, which reports the invalid variables and still runs every other check. An
+    environment whose file is unusable is one problem (field `env`); the checks then see the
+    settings without it.
     """
     invalid: dict[str, str] = {}
     while True:  # each round defaults at least one more field, so it ends
         defaults = {name: Settings.model_fields[name].get_default(call_default_factory=True) for name in invalid}
+        if env and "env" not in invalid:
+            defaults["env"] = env
         try:
-            return Settings(**defaults), invalid
+            base = Settings(**defaults)
         except ValidationError as exc:
             new = {field: f"{variable}: {message}" for field, variable, message in _problems(exc) if field not in invalid}
             if not new:
                 raise  # a default itself is invalid: a bug in this module, not a setting
             invalid.update(new)
+            continue
+        try:
+            return _in_environment(base, {}), invalid
+        except ConfigurationError as exc:
+            return base.model_copy(update={"env": None}), {**invalid, "env": str(exc)}
 
 
 def _problems(exc: ValidationError) -> list[tuple[str, str, str]]:
@@ -299,10 +377,4 @@ NON_SETTING_VARIABLES = frozenset(
 
 def setting_variables() -> set[str]:
     """Every variable name that sets a field of Settings (ELT_ names and their SNOWFLAKE_ aliases)."""
-    names: set[str] = set()
-    for name, info in Settings.model_fields.items():
-        if isinstance(info.validation_alias, AliasChoices):
-            names.update(str(choice) for choice in info.validation_alias.choices)
-        else:
-            names.add(f"ELT_{name.upper()}")
-    return names
+    return set(_fields_by_variable())
