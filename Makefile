@@ -52,7 +52,6 @@ doctor: venv
 # Creates the process work pool if missing and (re)deploys all-etl from prefect/prefect.yaml
 # to the Prefect server in PREFECT_API_URL: one deployment per environments/<name>.env if any.
 deploy: venv
-	$(BIN)/prefect work-pool inspect elt >/dev/null 2>&1 || $(BIN)/prefect work-pool create elt --type process
 	ELT_HOME=$(CURDIR) $(BIN)/elt deploy
 
 # Benchmarks: each prints ratios measured side by side in one run; results land in bench/out/.

@@ -41,8 +41,11 @@ def deployments_config(home: Path) -> dict[str, Any]:
 
 
 def deploy(home: Path) -> list[str]:
-    """Run `prefect deploy` for every deployment; the names deployed, as flow/deployment."""
+    """Create the work pool if it is missing, then `prefect deploy` every deployment; the names
+    deployed, as flow/deployment."""
     config = deployments_config(home)
+    for pool in sorted({deployment["work_pool"]["name"] for deployment in config["deployments"]}):
+        _ensure_process_pool(pool)
     with tempfile.TemporaryDirectory(prefix="elt-deploy-") as folder:
         prefect_file = Path(folder) / "prefect.yaml"
         prefect_file.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -59,3 +62,15 @@ def deploy(home: Path) -> list[str]:
         tail = " | ".join(line.strip() for line in (completed.stdout + completed.stderr).strip().splitlines()[-5:])
         raise ConfigurationError(f"prefect deploy of {home / PREFECT_FILE} failed: {tail}")
     return [f"all-etl/{deployment['name']}" for deployment in config["deployments"]]
+
+
+def _ensure_process_pool(name: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
