@@ -13,7 +13,9 @@ compose="$repo/docker/compose.sh"
 folder="${1:-$repo/backups}/$(date -u +%Y%m%dT%H%M%SZ)"
 mkdir -p "$folder"
 
-"$compose" exec -T postgres pg_dump -U prefect -d prefect -Fc >"$folder/prefect.dump.partial"
+# The password from the container's own environment: never on a command line.
+"$compose" exec -T postgres sh -c 'PGPASSWORD="$POSTGRES_PASSWORD" exec pg_dump -h 127.0.0.1 -U prefect -d prefect -Fc' \
+  >"$folder/prefect.dump.partial"
 mv "$folder/prefect.dump.partial" "$folder/prefect.dump"
 echo "prefect database: $(stat -c %s "$folder/prefect.dump") bytes to $folder/prefect.dump"
 

@@ -16,7 +16,10 @@ for _ in $(seq 60); do
   "$compose" exec -T postgres pg_isready -U prefect -d prefect -h 127.0.0.1 >/dev/null 2>&1 && break
   sleep 2
 done
-"$compose" exec -T postgres pg_restore -U prefect -d prefect --clean --if-exists --single-transaction <"$folder/prefect.dump"
+# The password from the container's own environment: never on a command line.
+"$compose" exec -T postgres sh -c \
+  'PGPASSWORD="$POSTGRES_PASSWORD" exec pg_restore -h 127.0.0.1 -U prefect -d prefect --clean --if-exists --single-transaction' \
+  <"$folder/prefect.dump"
 echo "prefect database: restored from $folder/prefect.dump"
 
 if [ -f "$folder/warehouse.duckdb" ]; then
