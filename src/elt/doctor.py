@@ -92,6 +92,7 @@ def _checks(settings: Settings) -> list[tuple[str, tuple[str, ...], Callable[[],
             (f"{warehouse.name.lower()} grants", ("snowflake_", "warehouse", "git_", "dbt_"), lambda: _grants(settings))
         )
     checks.append(("prefect api", (), _prefect))
+    checks.append(("alerts", ("slack_", "alert_"), lambda: _alerts(settings)))
     return checks
 
 
@@ -224,6 +225,13 @@ def _schemas_not_loaded_yet(settings: Settings) -> set[str]:
     except duckdb.Error:  # held by a running sync: assume loaded, so a missing schema still fails
         return set()
     return schemas - staged
+
+
+def _alerts(settings: Settings) -> str:
+    """Each configured alert channel's server answers; nothing is sent."""
+    from elt.alerts import doctor_check
+
+    return doctor_check(settings)
 
 
 def _prefect() -> str:
