@@ -131,7 +131,13 @@ def apprise_email_url(settings: Settings, recipients: list[str]) -> str:
         login = quote(settings.alert_smtp_user, safe="") + (":" + quote(password, safe="") if password else "") + "@"
     mode = {SmtpTls.starttls: "starttls", SmtpTls.ssl: "ssl", SmtpTls.none: "insecure"}[tls]
     query = urlencode(
-        {"smtp": settings.alert_smtp_host, "from": settings.alert_email_from, "to": ",".join(recipients), "mode": mode}
+        {
+            "smtp": settings.alert_smtp_host,
+            "from": settings.alert_email_from,
+            "to": ",".join(recipients),
+            "mode": mode,
+            "format": "text",  # plain text: the lines as written, the link as is
+        }
     )
     scheme = "mailto" if tls is SmtpTls.none else "mailtos"
     return f"{scheme}://{login}{settings.alert_smtp_host}:{settings.alert_smtp_port}/?{query}"

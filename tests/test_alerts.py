@@ -1,0 +1,387 @@
+"""Alerts delivered for real, to receivers on 127.0.0.1: an HTTP server standing in for Slack's
+incoming webhook and for the generic webhook, and an SMTP server (aiosmtpd) for email.
+
+The alerts go through the production path: docker/prefect_setup.py saves the blocks and the
+automations, a real `prefect server start` (its triggers and actions services) renders and sends
+them. Slack's block is the production SlackWebhook with a production-shaped URL
+(https://hooks.slack.com/services/...); Apprise's Slack plugin builds the real payload and posts
+it to `NotifySlack.webhook_url`. The only test-only change: a sitecustomize.py on the
+PYTHONPATH of the Prefect server and of `elt alert test` (processes this module starts) sets
+that class attribute to the local receiver, so nothing leaves this machine. Production code is
+unchanged by it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from email import message_from_bytes
+from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+
+from tests.conftest import BIN, REPO_ROOT, GitRemote, PrefectServer, _free_port
+
+SLACK_URL = "https://hooks.slack.com/services/T0ALERTS/B0ALERTS/slacktokenXYZ123"
+SMTP_USER = "elt-alerts"
+SMTP_PASSWORD = "smtp-Pa55word-never-in-a-message"
+WEBHOOK_SECRET = "webhook-header-value-never-in-a-message"
+UI_URL = "http://127.0.0.1:4200"  # PREFECT_UI_URL of the stack: the tunnel's end
+SITECUSTOMIZE = """
+import os
+
+if os.environ.get("TEST_SLACK_WEBHOOK_BASE"):
+    from apprise.plugins.slack import NotifySlack
+
+    NotifySlack.webhook_url = os.environ["TEST_SLACK_WEBHOOK_BASE"]
+"""
+
+T = TypeVar("T")
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 90) -> T:
+    """Poll `probe` until it returns something truthy; fail the test naming `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+# --- receivers --------------------------------------------------------------------------------
+@dataclass
+class Received:
+    channel: str  # slack, webhook or email
+    subject: str
+    text: str  # what a person reads
+    raw: bytes  # the whole request body or email, to look for secrets in
+    headers: dict[str, str]
+
+
+def slack_text(payload: dict[str, Any]) -> tuple[str, str]:
+    """(title, text) of a message in the shape Slack documents for incoming webhooks
+    (https://api.slack.com/messaging/webhooks): a JSON object with `text`, `blocks` or
+    `attachments` (each attachment with `text` or `blocks`); fails the test otherwise."""
+    assert isinstance(payload, dict), payload
+    assert {"text", "blocks", "attachments"} & payload.keys(), payload
+    parts: list[str] = [payload["text"]] if isinstance(payload.get("text"), str) else []
+    title = ""
+    for attachment in payload.get("attachments", []):
+        assert isinstance(attachment, dict) and ({"text", "blocks"} & attachment.keys()), attachment
+        title = attachment.get("title", title)
+        parts.append(attachment.get("text", ""))
+    for block in payload.get("blocks", []):
+        assert block.get("type") in {"section", "header", "context", "divider"}, block
+    return title, "\n".join(parts)
+
+
+class HttpReceiver:
+    """Slack's and the generic webhook's stand-in: records each POST; answers `status`."""
+
+    def __init__(self) -> None:
+        self.received: list[Received] = []
+        self.status = 200
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                payload = json.loads(raw)
+                if self.path.startswith("/services/"):
+                    assert self.headers["Content-Type"].startswith("application/json")
+                    subject, text = slack_text(payload)
+                    channel = "slack"
+                else:
+                    subject, text, channel = payload["subject"], payload["body"], "webhook"
+                    assert payload["text"] == f"{subject}\n{text}", payload
+                receiver.received.append(Received(channel, subject, text, raw, dict(self.headers)))
+                self.send_response(receiver.status)
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def slack_base(self) -> str:
+        return f"http://127.0.0.1:{self.port}/services"
+
+    @property
+    def webhook_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks/elt"
+
+
+class SmtpReceiver:
+    """An SMTP server (aiosmtpd) that takes only SMTP_USER/SMTP_PASSWORD logins and records each email."""
+
+    def __init__(self) -> None:
+        from aiosmtpd.controller import Controller
+        from aiosmtpd.smtp import AuthResult
+
+        self.received: list[Received] = []
+        self.logins: list[str] = []
+        receiver = self
+
+        class Handler:
+            async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+                email: Message = message_from_bytes(envelope.content)
+                body = (
+                    email.get_payload(decode=True)
+                    if not email.is_multipart()
+                    else email.get_payload()[0].get_payload(decode=True)
+                )
+                text = body.decode() if isinstance(body, bytes) else str(body)
+                headers = {"To": ", ".join(envelope.rcpt_tos), "From": envelope.mail_from}
+                # Apprise sends one email per recipient: the channel is "email to <recipient>".
+                channel = f"email to {', '.join(envelope.rcpt_tos)}"
+                receiver.received.append(Received(channel, str(email["Subject"]), text, envelope.content, headers))
+                return "250 OK"
+
+        def authenticate(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+            ok = data.login.decode() == SMTP_USER and data.password.decode() == SMTP_PASSWORD
+            receiver.logins.append(data.login.decode())
+            return AuthResult(success=ok)
+
+        self.port = _free_port()
+        self.controller = Controller(
+            Handler(), hostname="127.0.0.1", port=self.port, authenticator=authenticate, auth_require_tls=False
+        )
+        self.controller.start()
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+
+@dataclass
+class Receivers:
+    http: HttpReceiver
+    smtp: SmtpReceiver
+
+    def all(self) -> list[Received]:
+        return self.http.received + self.smtp.received
+
+    def clear(self) -> None:
+        self.http.received.clear()
+        self.smtp.received.clear()
+
+
+@pytest.fixture(scope="module")
+def receivers() -> Iterator[Receivers]:
+    smtp = SmtpReceiver()
+    http = HttpReceiver()
+    yield Receivers(http, smtp)
+    http.server.shutdown()
+    smtp.stop()
+
+
+@pytest.fixture(scope="module")
+def slack_redirect(tmp_path_factory: pytest.TempPathFactory, receivers: Receivers) -> dict[str, str]:
+    """Environment for a process whose Apprise posts Slack webhooks to the local receiver."""
+    folder = tmp_path_factory.mktemp("slack-redirect")
+    (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    return {"PYTHONPATH": str(folder), "TEST_SLACK_WEBHOOK_BASE": receivers.http.slack_base}
+
+
+@pytest.fixture
+def alert_env(monkeypatch: pytest.MonkeyPatch, receivers: Receivers) -> dict[str, str]:
+    """All three channels pointed at the receivers, as a user would set them in .env."""
+    values = {
+        "SLACK_WEBHOOK_URL": SLACK_URL,
+        "ELT_ALERT_SMTP_HOST": "127.0.0.1",
+        "ELT_ALERT_SMTP_PORT": str(receivers.smtp.port),
+        "ELT_ALERT_SMTP_TLS": "none",
+        "ELT_ALERT_SMTP_USER": SMTP_USER,
+        "ELT_ALERT_SMTP_PASSWORD": SMTP_PASSWORD,
+        "ELT_ALERT_EMAIL_FROM": "elt@example.com",
+        "ELT_ALERT_EMAIL_TO": "oncall@example.com, data@example.com",
+        "ELT_ALERT_WEBHOOK_URL": receivers.http.webhook_url,
+        "ELT_ALERT_WEBHOOK_HEADER": "X-Alert-Token",
+        "ELT_ALERT_WEBHOOK_SECRET": WEBHOOK_SECRET,
+    }
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    receivers.clear()
+    receivers.http.status = 200
+    return values
+
+
+# --- a Prefect server whose Apprise posts to the local Slack -----------------------------------
+@pytest.fixture(scope="module")
+def alert_server(tmp_path_factory: pytest.TempPathFactory, slack_redirect: dict[str, str]) -> Iterator[PrefectServer]:
+    """A real `prefect server start` (SQLite) for this module: its Apprise posts Slack webhooks to
+    the receiver (slack_redirect), its UI URL is the tunnel's, and its late-runs service marks a
+    run Late 1 s after its scheduled time (15 s by default). Flows in this process report to it."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    home = tmp_path_factory.mktemp("alert-prefect-home")
+    port = _free_port()
+    env = {
+        **os.environ,
+        **slack_redirect,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_UI_URL": UI_URL,
+        "PREFECT_SERVER_SERVICES_LATE_RUNS_AFTER_SECONDS": "1",
+        "PREFECT_SERVER_SERVICES_LATE_RUNS_LOOP_SECONDS": "1",
+    }
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "w")  # noqa: SIM115 - the process writes to it until the end
+    process = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    server = PrefectServer(f"http://127.0.0.1:{port}/api", home, process)
+
+    def healthy() -> bool:
+        if process.poll() is not None:
+            pytest.fail(f"prefect server exited: {(home / 'server.log').read_text()[-2000:]}")
+        try:
+            return server.get("/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for("the alert test's Prefect server to answer /health", healthy, timeout=120)
+    previous = os.environ.get("PREFECT_API_URL")
+    # Events and logs go to the server of the moment their worker started: restart them here.
+    for worker in (EventsWorker, APILogWorker):
+        worker.drain_all(timeout=30)
+    os.environ["PREFECT_API_URL"] = server.api_url
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield server
+        for worker in (EventsWorker, APILogWorker):
+            worker.drain_all(timeout=30)
+    if previous is None:
+        os.environ.pop("PREFECT_API_URL", None)
+    else:
+        os.environ["PREFECT_API_URL"] = previous
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+
+
+def _prefect_setup() -> Any:
+    spec = importlib.util.spec_from_file_location("prefect_setup", REPO_ROOT / "docker" / "prefect_setup.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_setup(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """docker/prefect_setup.py's alert part, with the settings of this environment; its output lines."""
+    from elt.settings import load_settings
+
+    capsys.readouterr()
+    _prefect_setup().alerts(load_settings())
+    return capsys.readouterr().out.splitlines()
+
+
+def automations_named(server: PrefectServer, name: str) -> list[dict]:
+    response = server.post("/automations/filter", {"automations": {"name": {"any_": [name]}}})
+    response.raise_for_status()
+    return response.json()
+
+
+def messages_about(receivers: Receivers, run_id: str, subject_starts: str) -> list[Received]:
+    return [message for message in receivers.all() if run_id in message.text and message.subject.startswith(subject_starts)]
+
+
+CHANNELS = ["email to data@example.com", "email to oncall@example.com", "slack", "webhook"]
+
+
+def one_per_channel(receivers: Receivers, run_id: str, subject_starts: str) -> dict[str, Received]:
+    """Waits until each channel (each email recipient) got a message about the run; then exactly one each."""
+    wait_for(
+        f"a '{subject_starts}' message about flow run {run_id} on {', '.join(CHANNELS)}",
+        lambda: {m.channel for m in messages_about(receivers, run_id, subject_starts)} == set(CHANNELS),
+    )
+    messages = messages_about(receivers, run_id, subject_starts)
+    assert sorted(m.channel for m in messages) == CHANNELS, [(m.channel, m.subject) for m in messages]
+    return {message.channel: message for message in messages}
+
+
+def assert_no_secret(messages: list[Received]) -> None:
+    for message in messages:
+        for secret in (SMTP_PASSWORD, WEBHOOK_SECRET, "slacktokenXYZ123"):
+            assert secret.encode() not in message.raw, (message.channel, secret)
+
+
+# --- tests ------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_failing_all_etl_sends_one_message_per_channel_with_link_commit_and_cause(
+    alert_server: PrefectServer,
+    receivers: Receivers,
+    alert_env: dict[str, str],
+    tiny_remote: GitRemote,
+    appliance_env: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The real all-etl on the tiny project: a model that fails and a dbt test that warns. Each
+    channel gets one Failed message (link, commit, the failed node) and one warning message."""
+    from elt.flows import all_etl
+
+    run_setup(capsys)
+    tiny_remote.commit("dbt/models/broken.sql", "select missing_column from {{ ref('orders') }}\n", "break a model")
+    commit = tiny_remote.commit(
+        "dbt/tests/orders_warn.sql", "{{ config(severity='warn') }}\nselect * from {{ ref('orders') }}\n", "a warning"
+    )
+    state = all_etl(skip_extract=True, repo=str(tiny_remote.bare), return_state=True)
+    assert state.is_failed()
+    run_id = str(state.state_details.flow_run_id)
+
+    failed = one_per_channel(receivers, run_id, "all-etl Failed")
+    for channel, message in failed.items():
+        lines = message.text.strip().splitlines()
+        assert lines[0].startswith("all-etl run ") and lines[0].endswith(" is Failed."), (channel, lines)
+        assert lines[1].startswith("Cause: DbtBuildFailed: dbt build failed on 1 node(s): model.tiny_shop.broken"), lines
+        assert lines[2] == f"Commit: {commit}", (channel, lines)
+        assert lines[3] == f"Run: {UI_URL}/runs/flow-run/{run_id}", (channel, lines)
+    assert failed["email to data@example.com"].headers["From"] == "elt@example.com"
+    assert failed["webhook"].headers["X-Alert-Token"] == WEBHOOK_SECRET
+    assert receivers.smtp.logins and set(receivers.smtp.logins) == {SMTP_USER}
+
+    transform_run = _child_run(alert_server, run_id, "transform")
+    warned = one_per_channel(receivers, transform_run, "dbt warning: orders_warn")
+    for channel, message in warned.items():
+        lines = message.text.strip().splitlines()
+        assert lines[0] == "dbt test orders_warn ended in warn.", (channel, lines)
+        assert lines[1].startswith("Cause: Got "), (channel, lines)
+        assert lines[2] == f"Commit: {commit}", (channel, lines)
+        assert lines[3] == f"Run: {UI_URL}/runs/flow-run/{transform_run}", (channel, lines)
+    assert_no_secret(receivers.all())
+
+
+def _child_run(server: PrefectServer, parent_id: str, flow_name: str) -> str:
+    response = server.post("/flow_runs/filter", {"flows": {"name": {"any_": [flow_name]}}, "sort": "START_TIME_DESC"})
+    response.raise_for_status()
+    task_runs = {run["parent_task_run_id"] for run in response.json()}
+    for run in response.json():
+        task = server.get(f"/task_runs/{run['parent_task_run_id']}").json() if run["parent_task_run_id"] else {}
+        if task.get("flow_run_id") == parent_id:
+            return run["id"]
+    pytest.fail(f"no {flow_name} run under {parent_id}: {task_runs}")
