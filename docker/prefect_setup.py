@@ -64,8 +64,10 @@ def ensure_block(name: str, wanted: Block) -> tuple[str, object]:
     return status, type(wanted).load(name)._block_document_id
 
 
-def _revealed(block: Block) -> object:
-    return block.model_dump(mode="json", context={"include_secrets": True})
+def _revealed(block: Block) -> dict[str, object]:
+    """The block's fields, secrets included; not the ids a loaded block carries (_block_document_id...)."""
+    fields = block.model_dump(mode="json", context={"include_secrets": True})
+    return {key: value for key, value in fields.items() if not key.startswith("_")}
 
 
 def ensure_automation(wanted: Automation) -> str:

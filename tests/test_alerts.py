@@ -385,3 +385,146 @@ def _child_run(server: PrefectServer, parent_id: str, flow_name: str) -> str:
         if task.get("flow_run_id") == parent_id:
             return run["id"]
     pytest.fail(f"no {flow_name} run under {parent_id}: {task_runs}")
+
+
+@pytest.mark.slow
+def test_setup_twice_and_with_a_changed_url_keeps_one_automation_per_kind_and_updates_the_block(
+    alert_server: PrefectServer, alert_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    from elt import alerts
+
+    run_setup(capsys)  # whatever an earlier test left: now as this environment says
+    assert run_setup(capsys) == [
+        "slack block elt-alerts: unchanged",
+        "email block elt-alerts-email: unchanged",
+        "webhook block elt-alerts-webhook: unchanged",
+        *(f"automation {name}: unchanged" for name in alerts.AUTOMATIONS),
+    ]
+    block_id = CustomWebhookNotificationBlock.load(alerts.WEBHOOK_BLOCK)._block_document_id
+    monkeypatch.setenv("ELT_ALERT_WEBHOOK_URL", alert_env["ELT_ALERT_WEBHOOK_URL"] + "-moved")
+    monkeypatch.setenv("ELT_ALERT_RUNNING_SECONDS", "3600")
+    assert run_setup(capsys) == [
+        "slack block elt-alerts: unchanged",
+        "email block elt-alerts-email: unchanged",
+        "webhook block elt-alerts-webhook: updated",
+        "automation notify-failed-all-etl: unchanged",
+        "automation notify-long-running-all-etl: updated",
+        "automation notify-late-all-etl: unchanged",
+        "automation notify-dbt-warnings: unchanged",
+    ]
+    moved = CustomWebhookNotificationBlock.load(alerts.WEBHOOK_BLOCK)
+    assert moved._block_document_id == block_id
+    assert moved.secrets.get_secret_value()["url"] == alert_env["ELT_ALERT_WEBHOOK_URL"] + "-moved"
+    for name in alerts.AUTOMATIONS:
+        (automation,) = automations_named(alert_server, name)
+        assert len(automation["actions"]) == 3, automation["actions"]
+    (long_running,) = automations_named(alert_server, alerts.RUNNING_LONG)
+    assert long_running["trigger"]["within"] == 3600.0
+
+    monkeypatch.setenv("ELT_ALERT_WARNINGS", "off")
+    monkeypatch.delenv("ELT_ALERT_WEBHOOK_URL")
+    lines = run_setup(capsys)
+    assert lines[-1] == "automation notify-dbt-warnings: deleted (ELT_ALERT_WARNINGS=off)", lines
+    assert automations_named(alert_server, alerts.WARNINGS) == []
+    (failed,) = automations_named(alert_server, alerts.FAILED)
+    assert len(failed["actions"]) == 2, failed["actions"]
+
+
+def _run_alert_test(slack_redirect: dict[str, str], alert_env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **alert_env, **slack_redirect}
+    return subprocess.run([str(BIN / "elt"), "alert", "test"], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_elt_alert_test_sends_one_message_to_each_channel_and_says_what_each_answered(
+    receivers: Receivers, alert_env: dict[str, str], slack_redirect: dict[str, str]
+) -> None:
+    completed = _run_alert_test(slack_redirect, alert_env)
+    port = receivers.smtp.port
+    assert completed.stdout.splitlines() == [
+        "ok   slack (hooks.slack.com): accepted the test message",
+        f"ok   email (smtp 127.0.0.1:{port} to oncall@example.com, data@example.com): accepted the test message",
+        "ok   webhook (127.0.0.1): accepted the test message",
+    ], completed.stderr
+    assert completed.returncode == 0
+    assert sorted(message.channel for message in receivers.all()) == CHANNELS
+    assert {message.subject for message in receivers.all()} == {"elt alert test"}
+    assert_no_secret(receivers.all())
+
+    receivers.clear()
+    receivers.http.status = 500
+    failed = _run_alert_test(slack_redirect, alert_env)
+    assert failed.stdout.splitlines()[2] == "FAIL webhook (127.0.0.1): answered HTTP 500 Internal Server Error", failed.stdout
+    assert failed.stdout.splitlines()[0].startswith("FAIL slack (hooks.slack.com): "), failed.stdout
+    assert failed.returncode == 1
+    assert WEBHOOK_SECRET not in failed.stdout + failed.stderr and "slacktokenXYZ123" not in failed.stdout + failed.stderr
+
+
+def test_doctor_names_the_variable_of_an_unreachable_channel_and_sends_nothing(
+    receivers: Receivers, alert_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from elt.cli import app
+
+    closed = _free_port()
+    monkeypatch.delenv("SLACK_WEBHOOK_URL")  # hooks.slack.com: tests do not leave this machine
+    monkeypatch.setenv("ELT_ALERT_SMTP_PORT", str(closed))
+    result = CliRunner().invoke(app, ["doctor"])
+    (line,) = [line for line in result.output.splitlines() if " alerts: " in line]
+    assert line == (
+        f"FAIL alerts: email: 127.0.0.1:{closed} is not reachable ([Errno 111] Connection refused); "
+        "check ELT_ALERT_SMTP_HOST and ELT_ALERT_SMTP_PORT"
+    )
+    monkeypatch.setenv("ELT_ALERT_SMTP_PORT", str(receivers.smtp.port))
+    result = CliRunner().invoke(app, ["doctor"])
+    (line,) = [line for line in result.output.splitlines() if " alerts: " in line]
+    assert line == (
+        f"ok   alerts: email 127.0.0.1:{receivers.smtp.port} answers SMTP (250); "
+        f"webhook 127.0.0.1:{receivers.http.port} reachable"
+    )
+    assert receivers.all() == []
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "error"),
+    [
+        (
+            "ELT_ALERT_EMAIL_TO",
+            " , ",
+            "ELT_ALERT_EMAIL_TO is empty: set the recipients of email alerts (comma-separated), or unset ELT_ALERT_SMTP_HOST",
+        ),
+        (
+            "ELT_ALERT_WEBHOOK_SECRET",
+            "",
+            "ELT_ALERT_WEBHOOK_HEADER and ELT_ALERT_WEBHOOK_SECRET go together: set both (the header's name and value) or neither",
+        ),
+        (
+            "ELT_ALERT_WEBHOOK_URL",
+            "hooks.example.com/elt",
+            "ELT_ALERT_WEBHOOK_URL is not an http(s) URL; set it to the URL the service gave you",
+        ),
+        (
+            "SLACK_WEBHOOK_URL",
+            "ftp://hooks.slack.com/x",
+            "SLACK_WEBHOOK_URL is not an http(s) URL; set it to the URL the service gave you",
+        ),
+    ],
+)
+def test_an_incomplete_channel_is_one_line_naming_the_variable(
+    alert_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    slack_redirect: dict[str, str],
+    variable: str,
+    value: str,
+    error: str,
+) -> None:
+    from typer.testing import CliRunner
+
+    from elt.cli import app
+
+    monkeypatch.setenv(variable, value)
+    result = CliRunner().invoke(app, ["alert", "test"])
+    assert result.output.strip() == f"error: {error}"
+    assert result.exit_code == 2
