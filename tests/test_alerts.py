@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -437,6 +438,7 @@ def _run_alert_test(slack_redirect: dict[str, str], alert_env: dict[str, str]) -
     return subprocess.run([str(BIN / "elt"), "alert", "test"], env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # two `elt` processes: 10 s of imports each
 def test_elt_alert_test_sends_one_message_to_each_channel_and_says_what_each_answered(
     receivers: Receivers, alert_env: dict[str, str], slack_redirect: dict[str, str]
 ) -> None:
@@ -528,3 +530,74 @@ def test_an_incomplete_channel_is_one_line_naming_the_variable(
     result = CliRunner().invoke(app, ["alert", "test"])
     assert result.output.strip() == f"error: {error}"
     assert result.exit_code == 2
+
+
+@pytest.mark.slow
+def test_an_all_etl_still_running_past_the_limit_sends_one_message_per_channel(
+    alert_server: PrefectServer,
+    receivers: Receivers,
+    alert_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A run named all-etl that keeps running until the alert about it has arrived everywhere."""
+    from prefect.runtime import flow_run
+
+    from elt import alerts
+    from prefect import flow
+
+    monkeypatch.setenv("ELT_ALERT_RUNNING_SECONDS", "10")  # Prefect's least for a proactive trigger
+    run_setup(capsys)
+    commit = "c0ffee0123456789c0ffee0123456789c0ffee01"
+
+    @flow(name="all-etl")
+    def stuck_all_etl() -> str:
+        alerts.label_run_with_commit(commit)
+        run_id = str(flow_run.id)
+        wait_for("the still-running alert on every channel", lambda: len(messages_about(receivers, run_id, "all-etl still")) >= 4)
+        return run_id
+
+    run_id = stuck_all_etl()
+    running = one_per_channel(receivers, run_id, "all-etl still running")
+    for channel, message in running.items():
+        lines = message.text.strip().splitlines()
+        assert lines[0].startswith("all-etl run ") and " has been Running for more than 10 s (since " in lines[0], (
+            channel,
+            lines,
+        )
+        assert lines[1] == "Cause: no end yet; a sync or a dbt query may be stuck (see the run's logs).", (channel, lines)
+        assert lines[2] == f"Commit: {commit}", (channel, lines)
+        assert lines[3] == f"Run: {UI_URL}/runs/flow-run/{run_id}", (channel, lines)
+    assert_no_secret(receivers.all())
+
+
+@pytest.mark.slow
+def test_a_scheduled_all_etl_that_no_worker_starts_turns_late_and_sends_one_message_per_channel(
+    alert_server: PrefectServer, receivers: Receivers, alert_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A deployment of all-etl with no worker: Prefect's late-runs service marks its due run Late.
+    The commit is the deployment's version (what reporting.show_deployed_commit_as_version sets)."""
+    from prefect.states import Scheduled
+
+    from prefect import get_client
+
+    run_setup(capsys)
+    commit = "1a7e0123456789abcdef0123456789abcdef0123"
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name("all-etl")
+        deployment_id = client.create_deployment(flow_id=flow_id, name="late-alert-test", version=commit)
+        due = datetime.now(UTC) - timedelta(seconds=5)
+        run = client.create_flow_run_from_deployment(deployment_id, state=Scheduled(scheduled_time=due))
+    try:
+        run_id = str(run.id)
+        late = one_per_channel(receivers, run_id, "all-etl Late")
+        for channel, message in late.items():
+            lines = message.text.strip().splitlines()
+            assert lines[0].startswith(f"Scheduled all-etl run {run.name} is Late: it was due at "), (channel, lines)
+            assert lines[1] == "Cause: no worker picked it up (is the prefect-worker service up? `docker compose ps`).", lines
+            assert lines[2] == f"Commit: {commit}", (channel, lines)
+            assert lines[3] == f"Run: {UI_URL}/runs/flow-run/{run_id}", (channel, lines)
+        assert_no_secret(receivers.all())
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_deployment(deployment_id)

@@ -205,7 +205,9 @@ class Settings(BaseSettings):
         "'daily' at most one a day (the first; the rest are in the Prefect UI), 'off' none.",
     )
     alert_running_seconds: int = Field(
-        7200, ge=1, description="An all-etl run still Running after this long gets an alert (a stuck sync, a hung query)."
+        7200,
+        ge=10,  # Prefect's least `within` for a proactive trigger
+        description="An all-etl run still Running after this long gets an alert (a stuck sync, a hung query).",
     )
 
     @field_validator("git_repo")
