@@ -219,6 +219,7 @@ def alert_env(monkeypatch: pytest.MonkeyPatch, receivers: Receivers) -> dict[str
     for name, value in values.items():
         monkeypatch.setenv(name, value)
     receivers.clear()
+    receivers.smtp.logins.clear()
     receivers.http.status = 200
     return values
 
@@ -364,7 +365,7 @@ def test_a_failing_all_etl_sends_one_message_per_channel_with_link_commit_and_ca
         assert lines[3] == f"Run: {UI_URL}/runs/flow-run/{run_id}", (channel, lines)
     assert failed["email to data@example.com"].headers["From"] == "elt@example.com"
     assert failed["webhook"].headers["X-Alert-Token"] == WEBHOOK_SECRET
-    assert receivers.smtp.logins and set(receivers.smtp.logins) == {SMTP_USER}
+    assert receivers.smtp.logins and set(receivers.smtp.logins) == {SMTP_USER}  # the password logged in
 
     transform_run = _child_run(alert_server, run_id, "transform")
     warned = one_per_channel(receivers, transform_run, "dbt warning: orders_warn")
@@ -463,6 +464,27 @@ def test_elt_alert_test_sends_one_message_to_each_channel_and_says_what_each_ans
     assert WEBHOOK_SECRET not in failed.stdout + failed.stderr and "slacktokenXYZ123" not in failed.stdout + failed.stderr
 
 
+def test_no_secret_is_in_any_message_a_channel_receives(
+    receivers: Receivers, alert_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each channel's block, as prefect_setup saves it, sends to the receivers from this process
+    (Apprise's Slack plugin redirected here as in the Prefect server): the SMTP password only logs
+    in, the webhook's secret only rides in its header, the Slack token only in the URL path."""
+    from apprise.plugins.slack import NotifySlack
+
+    from elt import alerts
+    from elt.settings import load_settings
+
+    monkeypatch.setattr(NotifySlack, "webhook_url", receivers.http.slack_base)
+    answers = [alerts.send_test(channel) for channel in alerts.channels(load_settings())]
+    assert [answer.line for answer in answers if not answer.ok] == []
+    assert sorted(message.channel for message in receivers.all()) == CHANNELS
+    assert_no_secret(receivers.all())
+    (webhook,) = [message for message in receivers.all() if message.channel == "webhook"]
+    assert webhook.headers["X-Alert-Token"] == WEBHOOK_SECRET
+    assert receivers.smtp.logins == [SMTP_USER]  # the password logged in (once, for both emails)
+
+
 def test_doctor_names_the_variable_of_an_unreachable_channel_and_sends_nothing(
     receivers: Receivers, alert_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -487,6 +509,50 @@ def test_doctor_names_the_variable_of_an_unreachable_channel_and_sends_nothing(
         f"webhook 127.0.0.1:{receivers.http.port} reachable"
     )
     assert receivers.all() == []
+
+
+@pytest.mark.parametrize(
+    "name", ["notify-failed-all-etl", "notify-long-running-all-etl", "notify-late-all-etl", "notify-dbt-warnings"]
+)
+def test_every_message_is_cut_to_what_a_channel_takes_and_keeps_the_link(name: str) -> None:
+    """Each automation's subject and body, rendered by the Prefect server's own template renderer
+    and filters, with a 10,000-character cause: the cause is cut, the commit and the link stay."""
+    import uuid
+
+    from prefect.server.events.jinja_filters import all_filters
+    from prefect.server.events.schemas.events import ReceivedEvent
+    from prefect.server.schemas.core import FlowRun
+    from prefect.server.schemas.states import State, StateType
+    from prefect.server.utilities.user_templates import register_user_template_filters, render_user_template_sync
+    from prefect.settings import PREFECT_UI_URL, temporary_settings
+
+    from elt import alerts
+
+    cause = "EltError: " + "x" * 10_000 + "\nthe second line"
+    run = FlowRun(
+        id=uuid.uuid4(),
+        name="loud-run",
+        flow_id=uuid.uuid4(),
+        state=State(type=StateType.FAILED, name="Failed", message=f"Flow run encountered an exception: {cause}"),
+        labels={alerts.COMMIT_LABEL: "abc123"},
+    )
+    event = ReceivedEvent(
+        occurred=datetime.now(UTC),
+        event="dbt.node.warn",
+        resource={"prefect.resource.id": "dbt.node.test.shop.big", "prefect.resource.name": "big", "dbt.resource_type": "test"},
+        payload={"message": cause},
+        id=uuid.uuid4(),
+    )
+    register_user_template_filters(all_filters)
+    message = alerts.MESSAGES[name]
+    context = {"flow_run": run, "deployment": None, "event": event}
+    with temporary_settings({PREFECT_UI_URL: UI_URL}):
+        subject = render_user_template_sync(message.subject, context)
+        body = render_user_template_sync(message.body, context)
+    assert len(subject) + len(body) <= alerts.MAX_MESSAGE_CHARS, (len(subject), len(body))
+    assert body.splitlines()[-2:] == ["Commit: abc123", f"Run: {UI_URL}/runs/flow-run/{run.id}"]
+    if "Cause: EltError" in body:
+        assert "x" * alerts.CAUSE_CHARS not in body and "second line" not in body
 
 
 @pytest.mark.parametrize(
