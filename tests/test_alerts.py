@@ -360,9 +360,10 @@ def test_a_failing_all_etl_sends_one_message_per_channel_with_link_commit_and_ca
     for channel, message in failed.items():
         lines = message.text.strip().splitlines()
         assert lines[0].startswith("all-etl run ") and lines[0].endswith(" is Failed."), (channel, lines)
-        assert lines[1].startswith("Cause: DbtBuildFailed: dbt build failed on 1 node(s): model.tiny_shop.broken"), lines
-        assert lines[2] == f"Commit: {commit}", (channel, lines)
-        assert lines[3] == f"Run: {UI_URL}/runs/flow-run/{run_id}", (channel, lines)
+        assert lines[1] == "Stage: transform", (channel, lines)
+        assert lines[2].startswith("Cause: DbtBuildFailed: dbt build failed on 1 node(s): model.tiny_shop.broken"), lines
+        assert lines[3] == f"Commit: {commit}", (channel, lines)
+        assert lines[4] == f"Run: {UI_URL}/runs/flow-run/{run_id}", (channel, lines)
     assert failed["email to data@example.com"].headers["From"] == "elt@example.com"
     assert failed["webhook"].headers["X-Alert-Token"] == WEBHOOK_SECRET
     assert receivers.smtp.logins and set(receivers.smtp.logins) == {SMTP_USER}  # the password logged in
@@ -553,6 +554,37 @@ def test_every_message_is_cut_to_what_a_channel_takes_and_keeps_the_link(name: s
     assert body.splitlines()[-2:] == ["Commit: abc123", f"Run: {UI_URL}/runs/flow-run/{run.id}"]
     if "Cause: EltError" in body:
         assert "x" * alerts.CAUSE_CHARS not in body and "second line" not in body
+
+
+@pytest.mark.parametrize(
+    ("message", "stage"),
+    [
+        ("ExtractFailed: 1 of 2 connections failed to sync: faker: boom", "extract-load"),
+        ("AirbyteJobTimedOut: sync of orders ran longer than 21600 s", "extract-load"),
+        (
+            "EltError: 1 of 2 connections failed to sync: faker: boom; and then: dbt build failed",
+            "extract-load, and a later stage",
+        ),
+        ("GitHistoryDiverged: origin/main and the checkout diverged", "update-code"),
+        ("DbtBuildFailed: dbt build failed on 1 node(s): model.shop.orders (error: x)", "transform"),
+        ("WarehouseInUse: another run holds the warehouse", "not named by the cause (the run's child flow runs show it)"),
+    ],
+)
+def test_a_failure_message_names_the_stage_that_raised(message: str, stage: str) -> None:
+    import uuid
+
+    from prefect.server.events.jinja_filters import all_filters
+    from prefect.server.schemas.core import FlowRun
+    from prefect.server.schemas.states import State, StateType
+    from prefect.server.utilities.user_templates import register_user_template_filters, render_user_template_sync
+
+    from elt import alerts
+
+    state = State(type=StateType.FAILED, name="Failed", message=f"Flow run encountered an exception: {message}")
+    run = FlowRun(id=uuid.uuid4(), name="r", flow_id=uuid.uuid4(), state=state)
+    register_user_template_filters(all_filters)
+    body = render_user_template_sync(alerts.MESSAGES[alerts.FAILED].body, {"flow_run": run, "deployment": None})
+    assert body.splitlines()[1:3] == [f"Stage: {stage}", f"Cause: {message}"]
 
 
 @pytest.mark.parametrize(

@@ -183,6 +183,34 @@ def _first_line(expression: str) -> str:
     )
 
 
+# Which stage of all-etl raised, from the exception's type (Prefect's message starts "Type: ").
+STAGE_OF_ERROR_PREFIX = {
+    "extract-load": (
+        "ExtractFailed",
+        "UnknownConnections",
+        "Connector",
+        "Embedded",
+        "ConnectionNotInFile",
+        "UnknownStream",
+        "ConnectionsFileError",
+        "Airbyte",
+    ),
+    "update-code": ("Git",),
+    "transform": ("Dbt", "WarehouseUnreachable", "Snowflake"),
+}
+
+
+def _stage(expression: str) -> str:
+    """Jinja: the stage named by the exception type that starts `expression` (a state message)."""
+    cause = f"(({expression}) or '').replace('Flow run encountered an exception: ', '')"
+    branches = "".join(
+        f"{'{% if' if index == 0 else '{% elif'} {cause}.startswith({prefixes!r}) %}}{stage}"
+        for index, (stage, prefixes) in enumerate(STAGE_OF_ERROR_PREFIX.items())
+    )
+    joint = f"{{% elif 'connections failed to sync' in {cause} %}}extract-load, and a later stage"
+    return branches + joint + "{% else %}not named by the cause (the run's child flow runs show it){% endif %}"
+
+
 _COMMIT = (
     "Commit: {{ flow_run.labels.get('" + COMMIT_LABEL + "') or (deployment.version if deployment else '') "
     "or 'unknown (not pulled yet)' }}"
@@ -200,6 +228,7 @@ MESSAGES = {
     FAILED: Message(
         "all-etl {{ flow_run.state.name }}: {{ flow_run.name }}",
         "all-etl run {{ flow_run.name }} is {{ flow_run.state.name }}.\n"
+        f"Stage: {_stage('flow_run.state.message')}\n"
         f"Cause: {_first_line('flow_run.state.message')}\n{_COMMIT}\n{_LINK}",
     ),
     RUNNING_LONG: Message(
