@@ -91,8 +91,8 @@ def _checks(settings: Settings) -> list[tuple[str, tuple[str, ...], Callable[[],
         checks.append(
             (f"{warehouse.name.lower()} grants", ("snowflake_", "warehouse", "git_", "dbt_"), lambda: _grants(settings))
         )
-    checks.append(("prefect api", (), _prefect))
     checks.append(("alerts", ("slack_", "alert_"), lambda: _alerts(settings)))
+    checks.append(("prefect api", (), _prefect))
     return checks
 
 
