@@ -426,6 +426,11 @@ def test_setup_twice_and_with_a_changed_url_keeps_one_automation_per_kind_and_up
     (long_running,) = automations_named(alert_server, alerts.RUNNING_LONG)
     assert long_running["trigger"]["within"] == 3600.0
 
+    monkeypatch.setenv("ELT_ALERT_WARNINGS", "daily")
+    assert "automation notify-dbt-warnings: updated" in run_setup(capsys)
+    (warnings,) = automations_named(alert_server, alerts.WARNINGS)
+    assert (warnings["trigger"]["for_each"], warnings["trigger"]["within"]) == ([], 86400.0)
+
     monkeypatch.setenv("ELT_ALERT_WARNINGS", "off")
     monkeypatch.delenv("ELT_ALERT_WEBHOOK_URL")
     lines = run_setup(capsys)
@@ -699,3 +704,36 @@ def test_a_scheduled_all_etl_that_no_worker_starts_turns_late_and_sends_one_mess
     finally:
         with get_client(sync_client=True) as client:
             client.delete_deployment(deployment_id)
+
+
+@pytest.mark.slow
+def test_a_crashed_all_etl_sends_one_message_per_channel(
+    alert_server: PrefectServer, receivers: Receivers, alert_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Running all-etl set Crashed the way crash-zombie-flow-runs does when a worker dies (the
+    kill itself is the compose stack's test): one message per channel naming the cause."""
+    from prefect.states import Crashed, Running
+
+    from elt import alerts
+    from prefect import flow, get_client
+
+    @flow(name="all-etl")
+    def all_etl_on_a_dead_worker() -> None:
+        """Never runs here: the run is created, then set Running and Crashed as the server would."""
+
+    run_setup(capsys)
+    commit = "dead0123456789abcdef0123456789abcdef0123"
+    with get_client(sync_client=True) as client:
+        run_id = client.create_flow_run(all_etl_on_a_dead_worker, name="killed-worker").id
+        client.update_flow_run_labels(run_id, {alerts.COMMIT_LABEL: commit})
+        client.set_flow_run_state(run_id, Running(), force=True)
+        client.set_flow_run_state(
+            run_id, Crashed(message="No heartbeat for 300 s: the worker or the machine stopped during the run."), force=True
+        )
+    crashed = one_per_channel(receivers, str(run_id), "all-etl Crashed")
+    for channel, message in crashed.items():
+        lines = message.text.strip().splitlines()
+        assert lines[0].endswith(" is Crashed."), (channel, lines)
+        assert lines[2] == "Cause: No heartbeat for 300 s: the worker or the machine stopped during the run.", lines
+        assert lines[3] == f"Commit: {commit}", (channel, lines)
+        assert lines[4] == f"Run: {UI_URL}/runs/flow-run/{run_id}", (channel, lines)
