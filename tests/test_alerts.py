@@ -465,7 +465,10 @@ def test_elt_alert_test_sends_one_message_to_each_channel_and_says_what_each_ans
     receivers.http.status = 500
     failed = _run_alert_test(slack_redirect, alert_env)
     assert failed.stdout.splitlines()[2] == "FAIL webhook (127.0.0.1): answered HTTP 500 Internal Server Error", failed.stdout
-    assert failed.stdout.splitlines()[0].startswith("FAIL slack (hooks.slack.com): "), failed.stdout
+    assert (
+        failed.stdout.splitlines()[0]
+        == "FAIL slack (hooks.slack.com): Failed to send to Slack: Internal server error., error=500."
+    )
     assert failed.returncode == 1
     assert WEBHOOK_SECRET not in failed.stdout + failed.stderr and "slacktokenXYZ123" not in failed.stdout + failed.stderr
 

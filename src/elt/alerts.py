@@ -388,7 +388,7 @@ def send_test(channel: Channel) -> Answer:
         with block.raise_on_failure():
             notify(body, subject)
     except NotificationError as exc:
-        said = [line.strip() for line in exc.log.splitlines() if line.strip()]
+        said = [re.sub(r"^\[[A-Z]+\]:\s*", "", line.strip()) for line in exc.log.splitlines() if line.strip()]  # Apprise's log
         return Answer(channel, False, channel.scrub(said[-1] if said else "not delivered"))
     except Exception as exc:  # noqa: BLE001 - any failure to send is this channel's answer
         return Answer(channel, False, channel.scrub(_http_answer(exc) or f"{type(exc).__name__}: {first_line(exc)}"))
