@@ -161,9 +161,16 @@ def alerts(settings: Settings) -> None:
 def main() -> None:
     if "--settings-from-stdin" in sys.argv[1:]:
         settings_from_stdin()
+    from elt.alerts import channels
+    from elt.errors import ConfigurationError
     from elt.settings import load_settings
 
-    settings = load_settings()
+    try:
+        settings = load_settings()
+        channels(settings)  # an incomplete channel stops here, before anything is changed
+    except ConfigurationError as exc:
+        print(f"error: {exc}", file=sys.stderr)  # one line naming the variable, for setup.sh to show
+        sys.exit(2)
     print(f"work pool {POOL}: {asyncio.run(work_pool())}")
     print(f"automation {ZOMBIE}: {ensure_automation(zombie_automation(settings.zombie_seconds))}")
     alerts(settings)

@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -740,3 +741,22 @@ def test_a_crashed_all_etl_sends_one_message_per_channel(
         assert lines[2] == "Cause: No heartbeat for 300 s: the worker or the machine stopped during the run.", lines
         assert lines[3] == f"Commit: {commit}", (channel, lines)
         assert lines[4] == f"Run: {UI_URL}/runs/flow-run/{run_id}", (channel, lines)
+
+
+def test_setup_refuses_an_incomplete_channel_read_from_stdin_in_one_line() -> None:
+    """setup.sh pipes the alert lines of .env to prefect_setup.py; an incomplete channel stops it
+    before it changes anything (no Prefect API is needed to see that)."""
+    lines = f"SLACK_WEBHOOK_URL={SLACK_URL}\nELT_ALERT_SMTP_HOST=smtp.example.com\nELT_ALERT_SMTP_PASSWORD='{SMTP_PASSWORD}'\n"
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "docker" / "prefect_setup.py"), "--settings-from-stdin"],
+        input=lines,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"},
+    )
+    assert completed.stderr.strip() == (
+        "error: ELT_ALERT_EMAIL_TO is empty: set the recipients of email alerts (comma-separated), or unset ELT_ALERT_SMTP_HOST"
+    )
+    assert completed.returncode == 2 and completed.stdout == ""
+    assert SMTP_PASSWORD not in completed.stderr
