@@ -377,6 +377,9 @@ def test_a_failing_all_etl_sends_one_message_per_channel_with_link_commit_and_ca
         assert lines[1].startswith("Cause: Got "), (channel, lines)
         assert lines[2] == f"Commit: {commit}", (channel, lines)
         assert lines[3] == f"Run: {UI_URL}/runs/flow-run/{transform_run}", (channel, lines)
+    # The child flow runs failed too (transform, then all-etl): only all-etl's failure is sent.
+    failures = [message for message in receivers.all() if " is Failed." in message.text]
+    assert sorted(message.channel for message in failures) == CHANNELS, [(m.channel, m.subject) for m in failures]
     assert_no_secret(receivers.all())
 
 
