@@ -155,11 +155,11 @@ for service in postgres prefect-server; do
 done
 
 # --- Prefect: work pool and automations, before the worker (which would create the pool) ----
-# Run in the server's container, which holds the API auth string already; the Slack webhook
-# goes in on stdin, never on a command line.
-ZOMBIE_SECONDS="$(env_get ELT_ZOMBIE_SECONDS)"
-env_get SLACK_WEBHOOK_URL | "$COMPOSE" exec -T -e "ELT_ZOMBIE_SECONDS=${ZOMBIE_SECONDS:-300}" prefect-server \
-  sh -c 'PREFECT_API_URL=http://127.0.0.1:4200/api PREFECT_API_AUTH_STRING="$PREFECT_SERVER_API_AUTH_STRING" exec python /opt/elt/docker/prefect_setup.py --slack-webhook-url-from-stdin'
+# Run in the server's container, which holds the API auth string already; the alert channels'
+# settings (webhook URLs, the SMTP password) go in on stdin as .env lines, never on a command line.
+{ grep -E '^(SLACK_WEBHOOK_URL|ELT_ALERT_[A-Z_]+|ELT_ZOMBIE_SECONDS)=' "$ENV_FILE" || true; } |
+  "$COMPOSE" exec -T prefect-server \
+  sh -c 'PREFECT_API_URL=http://127.0.0.1:4200/api PREFECT_API_AUTH_STRING="$PREFECT_SERVER_API_AUTH_STRING" exec python /opt/elt/docker/prefect_setup.py --settings-from-stdin'
 
 up
 for service in prefect-worker dbt-docs; do

@@ -2,15 +2,18 @@
 (before the worker starts, so the first install creates the work pool):
 
 - the `elt` process work pool;
-- a Slack webhook block + the automation "notify-failed-all-etl" (failed or crashed flow
-  runs) when SLACK_WEBHOOK_URL is set (in the environment, or on the first line of stdin
-  with --slack-webhook-url-from-stdin, so it never appears on a command line);
+- one notification block per alert channel set (src/elt/alerts.py: Slack `elt-alerts`, email
+  `elt-alerts-email`, webhook `elt-alerts-webhook`) and the alert automations, each sending to
+  every channel: notify-failed-all-etl, notify-long-running-all-etl, notify-late-all-etl,
+  notify-dbt-warnings. The alert settings (SLACK_WEBHOOK_URL, ELT_ALERT_*) come from the
+  environment, or as `.env` lines on stdin with --settings-from-stdin, so no secret is ever on
+  a command line;
 - the automation "crash-zombie-flow-runs": a proactive trigger that marks a flow run
   Crashed when its heartbeat (PREFECT_FLOWS_HEARTBEAT_FREQUENCY on the worker) has been
   missing for ELT_ZOMBIE_SECONDS (a worker or VM that died mid-run).
 
-Each object is created when missing and updated when it differs; prints one line per object
-saying "created", "updated" or "unchanged". Never prints secrets.
+Each object is created when missing and updated in place when it differs; prints one line per
+object saying "created", "updated", "unchanged" or "deleted". Never prints secrets.
 """
 
 from __future__ import annotations
@@ -19,17 +22,20 @@ import asyncio
 import os
 import sys
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
-from prefect.automations import Automation, ChangeFlowRunState, EventTrigger, Posture, SendNotification
+from prefect.automations import Automation, ChangeFlowRunState, EventTrigger, Posture
+from prefect.blocks.core import Block
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.objects import StateType
 from prefect.exceptions import ObjectNotFound
 
 from prefect import get_client
 
+if TYPE_CHECKING:
+    from elt.settings import Settings
+
 POOL = "elt"
-SLACK_BLOCK = "elt-alerts"
-NOTIFY = "notify-failed-all-etl"
 ZOMBIE = "crash-zombie-flow-runs"
 TERMINAL = ["Completed", "Failed", "Cancelled", "Crashed"]
 
@@ -44,26 +50,28 @@ async def work_pool() -> str:
             return "created"
 
 
-def slack_block(url: str) -> tuple[str, object]:
-    from prefect.blocks.notifications import SlackWebhook
-
+def ensure_block(name: str, wanted: Block) -> tuple[str, object]:
+    """Save `wanted` as block `name` unless an equal one is saved; returns (status, block document id)."""
     try:
-        block = SlackWebhook.load(SLACK_BLOCK)
-        if block.url.get_secret_value() == url:
-            return "unchanged", block
-        status = "updated"
+        existing = type(wanted).load(name)
     except ValueError:
         status = "created"
-    block = SlackWebhook(url=url)
-    block.save(SLACK_BLOCK, overwrite=True)
-    return status, SlackWebhook.load(SLACK_BLOCK)
+    else:
+        if _revealed(existing) == _revealed(wanted):
+            return "unchanged", existing._block_document_id
+        status = "updated"
+    wanted.save(name, overwrite=True)  # overwrite keeps the block document (and its id)
+    return status, type(wanted).load(name)._block_document_id
+
+
+def _revealed(block: Block) -> dict[str, object]:
+    """The block's fields, secrets included; not the ids a loaded block carries (_block_document_id...)."""
+    fields = block.model_dump(mode="json", context={"include_secrets": True})
+    return {key: value for key, value in fields.items() if not key.startswith("_")}
 
 
 def ensure_automation(wanted: Automation) -> str:
-    try:
-        existing = Automation.read(name=wanted.name)
-    except ValueError:
-        existing = None
+    existing = _read_automation(wanted.name)
     if existing is None:
         wanted.create()
         return "created"
@@ -73,6 +81,21 @@ def ensure_automation(wanted: Automation) -> str:
     wanted.id = existing.id
     wanted.update()
     return "updated"
+
+
+def _read_automation(name: str) -> Automation | None:
+    try:
+        return Automation.read(name=name)
+    except ValueError:
+        return None
+
+
+def remove_automation(name: str) -> str:
+    existing = _read_automation(name)
+    if existing is None:
+        return "absent"
+    existing.delete()
+    return "deleted"
 
 
 def comparable(value: object) -> object:
@@ -109,47 +132,48 @@ def zombie_automation(seconds: int) -> Automation:
     )
 
 
-def notify_automation(block_id) -> Automation:
-    return Automation(
-        name=NOTIFY,
-        description="Slack message when a flow run fails or crashes.",
-        enabled=True,
-        trigger=EventTrigger(
-            posture=Posture.Reactive,
-            expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
-            match={"prefect.resource.id": ["prefect.flow-run.*"]},
-            for_each={"prefect.resource.id"},
-            threshold=1,
-            within=timedelta(0),
-        ),
-        actions=[
-            SendNotification(
-                block_document_id=block_id,
-                subject="Prefect flow run {{ flow_run.name }} is {{ flow_run.state.name }}",
-                body=(
-                    "Flow run {{ flow.name }}/{{ flow_run.name }} entered {{ flow_run.state.name }}: "
-                    "{{ flow_run.state.message }}\n{{ flow_run|ui_url }}"
-                ),
-            )
-        ],
-    )
+def settings_from_stdin() -> None:
+    """`.env` lines on stdin (setup.sh pipes the alert settings) become this process's environment."""
+    from dotenv import dotenv_values
+
+    for name, value in dotenv_values(stream=sys.stdin).items():
+        if value is not None:
+            os.environ[name] = value
+
+
+def alerts(settings: Settings) -> None:
+    from elt import alerts
+
+    block_ids = []
+    for channel in alerts.channels(settings):
+        status, block_id = ensure_block(channel.block_name, channel.make_block())
+        print(f"{channel.kind} block {channel.block_name}: {status}")
+        block_ids.append(block_id)
+    for name, wanted in alerts.automations(settings, block_ids).items():
+        if wanted is not None:
+            print(f"automation {name}: {ensure_automation(wanted)}")
+            continue
+        status = remove_automation(name)
+        why = alerts.NO_CHANNEL if not block_ids else "ELT_ALERT_WARNINGS=off"
+        print(f"automation {name}: {'deleted' if status == 'deleted' else 'skipped'} ({why})")
 
 
 def main() -> None:
-    print(f"work pool {POOL}: {asyncio.run(work_pool())}")
+    if "--settings-from-stdin" in sys.argv[1:]:
+        settings_from_stdin()
+    from elt.alerts import channels
+    from elt.errors import ConfigurationError
     from elt.settings import load_settings
 
-    seconds = load_settings().zombie_seconds
-    print(f"automation {ZOMBIE}: {ensure_automation(zombie_automation(seconds))}")
-    url = os.environ.get("SLACK_WEBHOOK_URL")
-    if not url and "--slack-webhook-url-from-stdin" in sys.argv[1:]:
-        url = sys.stdin.readline().strip()
-    if url:
-        status, block = slack_block(url)
-        print(f"slack webhook block {SLACK_BLOCK}: {status}")
-        print(f"automation {NOTIFY}: {ensure_automation(notify_automation(block._block_document_id))}")
-    else:
-        print(f"automation {NOTIFY}: skipped (SLACK_WEBHOOK_URL is not set)")
+    try:
+        settings = load_settings()
+        channels(settings)  # an incomplete channel stops here, before anything is changed
+    except ConfigurationError as exc:
+        print(f"error: {exc}", file=sys.stderr)  # one line naming the variable, for setup.sh to show
+        sys.exit(2)
+    print(f"work pool {POOL}: {asyncio.run(work_pool())}")
+    print(f"automation {ZOMBIE}: {ensure_automation(zombie_automation(settings.zombie_seconds))}")
+    alerts(settings)
 
 
 if __name__ == "__main__":

@@ -169,6 +169,31 @@ def _or_exit(action: Callable[[], T]) -> T:
         raise typer.Exit(1) from None
 
 
+alert_app = typer.Typer(no_args_is_help=True, help="The alert channels of .env (Slack, email, webhook).")
+app.add_typer(alert_app, name="alert")
+
+
+@alert_app.command("test")
+def alert_test() -> None:
+    """Send one test message to each configured alert channel and say what each answered."""
+    from elt.alerts import NO_CHANNEL, channels, send_test
+    from elt.settings import load_settings
+
+    try:
+        configured = channels(load_settings())
+    except EltError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    if not configured:
+        typer.secho(f"error: {NO_CHANNEL}; set one in .env (docs/operations.md, Alerts)", fg="red", err=True)
+        raise typer.Exit(2)
+    answers = [send_test(channel) for channel in configured]
+    for answer in answers:
+        typer.echo(answer.line)
+    if not all(answer.ok for answer in answers):
+        raise typer.Exit(1)
+
+
 def _fail_on_bad_settings(debug: bool, stack: ExitStack, **run: Any) -> None:
     """Refuse to start a run whose configuration can't work, before Prefect spins up: one line
     naming the variable or file and the fix (src/elt/preflight.py has every check). Until `stack`

@@ -96,6 +96,7 @@ def _checks(settings: Settings) -> list[tuple[str, tuple[str, ...], Callable[[],
         )
     if environment_names(settings.home):
         checks.append(("environments", ("home",), lambda: _environments(settings)))
+    checks.append(("alerts", ("slack_", "alert_"), lambda: _alerts(settings)))
     checks.append(("disk space", ("min_free_gb", *paths), lambda: _disk_space(settings)))
     checks.append(("prefect api", (), _prefect))
     return checks
@@ -269,6 +270,13 @@ def _schemas_not_loaded_yet(settings: Settings) -> set[str]:
     except duckdb.Error:  # held by a running sync: assume loaded, so a missing schema still fails
         return set()
     return schemas - staged
+
+
+def _alerts(settings: Settings) -> str:
+    """Each configured alert channel's server answers; nothing is sent."""
+    from elt.alerts import doctor_check
+
+    return doctor_check(settings)
 
 
 def _prefect() -> str:

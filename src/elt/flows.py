@@ -18,7 +18,7 @@ from prefect.runtime import flow_run
 from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from elt import dbt_runner, git_repo, preflight, processes, reporting, run_lock
+from elt import alerts, dbt_runner, git_repo, preflight, processes, reporting, run_lock
 from elt.errors import EltError, TransientError, first_line
 from elt.extract import backend_for
 from elt.extract.base import ExtractBackend, ExtractFailed, ExtractReport, SyncFailure, SyncResult, UnknownConnections
@@ -125,6 +125,7 @@ def transform(
     them are left out, so nothing stale is rebuilt as if it were fresh.
     """
     settings = _settings()
+    alerts.label_run_with_commit()  # the commit all-etl pulled: a dbt warning's alert names it
     logger = get_run_logger()
     project = dbt_runner.DbtProject.at(Path(project_dir))
     warehouse = warehouse_for(settings)
@@ -216,6 +217,7 @@ def all_etl(
                 with summary.timed("update-code"):
                     summary.deployed = update_code(repo, branch)
                 reporting.show_deployed_commit_as_version(summary.deployed)
+                alerts.label_run_with_commit(summary.deployed.sha)
 
             if not skip_transform:
                 folder = dbt_runner.project_folder(settings, source, project_dir)

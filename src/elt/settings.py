@@ -29,6 +29,18 @@ class AirbyteBackend(str, Enum):
     server = "server"
 
 
+class SmtpTls(str, Enum):
+    starttls = "starttls"
+    ssl = "ssl"
+    none = "none"
+
+
+class AlertWarnings(str, Enum):
+    each = "each"
+    daily = "daily"
+    off = "off"
+
+
 def _snowflake(name: str) -> AliasChoices:
     return AliasChoices(f"SNOWFLAKE_{name}", f"ELT_SNOWFLAKE_{name}")
 
@@ -195,6 +207,40 @@ class Settings(BaseSettings):
         5.0,
         ge=0,
         description="`elt doctor` fails when the data folder's disk has less free space than this, in GB.",
+    )
+
+    slack_webhook_url: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("SLACK_WEBHOOK_URL", "ELT_SLACK_WEBHOOK_URL"),
+        description="Slack incoming webhook the alerts are posted to. Unset: no Slack alerts.",
+    )
+    alert_smtp_host: str | None = Field(None, description="SMTP server that email alerts are sent through. Unset: no email.")
+    alert_smtp_port: int = Field(587, ge=1, le=65535, description="Port of ELT_ALERT_SMTP_HOST.")
+    alert_smtp_tls: SmtpTls = Field(
+        SmtpTls.starttls, description="'starttls' (port 587), 'ssl' (implicit TLS, port 465) or 'none' (plain SMTP)."
+    )
+    alert_smtp_user: str | None = Field(None, description="SMTP login. Unset: no login.")
+    alert_smtp_password: SecretStr | None = Field(None, description="Password of ELT_ALERT_SMTP_USER.")
+    alert_email_from: str | None = Field(None, description="Sender address of email alerts.")
+    alert_email_to: str | None = Field(None, description="Recipients of email alerts, comma-separated.")
+    alert_webhook_url: SecretStr | None = Field(
+        None,
+        description="Any endpoint that takes a JSON POST (Teams, Discord, PagerDuty, your own); a secret, as such URLs "
+        "often carry a token. Unset: no webhook alerts.",
+    )
+    alert_webhook_header: str | None = Field(
+        None, description="Name of a header that carries ELT_ALERT_WEBHOOK_SECRET with each webhook POST."
+    )
+    alert_webhook_secret: SecretStr | None = Field(None, description="Value of the ELT_ALERT_WEBHOOK_HEADER header.")
+    alert_warnings: AlertWarnings = Field(
+        AlertWarnings.each,
+        description="dbt nodes that end in 'warn' (test warnings, stale sources): 'each' sends a message per node, "
+        "'daily' at most one a day (the first; the rest are in the Prefect UI), 'off' none.",
+    )
+    alert_running_seconds: int = Field(
+        7200,
+        ge=10,  # Prefect's least `within` for a proactive trigger
+        description="An all-etl run still Running after this long gets an alert (a stuck sync, a hung query).",
     )
 
     @field_validator("git_repo")

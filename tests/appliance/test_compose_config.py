@@ -25,6 +25,9 @@ SECRETS = {
     "POSTGRES_PASSWORD": "pg-secret-8c1f",
     "PREFECT_SERVER_API_AUTH_STRING": "admin:api-secret-77aa",
     "SLACK_WEBHOOK_URL": "https://hooks.slack.example/secret-3b2e",
+    "ELT_ALERT_SMTP_PASSWORD": "smtp-secret-51d0",
+    "ELT_ALERT_WEBHOOK_URL": "https://alerts.example/secret-9e41",
+    "ELT_ALERT_WEBHOOK_SECRET": "webhook-secret-0c7b",
 }
 
 
@@ -68,7 +71,8 @@ def test_each_service_gets_only_the_secrets_it_needs(checkout: Path) -> None:
 
     assert holders(SECRETS["POSTGRES_PASSWORD"]) == {"postgres", "prefect-server"}
     assert holders(SECRETS["PREFECT_SERVER_API_AUTH_STRING"]) == {"prefect-server", "prefect-worker", "dbt-docs"}
-    assert holders(SECRETS["SLACK_WEBHOOK_URL"]) == set()
+    for alert_secret in ("SLACK_WEBHOOK_URL", "ELT_ALERT_SMTP_PASSWORD", "ELT_ALERT_WEBHOOK_URL", "ELT_ALERT_WEBHOOK_SECRET"):
+        assert holders(SECRETS[alert_secret]) == set(), alert_secret  # setup.sh pipes them to prefect_setup.py
     # What flow runs need still reaches the worker: Snowflake settings, connector secrets.
     worker = environment(services["prefect-worker"])
     assert worker["SNOWFLAKE_PASSWORD"] == "sf-run-secret"

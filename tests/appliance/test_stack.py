@@ -37,7 +37,10 @@ def test_setup_twice_changes_nothing(stack: Stack) -> None:
     output = second.stdout + second.stderr
     assert ".env: set" not in output and "Creating" not in output and "Recreating" not in output, output
     assert "automation crash-zombie-flow-runs: unchanged" in output, output
-    assert "automation notify-failed-all-etl: skipped (SLACK_WEBHOOK_URL is not set)" in output, output
+    assert (
+        "automation notify-failed-all-etl: skipped (no alert channel is set: SLACK_WEBHOOK_URL, ELT_ALERT_SMTP_HOST and ELT_ALERT_WEBHOOK_URL are empty)"
+        in output
+    ), output
     env = stack.env
     assert len(env["POSTGRES_PASSWORD"]) >= 32
     assert env["PREFECT_SERVER_API_AUTH_STRING"].startswith("admin:")
@@ -67,7 +70,10 @@ def test_rerunning_the_prefect_setup_says_unchanged_whatever_the_hash_seed(stack
     assert output.splitlines() == [
         "work pool elt: unchanged",
         "automation crash-zombie-flow-runs: unchanged",
-        "automation notify-failed-all-etl: skipped (SLACK_WEBHOOK_URL is not set)",
+        "automation notify-failed-all-etl: skipped (no alert channel is set: SLACK_WEBHOOK_URL, ELT_ALERT_SMTP_HOST and ELT_ALERT_WEBHOOK_URL are empty)",
+        "automation notify-long-running-all-etl: skipped (no alert channel is set: SLACK_WEBHOOK_URL, ELT_ALERT_SMTP_HOST and ELT_ALERT_WEBHOOK_URL are empty)",
+        "automation notify-late-all-etl: skipped (no alert channel is set: SLACK_WEBHOOK_URL, ELT_ALERT_SMTP_HOST and ELT_ALERT_WEBHOOK_URL are empty)",
+        "automation notify-dbt-warnings: skipped (no alert channel is set: SLACK_WEBHOOK_URL, ELT_ALERT_SMTP_HOST and ELT_ALERT_WEBHOOK_URL are empty)",
     ], output
 
 
