@@ -287,8 +287,9 @@ def test_runs_older_than_the_retention_are_deleted_with_their_logs_and_artifacts
         schedules_before = api.get("/deployments/name/all-etl/all-etl").json()["schedules"]
     aged = _psql(
         stack,
-        "UPDATE flow_run SET start_time = start_time - interval '40 days', end_time = end_time - interval '40 days' "
-        f"WHERE end_time < '{recent_start}' RETURNING id",
+        # A SELECT over the UPDATE: psql prints its rows and no "UPDATE n" tag.
+        "WITH aged AS (UPDATE flow_run SET start_time = start_time - interval '40 days', "
+        f"end_time = end_time - interval '40 days' WHERE end_time < '{recent_start}' RETURNING id) SELECT id FROM aged",
     )
     assert old in aged and recent not in aged
     in_aged = f"flow_run_id IN ({', '.join(repr(run_id) for run_id in aged)})"
