@@ -21,8 +21,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORK = REPO_ROOT / ".mutation"
 MUTMUT = Path(sys.executable).parent / "mutmut"
-# Linked, not copied, into each module's folder: what mutmut copies from and what the tests read.
-LINKED = ["src", "tests", "dbt", "airbyte"]
+# Linked into each module's folder: what mutmut copies into mutants/, where the tests run.
+COPIED = ["src", "tests"]
 KILLED = {1, 3, 37}  # a test failed, pytest broke, the type checker refused it
 TIMEOUT = {24, -24, 36, 152, 255}  # the mutant made a test hang: killed by mutmut's timeout
 
@@ -44,15 +44,17 @@ def folder_of(module: str) -> Path:
 def run(module: str, tests: list[str], mutmut: dict) -> None:
     folder = folder_of(module)
     folder.mkdir(parents=True, exist_ok=True)
-    for name in LINKED:
+    for name in COPIED:
         link = folder / name
         if not link.is_symlink():
             link.symlink_to(REPO_ROOT / name)
-    # The tests find the fakesnow virtualenv beside the repo root they see (mutants/).
+    # The tests read the rest of the repo (dbt/, airbyte/, setup.sh, .venv-fakesnow/...) from the
+    # repo root they see: mutants/.
     (folder / "mutants").mkdir(exist_ok=True)
-    fakesnow = folder / "mutants" / ".venv-fakesnow"
-    if not fakesnow.is_symlink():
-        fakesnow.symlink_to(REPO_ROOT / ".venv-fakesnow")
+    for entry in REPO_ROOT.iterdir():
+        link = folder / "mutants" / entry.name
+        if entry.name not in {*COPIED, ".mutation", ".git", "pyproject.toml"} and not link.is_symlink():
+            link.symlink_to(entry)
     table = {
         **mutmut,
         "only_mutate": [module],
