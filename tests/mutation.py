@@ -76,7 +76,10 @@ def statuses(module: str) -> dict[str, int | None]:
 
 def report(modules: list[str]) -> list[str]:
     """The score table (markdown) and every mutant not killed, by module."""
-    lines = ["| module | mutants | killed | timeout | survived | no tests | not run | killed % |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| module | mutants | killed | timeout | survived | no tests | not run | killed % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     others = []
     for module in modules:
         codes = statuses(module)
@@ -87,7 +90,9 @@ def report(modules: list[str]) -> list[str]:
         unrun = sum(code is None for code in codes.values())
         tried = len(codes) - unrun
         score = f"{100 * (killed + timeout) / tried:.1f}" if tried else "-"
-        lines.append(f"| {module} | {len(codes)} | {killed} | {timeout} | {len(survived)} | {len(untested)} | {unrun} | {score} |")
+        lines.append(
+            f"| {module} | {len(codes)} | {killed} | {timeout} | {len(survived)} | {len(untested)} | {unrun} | {score} |"
+        )
         others += [f"{name}: survived" for name in survived] + [f"{name}: no tests" for name in untested]
     return [*lines, "", *others]
 
