@@ -278,3 +278,25 @@ def test_project_profile_name_and_packages(tmp_path: Path) -> None:
     (tmp_path / "dbt_project.yml").write_text("name: shop\n")
     with pytest.raises(dbt_runner.ConfigurationError, match=rf"^{tmp_path / 'dbt_project.yml'}: no 'profile' key$"):
         _ = project.profile_name
+
+
+def test_a_line_before_any_event_is_info_and_long_causes_are_cut() -> None:
+    assert DbtLogLevels().of("no timestamp yet") == logging.INFO
+    assert dbt_runner.failure_cause(["10:00:00  Encountered an error:", "  " + "y" * 400]) == "y" * 300
+
+
+def test_results_files_without_their_lists_give_no_nodes(tmp_path: Path) -> None:
+    """A run_results.json without results, or a manifest without nodes, as a crashed dbt may leave them."""
+    project = _written(tmp_path, [{"unique_id": "model.shop.a", "status": "success"}], {})
+    (tmp_path / "target" / "manifest.json").write_text("{}")
+    assert dbt_runner._read_run_results(project, written_after=0.0) == [NodeResult("model.shop.a", "success", 0.0, None, None)]
+    project.run_results_path.write_text("{}")
+    assert dbt_runner._read_run_results(project, written_after=0.0) == []
+
+
+def test_folder_without_a_project_names_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(dbt_runner.ConfigurationError) as error:
+        DbtProject.at(tmp_path)
+    assert str(error.value) == (
+        f"{tmp_path}: no dbt_project.yml; set ELT_DBT_PROJECT_DIR (or --project-dir) to the dbt project's folder in the repo"
+    )
