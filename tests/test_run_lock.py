@@ -218,6 +218,24 @@ def test_unreadable_lock_file_is_ignored_with_a_warning(
     with run_lock.hold(settings, "88888888-8888-8888-8888-888888888888"):
         pass
     assert crashed == []
+    caplog.clear()
+    run_lock.lock_path(settings).write_bytes(b"\xff\xfe" + b"x" * 300)
+    with caplog.at_level(logging.WARNING, logger="elt.run_lock"), run_lock.hold(settings, "88888888-8888-8888-8888-888888888888"):
+        pass
+    assert crashed == []
+    assert caplog.messages == [f"Ignoring an unreadable run lock: {chr(0xFFFD) * 2 + 'x' * 198!r}"]
+
+
+def test_a_free_lock_is_taken_without_waiting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty lock file (the last run ended normally): taken at once, nothing marked Crashed."""
+    settings = load_settings(home=tmp_path)
+    run_lock.lock_path(settings).parent.mkdir(parents=True)
+    run_lock.lock_path(settings).write_text("")
+    clock = _fake_clock(monkeypatch)
+    monkeypatch.setattr(run_lock, "mark_crashed", lambda flow_run_id, message: pytest.fail("nothing to mark"))
+    with run_lock.hold(settings, "12121212-1212-1212-1212-121212121212"):
+        pass
+    assert clock.sleeps == []
 
 
 def _watchdog_process() -> subprocess.Popen:

@@ -31,6 +31,7 @@ connections:
         ("connections: [", "line 1: not valid YAML: expected the node content, but found '<stream end>'"),
         ("connections:\n  - name: shop\n  bad: [\n", "line 3: not valid YAML: expected <block end>, but found '?'"),
         ("", "connections: Field required"),
+        ("connections: \x07", "not valid YAML: unacceptable character #x0007: special characters are not allowed"),
         ("- a\n- b\n", "(top level): Input should be a valid dictionary or instance of _ConnectionsFile"),
         ("connections:\n  - streams: [users]\n", "connection #1: name: Field required (and 2 more problems)"),
         (GOOD + "  - plain\n", "connections.1: Input should be a valid dictionary"),

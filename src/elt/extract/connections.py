@@ -83,9 +83,9 @@ def load_connections(path: Path) -> list[ConnectionSpec]:
         ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
+        where = f" line {mark.line + 1}:" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConnectionsFileError(f"{path}:{where}: not valid YAML: {problem}") from None
+        raise ConnectionsFileError(f"{path}:{where} not valid YAML: {problem}") from None
 
     try:
         document = _ConnectionsFile.model_validate(raw if raw is not None else {})
