@@ -562,3 +562,60 @@ def test_client_from_settings_uses_the_request_settings(fake_airbyte: FakeAirbyt
     with pytest.raises(AirbyteUnavailable, match=r"^GET /connections: .* answered 503 2 times: "):
         client.list_connections()
     assert client._session._timeout_seconds == settings.airbyte_request_timeout_seconds
+
+
+def test_conflict_attaches_to_this_connections_job_not_anothers(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+    """Another connection's job, started later, is newer: the sync still attaches to its own."""
+    ours = fake_airbyte.add_connection("stripe", sync_seconds=0.5)
+    theirs = fake_airbyte.add_connection("hubspot", outcome="never")
+    our_job = fake_airbyte.start_running_job(ours)
+    their_job = fake_airbyte.start_running_job(theirs)
+    result = _backend(fake_airbyte, clock).sync("stripe", full_refresh=False)
+    assert result.job_id == str(our_job) != str(their_job)
+    assert fake_airbyte.jobs_for(theirs)[0]["status"] == "running"
+
+
+def test_cancel_started_jobs_says_what_it_cancelled_and_what_it_could_not(
+    fake_airbyte: FakeAirbyte, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    stripe = fake_airbyte.add_connection("stripe", outcome="never")
+    hubspot = fake_airbyte.add_connection("hubspot", outcome="never")
+    backend = _backend(fake_airbyte, clock)
+    stripe_job, hubspot_job = fake_airbyte.start_running_job(stripe), fake_airbyte.start_running_job(hubspot)
+    backend._started.update({stripe_job: "stripe", hubspot_job: "hubspot"})  # as two syncs of this run record them
+    fake_airbyte.fail_next(1, 404, method="DELETE", path_prefix=f"/jobs/{hubspot_job}")
+    with caplog.at_level(logging.WARNING, logger="elt.extract.server"):
+        backend.cancel_started_jobs()
+    assert fake_airbyte.jobs_for(stripe)[0]["status"] == "cancelled"
+    assert [(record.levelname, record.getMessage()) for record in caplog.records] == [
+        ("WARNING", f"Cancelled Airbyte job {stripe_job} of connection 'stripe'"),
+        (
+            "ERROR",
+            f"Could not cancel Airbyte job {hubspot_job} of connection 'hubspot': "
+            f"DELETE /jobs/{hubspot_job}: Airbyte answered 404: resource-not-found: Injected failure (404).",
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://admin:hunter2@airbyte.local:8000/airbyte", "http://***@airbyte.local:8000/airbyte"),
+        ("http://admin@airbyte.local/airbyte", "http://***@airbyte.local/airbyte"),
+        ("http://:hunter2@airbyte.local", "http://***@airbyte.local"),
+        ("http://airbyte.local:8000", "http://airbyte.local:8000"),
+    ],
+)
+def test_wrong_url_message_shows_no_user_or_password(url: str, shown: str) -> None:
+    client = AirbyteClient(f"{url}/api/public/v1", configured_url=url)
+    assert str(client._not_the_api("GET /health")).startswith(
+        f"ELT_AIRBYTE_URL={shown} is not the Airbyte API (GET /health answered HTML)"
+    )
+
+
+def test_unreadable_answer_shows_the_first_line_of_the_cause() -> None:
+    client = AirbyteClient("http://airbyte.test/api/public/v1")
+    prefix = "GET /jobs/7: Airbyte at http://airbyte.test/api/public/v1 sent a response the client cannot read"
+    assert str(client._unreadable("GET /jobs/7", ValueError())) == f"{prefix} (ValueError)"
+    assert str(client._unreadable("GET /jobs/7", ValueError("first\nsecond"))) == f"{prefix} (ValueError: first)"
+    assert str(client._unreadable("GET /jobs/7", TypeError("z" * 300))) == f"{prefix} (TypeError: {'z' * 200})"
