@@ -567,7 +567,7 @@ def test_client_from_settings_uses_the_request_settings(fake_airbyte: FakeAirbyt
 def test_conflict_attaches_to_this_connections_job_not_anothers(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
     """Another connection's job, started later, is newer: the sync still attaches to its own."""
     ours = fake_airbyte.add_connection("stripe", sync_seconds=0.5)
-    theirs = fake_airbyte.add_connection("hubspot", outcome="never")
+    theirs = fake_airbyte.add_connection("hubspot", sync_seconds=100)
     our_job = fake_airbyte.start_running_job(ours)
     their_job = fake_airbyte.start_running_job(theirs)
     result = _backend(fake_airbyte, clock).sync("stripe", full_refresh=False)
