@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The uv release PyAirbyte accepts, as in requirements.lock.
 UV_VERSION := 0.8.24
 
-.PHONY: venv demo test lint lint-sql hooks doctor lock deploy clean bench stack-rebuild
+.PHONY: venv demo test lint lint-sql hooks doctor lock deploy clean bench mutation stack-rebuild
 
 # The lock holds the whole resolved set (prefect, PyAirbyte, dbt, adapters): installing it
 # never backtracks. `make lock` re-resolves after a change to pyproject.toml.
@@ -61,11 +61,17 @@ bench: venv
 	$(BIN)/python bench/p3_embedded_all_etl.py
 	$(BIN)/python bench/p4_stack.py
 
+# Mutation testing (mutmut, one worker, one module at a time) against the fast tests; prints the
+# killed share per module (docs/testing.md). A benchmark, not a gate: it takes a while.
+# MODULES=src/elt/run_lock.py runs one module; the table covers every module run so far.
+mutation: venv $(FAKESNOW_VENV)/.installed
+	$(BIN)/python tests/mutation.py $(MODULES)
+
 lock:
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
 
 clean:
-	rm -rf data dbt/target dbt/logs .venv-connectors $(FAKESNOW_VENV)
+	rm -rf data dbt/target dbt/logs .venv-connectors $(FAKESNOW_VENV) .mutation
 
 # The appliance (docker/docker-compose.yml): rebuild the image after a change to
 # requirements.lock or docker/, restart what changed, redeploy all-etl, update the

@@ -1,6 +1,8 @@
 """dbt as a subprocess, against real DuckDB: results per node, failures named, profiles rendered."""
 
+import json
 import logging
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -82,14 +84,21 @@ def test_build_reports_every_node(project: dbt_runner.DbtProject, profiles_dir: 
         assert connection.execute("select sum(order_count) from main_marts.customer_totals").fetchone()[0] == 3
 
 
-def test_failed_model_names_the_node_and_skips_downstream(project: dbt_runner.DbtProject, profiles_dir: Path) -> None:
+def test_failed_models_are_all_named_and_downstream_is_skipped(project: dbt_runner.DbtProject, profiles_dir: Path) -> None:
+    """Two models fail: the message names both, each with dbt's own cause; what needs one is skipped."""
     (project.path / "models" / "broken.sql").write_text("select * from {{ ref('orders') }} where no_such_column = 1\n")
+    (project.path / "models" / "also_broken.sql").write_text("select other_missing_column from {{ ref('orders') }}\n")
     (project.path / "models" / "after_broken.sql").write_text("select * from {{ ref('broken') }}\n")
     run = _build(project, profiles_dir)
     with pytest.raises(dbt_runner.DbtBuildFailed) as error:
         dbt_runner.raise_if_failed(run)
-    assert "model.tiny_shop.broken" in str(error.value)
-    assert "no_such_column" in str(error.value)
+    message = str(error.value)
+    assert message.startswith("dbt build failed on 2 node(s): model.tiny_shop."), message
+    failed = dict(re.findall(r"(model\.tiny_shop\.\w+) \(error: ([^;]*)\)", message))
+    assert sorted(failed) == ["model.tiny_shop.also_broken", "model.tiny_shop.broken"], message
+    assert "no_such_column" in failed["model.tiny_shop.broken"]
+    assert "other_missing_column" in failed["model.tiny_shop.also_broken"]
+    assert [node.unique_id for node in error.value.failed] == [node.unique_id for node in run.failed_nodes]
     statuses = {node.unique_id: node.status for node in run.results}
     assert statuses["model.tiny_shop.after_broken"] == "skipped"
     assert statuses["model.tiny_shop.customer_totals"] == "success"
@@ -120,8 +129,11 @@ def test_unusable_profile_is_an_invocation_error(project: dbt_runner.DbtProject,
 
 
 def test_missing_project_names_the_setting(tmp_path: Path) -> None:
-    with pytest.raises(Exception, match="ELT_DBT_PROJECT_DIR"):
+    with pytest.raises(ConfigurationError) as error:
         dbt_runner.DbtProject.at(tmp_path)
+    assert str(error.value) == (
+        f"{tmp_path}: no dbt_project.yml; set ELT_DBT_PROJECT_DIR (or --project-dir) to the dbt project's folder in the repo"
+    )
 
 
 def test_projects_own_profiles_when_told(project: dbt_runner.DbtProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -231,3 +243,66 @@ def test_default_project_names_its_connection_under_config_without_deprecations(
             "source:faker.purchases+",
             "source:faker.users+",
         ]
+
+
+def _project_fed_by_two_connections(project: dbt_runner.DbtProject) -> None:
+    """The tiny project plus two sources: shop.orders fed by connection `shop` (meta under
+    `config:`, as dbt 1.10+ wants), crm.customers fed by `crm` or `crm_backup` (a list, in the
+    older top-level `meta`); a model on each and one that joins both."""
+    models = project.path / "models"
+    (models / "sources.yml").write_text(
+        yaml.safe_dump(
+            {
+                "version": 2,
+                "sources": [
+                    {"name": "shop", "config": {"meta": {"airbyte_connection": "shop"}}, "tables": [{"name": "orders"}]},
+                    {"name": "crm", "meta": {"airbyte_connection": ["crm", "crm_backup"]}, "tables": [{"name": "customers"}]},
+                ],
+            }
+        )
+    )
+    (models / "shop_orders.sql").write_text("select * from {{ source('shop', 'orders') }}\n")
+    (models / "crm_customers.sql").write_text("select * from {{ source('crm', 'customers') }}\n")
+    (models / "orders_with_customers.sql").write_text(
+        "select * from {{ ref('shop_orders') }} join {{ ref('crm_customers') }} using (customer)\n"
+    )
+
+
+def _would_build(dbt: dbt_runner.Dbt, arguments: list[str]) -> set[str]:
+    """What `dbt build <arguments>` selects, as dbt itself resolves it (`dbt ls`, nothing built)."""
+    assert arguments[0] == "build"
+    listed = dbt.run_captured("ls", *arguments[1:], "--output", "json", "--output-keys", "unique_id", "--quiet")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    return {json.loads(line)["unique_id"] for line in listed.stdout.splitlines() if line.startswith("{")}
+
+
+def test_failed_connection_leaves_out_its_sources_and_everything_downstream(
+    project: dbt_runner.DbtProject, profiles_dir: Path
+) -> None:
+    """The selection the flow passes to `dbt build` after connection `crm` failed, resolved by
+    dbt on the real project: crm's source, the model on it, the model joining it and their
+    tests are left out; the rest (and a user's own --exclude) stays as asked."""
+    _project_fed_by_two_connections(project)
+    dbt = _dbt(project, profiles_dir)
+    sources = {source["unique_id"]: source for source in dbt_runner.list_sources(dbt)}
+    assert sorted(sources) == ["source.tiny_shop.crm.customers", "source.tiny_shop.shop.orders"]
+    assert [sources["source.tiny_shop.shop.orders"][key] for key in ("schema", "name")] == ["shop", "orders"]
+    assert sources["source.tiny_shop.shop.orders"]["meta"] == {"airbyte_connection": "shop"}
+    assert sources["source.tiny_shop.crm.customers"]["meta"] == {"airbyte_connection": ["crm", "crm_backup"]}
+
+    everything = _would_build(dbt, dbt_runner.build_arguments())
+    assert dbt_runner.downstream_of_connections(dbt, ["crm_backup", "no_such_connection"]) == ["source:crm.customers+"]
+    stale = dbt_runner.downstream_of_connections(dbt, ["crm"])
+    assert stale == ["source:crm.customers+"]
+    left_out = everything - _would_build(dbt, dbt_runner.build_arguments(stale=stale))
+    assert left_out == {
+        "source.tiny_shop.crm.customers",
+        "model.tiny_shop.crm_customers",
+        "model.tiny_shop.orders_with_customers",
+    }
+
+    both = dbt_runner.downstream_of_connections(dbt, ["shop", "crm"])
+    assert both == ["source:crm.customers+", "source:shop.orders+"]
+    built = _would_build(dbt, dbt_runner.build_arguments(exclude="customer_totals", stale=both))
+    assert built == {"seed.tiny_shop.orders"}
+    assert dbt_runner.downstream_of_connections(dbt, ["faker"]) == []

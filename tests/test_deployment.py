@@ -41,10 +41,14 @@ def test_worker_picks_up_and_completes_a_deployment_run(
     _run([str(BIN / "prefect"), "worker", "start", "--pool", "elt", "--run-once"], worker_env, cwd=appliance_env, timeout=600)
 
     deadline = time.monotonic() + 60
-    while True:
-        state = prefect_server.get(f"/flow_runs/{flow_run['id']}").json()["state"]
-        if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") or time.monotonic() > deadline:
-            break
+    while (state := prefect_server.get(f"/flow_runs/{flow_run['id']}").json()["state"])["type"] not in (
+        "COMPLETED",
+        "FAILED",
+        "CRASHED",
+        "CANCELLED",
+    ):
+        if time.monotonic() > deadline:
+            pytest.fail(f"the flow run did not finish within 60 s of the worker's end: {state}")
         time.sleep(1)
     assert state["type"] == "COMPLETED", state
     with duckdb.connect(str(appliance_env / "data" / "warehouse.duckdb"), read_only=True) as warehouse:

@@ -14,6 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from elt.cli import app
+from elt.dbt_runner import DbtBuildFailed
+from elt.extract.base import ExtractFailed
 from elt.flows import all_etl, transform
 from tests.conftest import BIN, TINY_PROJECT, GitRemote, PrefectServer, git, make_remote
 
@@ -90,7 +92,7 @@ def test_failing_model_fails_the_run_and_names_the_node(
     tiny_remote.commit("dbt/models/broken.sql", "select missing_column from {{ ref('orders') }}\n", "break a model")
     state = all_etl(skip_extract=True, repo=str(tiny_remote.bare), return_state=True)
     assert state.is_failed()
-    with pytest.raises(Exception, match=r"model\.tiny_shop\.broken .*missing_column"):
+    with pytest.raises(DbtBuildFailed, match=r"model\.tiny_shop\.broken .*missing_column"):
         state.result()
     summary = _artifact(prefect_server, "all-etl-summary", str(state.state_details.flow_run_id))
     assert "model.tiny_shop.broken" in summary["data"]
@@ -103,13 +105,20 @@ def test_failed_extract_fails_the_run_and_skips_what_it_feeds(
     faker_connections.write_text(faker_connections.read_text().replace("count: 200", "count: not-a-number"))
     state = all_etl(repo=str(appliance_remote.bare), return_state=True)
     assert state.is_failed()
-    with pytest.raises(Exception, match="1 of 1 connections failed to sync: faker"):
+    with pytest.raises(ExtractFailed, match=r"^1 of 1 connections failed to sync: faker"):
         state.result()
-    warehouse = appliance_env / "data" / "warehouse.duckdb"
-    if warehouse.exists():
-        with duckdb.connect(str(warehouse), read_only=True) as connection:
-            schemas = {row[0] for row in connection.execute("select schema_name from information_schema.schemata").fetchall()}
-        assert not any(schema.endswith("marts") for schema in schemas)
+    summary = _artifact(prefect_server, "all-etl-summary", str(state.state_details.flow_run_id))["data"]
+    assert "`dbt build`: \n" in summary, summary  # dbt ran, and every node of the project is downstream of faker
+    assert "## Marts" not in summary
+    assert not any(schema.endswith(("staging", "marts")) for schema in _schemas(appliance_env / "data" / "warehouse.duckdb"))
+
+
+def _schemas(warehouse: Path) -> set[str]:
+    """The warehouse's schemas; none when nothing ever opened it (the file is created on first use)."""
+    if not warehouse.exists():
+        return set()
+    with duckdb.connect(str(warehouse), read_only=True) as connection:
+        return {row[0] for row in connection.execute("select schema_name from information_schema.schemata").fetchall()}
 
 
 def test_bad_connections_file_is_one_line_from_the_cli(appliance_env: Path, faker_connections: Path) -> None:

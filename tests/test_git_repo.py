@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
+import git as gitpython
 import pytest
 
 from elt.errors import ConfigurationError
@@ -19,6 +20,9 @@ from elt.git_repo import (
     GitOriginMismatch,
     GitRemoteUnreachable,
     RepoSource,
+    _remote_error,
+    check_checkout,
+    check_reachable,
     update_code,
 )
 from elt.settings import load_settings
@@ -319,3 +323,94 @@ def test_unreachable_remote_is_transient_and_keeps_the_checkout(
     assert error.value.transient
     assert str(error.value).startswith(f"git fetch of {url} failed: ")
     assert _snapshot(checkout) == before
+
+
+def test_reachable_remote_is_named_without_its_credentials(tiny_remote: GitRemote, tmp_path: Path) -> None:
+    source = RepoSource.from_settings(load_settings(home=tmp_path), repo=str(tiny_remote.bare))
+    assert check_reachable(source) == f"{tiny_remote.bare} reachable"
+    checkout = tiny_remote.clone(tmp_path / "checkout")
+    assert check_reachable(RepoSource.from_settings(load_settings(home=tmp_path), repo=str(checkout))) == (
+        f"{tiny_remote.bare} reachable"  # a checkout: the remote its branch tracks
+    )
+    git("checkout", "-q", "-b", "local-only", cwd=checkout)
+    assert check_reachable(RepoSource.from_settings(load_settings(home=tmp_path), repo=str(checkout))) == (
+        f"{checkout}: no upstream branch; all-etl deploys local HEAD"
+    )
+
+
+def test_unreachable_remote_is_a_git_error_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-remote.git"
+    with pytest.raises(GitError) as error:
+        check_reachable(RepoSource.from_settings(load_settings(home=tmp_path), repo=str(missing)))
+    assert str(error.value).startswith(f"git ls-remote of {missing} failed: fatal: ")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("stderr", "kind", "advice"),
+    [
+        ("fatal: Authentication failed for 'https://git.example/x.git/'", ConfigurationError, True),
+        ("git@github.com: Permission denied (publickey).", ConfigurationError, True),
+        ("fatal: could not read Username for 'https://git.example': terminal prompts disabled", ConfigurationError, True),
+        (
+            "remote: Write access to repository not granted.\nfatal: unable to access: The requested URL returned error: 403",
+            ConfigurationError,
+            True,
+        ),
+        (
+            "fatal: unable to access 'https://git.example/x.git/': Could not resolve host: git.example",
+            GitRemoteUnreachable,
+            False,
+        ),
+        ("ssh: connect to host git.example port 22: Connection refused", GitRemoteUnreachable, False),
+        ("ssh: connect to host git.example port 22: Connection timed out", GitRemoteUnreachable, False),
+        ("fatal: repository 'https://git.example/x.git/' not found", GitError, False),
+    ],
+)
+def test_remote_failures_are_told_apart(stderr: str, kind: type, advice: bool) -> None:
+    """Credentials to fix, a network to wait for (transient), or anything else."""
+    source = RepoSource.from_settings(load_settings(git_token="tok-SECRET-123"), repo="https://git.example/x.git")
+    failure = _remote_error(gitpython.GitCommandError(["git", "fetch"], 128, stderr), source, "fetch")
+    assert type(failure) is kind
+    one_line = " | ".join(line.strip().strip("'") for line in stderr.splitlines())
+    expected = f"git fetch of https://git.example/x.git failed: {one_line}"
+    assert str(failure) == expected + (" (check ELT_GIT_TOKEN or ELT_GIT_SSH_KEY_PATH)" if advice else "")
+
+
+def test_git_error_without_output_gives_its_exit_code_and_long_output_its_end() -> None:
+    source = RepoSource.from_settings(load_settings(), repo="https://git.example/x.git")
+    silent = _remote_error(gitpython.GitCommandError(["git", "fetch"], 128, ""), source, "fetch")
+    assert str(silent) == "git fetch of https://git.example/x.git failed: exit code 128"
+    noisy = _remote_error(gitpython.GitCommandError(["git", "fetch"], 1, "a" * 300 + "\n\n  " + "b" * 300), source, "fetch")
+    assert str(noisy) == "git fetch of https://git.example/x.git failed: " + ("a" * 300 + " | " + "b" * 300)[-500:]
+
+
+def test_token_in_git_output_is_scrubbed(tmp_path: Path) -> None:
+    """git may echo the token anywhere in its output, not only inside a URL."""
+    source = RepoSource.from_settings(load_settings(git_token="tok-SECRET-123"), repo="https://git.example/x.git")
+    failure = _remote_error(
+        gitpython.GitCommandError(["git", "fetch"], 128, "fatal: bad credential tok-SECRET-123 for x"), source, "fetch"
+    )
+    assert "SECRET" not in str(failure) and "tok-" not in str(failure)
+
+
+def test_check_checkout_refuses_a_folder_in_the_way_and_accepts_an_empty_one(tmp_path: Path) -> None:
+    settings = load_settings(home=tmp_path)
+    source = RepoSource.from_settings(settings, repo="https://git.example/x.git")
+    check_checkout(source, will_pull=True)  # nothing there yet: update-code clones
+    source.checkout.mkdir(parents=True)
+    check_checkout(source, will_pull=True)
+    (source.checkout / "notes.txt").write_text("mine")
+    with pytest.raises(GitError) as error:
+        check_checkout(source, will_pull=True)
+    assert str(error.value) == f"{source.checkout} exists and is not a git checkout; move it away or set ELT_GIT_CHECKOUT_DIR"
+
+
+def test_check_checkout_refuses_what_update_code_would(tiny_remote: GitRemote, tmp_path: Path) -> None:
+    checkout = tiny_remote.clone(tmp_path / "checkout")
+    source = RepoSource.from_settings(load_settings(home=tmp_path), repo=str(checkout))
+    check_checkout(source, will_pull=True)
+    (checkout / "dbt" / "dbt_project.yml").write_text("edited on the VM\n")
+    with pytest.raises(GitDirtyTree):
+        check_checkout(source, will_pull=True)
+    check_checkout(source, will_pull=False)  # --skip-pull builds the tree as it is

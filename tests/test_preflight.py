@@ -225,6 +225,21 @@ def test_folder_without_dbt_project_yml_names_the_flag(home: Home) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("name: [\n", "line 2: not valid YAML: expected the node content, but found '<stream end>'"),
+        ("name: \x07\n", "not valid YAML: unacceptable character #x0007: special characters are not allowed"),
+    ],
+)
+def test_unreadable_dbt_project_yml_names_the_file_and_the_line_when_yaml_has_one(home: Home, content: str, problem: str) -> None:
+    project = home.path / "broken"
+    project.mkdir()
+    (project / "dbt_project.yml").write_text(content)
+    completed = home.run("--skip-extract", "--project-dir", "broken")
+    assert _last_line(completed) == f"error: {project / 'dbt_project.yml'}: {problem}"
+
+
 def test_repo_path_that_does_not_exist(home: Home, tmp_path: Path) -> None:
     completed = home.run("--repo", str(tmp_path / "no-such-repo"))
     assert _last_line(completed) == (

@@ -3,19 +3,23 @@ second run shows; a run whose process died is marked Crashed in a real Prefect s
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from elt import run_lock
 from elt.settings import load_settings
 from tests.conftest import PrefectServer
+from tests.fakes.clock import FakeClock
 
 HOLD_THE_LOCK = """
 import sys, time
@@ -141,3 +145,194 @@ def test_run_whose_process_died_is_marked_crashed(
             f"The process running this flow run (PID {holder.pid}) died without finishing it; "
             "marked Crashed by the next all-etl run, flow run 55555555-5555-5555-5555-555555555555"
         )
+
+
+def _fake_clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """run_lock's waits on a clock that moves only when it sleeps."""
+    clock = FakeClock()
+    monkeypatch.setattr(run_lock, "time", SimpleNamespace(monotonic=clock.monotonic, sleep=clock.sleep))
+    return clock
+
+
+def _lock_file_held_without_a_holder(settings) -> int:
+    """The run lock taken (flock on its own descriptor) by a run that has not written itself yet."""
+    path = run_lock.lock_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return descriptor
+
+
+def test_second_run_waits_for_the_holder_to_write_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The holder writes its JSON just after taking the lock: the second run waits for it, on a
+    fake clock, and names it once written."""
+    settings = load_settings(home=tmp_path)
+    descriptor = _lock_file_held_without_a_holder(settings)
+    clock = _fake_clock(monkeypatch)
+    holder = {"flow_run_id": "66666666-6666-6666-6666-666666666666", "pid": 4242, "started": "2026-01-01T00:00:00+00:00"}
+    clock.on_sleep(lambda count: count == 3 and os.pwrite(descriptor, json.dumps(holder).encode(), 0))
+    try:
+        with pytest.raises(run_lock.WarehouseInUse) as refused, run_lock.hold(settings, "77777777-7777-7777-7777-777777777777"):
+            pytest.fail("a second run got the lock")
+    finally:
+        os.close(descriptor)
+    assert str(refused.value) == (
+        "another all-etl run (flow run 66666666-6666-6666-6666-666666666666, PID 4242) "
+        f"is using {tmp_path / 'data' / 'warehouse.duckdb'}; wait for it or cancel it"
+    )
+    assert clock.sleeps == [0.05] * 3
+
+
+def test_second_run_names_the_lock_file_when_the_holder_never_writes_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = load_settings(home=tmp_path)
+    descriptor = _lock_file_held_without_a_holder(settings)
+    clock = _fake_clock(monkeypatch)
+    try:
+        with pytest.raises(run_lock.WarehouseInUse) as refused, run_lock.hold(settings, "77777777-7777-7777-7777-777777777777"):
+            pytest.fail("a second run got the lock")
+    finally:
+        os.close(descriptor)
+    assert str(refused.value) == (
+        f"another all-etl run (see {run_lock.lock_path(settings)}) is using {tmp_path / 'data' / 'warehouse.duckdb'}; "
+        "wait for it or cancel it"
+    )
+    assert sum(clock.sleeps) == pytest.approx(2.0, abs=0.06) and set(clock.sleeps) == {0.05}
+
+
+def test_unreadable_lock_file_is_ignored_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A free lock whose file holds garbage (a disk filled mid-write): the run goes on, saying so."""
+    settings = load_settings(home=tmp_path)
+    run_lock.lock_path(settings).parent.mkdir(parents=True)
+    run_lock.lock_path(settings).write_text('{"flow_run_id": "x"')
+    crashed: list[str] = []
+    monkeypatch.setattr(run_lock, "mark_crashed", lambda flow_run_id, message: crashed.append(flow_run_id))
+    with caplog.at_level(logging.WARNING, logger="elt.run_lock"), run_lock.hold(settings, "88888888-8888-8888-8888-888888888888"):
+        pass
+    assert crashed == []
+    assert [record.getMessage() for record in caplog.records] == ['Ignoring an unreadable run lock: \'{"flow_run_id": "x"\'']
+    run_lock.lock_path(settings).write_text('{"who": "unknown fields"}')
+    with run_lock.hold(settings, "88888888-8888-8888-8888-888888888888"):
+        pass
+    assert crashed == []
+    caplog.clear()
+    run_lock.lock_path(settings).write_bytes(b"\xff\xfe" + b"x" * 300)
+    with caplog.at_level(logging.WARNING, logger="elt.run_lock"), run_lock.hold(settings, "88888888-8888-8888-8888-888888888888"):
+        pass
+    assert crashed == []
+    assert caplog.messages == [f"Ignoring an unreadable run lock: {chr(0xFFFD) * 2 + 'x' * 198!r}"]
+
+
+def test_a_free_lock_is_taken_without_waiting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty lock file (the last run ended normally): taken at once, nothing marked Crashed."""
+    settings = load_settings(home=tmp_path)
+    run_lock.lock_path(settings).parent.mkdir(parents=True)
+    run_lock.lock_path(settings).write_text("")
+    clock = _fake_clock(monkeypatch)
+    monkeypatch.setattr(run_lock, "mark_crashed", lambda flow_run_id, message: pytest.fail("nothing to mark"))
+    with run_lock.hold(settings, "12121212-1212-1212-1212-121212121212"):
+        pass
+    assert clock.sleeps == []
+
+
+def _watchdog_process() -> subprocess.Popen:
+    """A process whose command line is a run's watchdog's (`python -m elt.processes ...`), still alive."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "-m", "elt.processes"])
+
+
+def test_a_dead_runs_watchdog_is_waited_for_then_its_run_marked_crashed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The dead run's watchdog may still be stopping dbt: the next run waits (fake clock) until
+    it is gone, then marks the dead run Crashed with the message the UI shows."""
+    settings = load_settings(home=tmp_path)
+    watchdog = _watchdog_process()
+    _wait_until(lambda: b"elt.processes" in Path(f"/proc/{watchdog.pid}/cmdline").read_bytes(), 30, "the watchdog started")
+    dead = {"flow_run_id": "99999999-9999-9999-9999-999999999999", "pid": 1234, "started": "x", "watchdog_pid": watchdog.pid}
+    run_lock.lock_path(settings).parent.mkdir(parents=True)
+    run_lock.lock_path(settings).write_text(json.dumps(dead))
+    clock = _fake_clock(monkeypatch)
+
+    def watchdog_ends(count: int) -> None:
+        if count == 4:
+            watchdog.kill()
+            watchdog.wait()
+
+    clock.on_sleep(watchdog_ends)
+    crashed: list[tuple[str, str, int]] = []
+    monkeypatch.setattr(
+        run_lock, "mark_crashed", lambda flow_run_id, message: crashed.append((flow_run_id, message, len(clock.sleeps)))
+    )
+    with caplog.at_level(logging.WARNING, logger="elt.run_lock"), run_lock.hold(settings, "12121212-1212-1212-1212-121212121212"):
+        pass
+    assert crashed == [
+        (
+            "99999999-9999-9999-9999-999999999999",
+            "The process running this flow run (PID 1234) died without finishing it; "
+            "marked Crashed by the next all-etl run, flow run 12121212-1212-1212-1212-121212121212",
+            4,
+        )
+    ]
+    assert clock.sleeps == [0.1] * 4
+    assert [record.getMessage() for record in caplog.records] == [
+        "The previous all-etl run (flow run 99999999-9999-9999-9999-999999999999, PID 1234) ended without finishing"
+    ]
+
+
+def test_a_watchdog_that_never_ends_is_waited_for_at_most_its_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load_settings(home=tmp_path)
+    watchdog = _watchdog_process()
+    try:
+        _wait_until(lambda: b"elt.processes" in Path(f"/proc/{watchdog.pid}/cmdline").read_bytes(), 30, "the watchdog started")
+        dead = {"flow_run_id": "99999999-9999-9999-9999-999999999999", "pid": 1, "started": "x", "watchdog_pid": watchdog.pid}
+        run_lock.lock_path(settings).parent.mkdir(parents=True)
+        run_lock.lock_path(settings).write_text(json.dumps(dead))
+        clock = _fake_clock(monkeypatch)
+        crashed: list[str] = []
+        monkeypatch.setattr(run_lock, "mark_crashed", lambda flow_run_id, message: crashed.append(flow_run_id))
+        with run_lock.hold(settings, "12121212-1212-1212-1212-121212121212"):
+            pass
+    finally:
+        watchdog.kill()
+        watchdog.wait()
+    assert crashed == ["99999999-9999-9999-9999-999999999999"]
+    assert sum(clock.sleeps) == pytest.approx(run_lock.WATCHDOG_WAIT_SECONDS, abs=0.11) and set(clock.sleeps) == {0.1}
+
+
+def test_a_pid_that_is_no_watchdog_is_not_waited_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dead run's watchdog PID now belongs to another process (or none): no wait."""
+    settings = load_settings(home=tmp_path)
+    dead = {"flow_run_id": "99999999-9999-9999-9999-999999999999", "pid": 1, "started": "x", "watchdog_pid": os.getpid()}
+    run_lock.lock_path(settings).parent.mkdir(parents=True)
+    run_lock.lock_path(settings).write_text(json.dumps(dead))
+    clock = _fake_clock(monkeypatch)
+    monkeypatch.setattr(run_lock, "mark_crashed", lambda flow_run_id, message: [])
+    with run_lock.hold(settings, "12121212-1212-1212-1212-121212121212"):
+        pass
+    assert clock.sleeps == []
+
+
+def test_prefect_unreachable_while_marking_the_dead_run_is_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The dead run's record is history: this run goes on, saying why it could not mark it."""
+    settings = load_settings(home=tmp_path)
+    dead = {"flow_run_id": "99999999-9999-9999-9999-999999999999", "pid": 1, "started": "x"}
+    run_lock.lock_path(settings).parent.mkdir(parents=True)
+    run_lock.lock_path(settings).write_text(json.dumps(dead))
+
+    def unreachable(flow_run_id: str, message: str) -> list[str]:
+        raise ConnectionError("All connection attempts failed\nsecond line")
+
+    monkeypatch.setattr(run_lock, "mark_crashed", unreachable)
+    with (
+        caplog.at_level(logging.WARNING, logger="elt.run_lock"),
+        run_lock.hold(settings, "12121212-1212-1212-1212-121212121212") as me,
+    ):
+        assert me.flow_run_id == "12121212-1212-1212-1212-121212121212"
+    assert caplog.records[-1].getMessage() == (
+        "Could not mark flow run 99999999-9999-9999-9999-999999999999 Crashed: All connection attempts failed"
+    )

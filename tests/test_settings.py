@@ -1,5 +1,6 @@
 """The one settings object: defaults load, bad values name their variable, secrets stay hidden."""
 
+import os
 import re
 from pathlib import Path
 
@@ -109,3 +110,48 @@ def test_every_elt_variable_the_project_mentions_is_a_setting_or_allowed() -> No
     not_variables = {"ELT_TRANSFORMER", "ELT_DOCTOR_PROBE", "ELT_AIRBYTE_BACKED"}
     assert sorted((name, where) for name, where in mentioned if name not in known | not_variables) == []
     assert {"ELT_GIT_USERNAME", "ELT_AIRBYTE_BACKEND", "SNOWFLAKE_ACCOUNT", "ELT_SNOWFLAKE_ACCOUNT"} <= setting_variables()
+
+
+def test_every_bad_value_is_named_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ELT_WAREHOUSE", "bigquery")
+    monkeypatch.setenv("SNOWFLAKE_PORT", "not-a-port")
+    with pytest.raises(ConfigurationError) as error:
+        load_settings()
+    assert str(error.value) == (
+        "invalid settings: ELT_WAREHOUSE: Input should be 'duckdb' or 'snowflake'; "
+        "SNOWFLAKE_PORT: Input should be a valid integer, unable to parse string as an integer"
+    )
+
+
+def test_snowflake_settings_take_either_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SNOWFLAKE_ACCOUNT (the connector's own name) or ELT_SNOWFLAKE_ACCOUNT; the first wins."""
+    monkeypatch.setenv("ELT_SNOWFLAKE_ACCOUNT", "from-elt-name")
+    assert load_settings().snowflake_account == "from-elt-name"
+    monkeypatch.setenv("SNOWFLAKE_ACCOUNT", "from-snowflake-name")
+    assert load_settings().snowflake_account == "from-snowflake-name"
+    assert {"SNOWFLAKE_ACCOUNT", "ELT_SNOWFLAKE_ACCOUNT", "ELT_WAREHOUSE"} <= setting_variables()
+
+
+def test_paths_are_relative_to_elt_home_and_absolute_ones_kept_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    settings = load_settings(home=tmp_path / "link")
+    assert settings.path(Path("data/w.duckdb")) == tmp_path / "real" / "data" / "w.duckdb"
+    assert settings.path(tmp_path / "link" / "w.duckdb") == tmp_path / "link" / "w.duckdb"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert settings.path(Path("~/w.duckdb")) == tmp_path / "w.duckdb"
+
+
+def test_environment_is_the_dotenv_file_under_the_process_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What connections' ${VAR} references see: `.env` values, overridden by real variables."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("ONLY_IN_FILE=file\nIN_BOTH=file\nNO_VALUE\n")
+    monkeypatch.setenv("IN_BOTH", "process")
+    monkeypatch.delenv("ONLY_IN_FILE", raising=False)
+    monkeypatch.delenv("NO_VALUE", raising=False)
+    environment = load_settings().environment()
+    assert environment["ONLY_IN_FILE"] == "file" and environment["IN_BOTH"] == "process"
+    assert "NO_VALUE" not in environment
+    assert environment["PATH"] == os.environ["PATH"]

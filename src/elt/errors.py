@@ -32,3 +32,11 @@ def first_line(exc: BaseException) -> str:
     """
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def yaml_problem(path: object, exc: BaseException) -> str:
+    """`<path>: line <n>: not valid YAML: <problem>`, the line left out when YAML gives none."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" line {mark.line + 1}:" if mark else ""
+    problem = getattr(exc, "problem", None) or first_line(exc)
+    return f"{path}:{where} not valid YAML: {problem}"

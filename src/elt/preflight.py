@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from elt import dbt_runner
-from elt.errors import ConfigurationError
+from elt.errors import ConfigurationError, yaml_problem
 from elt.extract import refuse_tag
 from elt.git_repo import RepoSource, check_checkout, is_url, refuse_credentials
 from elt.settings import NON_SETTING_VARIABLES, AirbyteBackend, Settings, load_settings, setting_variables
@@ -217,9 +217,7 @@ def check_dbt_project(settings: Settings, source: RepoSource, project_dir: str |
     try:
         document = yaml.safe_load(project_file.read_text())
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigurationError(f"{project_file}:{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+        raise ConfigurationError(yaml_problem(project_file, exc)) from None
     if not isinstance(document, dict) or not document.get("profile"):
         raise ConfigurationError(f"{project_file}: no 'profile' key; add `profile: <name>` (the appliance renders that profile)")
     return f"{folder} has dbt_project.yml (profile {document['profile']})"

@@ -18,7 +18,10 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 import pytest
+import requests
+from airbyte_api import errors
 
+from elt.errors import ConfigurationError
 from elt.extract.server import (
     AirbyteAuthFailed,
     AirbyteBadResponse,
@@ -459,3 +462,160 @@ def test_unreadable_token_answer_is_named_by_its_endpoint(fake_airbyte: FakeAirb
     assert fake_airbyte.clear_violations() == [
         "response 200 to POST /applications/token: response body: 'access_token' is a required property"
     ]
+
+
+# --------------------------------------------------------------------------- messages from Airbyte's answers
+
+
+def _answer(status: int, body: str, content_type: str | None = "application/problem+json", **headers: str) -> errors.SDKError:
+    """An error as airbyte-api raises it for a real HTTP answer."""
+    response = requests.Response()
+    response.status_code = status
+    response._content = body.encode()
+    if content_type:
+        response.headers["Content-Type"] = content_type
+    response.headers.update(headers)
+    return errors.SDKError("API error occurred", status, body, response)
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ('{"title": "bad-request", "detail": "The body is invalid"}', "bad-request: The body is invalid"),
+        ('{"detail": "only a detail"}', "only a detail"),
+        ('{"title": "", "message": "no title or detail"}', "{'title': '', 'message': 'no title or detail'}"),
+        ('["a", "list"]', "['a', 'list']"),
+        ("  upstream connect error  ", "upstream connect error"),
+        ("", "no body"),
+        ("x" * 300, "x" * 200),
+    ],
+)
+def test_problem_detail_of_an_answer(body: str, problem: str) -> None:
+    client = AirbyteClient("http://airbyte.test/api/public/v1")
+    assert str(client._rejected("GET /connections", _answer(422, body))) == f"GET /connections: Airbyte answered 422: {problem}"
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_refused_credentials_on_an_api_call_name_the_variables(status: int) -> None:
+    client = AirbyteClient("http://airbyte.test/api/public/v1", "id", "secret")
+    refused = client._rejected("GET /connections", _answer(status, '{"title": "forbidden"}'))
+    assert isinstance(refused, AirbyteAuthFailed)
+    assert str(refused) == (
+        f"GET /connections: Airbyte refused the credentials ({status} forbidden); "
+        "check ELT_AIRBYTE_CLIENT_ID and ELT_AIRBYTE_CLIENT_SECRET (`abctl local credentials`)"
+    )
+
+
+def test_success_that_is_not_json_is_a_bad_response() -> None:
+    client = AirbyteClient("http://airbyte.test/api/public/v1")
+    for content_type, shown in (("text/plain", "text/plain"), (None, "(none)")):
+        answer = client._rejected("GET /jobs/7", _answer(200, "ok", content_type))
+        assert isinstance(answer, AirbyteBadResponse)
+        assert (
+            str(answer)
+            == f"GET /jobs/7: Airbyte at http://airbyte.test/api/public/v1 answered 200 with Content-Type {shown}, not JSON"
+        )
+    html = client._rejected("GET /jobs/7", _answer(404, "<html></html>", "text/html; charset=utf-8"))
+    assert isinstance(html, AirbyteNotTheApi)
+    assert isinstance(client._rejected("GET /jobs/7", _answer(502, "<html></html>", "text/html")), AirbyteRequestRejected)
+
+
+def test_retry_after_that_is_neither_seconds_nor_a_date_waits_the_backoff(caplog: pytest.LogCaptureFixture) -> None:
+    client = AirbyteClient("http://airbyte.test/api/public/v1", wall_clock=lambda: 1_750_000_000.0, max_retry_after_seconds=120)
+    with caplog.at_level(logging.INFO, logger="elt.extract.server"):
+        assert client._retry_after(_answer(503, "", **{"Retry-After": "soon"}).raw_response, default=4.0) == 4.0
+    assert caplog.messages == ["Ignoring a Retry-After that is neither seconds nor an HTTP date: 'soon'"]
+    assert client._retry_after(_answer(503, "", **{"Retry-After": " "}).raw_response, default=4.0) == 4.0
+    assert client._retry_after(None, default=2.0) == 2.0
+    assert client._retry_after(_answer(503, "", **{"Retry-After": "120"}).raw_response, default=4.0) == 120.0
+    past = "Wed, 21 Oct 2015 07:28:00 GMT"
+    assert client._retry_after(_answer(503, "", **{"Retry-After": past}).raw_response, default=4.0) == 0.0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="elt.extract.server"):
+        assert client._retry_after(_answer(503, "", **{"Retry-After": "121"}).raw_response, default=4.0) == 120.0
+    assert caplog.messages == ["Airbyte asks to retry after 121s; waiting the maximum of 120s"]
+
+
+def test_only_one_of_client_id_and_secret_is_refused() -> None:
+    for credentials in ({"airbyte_client_id": "id"}, {"airbyte_client_secret": "secret"}):
+        with pytest.raises(ConfigurationError) as error:
+            AirbyteClient.from_settings(load_settings(airbyte_backend="server", **credentials))
+        assert str(error.value) == (
+            "set both ELT_AIRBYTE_CLIENT_ID and ELT_AIRBYTE_CLIENT_SECRET (from `abctl local credentials`), or neither for --disable-auth"
+        )
+
+
+def test_client_from_settings_uses_the_request_settings(fake_airbyte: FakeAirbyte) -> None:
+    """ELT_AIRBYTE_REQUEST_ATTEMPTS: that many tries of a failing request, then a transient failure."""
+    fake_airbyte.add_connection("stripe")
+    settings = load_settings(
+        airbyte_backend="server",
+        airbyte_url=fake_airbyte.ui_url,
+        airbyte_client_id="fake-client-id",
+        airbyte_client_secret="fake-client-secret",
+        airbyte_request_attempts=2,
+    )
+    client = AirbyteClient.from_settings(settings)
+    client._sleep = lambda seconds: None  # the backoff: no real wait
+    client.list_connections()
+    fake_airbyte.fail_next(2, 503, path_prefix="/connections")
+    with pytest.raises(AirbyteUnavailable, match=r"^GET /connections: .* answered 503 2 times: "):
+        client.list_connections()
+    assert client._session._timeout_seconds == settings.airbyte_request_timeout_seconds
+
+
+def test_conflict_attaches_to_this_connections_job_not_anothers(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+    """Another connection's job, started later, is newer: the sync still attaches to its own."""
+    ours = fake_airbyte.add_connection("stripe", sync_seconds=0.5)
+    theirs = fake_airbyte.add_connection("hubspot", sync_seconds=100)
+    our_job = fake_airbyte.start_running_job(ours)
+    their_job = fake_airbyte.start_running_job(theirs)
+    result = _backend(fake_airbyte, clock).sync("stripe", full_refresh=False)
+    assert result.job_id == str(our_job) != str(their_job)
+    assert fake_airbyte.jobs_for(theirs)[0]["status"] == "running"
+
+
+def test_cancel_started_jobs_says_what_it_cancelled_and_what_it_could_not(
+    fake_airbyte: FakeAirbyte, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    stripe = fake_airbyte.add_connection("stripe", outcome="never")
+    hubspot = fake_airbyte.add_connection("hubspot", outcome="never")
+    backend = _backend(fake_airbyte, clock)
+    stripe_job, hubspot_job = fake_airbyte.start_running_job(stripe), fake_airbyte.start_running_job(hubspot)
+    backend._started.update({stripe_job: "stripe", hubspot_job: "hubspot"})  # as two syncs of this run record them
+    fake_airbyte.fail_next(1, 404, method="DELETE", path_prefix=f"/jobs/{hubspot_job}")
+    with caplog.at_level(logging.WARNING, logger="elt.extract.server"):
+        backend.cancel_started_jobs()
+    assert fake_airbyte.jobs_for(stripe)[0]["status"] == "cancelled"
+    assert [(record.levelname, record.getMessage()) for record in caplog.records] == [
+        ("WARNING", f"Cancelled Airbyte job {stripe_job} of connection 'stripe'"),
+        (
+            "ERROR",
+            f"Could not cancel Airbyte job {hubspot_job} of connection 'hubspot': "
+            f"DELETE /jobs/{hubspot_job}: Airbyte answered 404: resource-not-found: Injected failure (404).",
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://admin:hunter2@airbyte.local:8000/airbyte", "http://***@airbyte.local:8000/airbyte"),
+        ("http://admin@airbyte.local/airbyte", "http://***@airbyte.local/airbyte"),
+        ("http://:hunter2@airbyte.local", "http://***@airbyte.local"),
+        ("http://airbyte.local:8000", "http://airbyte.local:8000"),
+    ],
+)
+def test_wrong_url_message_shows_no_user_or_password(url: str, shown: str) -> None:
+    client = AirbyteClient(f"{url}/api/public/v1", configured_url=url)
+    assert str(client._not_the_api("GET /health")).startswith(
+        f"ELT_AIRBYTE_URL={shown} is not the Airbyte API (GET /health answered HTML)"
+    )
+
+
+def test_unreadable_answer_shows_the_first_line_of_the_cause() -> None:
+    client = AirbyteClient("http://airbyte.test/api/public/v1")
+    prefix = "GET /jobs/7: Airbyte at http://airbyte.test/api/public/v1 sent a response the client cannot read"
+    assert str(client._unreadable("GET /jobs/7", ValueError())) == f"{prefix} (ValueError)"
+    assert str(client._unreadable("GET /jobs/7", ValueError("first\nsecond"))) == f"{prefix} (ValueError: first)"
+    assert str(client._unreadable("GET /jobs/7", TypeError("z" * 300))) == f"{prefix} (TypeError: {'z' * 200})"

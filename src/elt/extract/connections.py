@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from elt.errors import ConfigurationError
+from elt.errors import ConfigurationError, yaml_problem
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -82,10 +82,7 @@ def load_connections(path: Path) -> list[ConnectionSpec]:
             f"{path}: file not found (set ELT_AIRBYTE_CONNECTIONS_FILE to your connections file)"
         ) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConnectionsFileError(f"{path}:{where}: not valid YAML: {problem}") from None
+        raise ConnectionsFileError(yaml_problem(path, exc)) from None
 
     try:
         document = _ConnectionsFile.model_validate(raw if raw is not None else {})

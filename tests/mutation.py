@@ -1,0 +1,115 @@
+"""`make mutation`: mutmut against the fast tests, one module at a time, the score per module.
+
+Each module of `[tool.elt-mutation.modules]` (pyproject.toml) runs in a folder of its own under
+`.mutation/` whose pyproject.toml is `[tool.mutmut]` plus that module and its tests, so one
+mutant runs only the tests that hold the module's promises, and each module's results are kept
+(a second run re-tests only the mutants not killed yet, against the tests as they are now). A benchmark, not a gate: see docs/testing.md.
+
+    .venv/bin/python tests/mutation.py                  # every module, then the table
+    .venv/bin/python tests/mutation.py src/elt/run_lock.py
+    .venv/bin/python tests/mutation.py --report         # the table from the results kept
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WORK = REPO_ROOT / ".mutation"
+MUTMUT = Path(sys.executable).parent / "mutmut"
+# Linked into each module's folder: what mutmut copies into mutants/, where the tests run.
+COPIED = ["src", "tests"]
+KILLED = {1, 3, 37}  # a test failed, pytest broke, the type checker refused it
+TIMEOUT = {24, -24, 36, 152, 255}  # the mutant made a test hang: killed by mutmut's timeout
+
+
+def _config() -> tuple[dict, dict[str, list[str]]]:
+    document = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    return document["tool"]["mutmut"], document["tool"]["elt-mutation"]["modules"]
+
+
+def _toml(table: dict) -> str:
+    """[tool.mutmut] with string, number, bool and list-of-string values (JSON spells them as TOML does)."""
+    return "[tool.mutmut]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in table.items())
+
+
+def folder_of(module: str) -> Path:
+    return WORK / Path(module).stem
+
+
+def run(module: str, tests: list[str], mutmut: dict) -> None:
+    folder = folder_of(module)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in COPIED:
+        link = folder / name
+        if not link.is_symlink():
+            link.symlink_to(REPO_ROOT / name)
+    # The tests read the rest of the repo (dbt/, airbyte/, setup.sh, .venv-fakesnow/...) from the
+    # repo root they see: mutants/.
+    (folder / "mutants").mkdir(exist_ok=True)
+    for entry in REPO_ROOT.iterdir():
+        link = folder / "mutants" / entry.name
+        if entry.name not in {*COPIED, ".mutation", ".git", "pyproject.toml"} and not link.is_symlink():
+            link.symlink_to(entry)
+    table = {
+        **mutmut,
+        "only_mutate": [module],
+        "pytest_add_cli_args": [*mutmut.get("pytest_add_cli_args", []), f"--basetemp=/tmp/mutation-{folder.name}"],
+        "pytest_add_cli_args_test_selection": tests,
+    }
+    (folder / "pyproject.toml").write_text(_toml(table))
+    print(f"== {module}: {' '.join(tests)}", flush=True)
+    # mutmut keeps a mutant's result; name every mutant not yet killed so new tests get their chance.
+    retry = [name for name, code in statuses(module).items() if code not in KILLED | TIMEOUT]
+    if statuses(module) and not retry:
+        return
+    # One worker: the machine is shared (HELPERS.md).
+    subprocess.run([str(MUTMUT), "run", "--max-children", "1", *retry], cwd=folder, check=False)
+
+
+def statuses(module: str) -> dict[str, int | None]:
+    meta = folder_of(module) / "mutants" / (module + ".meta")
+    if not meta.exists():
+        return {}
+    return json.loads(meta.read_text())["exit_code_by_key"]
+
+
+def report(modules: list[str]) -> list[str]:
+    """The score table (markdown) and every mutant not killed, by module."""
+    lines = [
+        "| module | mutants | killed | timeout | survived | no tests | not run | killed % | killed % with a fast test |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    others = []
+    for module in modules:
+        codes = statuses(module)
+        killed = sum(code in KILLED for code in codes.values())
+        timeout = sum(code in TIMEOUT for code in codes.values())
+        survived = sorted(name for name, code in codes.items() if code == 0)
+        untested = sorted(name for name, code in codes.items() if code in (5, 33))
+        unrun = sum(code is None for code in codes.values())
+        tried = len(codes) - unrun
+        score = f"{100 * (killed + timeout) / tried:.1f}" if tried else "-"
+        tested = tried - len(untested)  # the mutants some fast test runs the code of
+        tested_score = f"{100 * (killed + timeout) / tested:.1f}" if tested else "-"
+        lines.append(
+            f"| {module} | {len(codes)} | {killed} | {timeout} | {len(survived)} | {len(untested)} | {unrun} | {score} | {tested_score} |"
+        )
+        others += [f"{name}: survived" for name in survived] + [f"{name}: no tests" for name in untested]
+    return [*lines, "", *others]
+
+
+def main(arguments: list[str]) -> None:
+    mutmut, modules = _config()
+    if arguments[:1] != ["--report"]:
+        for module in arguments or list(modules):
+            run(module, modules[module], mutmut)
+    print("\n".join(report(list(modules))))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

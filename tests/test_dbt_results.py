@@ -1,0 +1,302 @@
+"""dbt's results read back as data, without running dbt: target/run_results.json and manifest.json
+as dbt 1.11 writes them, dbt's text log lines as it prints them, and the messages a user reads.
+tests/test_dbt.py runs the real dbt for the same paths (10-20 s a test); these take
+milliseconds, so `make mutation` can run them for every mutant of dbt_runner.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from elt import dbt_runner
+from elt.dbt_runner import DbtBuildFailed, DbtInvocationError, DbtLogLevels, DbtProject, DbtRun, NodeResult
+
+
+def _node(unique_id: str, status: str, message: str | None = None) -> NodeResult:
+    return NodeResult(unique_id, status, 0.5, message, None)
+
+
+def test_build_failure_names_every_failed_node_with_its_cause() -> None:
+    run = DbtRun(
+        "build",
+        Path("/p"),
+        1,
+        results=[
+            _node("seed.shop.orders", "success"),
+            _node(
+                "model.shop.broken",
+                "error",
+                'Runtime Error in model broken (models/broken.sql)\n  Binder Error: column "x" not found',
+            ),
+            _node("model.shop.after", "skipped"),
+            _node("test.shop.not_null_orders_id", "fail", "Got 2 results, configured to fail if != 0"),
+            _node("model.shop.crashed", "runtime error", None),
+            _node("test.shop.warned", "warn", "Got 1 result"),
+        ],
+    )
+    with pytest.raises(DbtBuildFailed) as error:
+        dbt_runner.raise_if_failed(run)
+    assert str(error.value) == (
+        "dbt build failed on 3 node(s): "
+        'model.shop.broken (error: Binder Error: column "x" not found); '
+        "test.shop.not_null_orders_id (fail: Got 2 results, configured to fail if != 0); "
+        "model.shop.crashed (runtime error: no message)"
+    )
+    assert [node.unique_id for node in error.value.failed] == [
+        "model.shop.broken",
+        "test.shop.not_null_orders_id",
+        "model.shop.crashed",
+    ]
+
+
+def test_failed_nodes_win_over_the_exit_code_and_a_clean_run_is_returned() -> None:
+    clean = DbtRun("build", Path("/p"), 0, results=[_node("model.shop.a", "success"), _node("test.shop.t", "warn")])
+    assert dbt_runner.raise_if_failed(clean) is clean
+    with pytest.raises(DbtBuildFailed, match=r"^dbt run failed on 1 node\(s\): model\.shop\.a \(error: boom\)$"):
+        dbt_runner.raise_if_failed(DbtRun("run", Path("/p"), 0, results=[_node("model.shop.a", "error", "boom")]))
+
+
+def test_dbt_that_could_not_run_says_why_in_one_line() -> None:
+    run = DbtRun(
+        "build",
+        Path("/p"),
+        2,
+        output_tail=["Running with dbt=1.11.2", "Encountered an error:", "Parsing Error", "  models/x.sql: bad jinja"],
+        error_lines=["Encountered an error:", "Parsing Error", "models/x.sql: bad jinja", "models/x.sql: bad jinja"],
+    )
+    with pytest.raises(DbtInvocationError) as error:
+        dbt_runner.raise_if_failed(run)
+    assert str(error.value) == "dbt build in /p could not run: models/x.sql: bad jinja"
+    crashed = DbtRun("ls", Path("/p"), 1, output_tail=["a", "b", "c", "d", "Killed", "https://docs.getdbt.com"])
+    with pytest.raises(DbtInvocationError, match=r"^dbt ls in /p could not run: c: d: Killed$"):
+        dbt_runner.raise_if_failed(crashed)
+    with pytest.raises(DbtInvocationError, match=r"^dbt ls in /p could not run: exit code -9$"):
+        dbt_runner.raise_if_failed(DbtRun("ls", Path("/p"), -9))
+
+
+@pytest.mark.parametrize(
+    ("message", "short"),
+    [
+        (None, "no message"),
+        ("\n  \n", "no message"),
+        ("Runtime Error in model broken (models/broken.sql)\n  Binder Error: nope\n  LINE 1", "Binder Error: nope"),
+        ("Database Error in model m (models/m.sql)", "Database Error in model m (models/m.sql)"),
+        ("x" * 400, "x" * 300),
+    ],
+)
+def test_short_message_is_the_line_that_says_what_went_wrong(message: str | None, short: str) -> None:
+    assert _node("model.shop.m", "error", message).short_message == short
+
+
+@pytest.mark.parametrize(
+    ("status", "failed"),
+    [
+        ("error", True),
+        ("fail", True),
+        ("runtime error", True),
+        ("warn", False),
+        ("skipped", False),
+        ("success", False),
+        ("pass", False),
+    ],
+)
+def test_which_statuses_are_failures(status: str, failed: bool) -> None:
+    assert _node("model.shop.m", status).failed is failed
+
+
+def test_log_levels_follow_each_event_and_collect_its_error_lines() -> None:
+    """Lines as dbt 1.11 prints them: an event is a timestamped line and the untimestamped lines after it."""
+    lines = [
+        "12:00:01  Running with dbt=1.11.2",
+        "12:00:02  1 of 3 START sql table model main.a ........ [RUN]",
+        "12:00:03  1 of 3 ERROR creating sql table model main.a ........ [ERROR in 0.1s]",
+        "12:00:03  2 of 3 WARN 1 not_null_a_id ........ [WARN 1]",
+        "12:00:04  Completed with 1 error, 0 partial successes, and 1 warning:",
+        "12:00:04  ",
+        "12:00:04  Runtime Error in model a (models/a.sql)",
+        "  Binder Error: nope",
+        "",
+        "12:00:05  [WARNING]: Deprecated functionality",
+        "  more about it",
+        "12:00:06  Done. PASS=1 WARN=1 ERROR=1 SKIP=0 TOTAL=3",
+        "\x1b[0m12:00:07  Could not connect to the warehouse",
+    ]
+    levels = DbtLogLevels()
+    assert [levels.of(line) for line in lines] == [
+        logging.INFO,
+        logging.INFO,
+        logging.ERROR,
+        logging.WARNING,
+        logging.ERROR,
+        logging.INFO,
+        logging.ERROR,
+        logging.ERROR,
+        logging.ERROR,
+        logging.WARNING,
+        logging.WARNING,
+        logging.INFO,
+        logging.ERROR,
+    ]
+    assert levels.error_lines == [
+        "1 of 3 ERROR creating sql table model main.a ........ [ERROR in 0.1s]",
+        "Completed with 1 error, 0 partial successes, and 1 warning:",
+        "Runtime Error in model a (models/a.sql)",
+        "Binder Error: nope",
+        "Could not connect to the warehouse",
+    ]
+
+
+def test_dbt_debug_failed_checks_are_errors_to_the_end() -> None:
+    levels = DbtLogLevels()
+    lines = [
+        "12:00:01  Connection test: [ERROR]",
+        "12:00:02  1 check failed:",
+        "12:00:02  dbt was unable to connect",
+        "12:00:03  Profile x",
+    ]
+    assert [levels.of(line) for line in lines] == [logging.ERROR] * 4
+    assert dbt_runner.failure_cause(lines) == "dbt was unable to connect: Profile x"
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        "Encountered an error:",
+        "3 of 9 FAIL 2 not_null_x",
+        "Failure in test t (models/s.yml)",
+        "Error in model m (models/m.sql)",
+        "Completed with 12 errors",
+        "Database Error",
+        "Compilation Error",
+        "Dependency Error",
+        "Runtime Error",
+        "Parsing Error",
+    ],
+)
+def test_error_events_dbt_prints(first: str) -> None:
+    assert DbtLogLevels().of(f"10:11:12  {first}") == logging.ERROR
+
+
+@pytest.mark.parametrize("line", ["Completed with 0 errors", "Completed successfully", "1 of 2 OK created", "Finished running"])
+def test_lines_that_are_not_errors(line: str) -> None:
+    assert DbtLogLevels().of(f"10:11:12  {line}") == logging.INFO
+
+
+def test_failure_cause_drops_the_framing_and_keeps_three_lines() -> None:
+    lines = [
+        "10:00:00  Encountered an error:",
+        "Runtime Error",
+        "  Could not find profile named 'x'",
+        "  https://docs.getdbt.com/docs/configure-your-profile",
+        "  Traceback (most recent call last):",
+        '  File "dbt/main.py", line 1',
+        "  ^^^^",
+        "  return 1",
+        "  raise X",
+        "  Check your database credentials and try again.",
+        "  Could not find profile named 'x'",
+        "  second cause",
+        "  third cause",
+        "  fourth cause",
+    ]
+    assert dbt_runner.failure_cause(lines, 2) == "Could not find profile named 'x': second cause: third cause"
+    assert dbt_runner.failure_cause([], 2) == "exit code 2"
+    assert dbt_runner.failure_cause(["10:00:00  a", "10:00:01  b"], 1) == "a: b"
+
+
+def test_build_arguments_leave_out_what_is_stale_beside_the_users_exclude() -> None:
+    assert dbt_runner.build_arguments() == ["build"]
+    assert dbt_runner.build_arguments(stale=["source:a.b+", "source:a.c+"]) == ["build", "--exclude", "source:a.b+ source:a.c+"]
+    assert dbt_runner.build_arguments("marts", full_refresh=True) == ["build", "--select", "marts", "--full-refresh"]
+    assert dbt_runner.build_arguments(exclude="legacy") == ["build", "--exclude", "legacy"]
+
+
+def _written(project: Path, results: list[dict], nodes: dict | None) -> DbtProject:
+    target = project / "target"
+    target.mkdir(parents=True)
+    (project / "dbt_project.yml").write_text("name: shop\nprofile: shop\n")
+    (target / "run_results.json").write_text(json.dumps({"results": results}))
+    if nodes is not None:
+        (target / "manifest.json").write_text(json.dumps({"nodes": nodes}))
+    return DbtProject.at(project)
+
+
+def test_run_results_are_read_with_the_manifests_relation_and_materialization(tmp_path: Path) -> None:
+    """The fields dbt 1.11 writes; relation_name falls back to the manifest's, as for seeds."""
+    project = _written(
+        tmp_path,
+        [
+            {
+                "unique_id": "model.shop.orders",
+                "status": "success",
+                "execution_time": 1.23456,
+                "message": "OK",
+                "adapter_response": {"rows_affected": 7},
+                "relation_name": '"w"."main"."orders"',
+            },
+            {"unique_id": "seed.shop.raw", "status": "success", "execution_time": None, "message": None, "adapter_response": {}},
+            {"unique_id": "test.shop.t", "status": "fail"},
+        ],
+        {
+            "model.shop.orders": {"relation_name": "ignored", "config": {"materialized": "incremental"}},
+            "seed.shop.raw": {"relation_name": '"w"."main"."raw"', "config": {"materialized": "seed"}},
+        },
+    )
+    assert dbt_runner._read_run_results(project, written_after=0.0) == [
+        NodeResult("model.shop.orders", "success", 1.235, "OK", 7, '"w"."main"."orders"', "incremental"),
+        NodeResult("seed.shop.raw", "success", 0.0, None, None, '"w"."main"."raw"', "seed"),
+        NodeResult("test.shop.t", "fail", 0.0, None, None, None, None),
+    ]
+
+
+def test_run_results_without_a_manifest_still_give_each_node(tmp_path: Path) -> None:
+    project = _written(tmp_path, [{"unique_id": "model.shop.a", "status": "error", "message": "boom"}], None)
+    assert dbt_runner._read_run_results(project, written_after=0.0) == [NodeResult("model.shop.a", "error", 0.0, "boom", None)]
+
+
+def test_run_results_left_by_an_earlier_run_are_not_this_runs(tmp_path: Path) -> None:
+    """dbt stopped before writing its own: the file is older than this run's start, so no results."""
+    project = _written(tmp_path, [{"unique_id": "model.shop.a", "status": "success"}], {})
+    written = project.run_results_path.stat().st_mtime
+    os.utime(project.run_results_path, (written - 10, written - 10))
+    assert dbt_runner._read_run_results(project, written_after=written - 5) == []
+    assert dbt_runner._read_run_results(project, written_after=written - 10) != []
+    project.run_results_path.unlink()
+    assert dbt_runner._read_run_results(project, written_after=0.0) == []
+
+
+def test_project_profile_name_and_packages(tmp_path: Path) -> None:
+    (tmp_path / "dbt_project.yml").write_text("name: shop\nprofile: shop_warehouse\n")
+    project = DbtProject.at(tmp_path)
+    assert project.profile_name == "shop_warehouse" and not project.has_packages
+    (tmp_path / "dependencies.yml").write_text("packages: []\n")
+    assert project.has_packages
+    (tmp_path / "dbt_project.yml").write_text("name: shop\n")
+    with pytest.raises(dbt_runner.ConfigurationError, match=rf"^{tmp_path / 'dbt_project.yml'}: no 'profile' key$"):
+        _ = project.profile_name
+
+
+def test_a_line_before_any_event_is_info_and_long_causes_are_cut() -> None:
+    assert DbtLogLevels().of("no timestamp yet") == logging.INFO
+    assert dbt_runner.failure_cause(["10:00:00  Encountered an error:", "  " + "y" * 400]) == "y" * 300
+
+
+def test_results_files_without_their_lists_give_no_nodes(tmp_path: Path) -> None:
+    """A run_results.json without results, or a manifest without nodes, as a crashed dbt may leave them."""
+    project = _written(tmp_path, [{"unique_id": "model.shop.a", "status": "success"}], {})
+    (tmp_path / "target" / "manifest.json").write_text("{}")
+    assert dbt_runner._read_run_results(project, written_after=0.0) == [NodeResult("model.shop.a", "success", 0.0, None, None)]
+    project.run_results_path.write_text("{}")
+    assert dbt_runner._read_run_results(project, written_after=0.0) == []
+
+
+def test_folder_without_a_project_names_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(dbt_runner.ConfigurationError) as error:
+        DbtProject.at(tmp_path)
+    assert str(error.value) == (
+        f"{tmp_path}: no dbt_project.yml; set ELT_DBT_PROJECT_DIR (or --project-dir) to the dbt project's folder in the repo"
+    )
