@@ -117,6 +117,24 @@ def leak_search(
         "snowflake_password": _random_secret("pw@:/#%!"),
         "snowflake_private_key": _pem(passphrase),
         "snowflake_private_key_passphrase": passphrase,
+        "slack_webhook_url": f"https://hooks.slack.com/services/T000/B000/{_random_secret('sl-')}",
+        "alert_smtp_password": _random_secret("smtp-"),
+        "alert_webhook_url": f"http://127.0.0.1:9/hooks/{_random_secret('wh-')}",
+        "alert_webhook_secret": _random_secret("hdr-"),
+    }
+    # Every alert channel set, each unreachable from here (port 9 is closed; no DNS for Slack):
+    # `elt doctor` and `elt alert test` report on each and must name none of their secrets.
+    alerts = {
+        "SLACK_WEBHOOK_URL": values["slack_webhook_url"],
+        "ELT_ALERT_SMTP_HOST": "127.0.0.1",
+        "ELT_ALERT_SMTP_PORT": "9",
+        "ELT_ALERT_SMTP_USER": "alerts",
+        "ELT_ALERT_SMTP_PASSWORD": values["alert_smtp_password"],
+        "ELT_ALERT_EMAIL_FROM": "elt@example.invalid",
+        "ELT_ALERT_EMAIL_TO": "team@example.invalid",
+        "ELT_ALERT_WEBHOOK_URL": values["alert_webhook_url"],
+        "ELT_ALERT_WEBHOOK_HEADER": "X-Token",
+        "ELT_ALERT_WEBHOOK_SECRET": values["alert_webhook_secret"],
     }
     snowflake = {k: v for k, v in fakesnow_server.env().items() if k not in ("SNOWFLAKE_PASSWORD",)}
     base = {k: v for k, v in os.environ.items() if not k.startswith(("ELT_", "SNOWFLAKE_"))} | {
@@ -131,13 +149,14 @@ def leak_search(
         airbyte.add_connection("faker", sync_seconds=0.2)
         scenarios = [
             Scenario(
-                "embedded into snowflake, password",
+                "embedded into snowflake, password, every alert channel",
                 snowflake
+                | alerts
                 | {
                     "SNOWFLAKE_PASSWORD": values["snowflake_password"],
                     "ELT_AIRBYTE_CLIENT_SECRET": values["airbyte_client_secret"],
                 },
-                [["run"], ["doctor"]],
+                [["run"], ["doctor"], ["alert", "test"]],
             ),
             Scenario(
                 "dbt on snowflake, encrypted key pair",

@@ -100,8 +100,9 @@ class User:
         )
         entry.locator("a[href*='/artifacts/artifact/']").first.click()
         self.page.wait_for_url(re.compile(r"/artifacts/artifact/"))
-        self.page.locator("table").first.wait_for()
-        assert self.page.locator("table tr").count() >= 2, key  # a header and at least one row
+        # A header and at least one row. Waited for, not counted at once: the markdown renders the
+        # <table> before its rows (CI once counted 0 rows in a table that then filled).
+        self.page.locator("table tr").nth(1).wait_for()
 
 
 def login(page, base: str, auth_string: str) -> None:
