@@ -32,8 +32,8 @@ def test_an_environment_overlays_env_and_never_shares_the_default_warehouse(
 ) -> None:
     """The worker container sets ELT_DATA_DIR and ELT_DUCKDB_PATH for the default: an environment
     whose file does not name its own gets a folder of its own under the data folder instead."""
-    monkeypatch.setenv("ELT_DATA_DIR", str(appliance_env / "shared"))
-    monkeypatch.setenv("ELT_DUCKDB_PATH", str(appliance_env / "shared" / "warehouse.duckdb"))
+    monkeypatch.setenv("ELT_DATA_DIR", str(appliance_env / "worker-data"))
+    monkeypatch.setenv("ELT_DUCKDB_PATH", str(appliance_env / "worker-data" / "warehouse.duckdb"))
     (appliance_env / ".env").write_text("ELT_GIT_BRANCH=main\nELT_DBT_THREADS=2\n")
     _environment(appliance_env, "staging", "ELT_GIT_BRANCH=staging\nELT_DBT_TARGET=duckdb\nCRM_TOKEN=staging-token\n")
     monkeypatch.chdir(appliance_env)
@@ -41,13 +41,13 @@ def test_an_environment_overlays_env_and_never_shares_the_default_warehouse(
     staging = load_settings(env="staging")
     assert staging.env == "staging"
     assert staging.git_branch == "staging" and staging.dbt_threads == 2 and staging.dbt_target == "duckdb"
-    assert staging.path(staging.data_dir) == appliance_env / "shared" / "environments" / "staging"
-    assert staging.path(staging.duckdb_path) == appliance_env / "shared" / "environments" / "staging" / "warehouse.duckdb"
+    assert staging.path(staging.data_dir) == appliance_env / "worker-data" / "environments" / "staging"
+    assert staging.path(staging.duckdb_path) == appliance_env / "worker-data" / "environments" / "staging" / "warehouse.duckdb"
     assert staging.environment()["CRM_TOKEN"] == "staging-token"
 
     default = load_settings()
     assert default.env is None and default.git_branch == "main"
-    assert default.path(default.duckdb_path) == appliance_env / "shared" / "warehouse.duckdb"
+    assert default.path(default.duckdb_path) == appliance_env / "worker-data" / "warehouse.duckdb"
 
     monkeypatch.setenv("ELT_ENV", "staging")
     assert load_settings().git_branch == "staging"

@@ -65,15 +65,11 @@ def lock_path(settings: Settings) -> Path:
 @contextmanager
 def hold(settings: Settings, flow_run_id: str) -> Iterator[Holder]:
     """Hold the warehouse's run lock for this flow run; raise WarehouseInUse naming the holder."""
-    path = lock_path(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    with _lock_file(settings) as descriptor:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _read_holder(descriptor, wait_seconds=2.0)
-            who = str(holder) if holder else f"another all-etl run (see {path})"
+            who = _who_holds(descriptor, settings, wait_seconds=2.0)
             raise WarehouseInUse(f"{who} is using {warehouse_name(settings)}; wait for it or cancel it") from None
         stale = _read_holder(descriptor)
         if stale is not None and stale.flow_run_id is not None:
@@ -89,8 +85,6 @@ def hold(settings: Settings, flow_run_id: str) -> Iterator[Holder]:
             yield holder
         finally:
             _write(descriptor, "")
-    finally:
-        os.close(descriptor)  # releases the flock
 
 
 @contextmanager
@@ -98,10 +92,7 @@ def hold_for_task(settings: Settings, task: str, wait_seconds: float) -> Iterato
     """Hold the warehouse's run lock for a maintenance task (a backup, a restore): wait up to
     `wait_seconds` for a running all-etl to finish; a run that starts meanwhile is refused,
     naming the task."""
-    path = lock_path(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    with _lock_file(settings) as descriptor:
         deadline = time.monotonic() + wait_seconds
         while True:
             try:
@@ -109,8 +100,7 @@ def hold_for_task(settings: Settings, task: str, wait_seconds: float) -> Iterato
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    holder = _read_holder(descriptor)
-                    who = str(holder) if holder else f"another all-etl run (see {path})"
+                    who = _who_holds(descriptor, settings)
                     raise WarehouseInUse(
                         f"{who} still holds {warehouse_name(settings)} after {wait_seconds:.0f} s; "
                         f"the {task} did not start: run it again when that ends"
@@ -128,8 +118,23 @@ def hold_for_task(settings: Settings, task: str, wait_seconds: float) -> Iterato
         finally:
             # A dead run's record stays for the next run to mark Crashed; the task's own goes.
             _write(descriptor, json.dumps(asdict(stale)) if stale is not None and stale.flow_run_id else "")
+
+
+@contextmanager
+def _lock_file(settings: Settings) -> Iterator[int]:
+    """The warehouse's lock file, open; closing it releases a flock taken on it."""
+    path = lock_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        yield descriptor
     finally:
         os.close(descriptor)
+
+
+def _who_holds(descriptor: int, settings: Settings, wait_seconds: float = 0.0) -> str:
+    holder = _read_holder(descriptor, wait_seconds=wait_seconds)
+    return str(holder) if holder else f"another all-etl run (see {lock_path(settings)})"
 
 
 def _write(descriptor: int, text: str) -> None:
