@@ -94,7 +94,25 @@ def test_cancelling_the_flow_run_cancels_the_airbyte_jobs_it_started(
         text=True,
     )
     try:
-        _wait_for(lambda: fake_airbyte.count("GET", "/jobs/") >= 2, 180, "the Airbyte job to be polled")
+
+        def polled() -> bool:
+            if fake_airbyte.count("GET", "/jobs/") >= 2:
+                return True
+            state = prefect_server.get(f"/flow_runs/{flow_run['id']}").json()["state"]
+            if worker.poll() is not None or state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                worker.kill()
+                pytest.fail(f"the run ended before polling Airbyte: {state}\nworker:\n{worker.communicate()[0][-4000:]}")
+            return False
+
+        try:
+            _wait_for(polled, 180, "the Airbyte job to be polled")
+        except AssertionError:
+            state = prefect_server.get(f"/flow_runs/{flow_run['id']}").json()["state"]
+            worker.kill()
+            raise AssertionError(
+                f"no Airbyte poll within 180 s; flow run {state}; Airbyte requests {[(m, p) for m, p, _ in fake_airbyte.requests]}\n"
+                f"worker:\n{worker.communicate()[0][-4000:]}"
+            ) from None
         cancel = prefect_server.post(
             f"/flow_runs/{flow_run['id']}/set_state", {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True}
         )

@@ -269,7 +269,9 @@ def test_a_quick_run_shows_its_child_flows_artifacts_and_the_deployed_commit(use
 
     run_page = page.url
     user.open_artifact(run_page, None, "all-etl-summary")
-    assert page.locator("table").count() >= 3  # rows per stream, time per stage, mart rows
+    # Waited for, not counted: the artifact page re-renders its markdown once it settles on ?tab=Artifact.
+    for header in ("connection.stream", "stage", "table"):
+        page.get_by_role("columnheader", name=header, exact=True).first.wait_for()
     user.shot("10-artifact-all-etl-summary")
     user.open_artifact(run_page, child_runs["extract-load"], "extract-load-results")
     page.get_by_role("cell", name="faker", exact=True).first.wait_for()
