@@ -5,6 +5,9 @@ test_browser.py): bringing it up costs minutes on a small CI machine.
 Needs root and apt (tests/appliance/install_docker.sh installs docker.io, docker-compose and
 debootstrap); skipped otherwise.
 
+The stack goes down right after the last test that uses it (not at the session's end): the
+tests after it then have the machine's two cores to themselves.
+
 While working on these tests: ELT_APPLIANCE_CHECKOUT=<checkout of a stack already up> runs
 them against that stack (no setup.sh, no teardown).
 """
@@ -55,6 +58,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     prepare_checkout(checkout)
     (checkout / "docker" / "docker-compose.override.yml").write_text(OVERRIDE_EXAMPLE)
     stack = Stack(checkout)
+    _running.append((stack, tmp_path_factory.getbasetemp()))
     try:
         t = time.monotonic()
         first = stack.setup()
@@ -63,8 +67,28 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
         stack.timings = timings
         yield stack
     finally:
-        logs = stack.compose("logs", "--no-color", "--tail", "200", check=False).stdout
-        (tmp_path_factory.getbasetemp() / "stack.log").write_text(logs)
-        stack.compose("down", "-v", "--remove-orphans", "--timeout", "5", check=False)
-        # The image elt-appliance:ci stays: its layers are the build cache of the next run.
+        _stop_stack()
         print("appliance timings:", json.dumps({k: round(v) for k, v in timings.items()}))
+
+
+_running: list[tuple[Stack, Path]] = []
+
+
+def _stop_stack() -> None:
+    if not _running:
+        return
+    stack, basetemp = _running.pop()
+    logs = stack.compose("logs", "--no-color", "--tail", "200", check=False).stdout
+    (basetemp / "stack.log").write_text(logs)
+    stack.compose("down", "-v", "--remove-orphans", "--timeout", "5", check=False)
+    # The image elt-appliance:ci stays: its layers are the build cache of the next run.
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    if not _running:
+        return
+    items = item.session.items
+    later = items[items.index(item) + 1 :]
+    if not any("stack" in getattr(other, "fixturenames", ()) for other in later):
+        _stop_stack()

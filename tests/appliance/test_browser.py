@@ -186,32 +186,27 @@ def test_an_interval_schedule_added_in_the_ui_runs_all_etl(user: User) -> None:
     page.get_by_role("button", name="Schedule", exact=True).click()
     dialog = page.get_by_role("dialog")
     dialog.get_by_role("tab", name="Interval").click()
-    dialog.get_by_label("Value").fill("2")
+    dialog.get_by_label("Value").fill("1")
     user.shot("04-add-schedule")
     saved_at = datetime.now(UTC)
     dialog.get_by_role("button", name="Save").click()
-    page.get_by_text("Every 2 minutes").wait_for()
+    page.get_by_text("Every 1 minute").wait_for()
     user.shot("05-deployment-with-schedule")
+
+    def made_by_the_schedule(*types: str) -> list[dict]:
+        runs = deployment_runs(stack, state={"type": {"any_": list(types)}})
+        return [run for run in runs if run["auto_scheduled"] and datetime.fromisoformat(run["created"]) >= saved_at]
+
     try:
-        scheduled = wait_for(
-            "a run made by the schedule reached Completed",
-            lambda: [
-                run
-                for run in deployment_runs(stack, state={"type": {"any_": ["COMPLETED"]}})
-                if run["auto_scheduled"] and datetime.fromisoformat(run["created"]) >= saved_at
-            ],
-            timeout=900,
+        started = wait_for(
+            "a run made by the schedule started",
+            lambda: made_by_the_schedule("RUNNING", "COMPLETED", "FAILED", "CRASHED"),
+            timeout=600,
             interval=5,
         )[0]
-        page.goto(f"{user.base}/v2/runs/flow-run/{scheduled['id']}")
-        page.get_by_text("auto-scheduled").first.wait_for()
-        page.get_by_text("Completed", exact=True).first.wait_for()
-        page.get_by_role("tab", name="Subflow Runs").click()
-        assert sorted(user.child_runs()) == sorted(CHILD_FLOWS)
-        user.shot("06-scheduled-run-completed")
     finally:
         # The schedule would keep making runs for the tests after this one: remove it and its
-        # queued runs, then let a run already started end.
+        # queued runs once its first run has started.
         with stack.api as api:
             deployment = api.get("/deployments/name/all-etl/all-etl").json()
             for schedule in api.get(f"/deployments/{deployment['id']}/schedules").json():
@@ -219,12 +214,15 @@ def test_an_interval_schedule_added_in_the_ui_runs_all_etl(user: User) -> None:
         for run in deployment_runs(stack, state={"type": {"any_": ["SCHEDULED"]}}):
             with stack.api as api:
                 api.delete(f"/flow_runs/{run['id']}")
-        wait_for(
-            "the deployment's runs ended",
-            lambda: not deployment_runs(stack, state={"type": {"any_": ["PENDING", "RUNNING", "CANCELLING"]}}),
-            timeout=900,
-            interval=5,
-        )
+    state = stack.wait_state(started["id"], TERMINAL, 900)
+    assert state["type"] == "COMPLETED", state
+    page.goto(f"{user.base}/v2/runs/flow-run/{started['id']}")
+    page.get_by_text("auto-scheduled").first.wait_for()
+    page.get_by_text("Completed", exact=True).first.wait_for()
+    page.get_by_role("tab", name="Subflow Runs").click()
+    assert sorted(user.child_runs()) == sorted(CHILD_FLOWS)
+    user.shot("06-scheduled-run-completed")
+    assert not deployment_runs(stack, state={"type": {"any_": ["PENDING", "RUNNING", "SCHEDULED"]}})
 
 
 def test_a_quick_run_shows_its_child_flows_artifacts_and_the_deployed_commit(user: User, tmp_path: Path) -> None:

@@ -51,23 +51,28 @@ def test_first_install_says_created(stack: Stack) -> None:
     assert "automation crash-zombie-flow-runs: created" in stack.first_output, stack.first_output
 
 
-@pytest.mark.parametrize("seed", ["0", "1", "2", "3", "7", "11"])
-def test_rerunning_the_prefect_setup_says_unchanged_whatever_the_hash_seed(stack: Stack, seed: str) -> None:
-    # The trigger's expect/after are sets: their order in the JSON depends on PYTHONHASHSEED.
+def _prefect_setup(stack: Stack, zombie_seconds: int | str, *env: str) -> list[str]:
+    """docker/prefect_setup.py run as setup.sh runs it, with ELT_ZOMBIE_SECONDS=`zombie_seconds`; its lines."""
     output = stack.compose(
         "exec",
         "-T",
+        *[arg for pair in env for arg in ("-e", pair)],
         "-e",
-        f"PYTHONHASHSEED={seed}",
-        "-e",
-        f"ELT_ZOMBIE_SECONDS={stack.env['ELT_ZOMBIE_SECONDS']}",
+        f"ELT_ZOMBIE_SECONDS={zombie_seconds}",
         "prefect-server",
         "sh",
         "-c",
         'PREFECT_API_URL=http://127.0.0.1:4200/api PREFECT_API_AUTH_STRING="$PREFECT_SERVER_API_AUTH_STRING" '
         "exec python /opt/elt/docker/prefect_setup.py",
     ).stdout
-    assert output.splitlines() == [
+    return output.splitlines()
+
+
+@pytest.mark.parametrize("seed", ["0", "1", "2", "3", "7", "11"])
+def test_rerunning_the_prefect_setup_says_unchanged_whatever_the_hash_seed(stack: Stack, seed: str) -> None:
+    # The trigger's expect/after are sets: their order in the JSON depends on PYTHONHASHSEED.
+    output = _prefect_setup(stack, stack.env["ELT_ZOMBIE_SECONDS"], f"PYTHONHASHSEED={seed}")
+    assert output == [
         "work pool elt: unchanged",
         "automation crash-zombie-flow-runs: unchanged",
         "automation notify-failed-all-etl: skipped (no alert channel is set: SLACK_WEBHOOK_URL, ELT_ALERT_SMTP_HOST and ELT_ALERT_WEBHOOK_URL are empty)",
@@ -206,7 +211,29 @@ def test_history_and_the_ui_survive_down_and_up(stack: Stack) -> None:
     assert ui.status_code == 200 and "<title>Prefect Server</title>" in ui.text
 
 
+def _heartbeats_since(stack: Stack, run_id: str, since: str) -> int:
+    with stack.api as api:
+        response = api.post(
+            "/events/filter",
+            json={
+                "filter": {
+                    "event": {"name": ["prefect.flow-run.heartbeat"]},
+                    "resource": {"id": [f"prefect.flow-run.{run_id}"]},
+                    "occurred": {"since": since},
+                },
+                "limit": 10,
+            },
+        )
+        response.raise_for_status()
+        return len(response.json()["events"])
+
+
+KILL_TEST_ZOMBIE_SECONDS = 90
+
+
 def test_a_run_whose_worker_is_killed_ends_crashed_and_the_next_completes(stack: Stack) -> None:
+    """The zombie window shortened the way a user would (ELT_ZOMBIE_SECONDS, then the setup's
+    prefect_setup.py) so the test waits 90 s for the Crashed state, not the stack's 240."""
     deadline = time.monotonic() + 300
     while (
         "healthy"
@@ -216,16 +243,30 @@ def test_a_run_whose_worker_is_killed_ends_crashed_and_the_next_completes(stack:
     ):
         assert time.monotonic() < deadline, "worker not healthy after up"
         time.sleep(2)
-    run_id = stack.start_run()
-    stack.wait_state(run_id, {"RUNNING"} | TERMINAL, 300)
-    time.sleep(8)  # mid-run: the connector is syncing; the first heartbeat has been sent
-    assert stack.state(run_id)["type"] == "RUNNING"
-    worker = stack.container_ids()["prefect-worker"]
-    t = time.monotonic()
-    sh(["docker", "kill", worker])
-    state = stack.wait_state(run_id, TERMINAL, 600)
-    stack.timings["killed run marked crashed after"] = time.monotonic() - t
-    assert state["type"] == "CRASHED", state
+    changed = _prefect_setup(stack, KILL_TEST_ZOMBIE_SECONDS)
+    assert "automation crash-zombie-flow-runs: updated" in changed, changed
+    try:
+        run_id = stack.start_run()
+        stack.wait_state(run_id, {"RUNNING"} | TERMINAL, 300)
+        # The updated automation's trigger starts its window at the run's next heartbeat.
+        since = stack.state(run_id)["timestamp"]
+        deadline = time.monotonic() + 120
+        while not _heartbeats_since(stack, run_id, since):
+            assert time.monotonic() < deadline, f"no heartbeat of run {run_id} within 120 s"
+            time.sleep(2)
+        assert stack.state(run_id)["type"] == "RUNNING"
+        worker = stack.container_ids()["prefect-worker"]
+        t = time.monotonic()
+        sh(["docker", "kill", worker])
+        state = stack.wait_state(run_id, TERMINAL, 600)
+        stack.timings["killed run marked crashed after"] = time.monotonic() - t
+        assert state["type"] == "CRASHED", state
+        assert state["message"] == (
+            f"No heartbeat for {KILL_TEST_ZOMBIE_SECONDS} s: the worker or the machine stopped during the run."
+        ), state
+    finally:
+        restored = _prefect_setup(stack, stack.env["ELT_ZOMBIE_SECONDS"])
+        assert "automation crash-zombie-flow-runs: updated" in restored, restored
 
     stack.compose("up", "-d")
     next_run = stack.start_run()
