@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -85,34 +87,37 @@ def test_cancelling_the_flow_run_cancels_the_airbyte_jobs_it_started(
         "ELT_AIRBYTE_CLIENT_SECRET": "fake-client-secret",
         "ELT_AIRBYTE_POLL_SECONDS": "0.5",
     }
+    # A long-lived worker, as on the appliance (--run-once polls once and exits: a run not ready
+    # at that moment would never start). Its output goes to a file: an undrained pipe fills up and
+    # blocks the worker and the flow process writing through it.
+    worker_log = appliance_env / "worker.log"
     worker = subprocess.Popen(
-        [str(BIN / "prefect"), "worker", "start", "--pool", "elt", "--run-once"],
+        [str(BIN / "prefect"), "worker", "start", "--pool", "elt"],
         env=worker_env,
         cwd=appliance_env,
-        stdout=subprocess.PIPE,
+        stdout=worker_log.open("w"),
         stderr=subprocess.STDOUT,
-        text=True,
+        start_new_session=True,
     )
+
+    def what_happened() -> str:
+        state = prefect_server.get(f"/flow_runs/{flow_run['id']}").json()["state"]
+        requests = [(method, path) for method, path, _ in fake_airbyte.requests]
+        return f"flow run {state}\nAirbyte requests {requests}\nworker:\n{worker_log.read_text()[-4000:]}"
+
+    def polled() -> bool:
+        if fake_airbyte.count("GET", "/jobs/") >= 2:
+            return True
+        state = prefect_server.get(f"/flow_runs/{flow_run['id']}").json()["state"]
+        if worker.poll() is not None or state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            pytest.fail(f"the run or the worker ended before Airbyte was polled: {what_happened()}")
+        return False
+
     try:
-
-        def polled() -> bool:
-            if fake_airbyte.count("GET", "/jobs/") >= 2:
-                return True
-            state = prefect_server.get(f"/flow_runs/{flow_run['id']}").json()["state"]
-            if worker.poll() is not None or state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-                worker.kill()
-                pytest.fail(f"the run ended before polling Airbyte: {state}\nworker:\n{worker.communicate()[0][-4000:]}")
-            return False
-
         try:
-            _wait_for(polled, 180, "the Airbyte job to be polled")
+            _wait_for(polled, 300, "the Airbyte job to be polled")
         except AssertionError:
-            state = prefect_server.get(f"/flow_runs/{flow_run['id']}").json()["state"]
-            worker.kill()
-            raise AssertionError(
-                f"no Airbyte poll within 180 s; flow run {state}; Airbyte requests {[(m, p) for m, p, _ in fake_airbyte.requests]}\n"
-                f"worker:\n{worker.communicate()[0][-4000:]}"
-            ) from None
+            raise AssertionError(f"no Airbyte poll within 300 s: {what_happened()}") from None
         cancel = prefect_server.post(
             f"/flow_runs/{flow_run['id']}/set_state", {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True}
         )
@@ -128,5 +133,5 @@ def test_cancelling_the_flow_run_cancels_the_airbyte_jobs_it_started(
         assert fake_airbyte.count("DELETE", "/jobs/") == 1
     finally:
         if worker.poll() is None:
-            worker.kill()
-        worker.communicate(timeout=30)
+            os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=30)
