@@ -11,6 +11,7 @@ from elt.settings import (
     NON_SETTING_VARIABLES,
     AirbyteBackend,
     Warehouse,
+    environment_names,
     load_settings,
     load_settings_or_defaults,
     setting_variables,
@@ -155,3 +156,133 @@ def test_environment_is_the_dotenv_file_under_the_process_environment(tmp_path: 
     assert environment["ONLY_IN_FILE"] == "file" and environment["IN_BOTH"] == "process"
     assert "NO_VALUE" not in environment
     assert environment["PATH"] == os.environ["PATH"]
+
+
+# --- environments (environments/<name>.env over .env) ------------------------------------------
+def _home_with_environments(home: Path, **files: str) -> Path:
+    (home / "environments").mkdir(parents=True)
+    for name, text in files.items():
+        (home / "environments" / f"{name}.env").write_text(text)
+    return home
+
+
+def test_an_environment_never_shares_the_default_data_folder_or_warehouse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unless its file names them, an environment's data folder is <data>/environments/<name> and
+    its DuckDB file lies in that folder, even when .env (as on the worker) names the default's."""
+    home = _home_with_environments(tmp_path, staging="ELT_GIT_BRANCH=staging\n")
+    monkeypatch.chdir(home)
+    (home / ".env").write_text("ELT_DUCKDB_PATH=/var/lib/elt/data/warehouse.duckdb\nELT_GIT_BRANCH=main\nELT_DBT_THREADS=3\n")
+    staging = load_settings(home=home, env="staging")
+    assert staging.env == "staging" and staging.home == home
+    assert staging.path(staging.data_dir) == home / "data" / "environments" / "staging"
+    assert staging.path(staging.duckdb_path) == home / "data" / "environments" / "staging" / "warehouse.duckdb"
+    assert staging.git_branch == "staging"  # the environment's file over .env
+    assert staging.dbt_threads == 3  # what the file does not set comes from .env
+    default = load_settings(home=home)
+    assert default.env is None and default.git_branch == "main"
+    assert str(default.duckdb_path) == "/var/lib/elt/data/warehouse.duckdb"
+
+
+def test_an_environment_file_that_names_its_folders_keeps_them(tmp_path: Path) -> None:
+    home = _home_with_environments(
+        tmp_path,
+        own_data="ELT_DATA_DIR=/srv/own\n",
+        own_duckdb="ELT_DUCKDB_PATH=/srv/wh.duckdb\n",
+    )
+    own_data = load_settings(home=home, env="own_data")
+    assert (own_data.data_dir, own_data.duckdb_path) == (Path("/srv/own"), Path("/srv/own/warehouse.duckdb"))
+    own_duckdb = load_settings(home=home, env="own_duckdb")
+    assert own_duckdb.path(own_duckdb.data_dir) == home / "data" / "environments" / "own_duckdb"
+    assert own_duckdb.duckdb_path == Path("/srv/wh.duckdb")
+
+
+def test_the_runs_own_flags_win_over_the_environment_file(tmp_path: Path) -> None:
+    home = _home_with_environments(tmp_path, staging="ELT_DBT_THREADS=2\nELT_GIT_BRANCH=staging\n")
+    settings = load_settings(home=home, env="staging", dbt_threads=9)
+    assert (settings.dbt_threads, settings.git_branch) == (9, "staging")
+
+
+def test_environment_chosen_by_ELT_ENV(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = _home_with_environments(tmp_path, staging="ELT_GIT_BRANCH=staging\n")
+    monkeypatch.setenv("ELT_HOME", str(home))
+    monkeypatch.setenv("ELT_ENV", "staging")
+    assert load_settings().git_branch == "staging"
+
+
+def test_a_missing_environment_is_named_with_those_defined(tmp_path: Path) -> None:
+    home = _home_with_environments(tmp_path, staging="", prod="")
+    with pytest.raises(ConfigurationError) as error:
+        load_settings(home=home, env="stagng")
+    assert str(error.value) == (
+        f"ELT_ENV=stagng: {home / 'environments' / 'stagng.env'} does not exist "
+        "(environments defined: prod, staging); create it or choose another"
+    )
+    with pytest.raises(ConfigurationError) as error:
+        load_settings(home=tmp_path / "nowhere", env="staging")
+    assert "(environments defined: none)" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "ELT_GIT_BRANCH=x\nELT_DBT_THREDS=4\nOTHER_TOOL=1\n",
+            "ELT_DBT_THREDS: unknown setting(s) (every setting is listed in .env.example)",
+        ),
+        ("ELT_HOME=/elsewhere\n", "ELT_ENV and ELT_HOME cannot be set by an environment's own file"),
+        ("elt_env=prod\n", "ELT_ENV and ELT_HOME cannot be set by an environment's own file"),
+        (
+            "ELT_DBT_THREADS=many\n",
+            "invalid settings: ELT_DBT_THREADS: Input should be a valid integer, unable to parse string as an integer",
+        ),
+    ],
+)
+def test_a_bad_environment_file_is_one_line_naming_the_file_and_variable(tmp_path: Path, text: str, message: str) -> None:
+    home = _home_with_environments(tmp_path, staging=text)
+    with pytest.raises(ConfigurationError) as error:
+        load_settings(home=home, env="staging")
+    assert str(error.value) == f"{home / 'environments' / 'staging.env'}: {message}"
+
+
+def test_environment_names_are_the_files_in_environments(tmp_path: Path) -> None:
+    assert environment_names(tmp_path) == []
+    home = _home_with_environments(tmp_path, prod="", staging="", dev="")
+    (home / "environments" / "notes.txt").write_text("not an environment")
+    assert environment_names(home) == ["dev", "prod", "staging"]
+
+
+def test_the_environment_file_is_over_dotenv_and_process_for_connection_references(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection's ${VAR} in an environment: its file, then the process, then `.env`."""
+    home = _home_with_environments(tmp_path, staging="FAKER_SEED=7\nIN_ALL=env-file\nNO_VALUE\n")
+    monkeypatch.chdir(home)
+    (home / ".env").write_text("IN_ALL=dotenv\nONLY_DOTENV=dotenv\n")
+    monkeypatch.setenv("IN_ALL", "process")
+    environment = load_settings(home=home, env="staging").environment()
+    assert (environment["FAKER_SEED"], environment["IN_ALL"], environment["ONLY_DOTENV"]) == ("7", "env-file", "dotenv")
+    assert "NO_VALUE" not in environment
+    assert load_settings(home=home).environment()["IN_ALL"] == "process"
+
+
+def test_doctor_settings_name_an_unusable_environment_and_check_without_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = _home_with_environments(tmp_path, staging="ELT_DBT_THREADS=many\n")
+    monkeypatch.setenv("ELT_HOME", str(home))
+    settings, invalid = load_settings_or_defaults(env="staging")
+    assert settings.env is None
+    assert invalid == {
+        "env": f"{home / 'environments' / 'staging.env'}: invalid settings: ELT_DBT_THREADS: "
+        "Input should be a valid integer, unable to parse string as an integer"
+    }
+    (home / "environments" / "staging.env").write_text("ELT_GIT_BRANCH=staging\n")
+    monkeypatch.setenv("ELT_WAREHOUSE", "bigquery")
+    settings, invalid = load_settings_or_defaults(env="staging")
+    assert (settings.env, settings.git_branch, settings.warehouse) == ("staging", "staging", Warehouse.duckdb)
+    assert list(invalid) == ["warehouse"] and invalid["warehouse"].startswith("ELT_WAREHOUSE: Input should be")
+    (home / "environments" / "staging.env").write_text("ELT_WAREHOUSE=snowflake\n")
+    settings, invalid = load_settings_or_defaults(env="staging")
+    assert (settings.env, settings.warehouse, list(invalid)) == ("staging", Warehouse.snowflake, ["warehouse"])

@@ -306,9 +306,10 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigurationError("invalid settings: " + "; ".join(problems)) from None
 
 
-def _in_environment(base: Settings, overrides: dict[str, Any]) -> Settings:
+def _in_environment(base: Settings, overrides: dict[str, Any], defaulted: dict[str, Any] | None = None) -> Settings:
     """`base` with its environment's file (environments/<env>.env) over the process environment
-    and `.env`; `overrides` (the run's own flags) over all. An environment never shares the
+    and `.env`; `overrides` (the run's own flags) over all; `defaulted` (the doctor's defaults for
+    invalid variables) under the file, so the file is not blamed for them. An environment never shares the
     default's data folder or DuckDB file: unless its file names them they are
     <data folder>/environments/<env> and <that folder>/warehouse.duckdb."""
     if not base.env:
@@ -330,7 +331,7 @@ def _in_environment(base: Settings, overrides: dict[str, Any]) -> Settings:
     overlay.setdefault("data_dir", base.data_dir / "environments" / base.env)
     overlay.setdefault("duckdb_path", Path(overlay["data_dir"]) / "warehouse.duckdb")
     try:
-        return Settings(**{**overlay, **overrides, "home": base.home, "env": base.env})
+        return Settings(**{**(defaulted or {}), **overlay, **overrides, "home": base.home, "env": base.env})
     except ValidationError as exc:
         problems = [f"{variable}: {message}" for _, variable, message in _problems(exc)]
         raise ConfigurationError(f"{path}: invalid settings: " + "; ".join(problems)) from None
@@ -374,7 +375,7 @@ def load_settings_or_defaults(env: str | None = None) -> tuple[Settings, dict[st
             invalid.update(new)
             continue
         try:
-            return _in_environment(base, {}), invalid
+            return _in_environment(base, {}, {name: value for name, value in defaults.items() if name != "env"}), invalid
         except ConfigurationError as exc:
             return base.model_copy(update={"env": None}), {**invalid, "env": str(exc)}
 
