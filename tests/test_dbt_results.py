@@ -328,3 +328,14 @@ def test_a_stale_source_fails_a_clean_build_and_is_named_beside_failed_nodes() -
         "dbt build failed on 1 node(s): model.shop.a (error: bad); "
         "source faker.users is stale: last loaded 2026-11-28 10:00 UTC, error_after 48 hours"
     )
+
+
+def test_the_summary_of_a_completed_run_lists_the_sources_that_were_not_fresh() -> None:
+    from elt.reporting import EtlSummary, render_summary
+
+    run = DbtRun("build", Path("/p"), 0, results=[_node("model.shop.a", "success")])
+    run.freshness = [_freshness("products", "warn"), _freshness("carts", "pass")]
+    assert (
+        "`dbt build`: 1 success\n\n- source faker.products is stale: last loaded 2026-11-28 10:00 UTC, warn_after 1 day\n\n"
+        in (render_summary(EtlSummary(dbt_run=run)))
+    )
