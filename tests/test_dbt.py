@@ -372,6 +372,12 @@ def test_freshness_checks_only_sources_with_a_freshness_block_and_not_those_left
 
 
 def test_a_project_without_freshness_blocks_is_never_gated(project: dbt_runner.DbtProject, profiles_dir: Path) -> None:
-    """tiny_shop has no source at all; with a source that has no freshness block, still nothing is checked."""
+    """A source without a freshness block is never checked: dbt is not even started when no YAML
+    file mentions freshness, and checks nothing when one does only in a description."""
     (project.path / "models" / "sources.yml").write_text("version: 2\nsources:\n  - name: crm\n    tables: [{name: contacts}]\n")
     assert dbt_runner.check_freshness(_dbt(project, profiles_dir)) == []
+    assert not (project.path / "target").exists()  # decided from the YAML: no dbt invocation
+    (project.path / "models" / "sources.yml").write_text(
+        "version: 2\nsources:\n  - name: crm\n    description: no freshness block\n    tables: [{name: contacts}]\n"
+    )
+    assert dbt_runner.check_freshness(_dbt(project, profiles_dir)) == []  # dbt ran, and checked nothing

@@ -384,6 +384,8 @@ def check_freshness(
     (https://github.com/dbt-labs/dbt-core/issues/12812, fix open in dbt-core#12836): a source
     dbt selected that has no result there is a runtime error, with the cause dbt logged.
     """
+    if not declares_freshness(dbt.project):
+        return []  # without a dbt invocation: a project's start-up and parse cost seconds
     arguments = ["source", "freshness"] + (["--exclude", " ".join(left_out)] if left_out else [])
     started = time.time()
     run = run_dbt(dbt, arguments, log=log)
@@ -406,6 +408,18 @@ def check_freshness(
         if unique_id not in results:
             results[unique_id] = SourceFreshness(unique_id, "runtime error", error=_runtime_error_of(table, run.error_lines))
     return sorted(results.values(), key=lambda result: result.unique_id)
+
+
+def declares_freshness(project: DbtProject) -> bool:
+    """Whether any YAML file of the project or its packages mentions `freshness`: dbt reads a
+    source's freshness block only from YAML (its properties, or `sources:` in dbt_project.yml)."""
+    return any(
+        "freshness" in path.read_text(errors="replace")
+        for path in project.path.rglob("*")
+        if path.suffix in (".yml", ".yaml")
+        and path.is_file()
+        and not {"target", "logs"} & set(path.relative_to(project.path).parts)
+    )
 
 
 def _checked_sources(project: DbtProject, left_out: list[str]) -> dict[str, str]:
