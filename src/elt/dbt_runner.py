@@ -402,7 +402,7 @@ def check_freshness(
             status=str(result.get("status")),
             max_loaded_at=result.get("max_loaded_at"),
             criteria=result.get("criteria") or {},
-            error=first_line_of(result.get("error")),
+            error=_first_line_of(result.get("error")),
         )
     for unique_id, table in _checked_sources(dbt.project, left_out or []).items():
         if unique_id not in results:
@@ -444,7 +444,7 @@ def _runtime_error_of(table: str, error_lines: list[str]) -> str:
     return "dbt wrote no result for it (the transform's log says why)"
 
 
-def first_line_of(text: object) -> str | None:
+def _first_line_of(text: object) -> str | None:
     lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
     return lines[0][:300] if lines else None
 

@@ -146,7 +146,7 @@ def _emit_node_event(node: dbt_runner.NodeResult) -> None:
 
 
 def _emit_freshness_event(source: dbt_runner.SourceFreshness) -> None:
-    """The event of a source freshness did not pass, shaped as a node's: a `warn` one is a dbt
+    """An event for each source whose freshness did not pass, shaped as a node's: a `warn` one is a dbt
     warning to the notify-dbt-warnings automation, its message naming the source and its last load."""
     if source.status == "pass":
         return
