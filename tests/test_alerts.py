@@ -406,7 +406,7 @@ def test_a_stale_source_is_left_out_and_fails_the_run_and_a_late_one_warns_on_ea
     with skip_extract after the raw tables were aged in DuckDB, as a connection that stopped
     syncing leaves them: users last loaded 72 h ago (past its error_after, 48 h), products 30 h
     ago (past warn_after, 24 h). customer_lifetime_value, built on users, is left out and keeps
-    its rows though half the users are gone; daily_revenue (purchases and products) is rebuilt.
+    its rows though every user's email changed; daily_revenue (purchases and products) is rebuilt.
     The run Fails naming the stale source: one Failed message per channel with that cause, one
     warning message per channel naming products and its last load, none for users."""
     from elt.dbt_runner import DbtSourcesStale
@@ -423,8 +423,8 @@ def test_a_stale_source_is_left_out_and_fails_the_run_and_a_late_one_warns_on_ea
     with duckdb.connect(str(appliance_env / "data" / "warehouse.duckdb")) as warehouse:
         lifetime_before, revenue_before = warehouse.execute(lifetime).fetchall(), warehouse.execute(revenue).fetchall()
         assert len(lifetime_before) == 200
-        warehouse.execute("delete from raw_faker.users where id > 100")  # what a rebuild of its marts would show
-        warehouse.execute("update raw_faker.users set _airbyte_extracted_at = ?", [stale_at])
+        # New emails a rebuild would show (and break no dbt test); the load time of 72 h ago.
+        warehouse.execute("update raw_faker.users set email = 'moved@example.com', _airbyte_extracted_at = ?", [stale_at])
         warehouse.execute("update raw_faker.products set _airbyte_extracted_at = ?", [late_at])
         warehouse.execute("delete from raw_faker.purchases where id % 2 = 0")
 
