@@ -29,10 +29,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
+import duckdb
 import httpx
 import pytest
 
-from tests.conftest import BIN, REPO_ROOT, GitRemote, PrefectServer, _free_port
+from tests.conftest import BIN, REPO_ROOT, GitRemote, PrefectServer, _free_port, git
 
 SLACK_URL = "https://hooks.slack.com/services/T0ALERTS/B0ALERTS/slacktokenXYZ123"
 SMTP_USER = "elt-alerts"
@@ -389,6 +390,105 @@ def test_a_failing_all_etl_sends_one_message_per_channel_with_link_commit_and_ca
     failures = [message for message in receivers.all() if " is Failed." in message.text]
     assert {message.channel for message in failures} == set(CHANNELS), [(m.channel, m.subject) for m in failures]
     assert all(f"/runs/flow-run/{run_id}" in message.text for message in failures), [m.text for m in failures]
+    assert_no_secret(receivers.all())
+
+
+@pytest.mark.slow
+def test_a_stale_source_is_left_out_and_fails_the_run_and_a_late_one_warns_on_each_channel(
+    alert_server: PrefectServer,
+    receivers: Receivers,
+    alert_env: dict[str, str],
+    appliance_remote: GitRemote,
+    appliance_env: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The real all-etl on the appliance's project (source-faker → DuckDB → dbt build), then again
+    with skip_extract after the raw tables were aged in DuckDB, as a connection that stopped
+    syncing leaves them: users last loaded 72 h ago (past its error_after, 48 h), products 30 h
+    ago (past warn_after, 24 h). customer_lifetime_value, built on users, is left out and keeps
+    its rows though every user's email changed; daily_revenue (purchases and products) is rebuilt.
+    The run Fails naming the stale source: one Failed message per channel with that cause, one
+    warning message per channel naming products and its last load, none for users."""
+    from elt.dbt_runner import DbtSourcesStale
+    from elt.flows import all_etl
+
+    run_setup(capsys)
+    first = all_etl(repo=str(appliance_remote.bare), return_state=True)
+    assert first.is_completed(), first.message
+    commit = git("rev-parse", "HEAD", cwd=appliance_remote.author_clone)
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    stale_at, late_at = now - timedelta(hours=72), now - timedelta(hours=30)
+    lifetime = "select * from main_marts.customer_lifetime_value order by user_id"
+    revenue = "select * from main_marts.daily_revenue order by all"
+    with duckdb.connect(str(appliance_env / "data" / "warehouse.duckdb")) as warehouse:
+        lifetime_before, revenue_before = warehouse.execute(lifetime).fetchall(), warehouse.execute(revenue).fetchall()
+        assert len(lifetime_before) == 200
+        # New emails a rebuild would show (and break no dbt test); the load time of 72 h ago.
+        warehouse.execute("update raw_faker.users set email = 'moved@example.com', _airbyte_extracted_at = ?", [stale_at])
+        warehouse.execute("update raw_faker.products set _airbyte_extracted_at = ?", [late_at])
+        warehouse.execute("delete from raw_faker.purchases where id % 2 = 0")
+
+    state = all_etl(skip_extract=True, repo=str(appliance_remote.bare), return_state=True)
+    assert state.is_failed()
+    cause = f"source faker.users is stale: last loaded {stale_at:%Y-%m-%d %H:%M} UTC, error_after 48 hours"
+    with pytest.raises(DbtSourcesStale) as error:
+        state.result()
+    assert str(error.value) == cause
+    with duckdb.connect(str(appliance_env / "data" / "warehouse.duckdb"), read_only=True) as warehouse:
+        assert warehouse.execute(lifetime).fetchall() == lifetime_before  # stale data not presented as fresh
+        assert warehouse.execute(revenue).fetchall() != revenue_before  # rebuilt from the purchases left
+
+    run_id = str(state.state_details.flow_run_id)
+    transform_run = _child_run(alert_server, run_id, "transform")
+    (nodes,) = [artifact for artifact in alert_server.artifacts("dbt-node-results") if artifact["flow_run_id"] == transform_run]
+    rows = nodes["data"] if isinstance(nodes["data"], list) else json.loads(nodes["data"])
+    statuses = {row["node"]: row["status"] for row in rows}
+    late = f"source faker.products is stale: last loaded {late_at:%Y-%m-%d %H:%M} UTC, warn_after 24 hours"
+    assert rows[:3] == [
+        {
+            "node": "source.elt_appliance.faker.products",
+            "status": "freshness warn",
+            "seconds": None,
+            "rows_affected": None,
+            "message": late,
+        },
+        {
+            "node": "source.elt_appliance.faker.purchases",
+            "status": "freshness pass",
+            "seconds": None,
+            "rows_affected": None,
+            "message": rows[1]["message"],
+        },
+        {
+            "node": "source.elt_appliance.faker.users",
+            "status": "freshness error",
+            "seconds": None,
+            "rows_affected": None,
+            "message": cause,
+        },
+    ]
+    assert rows[1]["message"].startswith("source faker.purchases is fresh: last loaded ")
+    assert statuses["model.elt_appliance.daily_revenue"] == "success"
+    assert statuses["model.elt_appliance.stg_faker__products"] == "success"
+    assert "model.elt_appliance.customer_lifetime_value" not in statuses
+    assert "model.elt_appliance.stg_faker__users" not in statuses
+    summary = [artifact for artifact in alert_server.artifacts("all-etl-summary") if artifact["flow_run_id"] == run_id]
+    assert f"**Failed:** {cause}\n" in summary[0]["data"]
+
+    failed = one_per_channel(receivers, run_id, "all-etl Failed")
+    for channel, message in failed.items():
+        lines = message.text.strip().splitlines()
+        assert lines[1:4] == ["Stage: transform", f"Cause: DbtSourcesStale: {cause}", f"Commit: {commit}"], (channel, lines)
+    warned = one_per_channel(receivers, transform_run, "dbt warning: faker.products")
+    for channel, message in warned.items():
+        lines = message.text.strip().splitlines()
+        assert lines == [
+            "dbt source faker.products ended in warn.",
+            f"Cause: {late}",
+            f"Commit: {commit}",
+            f"Run: {UI_URL}/runs/flow-run/{transform_run}",
+        ], (channel, lines)
+    assert not [message for message in receivers.all() if "faker.users" in message.subject]
     assert_no_secret(receivers.all())
 
 

@@ -5,6 +5,7 @@ import logging
 import re
 import shutil
 import socket
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -306,3 +307,77 @@ def test_failed_connection_leaves_out_its_sources_and_everything_downstream(
     built = _would_build(dbt, dbt_runner.build_arguments(exclude="customer_totals", stale=both))
     assert built == {"seed.tiny_shop.orders"}
     assert dbt_runner.downstream_of_connections(dbt, ["faker"]) == []
+
+
+def test_freshness_checks_only_sources_with_a_freshness_block_and_not_those_left_out(
+    project: dbt_runner.DbtProject, profiles_dir: Path, tmp_path: Path
+) -> None:
+    """Real `dbt source freshness` on DuckDB. Source `shop` has a freshness block (warn after 24 h,
+    error after 48 h): orders loaded 72 h ago is an error, customers 30 h ago a warning, payments
+    1 h ago passes, refunds has no table (a runtime error, which dbt 1.11 leaves out of
+    sources.json), returns is left out (its sync failed) though 100 h old. crm.contacts, 300 h
+    old, has no freshness block: never checked."""
+    (project.path / "models" / "sources.yml").write_text(
+        yaml.safe_dump(
+            {
+                "version": 2,
+                "sources": [
+                    {
+                        "name": "shop",
+                        "schema": "raw_shop",
+                        "config": {
+                            "loaded_at_field": "_airbyte_extracted_at",
+                            "freshness": {
+                                "warn_after": {"count": 24, "period": "hour"},
+                                "error_after": {"count": 48, "period": "hour"},
+                            },
+                        },
+                        "tables": [{"name": name} for name in ("orders", "customers", "payments", "refunds", "returns")],
+                    },
+                    {"name": "crm", "schema": "raw_crm", "tables": [{"name": "contacts"}]},
+                ],
+            }
+        )
+    )
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    loaded = {
+        "raw_shop.orders": 72,
+        "raw_shop.customers": 30,
+        "raw_shop.payments": 1,
+        "raw_shop.returns": 100,
+        "raw_crm.contacts": 300,
+    }
+    with duckdb.connect(str(tmp_path / "warehouse.duckdb")) as connection:
+        connection.execute("create schema raw_shop; create schema raw_crm")
+        for table, hours in loaded.items():
+            connection.execute(
+                f"create table {table} as select 1 as id, ?::timestamptz as _airbyte_extracted_at", [now - timedelta(hours=hours)]
+            )
+
+    def minute(hours: int) -> str:
+        return (now - timedelta(hours=hours)).strftime("%Y-%m-%d %H:%M UTC")
+
+    results = dbt_runner.check_freshness(_dbt(project, profiles_dir), ["source:shop.returns+"])
+    assert [(source.source, source.status, source.line) for source in results] == [
+        ("shop.customers", "warn", f"source shop.customers is stale: last loaded {minute(30)}, warn_after 24 hours"),
+        ("shop.orders", "error", f"source shop.orders is stale: last loaded {minute(72)}, error_after 48 hours"),
+        ("shop.payments", "pass", f"source shop.payments is fresh: last loaded {minute(1)}"),
+        (
+            "shop.refunds",
+            "runtime error",
+            "source shop.refunds freshness could not be checked: Catalog Error: Table with name refunds does not exist!",
+        ),
+    ]
+    assert [source.blocks for source in results] == [False, True, False, True]
+
+
+def test_a_project_without_freshness_blocks_is_never_gated(project: dbt_runner.DbtProject, profiles_dir: Path) -> None:
+    """A source without a freshness block is never checked: dbt is not even started when no YAML
+    file mentions freshness, and checks nothing when one does only in a description."""
+    (project.path / "models" / "sources.yml").write_text("version: 2\nsources:\n  - name: crm\n    tables: [{name: contacts}]\n")
+    assert dbt_runner.check_freshness(_dbt(project, profiles_dir)) == []
+    assert not (project.path / "target").exists()  # decided from the YAML: no dbt invocation
+    (project.path / "models" / "sources.yml").write_text(
+        "version: 2\nsources:\n  - name: crm\n    description: no freshness block\n    tables: [{name: contacts}]\n"
+    )
+    assert dbt_runner.check_freshness(_dbt(project, profiles_dir)) == []  # dbt ran, and checked nothing

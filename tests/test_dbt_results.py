@@ -300,3 +300,42 @@ def test_folder_without_a_project_names_the_setting(tmp_path: Path) -> None:
     assert str(error.value) == (
         f"{tmp_path}: no dbt_project.yml; set ELT_DBT_PROJECT_DIR (or --project-dir) to the dbt project's folder in the repo"
     )
+
+
+def _freshness(table: str, status: str, loaded: str | None = "2026-11-28T10:00:59.5+00:00") -> dbt_runner.SourceFreshness:
+    criteria = {"warn_after": {"count": 1, "period": "day"}, "error_after": {"count": 48, "period": "hour"}}
+    return dbt_runner.SourceFreshness(f"source.shop.faker.{table}", status, loaded, criteria, error="boom")
+
+
+def test_a_stale_source_fails_a_clean_build_and_is_named_beside_failed_nodes() -> None:
+    """Freshness as target/sources.json gives it: the last load in UTC to the minute, the threshold passed."""
+    stale, late = _freshness("users", "error"), _freshness("products", "warn", "2026-11-28T12:30:00+02:00")
+    unchecked, fresh = _freshness("orders", "runtime error"), _freshness("carts", "pass", "0001-01-01T00:00:00+00:00")
+    assert late.line == "source faker.products is stale: last loaded 2026-11-28 10:30 UTC, warn_after 1 day"
+    assert fresh.line == "source faker.carts is fresh: last loaded never"
+    clean = DbtRun("build", Path("/p"), 0, results=[_node("model.shop.a", "success")], freshness=[late, fresh])
+    assert dbt_runner.raise_if_failed(clean) is clean
+    with pytest.raises(dbt_runner.DbtSourcesStale) as error:
+        dbt_runner.raise_if_failed(DbtRun("build", Path("/p"), 0, freshness=[stale, late, unchecked]))
+    assert str(error.value) == (
+        "source faker.users is stale: last loaded 2026-11-28 10:00 UTC, error_after 48 hours; "
+        "source faker.orders freshness could not be checked: boom"
+    )
+    failed = DbtRun("build", Path("/p"), 1, results=[_node("model.shop.a", "error", "bad")], freshness=[stale])
+    with pytest.raises(DbtBuildFailed) as build_error:
+        dbt_runner.raise_if_failed(failed)
+    assert str(build_error.value) == (
+        "dbt build failed on 1 node(s): model.shop.a (error: bad); "
+        "source faker.users is stale: last loaded 2026-11-28 10:00 UTC, error_after 48 hours"
+    )
+
+
+def test_the_summary_of_a_completed_run_lists_the_sources_that_were_not_fresh() -> None:
+    from elt.reporting import EtlSummary, render_summary
+
+    run = DbtRun("build", Path("/p"), 0, results=[_node("model.shop.a", "success")])
+    run.freshness = [_freshness("products", "warn"), _freshness("carts", "pass")]
+    assert (
+        "`dbt build`: 1 success\n\n- source faker.products is stale: last loaded 2026-11-28 10:00 UTC, warn_after 1 day\n\n"
+        in (render_summary(EtlSummary(dbt_run=run)))
+    )

@@ -40,6 +40,12 @@ def test_all_etl_into_snowflake(
     assert state.is_completed(), state.message
     summary = state.result()
     assert summary.extract.rows_per_stream["faker.users"] == 200
+    # `dbt source freshness` ran on fakesnow: its freshness query (max(_airbyte_extracted_at)) works there.
+    assert [(source.source, source.status) for source in summary.dbt_run.freshness] == [
+        ("faker.products", "pass"),
+        ("faker.purchases", "pass"),
+        ("faker.users", "pass"),
+    ]
     statuses = {node.unique_id: node.status for node in summary.dbt_run.results}
     assert statuses["model.elt_appliance.customer_lifetime_value"] == "success"
     assert {status for node, status in statuses.items() if node.startswith("test.")} == {"pass"}
@@ -92,7 +98,7 @@ def test_unreachable_warehouse_run_ends_naming_the_connection_failure(
     )
     assert completed.returncode == 1
     last = completed.stderr.strip().splitlines()[-1]
+    # The freshness check is the transform's first warehouse query.
     assert last.startswith(
-        f'all-etl Failed: dbt build in {checkout / "dbt"} could not run: Database error while listing schemas in database "ANALYTICS": '
-        "250001: Could not connect to Snowflake backend"
+        f"all-etl Failed: dbt source freshness in {checkout / 'dbt'} could not run: 250001: Could not connect to Snowflake backend"
     ), completed.stderr[-2000:]

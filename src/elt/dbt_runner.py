@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,10 +61,19 @@ class DbtInvocationError(DbtError):
 
 
 class DbtBuildFailed(DbtError):
-    def __init__(self, command: str, failed: list[NodeResult]) -> None:
+    def __init__(self, command: str, failed: list[NodeResult], stale: list[str] | None = None) -> None:
         self.failed = failed
         names = "; ".join(f"{node.unique_id} ({node.status}: {node.short_message})" for node in failed)
-        super().__init__(f"dbt {command} failed on {len(failed)} node(s): {names}")
+        also = "".join(f"; {line}" for line in stale or [])
+        super().__init__(f"dbt {command} failed on {len(failed)} node(s): {names}{also}")
+
+
+class DbtSourcesStale(DbtError):
+    """Sources older than their error_after (or not checkable): what they feed was left out."""
+
+    def __init__(self, stale: list[SourceFreshness]) -> None:
+        self.stale = stale
+        super().__init__("; ".join(source.line for source in stale))
 
 
 @dataclass(frozen=True)
@@ -99,10 +109,55 @@ class DbtRun:
     output_tail: list[str] = field(default_factory=list)
     error_lines: list[str] = field(default_factory=list)
     cost: str | None = None  # what the warehouse charged for the run, or why that is unknown; None where free
+    freshness: list[SourceFreshness] = field(default_factory=list)  # `dbt source freshness` before the build
 
     @property
     def failed_nodes(self) -> list[NodeResult]:
         return [node for node in self.results if node.failed]
+
+
+@dataclass(frozen=True)
+class SourceFreshness:
+    """One source table's freshness, as `dbt source freshness` wrote it to target/sources.json."""
+
+    unique_id: str  # source.<project>.<source>.<table>
+    status: str  # pass, warn, error or runtime error
+    max_loaded_at: str | None = None  # ISO 8601, as dbt writes it
+    criteria: dict[str, Any] = field(default_factory=dict)  # {"warn_after": {"count": 24, "period": "hour"}, ...}
+    error: str | None = None  # why dbt could not check it (runtime error)
+
+    @property
+    def source(self) -> str:
+        """`<source>.<table>`, as dbt's selectors and the project's YAML name it."""
+        return self.unique_id.split(".", 2)[2]
+
+    @property
+    def blocks(self) -> bool:
+        """Older than error_after, or not checkable: what it feeds is left out of the build."""
+        return self.status in ("error", "runtime error")
+
+    @property
+    def line(self) -> str:
+        """What a user reads, e.g. `source faker.users is stale: last loaded 2026-11-28 10:00 UTC, error_after 48 hours`."""
+        if self.status == "runtime error":
+            return f"source {self.source} freshness could not be checked: {self.error or 'dbt gave no reason'}"
+        loaded = f"last loaded {_utc_minute(self.max_loaded_at)}"
+        if self.status not in ("warn", "error"):
+            return f"source {self.source} is fresh: {loaded}"
+        threshold = f"{self.status}_after"
+        after = self.criteria.get(threshold) or {}
+        count, period = after.get("count"), after.get("period")
+        return f"source {self.source} is stale: {loaded}, {threshold} {count} {period}{'' if count == 1 else 's'}"
+
+
+def _utc_minute(timestamp: str | None) -> str:
+    if not timestamp:
+        return "never"
+    moment = datetime.fromisoformat(timestamp)
+    if moment.year == 1:  # dbt's datetime.min: the table has no rows
+        return "never"
+    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
 
 
 def project_folder(settings: Settings, source: RepoSource | None = None, project_dir: str | None = None) -> Path:
@@ -318,6 +373,82 @@ def downstream_of_connections(dbt: Dbt, connections: list[str]) -> list[str]:
     return selectors
 
 
+def check_freshness(
+    dbt: Dbt, left_out: list[str] | None = None, *, log: logging.Logger | logging.LoggerAdapter = logger
+) -> list[SourceFreshness]:
+    """`dbt source freshness` on every source with a freshness block, but those in `left_out`
+    (selectors of sources a failed sync feeds); each checked source's result.
+
+    dbt itself checks only sources with a freshness block, so a project without any is never
+    gated. dbt 1.11 leaves sources it could not check out of target/sources.json
+    (https://github.com/dbt-labs/dbt-core/issues/12812, fix open in dbt-core#12836): a source
+    dbt selected that has no result there is a runtime error, with the cause dbt logged.
+    """
+    if not declares_freshness(dbt.project):
+        return []  # without a dbt invocation: a project's start-up and parse cost seconds
+    arguments = ["source", "freshness"] + (["--exclude", " ".join(left_out)] if left_out else [])
+    started = time.time()
+    run = run_dbt(dbt, arguments, log=log)
+    sources_path = dbt.project.path / "target" / "sources.json"
+    if not sources_path.exists() or sources_path.stat().st_mtime < started:
+        if run.return_code != 0:
+            cause = _one_line(run.error_lines, run.output_tail, run.return_code)
+            raise DbtInvocationError(f"dbt source freshness in {dbt.project.path} could not run: {cause}")
+        return []  # no source has a freshness block: dbt had nothing to do
+    results = {}
+    for result in json.loads(sources_path.read_text()).get("results", []):
+        results[result["unique_id"]] = SourceFreshness(
+            unique_id=result["unique_id"],
+            status=str(result.get("status")),
+            max_loaded_at=result.get("max_loaded_at"),
+            criteria=result.get("criteria") or {},
+            error=_first_line_of(result.get("error")),
+        )
+    for unique_id, table in _checked_sources(dbt.project, left_out or []).items():
+        if unique_id not in results:
+            results[unique_id] = SourceFreshness(unique_id, "runtime error", error=_runtime_error_of(table, run.error_lines))
+    return sorted(results.values(), key=lambda result: result.unique_id)
+
+
+def declares_freshness(project: DbtProject) -> bool:
+    """Whether any YAML file of the project or its packages mentions `freshness`: dbt reads a
+    source's freshness block only from YAML (its properties, or `sources:` in dbt_project.yml)."""
+    return any(
+        "freshness" in path.read_text(errors="replace")
+        for path in project.path.rglob("*")
+        if path.suffix in (".yml", ".yaml")
+        and path.is_file()
+        and not {"target", "logs"} & set(path.relative_to(project.path).parts)
+    )
+
+
+def _checked_sources(project: DbtProject, left_out: list[str]) -> dict[str, str]:
+    """The sources `dbt source freshness` selected (a freshness block, not left out), from the
+    manifest it wrote: unique_id → table name."""
+    manifest = project.path / "target" / "manifest.json"
+    sources = json.loads(manifest.read_text()).get("sources", {}) if manifest.exists() else {}
+    checked = {}
+    for unique_id, source in sources.items():
+        freshness = (source.get("config") or {}).get("freshness") or source.get("freshness") or {}
+        gated = any((freshness.get(threshold) or {}).get("count") for threshold in ("warn_after", "error_after"))
+        if gated and f"source:{source.get('source_name')}.{source.get('name')}+" not in left_out:
+            checked[unique_id] = str(source.get("name"))
+    return checked
+
+
+def _runtime_error_of(table: str, error_lines: list[str]) -> str:
+    """The line after dbt's `Runtime Error in source <table> (...)` header in its log."""
+    for index, line in enumerate(error_lines):
+        if line.startswith(f"Runtime Error in source {table} ") and index + 1 < len(error_lines):
+            return error_lines[index + 1][:300]
+    return "dbt wrote no result for it (the transform's log says why)"
+
+
+def _first_line_of(text: object) -> str | None:
+    lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
+    return lines[0][:300] if lines else None
+
+
 def build_arguments(
     select: str | None = None, exclude: str | None = None, *, full_refresh: bool = False, stale: list[str] | None = None
 ) -> list[str]:
@@ -435,8 +566,11 @@ def _read_run_results(project: DbtProject, written_after: float) -> list[NodeRes
 def raise_if_failed(run: DbtRun) -> DbtRun:
     """Raise if any node failed or dbt itself could not run; return the run otherwise."""
     if run.failed_nodes:
-        raise DbtBuildFailed(run.command, run.failed_nodes)
+        raise DbtBuildFailed(run.command, run.failed_nodes, stale=[source.line for source in run.freshness if source.blocks])
     if run.return_code != 0:
         cause = _one_line(run.error_lines, run.output_tail, run.return_code)
         raise DbtInvocationError(f"dbt {run.command} in {run.project_dir} could not run: {cause}")
+    stale = [source for source in run.freshness if source.blocks]
+    if stale:
+        raise DbtSourcesStale(stale)
     return run

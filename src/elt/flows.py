@@ -122,7 +122,8 @@ def transform(
     """`dbt deps` when needed, then `dbt build` (or `dbt retry` when the parent run is retrying).
 
     `skip_downstream_of`: connections whose sync failed; their sources and everything built on
-    them are left out, so nothing stale is rebuilt as if it were fresh.
+    them are left out, so nothing stale is rebuilt as if it were fresh. So are those of a source
+    `dbt source freshness` finds older than its error_after; the run then fails naming it.
     """
     settings = _settings()
     alerts.label_run_with_commit()  # the commit all-etl pulled: a dbt warning's alert names it
@@ -135,6 +136,7 @@ def transform(
         if project.has_packages:
             dbt_runner.raise_if_failed(dbt_runner.run_dbt(dbt, ["deps"], log=logger))
 
+        freshness: list[dbt_runner.SourceFreshness] = []
         if retry_failed and project.run_results_path.exists():
             logger.info("Parent run is a retry: running `dbt retry` to rebuild only what failed or was skipped")
             arguments = ["retry"]
@@ -146,11 +148,24 @@ def transform(
                     " ".join(stale) or "nothing",
                     ", ".join(skip_downstream_of),
                 )
+            freshness = dbt_runner.check_freshness(dbt, stale, log=logger)
+            stale += _left_out_as_stale(freshness, logger)
             arguments = dbt_runner.build_arguments(select, exclude, full_refresh=full_refresh, stale=stale)
         run = dbt_runner.run_dbt(dbt, arguments, log=logger)
+        run.freshness = freshness
 
     reporting.publish_dbt_run(run, warehouse)
     return dbt_runner.raise_if_failed(run)
+
+
+def _left_out_as_stale(freshness: list[dbt_runner.SourceFreshness], logger: Any) -> list[str]:
+    """Selectors of the sources freshness blocks, each logged with why."""
+    for source in freshness:
+        if source.blocks:
+            logger.warning("Not building source:%s+: %s", source.source, source.line)
+        elif source.status == "warn":
+            logger.warning("%s (building it anyway: only error_after leaves it out)", source.line)
+    return [f"source:{source.source}+" for source in freshness if source.blocks]
 
 
 @flow(name="all-etl")

@@ -117,6 +117,8 @@ def publish_dbt_run(run: dbt_runner.DbtRun, warehouse: Warehouse) -> None:
     """An event per node that did not simply succeed, the node results, and what the run cost."""
     for node in run.results:
         _emit_node_event(node)
+    for source in run.freshness:
+        _emit_freshness_event(source)
     _publish_node_results(run)
     run.cost = _publish_cost(warehouse)
 
@@ -143,6 +145,22 @@ def _emit_node_event(node: dbt_runner.NodeResult) -> None:
     )
 
 
+def _emit_freshness_event(source: dbt_runner.SourceFreshness) -> None:
+    """An event for each source whose freshness did not pass, shaped as a node's: a `warn` one is a dbt
+    warning to the notify-dbt-warnings automation, its message naming the source and its last load."""
+    if source.status == "pass":
+        return
+    emit_event(
+        event=f"dbt.node.{source.status.replace(' ', '_')}",
+        resource={
+            "prefect.resource.id": f"dbt.node.{source.unique_id}",
+            "prefect.resource.name": source.source,
+            "dbt.resource_type": "source",
+        },
+        payload={"status": source.status, "last_loaded": source.max_loaded_at, "message": source.line},
+    )
+
+
 def _publish_cost(warehouse: Warehouse) -> str | None:
     """Cost of this all-etl run (embedded load and dbt), as an artifact and one line; when the
     warehouse can't say, both say why. None where queries cost nothing (DuckDB)."""
@@ -161,11 +179,22 @@ def _publish_cost(warehouse: Warehouse) -> str | None:
 
 
 def _publish_node_results(run: dbt_runner.DbtRun) -> None:
-    if not run.results:
+    if not run.results and not run.freshness:
         return
+    freshness = [
+        {
+            "node": source.unique_id,
+            "status": f"freshness {source.status}",
+            "seconds": None,
+            "rows_affected": None,
+            "message": source.line,
+        }
+        for source in run.freshness
+    ]
     create_table_artifact(
         key="dbt-node-results",
-        table=[
+        table=freshness
+        + [
             {
                 "node": node.unique_id,
                 "status": node.status,
@@ -175,7 +204,7 @@ def _publish_node_results(run: dbt_runner.DbtRun) -> None:
             }
             for node in run.results
         ],
-        description=f"dbt {run.command}: one row per node",
+        description=f"dbt {run.command}: one row per node, after each source's freshness checked before it",
     )
 
 
@@ -211,6 +240,8 @@ def render_summary(summary: EtlSummary) -> str:
             f"`dbt {summary.dbt_run.command}`: " + ", ".join(f"{count} {status}" for status, count in sorted(counts.items())),
             "",
         ]
+        lines += [f"- {source.line}" for source in summary.dbt_run.freshness if source.status != "pass"]
+        lines += [""] if any(source.status != "pass" for source in summary.dbt_run.freshness) else []
     if summary.stage_seconds:
         lines += ["## Time", "", "| stage | seconds |", "|---|---:|"]
         lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in summary.stage_seconds.items()]
