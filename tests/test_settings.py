@@ -228,14 +228,19 @@ def test_a_missing_environment_is_named_with_those_defined(tmp_path: Path) -> No
     ("text", "message"),
     [
         (
-            "ELT_GIT_BRANCH=x\nELT_DBT_THREDS=4\nOTHER_TOOL=1\n",
-            "ELT_DBT_THREDS: unknown setting(s) (every setting is listed in .env.example)",
+            "ELT_GIT_BRANCH=x\nELT_DBT_THREDS=4\nOTHER_TOOL=1\nelt_git_brnch=y\n",
+            "ELT_DBT_THREDS, elt_git_brnch: unknown setting(s) (every setting is listed in .env.example)",
         ),
         ("ELT_HOME=/elsewhere\n", "ELT_ENV and ELT_HOME cannot be set by an environment's own file"),
         ("elt_env=prod\n", "ELT_ENV and ELT_HOME cannot be set by an environment's own file"),
         (
             "ELT_DBT_THREADS=many\n",
             "invalid settings: ELT_DBT_THREADS: Input should be a valid integer, unable to parse string as an integer",
+        ),
+        (
+            "ELT_DBT_THREADS=many\nELT_WAREHOUSE=bigquery\n",
+            "invalid settings: ELT_WAREHOUSE: Input should be 'duckdb' or 'snowflake'; "
+            "ELT_DBT_THREADS: Input should be a valid integer, unable to parse string as an integer",
         ),
     ],
 )
@@ -265,6 +270,14 @@ def test_the_environment_file_is_over_dotenv_and_process_for_connection_referenc
     assert (environment["FAKER_SEED"], environment["IN_ALL"], environment["ONLY_DOTENV"]) == ("7", "env-file", "dotenv")
     assert "NO_VALUE" not in environment
     assert load_settings(home=home).environment()["IN_ALL"] == "process"
+
+
+def test_doctor_settings_take_the_environment_from_ELT_ENV(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = _home_with_environments(tmp_path, staging="ELT_GIT_BRANCH=staging\n")
+    monkeypatch.setenv("ELT_HOME", str(home))
+    monkeypatch.setenv("ELT_ENV", "staging")
+    settings, invalid = load_settings_or_defaults()
+    assert (settings.env, settings.git_branch, invalid) == ("staging", "staging", {})
 
 
 def test_doctor_settings_name_an_unusable_environment_and_check_without_it(
