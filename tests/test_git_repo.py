@@ -2,6 +2,7 @@
 
 import base64
 import json
+import logging
 import re
 import socket
 import threading
@@ -14,6 +15,7 @@ import pytest
 
 from elt.errors import ConfigurationError
 from elt.git_repo import (
+    Deployed,
     GitDirtyTree,
     GitError,
     GitHistoryDiverged,
@@ -93,15 +95,59 @@ def test_dirty_tree_stops_naming_the_files_and_keeps_the_edits(appliance_remote:
     assert _snapshot(checkout) == before
 
 
-def test_branch_without_upstream_deploys_local_head(tmp_path: Path) -> None:
+def test_branch_without_upstream_deploys_local_head(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A checkout with no remote (a laptop experiment) is built as it is, not refused."""
     checkout = tmp_path / "solo"
     checkout.mkdir()
     git("init", "-q", "-b", "main", cwd=checkout)
     git("-c", "user.email=t@example.invalid", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init", cwd=checkout)
-    deployed = update_code(RepoSource.from_settings(load_settings(), repo=str(checkout)))
-    assert deployed.sha == git("rev-parse", "HEAD", cwd=checkout)
+    head = git("rev-parse", "HEAD", cwd=checkout)
+    with caplog.at_level(logging.INFO, logger="elt.git_repo"):
+        deployed = update_code(RepoSource.from_settings(load_settings(), repo=str(checkout)))
+    assert deployed == Deployed(str(checkout), checkout, "main", head, head)
     assert not deployed.changed
+    assert f"{checkout}: branch 'main' tracks no remote branch; deploying local HEAD {head[:12]}" in caplog.messages
+
+
+def test_local_commits_ahead_of_upstream_are_deployed_as_they_are(
+    appliance_remote: GitRemote, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A commit made on the VM and not pushed yet: built as it is (nothing to fast-forward), with a
+    warning naming how many commits upstream lacks; the commit reported is the local one."""
+    checkout = appliance_remote.clone(tmp_path / "vm-checkout")
+    for name in ("a", "b"):
+        (checkout / f"{name}.txt").write_text(name)
+        git("add", f"{name}.txt", cwd=checkout)
+        git("-c", "user.email=t@example.invalid", "-c", "user.name=t", "commit", "-q", "-m", name, cwd=checkout)
+    head = git("rev-parse", "HEAD", cwd=checkout)
+    with caplog.at_level(logging.INFO, logger="elt.git_repo"):
+        deployed = update_code(RepoSource.from_settings(load_settings(), repo=str(checkout)))
+    assert deployed == Deployed(str(appliance_remote.bare), checkout, "main", head, head)
+    assert f"{checkout}: 2 local commit(s) not on origin/main; deploying local HEAD" in caplog.messages
+
+
+def test_a_fast_forward_reports_the_repo_fetched_and_both_commits(
+    appliance_remote: GitRemote, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    checkout = appliance_remote.clone(tmp_path / "vm-checkout")
+    before = git("rev-parse", "HEAD", cwd=checkout)
+    pushed = appliance_remote.commit("pushed.txt", "pushed\n", "a push")
+    with caplog.at_level(logging.INFO, logger="elt.git_repo"):
+        deployed = update_code(RepoSource.from_settings(load_settings(), repo=str(checkout)))
+    assert deployed == Deployed(str(appliance_remote.bare), checkout, "main", pushed, before)
+    assert f"{checkout}: fast-forwarded {before[:12]} → {pushed[:12]}" in caplog.messages
+
+
+def test_a_failed_fetch_names_the_remote_fetched_not_the_checkout(appliance_remote: GitRemote, tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/team/analytics.git"
+    checkout = appliance_remote.clone(tmp_path / "vm-checkout")
+    git("remote", "set-url", "origin", url, cwd=checkout)
+    with pytest.raises(GitRemoteUnreachable) as error:
+        update_code(RepoSource.from_settings(load_settings(), repo=str(checkout)))
+    assert str(error.value).startswith(f"git fetch of {url} failed: ")
 
 
 def test_wrong_branch_is_refused(appliance_remote: GitRemote, tmp_path: Path) -> None:
@@ -414,3 +460,39 @@ def test_check_checkout_refuses_what_update_code_would(tiny_remote: GitRemote, t
     with pytest.raises(GitDirtyTree):
         check_checkout(source, will_pull=True)
     check_checkout(source, will_pull=False)  # --skip-pull builds the tree as it is
+
+
+def test_check_checkout_refuses_a_checkout_of_another_repo_before_the_run(
+    monkeypatch: pytest.MonkeyPatch, appliance_remote: GitRemote, appliance_env: Path, tmp_path: Path
+) -> None:
+    """The run's preflight, without the network: --skip-pull on another repo's checkout would
+    build that repo, and uncommitted edits there would be lost to a re-point; both refused with
+    the message naming both repos. A clean one with a pull ahead is left to update-code, which
+    re-points it only when its HEAD is on the configured repo."""
+    checkout = appliance_remote.clone(tmp_path / "checkout")
+    mirror = tmp_path / "mirror" / "analytics.git"
+    mirror.parent.mkdir()
+    git("clone", "-q", "--bare", str(appliance_remote.bare), str(mirror), cwd=tmp_path)
+    monkeypatch.setenv("ELT_GIT_CHECKOUT_DIR", str(checkout))
+    source = RepoSource.from_settings(load_settings(), repo=str(mirror))
+    fix = (
+        f"nothing was deployed. Move the folder away so all-etl clones {mirror} afresh, "
+        f"or set ELT_GIT_REPO back to {appliance_remote.bare}"
+    )
+
+    check_checkout(source, will_pull=True)
+    with pytest.raises(GitOriginMismatch) as error:
+        check_checkout(source, will_pull=False)
+    assert str(error.value) == (
+        f"{checkout} is a checkout of {appliance_remote.bare}, not of the configured repo {mirror}, "
+        f"and --skip-pull would build it as it is; {fix}"
+    )
+
+    for name in ("dbt/dbt_project.yml", "dbt/models/marts/daily_revenue.sql"):
+        (checkout / name).write_text((checkout / name).read_text() + "\n# edited on the VM\n")
+    with pytest.raises(GitOriginMismatch) as error:
+        check_checkout(source, will_pull=True)
+    assert str(error.value) == (
+        f"{checkout} is a checkout of {appliance_remote.bare}, not of the configured repo {mirror}, "
+        f"and it has uncommitted changes in dbt/dbt_project.yml, dbt/models/marts/daily_revenue.sql; {fix}"
+    )
