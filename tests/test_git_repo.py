@@ -267,7 +267,11 @@ def test_checkout_from_before_folders_were_keyed_keeps_working(appliance_env: Pa
 
 
 def test_checkout_of_another_repo_is_repointed_when_nothing_can_be_lost(
-    monkeypatch: pytest.MonkeyPatch, appliance_remote: GitRemote, appliance_env: Path, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch,
+    appliance_remote: GitRemote,
+    appliance_env: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """ELT_GIT_CHECKOUT_DIR holds a clean clone of the old repo; the configured repo (a move of it,
     with one more commit) has its HEAD: origin is re-pointed and the new repo's commit deployed."""
@@ -280,12 +284,30 @@ def test_checkout_of_another_repo_is_repointed_when_nothing_can_be_lost(
     pushed = appliance_remote.commit("moved.txt", "moved\n", "first commit after the move")
     monkeypatch.setenv("ELT_GIT_CHECKOUT_DIR", str(checkout))
 
-    deployed = update_code(RepoSource.from_settings(load_settings(), repo=str(moved)))
+    with caplog.at_level(logging.INFO, logger="elt.git_repo"):
+        deployed = update_code(RepoSource.from_settings(load_settings(), repo=str(moved)))
 
     assert deployed.sha == pushed
     assert deployed.repo == str(moved)
     assert git("remote", "get-url", "origin", cwd=checkout) == str(moved)
     assert git("for-each-ref", "refs/elt-candidate/", cwd=checkout) == ""
+    assert (
+        f"{checkout}: re-pointed origin from {appliance_remote.bare} to the configured repo {moved} (clean, and HEAD is on it)"
+    ) in caplog.messages
+
+
+def test_an_unreachable_configured_repo_is_named_when_checking_another_repos_checkout(
+    monkeypatch: pytest.MonkeyPatch, appliance_remote: GitRemote, appliance_env: Path, tmp_path: Path
+) -> None:
+    checkout = appliance_remote.clone(tmp_path / "checkout")
+    missing = tmp_path / "moved" / "analytics.git"
+    monkeypatch.setenv("ELT_GIT_CHECKOUT_DIR", str(checkout))
+    before = _snapshot(checkout)
+    with pytest.raises(GitError) as error:
+        update_code(RepoSource.from_settings(load_settings(), repo=str(missing)))
+    assert str(error.value).startswith(f"git fetch of {missing} failed: fatal: "), str(error.value)
+    assert _snapshot(checkout) == before
+    assert git("remote", "get-url", "origin", cwd=checkout) == str(appliance_remote.bare)
 
 
 def test_checkout_of_another_repo_is_never_deployed(monkeypatch: pytest.MonkeyPatch, appliance_env: Path, tmp_path: Path) -> None:
