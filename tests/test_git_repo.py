@@ -31,6 +31,13 @@ from elt.settings import load_settings
 from tests.conftest import REPO_ROOT, TINY_PROJECT, GitRemote, git, make_remote
 
 
+def _url_nothing_listens_on() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/team/analytics.git"
+
+
 def _snapshot(checkout: Path) -> tuple[str, dict[str, str]]:
     files = {
         str(path.relative_to(checkout)): path.read_text()
@@ -139,10 +146,7 @@ def test_a_fast_forward_reports_the_repo_fetched_and_both_commits(
 
 
 def test_a_failed_fetch_names_the_remote_fetched_not_the_checkout(appliance_remote: GitRemote, tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/team/analytics.git"
+    url = _url_nothing_listens_on()
     checkout = appliance_remote.clone(tmp_path / "vm-checkout")
     git("remote", "set-url", "origin", url, cwd=checkout)
     with pytest.raises(GitRemoteUnreachable) as error:
@@ -376,10 +380,7 @@ def test_unreachable_remote_is_transient_and_keeps_the_checkout(
     """The configured remote refuses connections (nothing listens on its port): the error is
     transient (Prefect's retry may succeed), names the URL, and the checkout keeps its commit and
     files, so --skip-pull still builds it."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/team/analytics.git"
+    url = _url_nothing_listens_on()
     checkout = appliance_remote.clone(tmp_path / "checkout")
     git("remote", "set-url", "origin", url, cwd=checkout)
     monkeypatch.setenv("ELT_GIT_CHECKOUT_DIR", str(checkout))
