@@ -23,6 +23,7 @@ from elt.git_repo import (
     GitRemoteUnreachable,
     RepoSource,
     _remote_error,
+    canonical_location,
     check_checkout,
     check_reachable,
     update_code,
@@ -519,3 +520,37 @@ def test_check_checkout_refuses_a_checkout_of_another_repo_before_the_run(
         f"{checkout} is a checkout of {appliance_remote.bare}, not of the configured repo {mirror}, "
         f"and it has uncommitted changes in dbt/dbt_project.yml, dbt/models/marts/daily_revenue.sql; {fix}"
     )
+
+
+@pytest.mark.parametrize(
+    ("location", "canonical"),
+    [
+        ("https://user:secret@GitHub.com/acme/analytics.git/", "https://github.com/acme/analytics"),
+        ("https://github.com/acme/analytics", "https://github.com/acme/analytics"),
+        ("HTTPS://github.com:8443/acme/analytics.git", "https://github.com:8443/acme/analytics"),
+        ("git@github.com:acme/analytics.git", "ssh://github.com/acme/analytics"),
+        ("git@github.com:/acme/analytics", "ssh://github.com/acme/analytics"),
+        ("ssh://git@github.com/acme/analytics.git", "ssh://github.com/acme/analytics"),
+        ("https://github.com/acme/analytics.github.io", "https://github.com/acme/analytics.github.io"),
+    ],
+)
+def test_the_same_repo_written_differently_has_one_canonical_location(location: str, canonical: str) -> None:
+    """What origin checks compare: a checkout of the same repo is never taken for another's, and
+    the credentials in a URL never become part of what identifies it."""
+    assert canonical_location(location) == canonical
+
+
+def test_local_repos_are_identified_by_their_absolute_resolved_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "repos" / "analytics.git").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "repos")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    expected = str(tmp_path / "repos" / "analytics.git")
+    for written in (
+        "repos/analytics.git",
+        "~/repos/analytics.git",
+        "link/analytics.git",
+        f"file://{tmp_path}/repos/analytics.git",
+    ):
+        assert canonical_location(written) == expected, written
+    assert canonical_location("repos/other.git") != expected
