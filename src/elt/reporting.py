@@ -204,7 +204,7 @@ def _publish_node_results(run: dbt_runner.DbtRun) -> None:
             }
             for node in run.results
         ],
-        description=f"dbt {run.command}: one row per node, after each source's freshness checked before it",
+        description=f"dbt {run.command}: each checked source's freshness, then one row per node",
     )
 
 
