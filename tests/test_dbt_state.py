@@ -64,3 +64,70 @@ def test_a_build_that_left_out_what_it_should_have_built_is_not_kept(
         assert store.last()[0] is None  # dbt did not run at all
         dbt_state.keep_state(store, failed, "c1", complete=True, with_sources=True)
     assert store.last()[0] is not None and store.last()[0].commit == "c1"  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+def test_a_modified_model_on_a_stale_source_is_skipped_as_stale_and_the_state_does_not_advance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real dbt on real DuckDB (the tiny project plus source shop.orders, error_after 48 h): after a
+    saved build, shop_orders.sql changes while its source's last load is 72 h old. The plan skips it
+    with `source shop.orders stale` (the freshness gate wins over the change), builds nothing else,
+    and the state is not saved, so the next run still sees the change."""
+    import shutil
+    from datetime import UTC, datetime, timedelta
+
+    import duckdb
+    import yaml
+
+    from elt import dbt_runner
+    from tests.conftest import TINY_PROJECT
+
+    monkeypatch.setenv("ELT_HOME", str(tmp_path))
+    folder = tmp_path / "tiny_shop"
+    shutil.copytree(TINY_PROJECT, folder)
+    freshness = {"warn_after": {"count": 24, "period": "hour"}, "error_after": {"count": 48, "period": "hour"}}
+    source = {
+        "name": "shop",
+        "schema": "raw_shop",
+        "config": {"loaded_at_field": "_airbyte_extracted_at", "freshness": freshness},
+    }
+    (folder / "models" / "sources.yml").write_text(
+        yaml.safe_dump({"version": 2, "sources": [{**source, "tables": [{"name": "orders"}]}]})
+    )
+    (folder / "models" / "shop_orders.sql").write_text("select * from {{ source('shop', 'orders') }}\n")
+    warehouse = tmp_path / "data" / "warehouse.duckdb"
+    warehouse.parent.mkdir()
+    with duckdb.connect(str(warehouse)) as connection:
+        connection.execute("create schema raw_shop")
+        connection.execute("create table raw_shop.orders as select 1 as id, now() - interval 1 hour as _airbyte_extracted_at")
+    settings = load_settings()
+    project = DbtProject.at(folder)
+    store = dbt_state.StateStore(settings)
+
+    def planned_run() -> tuple[dbt_state.Plan, DbtRun]:
+        with dbt_runner.dbt_for(settings, project) as dbt:
+            checked = dbt_runner.check_freshness(dbt)
+            plan = dbt_state.plan_build(dbt, store, checked, dbt_state.left_out_reasons([], [], checked))
+            run = dbt_runner.run_dbt(dbt, plan.arguments)
+            dbt_state.keep_state(store, run, "c1", complete=plan.complete, with_sources=bool(checked))
+        return plan, run
+
+    plan, run = planned_run()
+    assert plan.note == "no build of target duckdb saved yet: building everything"
+    assert {node.unique_id for node in dbt_runner.raise_if_failed(run).results} == {n.unique_id for n in plan.nodes}
+    saved = json.loads((store.root / dbt_state.POINTER).read_text())["saved_at"]
+
+    aged = datetime.now(UTC) - timedelta(hours=72)
+    with duckdb.connect(str(warehouse)) as connection:
+        connection.execute("update raw_shop.orders set _airbyte_extracted_at = ?", [aged])
+    (folder / "models" / "shop_orders.sql").write_text("select id from {{ source('shop', 'orders') }}\n")
+    plan, run = planned_run()
+    assert {node.unique_id: (node.action, node.reason) for node in plan.nodes} == {
+        "model.tiny_shop.shop_orders": ("skip", "source shop.orders stale"),
+        "seed.tiny_shop.orders": ("skip", "no new data and code unchanged"),
+        "model.tiny_shop.customer_totals": ("skip", "no new data and code unchanged"),
+        **{n.unique_id: ("skip", "no new data and code unchanged") for n in plan.nodes if n.unique_id.startswith("test.")},
+    }
+    assert run.results == [] and not plan.complete
+    assert json.loads((store.root / dbt_state.POINTER).read_text())["saved_at"] == saved  # the change is still ahead

@@ -216,7 +216,8 @@ def plan_build(
                 reasons[uid] = "; ".join(fed_by[uid])
         wanted = set(reasons)
     blocked: dict[str, str] = {}
-    for name, why in zip(left_out_sources, left_out.values(), strict=True):
+    for selector, why in left_out.items():
+        name = selector.removeprefix("source:").removesuffix("+")
         if name in sources:
             for node in _descendants(manifest, sources[name]):
                 blocked.setdefault(node, why)
