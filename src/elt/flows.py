@@ -143,11 +143,12 @@ def transform(
         freshness: list[dbt_runner.SourceFreshness] = []
         plan: dbt_state.Plan | None = None
         store = dbt_state.StateStore(settings)
+        stale: list[str] = []
         if retry_failed and project.run_results_path.exists():
             logger.info("Parent run is a retry: running `dbt retry` to rebuild only what failed or was skipped")
             arguments = ["retry"]
         else:
-            stale = dbt_runner.downstream_of_connections(dbt, skip_downstream_of) if skip_downstream_of else []
+            stale += dbt_runner.downstream_of_connections(dbt, skip_downstream_of) if skip_downstream_of else []
             if skip_downstream_of:
                 logger.warning(
                     "Not building %s: downstream of failed connection(s) %s",
