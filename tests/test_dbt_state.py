@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -131,3 +133,34 @@ def test_a_modified_model_on_a_stale_source_is_skipped_as_stale_and_the_state_do
     }
     assert run.results == [] and not plan.complete
     assert json.loads((store.root / dbt_state.POINTER).read_text())["saved_at"] == saved  # the change is still ahead
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
+def test_a_state_that_does_not_fit_on_the_volume_is_a_warning_and_the_next_run_builds_everything(
+    built_project: DbtProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The data folder on a real 1 MB tmpfs: a build's state saves, then the next one's manifest
+    (2 MB) does not fit. Saving is bookkeeping: keep_state logs a warning and returns, so a build
+    that worked still succeeds, and no state is left to compare with, not the build before it
+    (which would call this build's nodes up to date without knowing what it changed)."""
+    volume = tmp_path / "data-volume"
+    volume.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(volume)], check=True)
+    try:
+        monkeypatch.setenv("ELT_DATA_DIR", str(volume))
+        store = dbt_state.StateStore(load_settings())
+        built = DbtRun("build", built_project.path, 0, results=[NodeResult("model.p.a", "success", 0.1, None, None)])
+        dbt_state.keep_state(store, built, "c1", complete=True, with_sources=True)
+        assert store.last()[0] is not None
+
+        (built_project.path / "target" / "manifest.json").write_text(json.dumps({"pad": "x" * 2_000_000}))
+        with caplog.at_level(logging.WARNING, logger="tests.state"):
+            dbt_state.keep_state(store, built, "c2", complete=True, with_sources=True, log=logging.getLogger("tests.state"))
+        assert caplog.messages == [
+            f"dbt state of target duckdb not saved in {volume / 'dbt-state' / 'duckdb'}: No space left on device; "
+            "the next --only-changed run builds everything"
+        ]
+        assert store.last() == (None, "no build of target duckdb saved yet")
+        assert not list(store.root.glob(".*.partial"))
+    finally:
+        subprocess.run(["umount", "-l", str(volume)], check=False)

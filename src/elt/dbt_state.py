@@ -75,6 +75,9 @@ class StateStore:
         and point last-successful.json at it; each file replaced whole, never half-written."""
         target = project.path / "target"
         folder = self.root / commit
+        # Unpointed first: a save stopped part-way (full disk, kill -9) leaves no state to compare
+        # with, so the next --only-changed build builds everything rather than trusting half of one.
+        (self.root / POINTER).unlink(missing_ok=True)
         staging = self.root / f".{commit}.{os.getpid()}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -89,6 +92,16 @@ class StateStore:
         pointer.replace(self.root / POINTER)
         self._prune(keep=commit)
         return SavedState(folder, commit, saved_at)
+
+    def forget(self) -> None:
+        """No saved state (a save failed part-way): the next `--only-changed` build builds everything.
+        Removing the pointer needs no free space; left-over partial files go with it where they can."""
+        for leftover in self.root.glob(".*.partial"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+        (self.root / POINTER).unlink(missing_ok=True)
 
     def _prune(self, keep: str) -> None:
         folders = sorted(
@@ -328,7 +341,23 @@ def keep_state(
             store.target,
         )
         return
-    saved = store.save(dbt_runner.DbtProject.at(run.project_dir), commit, with_sources=with_sources)
+    try:
+        saved = store.save(dbt_runner.DbtProject.at(run.project_dir), commit, with_sources=with_sources)
+    except OSError as error:
+        # Saving is bookkeeping: it never fails a build that worked. The saved state may now be
+        # half this build's, so it is forgotten and the next --only-changed run builds everything.
+        log.warning(
+            "dbt state of target %s not saved in %s: %s; the next --only-changed run builds everything",
+            store.target,
+            store.root,
+            error.strerror or error,
+        )
+        try:
+            store.forget()
+        except OSError as forget_error:
+            # save() removed the pointer before writing anything; this only leaves partial files behind.
+            log.warning("dbt state of target %s could not be forgotten either (%s)", store.target, forget_error)
+        return
     log.info("Saved the dbt state of target %s at commit %s in %s", store.target, commit, saved.folder)
 
 
