@@ -1,6 +1,8 @@
-"""`--only-changed` and `elt plan` on the appliance's own dbt project: real all-etl runs (real Prefect
-server, git pulls from a bare remote, real dbt on real DuckDB), each compared with the saved state of
-the build before.
+"""`--only-changed` and `elt plan` on the appliance's own dbt project (git pulls from a bare remote,
+real dbt on real DuckDB, real Prefect server), each build compared with the saved state of the one
+before. One `elt run --only-changed` and one `elt plan` from the CLI, as a user types them; the other
+builds run the `transform` flow on the checkout `git_repo.update_code` pulled, as all-etl does
+(its syncs and summary are tested in tests/test_flows.py; here they would only add minutes).
 
 The raw tables are written here with SQL in the shape source-faker lands them (the end-to-end test in
 tests/test_flows.py runs the real connector): what a test changes is exactly which rows arrived and
@@ -18,9 +20,11 @@ import duckdb
 import pytest
 from typer.testing import CliRunner
 
+from elt import dbt_runner, git_repo
 from elt.cli import app
 from elt.dbt_runner import DbtBuildFailed
-from elt.flows import all_etl
+from elt.flows import transform
+from elt.settings import load_settings
 from tests.conftest import GitRemote, PrefectServer
 
 pytestmark = pytest.mark.slow
@@ -58,18 +62,27 @@ def _sql(warehouse: Path, statement: str, *parameters: object) -> None:
         connection.execute(statement, list(parameters))
 
 
-def _run(remote: GitRemote) -> tuple[object, dict[str, str], list[dict]]:
-    """An `--only-changed` all-etl (no sync): its state, {node: status} of what dbt ran, its run-plan rows."""
-    state = all_etl(skip_extract=True, repo=str(remote.bare), only_changed=True, return_state=True)
-    summary = state.result(raise_on_failure=False)
-    statuses = {}
-    if not isinstance(summary, BaseException) and summary.dbt_run:
-        statuses = {node.unique_id: node.status for node in summary.dbt_run.results}
-    return state, statuses, _plan_rows(str(state.state_details.flow_run_id))
+def _pull(remote: GitRemote) -> tuple[Path, str]:
+    """What all-etl's update-code does: `git pull` into the checkout; the dbt project's folder and the commit."""
+    settings = load_settings()
+    source = git_repo.RepoSource.from_settings(settings, str(remote.bare))
+    deployed = git_repo.update_code(source)
+    return dbt_runner.project_folder(settings, source), deployed.sha
 
 
-def _cli_run(remote: GitRemote) -> tuple[str, list[dict]]:
-    """`elt run --only-changed --skip-extract` as a user types it: its output and its run-plan rows."""
+def _build(remote: GitRemote) -> tuple[object, dict[str, str], list[dict]]:
+    """Pull, then an `--only-changed` transform flow run on the checkout, as all-etl runs it: its
+    state, {node: status} of what dbt ran, its run-plan rows."""
+    folder, commit = _pull(remote)
+    state = transform(str(folder), only_changed=True, commit=commit, return_state=True)
+    run = state.result(raise_on_failure=False)
+    statuses = {} if isinstance(run, BaseException) else {node.unique_id: node.status for node in run.results}
+    return state, statuses, _artifact_rows(str(state.state_details.flow_run_id))
+
+
+def _cli_run(remote: GitRemote) -> tuple[str, str, list[dict]]:
+    """`elt run --only-changed --skip-extract` as a user types it: its output, its summary artifact
+    and its run-plan rows."""
     handler = signal.getsignal(signal.SIGTERM)  # the CLI's watchdog installs its own
     try:
         result = CliRunner().invoke(app, ["run", "--skip-extract", "--only-changed", "--repo", str(remote.bare)])
@@ -80,7 +93,7 @@ def _cli_run(remote: GitRemote) -> tuple[str, list[dict]]:
     (latest,) = _server.post(
         "/flow_runs/filter", {"flows": {"name": {"any_": ["all-etl"]}}, "sort": "START_TIME_DESC", "limit": 1}
     ).json()
-    return result.output, _plan_rows(latest["id"])
+    return result.output, _summary(latest["id"]), _plan_rows(latest["id"])
 
 
 _server: PrefectServer | None = None
@@ -93,10 +106,16 @@ def _plan_rows(flow_run_id: str) -> list[dict]:
     for run in flows:
         task = _server.get(f"/task_runs/{run['parent_task_run_id']}").json() if run["parent_task_run_id"] else {}
         if task.get("flow_run_id") == flow_run_id:
-            (artifact,) = [artifact for artifact in _server.artifacts("run-plan") if artifact["flow_run_id"] == run["id"]]
-            data = artifact["data"]
-            return data if isinstance(data, list) else json.loads(data)
+            return _artifact_rows(run["id"])
     pytest.fail(f"no transform run under {flow_run_id}")
+
+
+def _artifact_rows(transform_run_id: str) -> list[dict]:
+    """The run-plan artifact of this transform flow run."""
+    assert _server is not None
+    (artifact,) = [artifact for artifact in _server.artifacts("run-plan") if artifact["flow_run_id"] == transform_run_id]
+    data = artifact["data"]
+    return data if isinstance(data, list) else json.loads(data)
 
 
 def _ran(rows: list[dict]) -> set[str]:
@@ -110,9 +129,10 @@ def _reasons(rows: list[dict]) -> dict[str, str]:
 def test_only_changed_builds_what_has_new_rows_new_code_or_failed_and_says_why(
     prefect_server: PrefectServer, appliance_remote: GitRemote, appliance_env: Path
 ) -> None:
-    """One warehouse, six runs, each compared with the build before:
+    """One warehouse, six builds, each compared with the build before:
     1. no saved state: everything is built, `never built`;
-    2. nothing new: everything skipped, `no new data and code unchanged`, the run succeeds;
+    2. nothing new (`elt run --only-changed`): everything skipped, `no new data and code unchanged`,
+       the run succeeds and says so in its output and summary;
     3. new rows in faker.products: exactly what it feeds is built;
     4. stg_faker__users' SQL changed in a commit pulled by the run: it and what it feeds;
     5. new purchases while raw_faker.purchases lacks a column: stg_faker__purchases errors, the run Fails;
@@ -125,7 +145,7 @@ def test_only_changed_builds_what_has_new_rows_new_code_or_failed_and_says_why(
     first_load = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
     _load_raw(warehouse, first_load)
 
-    state, built, rows = _run(appliance_remote)
+    state, built, rows = _build(appliance_remote)
     assert state.is_completed(), state.message
     everything = {row["node"] for row in rows}
     assert {row["reason"] for row in rows} == {"never built"} and _ran(rows) == everything == set(built)
@@ -134,20 +154,21 @@ def test_only_changed_builds_what_has_new_rows_new_code_or_failed_and_says_why(
         f"model.{P}.stg_faker__purchases",
     }
     saved = sorted(path.name for path in (appliance_env / "data" / "dbt-state" / "duckdb").iterdir())
-    assert saved == [state.result().deployed.sha, "last-successful.json"]
+    assert saved == [_pull(appliance_remote)[1], "last-successful.json"]
     assert sorted(path.name for path in (appliance_env / "data" / "dbt-state" / "duckdb" / saved[0]).iterdir()) == [
         "manifest.json",
         "run_results.json",
         "sources.json",
     ]
 
-    output, rows = _cli_run(appliance_remote)
+    output, summary, rows = _cli_run(appliance_remote)
     assert f"  plan     only changed: 0 built, {len(everything)} skipped\n" in output, output
+    assert f"`--only-changed`: 0 node(s) built, {len(everything)} skipped (the run-plan artifact says why)" in summary
     assert "  dbt      build: \n" in output, output  # dbt ran nothing
     assert _reasons(rows) == dict.fromkeys(everything, "no new data and code unchanged")
 
     _sql(warehouse, "insert into raw_faker.products select 6, 'make', 'model', 2021, 20.0, now(), now(), now()")
-    state, built, rows = _run(appliance_remote)
+    state, built, rows = _build(appliance_remote)
     assert state.is_completed(), state.message
     assert _ran(rows) == set(built)
     assert {node for node in built if node.startswith("model.")} == PRODUCTS_DOWNSTREAM_MODELS
@@ -156,13 +177,12 @@ def test_only_changed_builds_what_has_new_rows_new_code_or_failed_and_says_why(
         _reasons(rows)[f"model.{P}.daily_revenue"] == f"new rows in source faker.products since {first_load:%Y-%m-%d %H:%M} UTC"
     )
     assert _reasons(rows)[f"model.{P}.stg_faker__users"] == "no new data and code unchanged"
-    assert f"`--only-changed`: {len(built)} node(s) built, {len(everything) - len(built)} skipped" in _summary(state)
 
     users_sql = (appliance_remote.author_clone / "dbt/models/staging/faker/stg_faker__users.sql").read_text()
     appliance_remote.commit(
         "dbt/models/staging/faker/stg_faker__users.sql", users_sql.replace("email,", "lower(email) as email,"), "lower emails"
     )
-    state, built, rows = _run(appliance_remote)
+    state, built, rows = _build(appliance_remote)
     assert state.is_completed(), state.message
     assert {node for node in built if node.startswith("model.")} == {
         f"model.{P}.stg_faker__users",
@@ -179,7 +199,7 @@ def test_only_changed_builds_what_has_new_rows_new_code_or_failed_and_says_why(
         "insert into raw_faker.purchases (id, user_id, product_id, added_to_cart_at, purchased_at, created_at, updated_at,"
         " _airbyte_extracted_at) select 41, 1, 1, now(), now(), now(), now(), now()",
     )
-    state, built, rows = _run(appliance_remote)
+    state, built, rows = _build(appliance_remote)
     assert state.is_failed()
     with pytest.raises(
         DbtBuildFailed, match=rf"^dbt build failed on 1 node\(s\): model\.{P}\.stg_faker__purchases \(error: .*returned_at"
@@ -189,7 +209,7 @@ def test_only_changed_builds_what_has_new_rows_new_code_or_failed_and_says_why(
 
     _sql(warehouse, "alter table raw_faker.purchases add column returned_at timestamptz")  # no new rows: same load time
     planned = _elt_plan(appliance_remote)
-    state, built, rows = _run(appliance_remote)
+    state, built, rows = _build(appliance_remote)
     assert state.is_completed(), state.message
     assert {node for node in built if node.startswith("model.")} == {
         f"model.{P}.stg_faker__purchases",
@@ -213,9 +233,8 @@ def _suffix(rows: list[dict], name: str) -> str:
     return node.rsplit(".", 1)[1]
 
 
-def _summary(state: object) -> str:
+def _summary(flow_run_id: str) -> str:
     assert _server is not None
-    flow_run_id = str(state.state_details.flow_run_id)  # type: ignore[attr-defined]
     (artifact,) = [artifact for artifact in _server.artifacts("all-etl-summary") if artifact["flow_run_id"] == flow_run_id]
     return artifact["data"]
 
