@@ -201,7 +201,7 @@ def plan_build(
         wanted = set()
         previous_nodes = set(json.loads(state.file("manifest.json").read_text()).get("nodes", {}))
         statuses = _previous_statuses(state.file("run_results.json"))
-        failed = _listed(dbt, ["--select", " ".join(FAILED_LAST_RUN), *state_arguments])
+        failed = _failed_last_run(statuses, manifest)
         modified = _listed(dbt, ["--select", "state:modified+", *state_arguments])
         fed_by: dict[str, list[str]] = {}
         for name, uid in sources.items():
@@ -286,6 +286,13 @@ def _descendants(manifest: dict[str, Any], unique_id: str) -> set[str]:
             seen.add(node)
             queue.extend(children.get(node, []))
     return seen
+
+
+def _failed_last_run(statuses: dict[str, str], manifest: dict[str, Any]) -> set[str]:
+    """What FAILED_LAST_RUN selects (the saved build's errored, failed and skipped nodes and their
+    descendants in today's graph), read from the files the build is planned with: one `dbt ls` less."""
+    roots = {uid for uid, status in statuses.items() if f"result:{status}+" in FAILED_LAST_RUN}
+    return roots.union(*(_descendants(manifest, uid) for uid in roots))
 
 
 def _loaded_at(path: Path) -> dict[str, str] | None:
