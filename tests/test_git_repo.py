@@ -2,6 +2,7 @@
 
 import base64
 import json
+import logging
 import re
 import socket
 import threading
@@ -14,6 +15,7 @@ import pytest
 
 from elt.errors import ConfigurationError
 from elt.git_repo import (
+    Deployed,
     GitDirtyTree,
     GitError,
     GitHistoryDiverged,
@@ -21,12 +23,20 @@ from elt.git_repo import (
     GitRemoteUnreachable,
     RepoSource,
     _remote_error,
+    canonical_location,
     check_checkout,
     check_reachable,
     update_code,
 )
 from elt.settings import load_settings
 from tests.conftest import REPO_ROOT, TINY_PROJECT, GitRemote, git, make_remote
+
+
+def _url_nothing_listens_on() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/team/analytics.git"
 
 
 def _snapshot(checkout: Path) -> tuple[str, dict[str, str]]:
@@ -93,15 +103,56 @@ def test_dirty_tree_stops_naming_the_files_and_keeps_the_edits(appliance_remote:
     assert _snapshot(checkout) == before
 
 
-def test_branch_without_upstream_deploys_local_head(tmp_path: Path) -> None:
+def test_branch_without_upstream_deploys_local_head(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A checkout with no remote (a laptop experiment) is built as it is, not refused."""
     checkout = tmp_path / "solo"
     checkout.mkdir()
     git("init", "-q", "-b", "main", cwd=checkout)
     git("-c", "user.email=t@example.invalid", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init", cwd=checkout)
-    deployed = update_code(RepoSource.from_settings(load_settings(), repo=str(checkout)))
-    assert deployed.sha == git("rev-parse", "HEAD", cwd=checkout)
+    head = git("rev-parse", "HEAD", cwd=checkout)
+    with caplog.at_level(logging.INFO, logger="elt.git_repo"):
+        deployed = update_code(RepoSource.from_settings(load_settings(), repo=str(checkout)))
+    assert deployed == Deployed(str(checkout), checkout, "main", head, head)
     assert not deployed.changed
+    assert f"{checkout}: branch 'main' tracks no remote branch; deploying local HEAD {head[:12]}" in caplog.messages
+
+
+def test_local_commits_ahead_of_upstream_are_deployed_as_they_are(
+    appliance_remote: GitRemote, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A commit made on the VM and not pushed yet: built as it is (nothing to fast-forward), with a
+    warning naming how many commits upstream lacks; the commit reported is the local one."""
+    checkout = appliance_remote.clone(tmp_path / "vm-checkout")
+    for name in ("a", "b"):
+        (checkout / f"{name}.txt").write_text(name)
+        git("add", f"{name}.txt", cwd=checkout)
+        git("-c", "user.email=t@example.invalid", "-c", "user.name=t", "commit", "-q", "-m", name, cwd=checkout)
+    head = git("rev-parse", "HEAD", cwd=checkout)
+    with caplog.at_level(logging.INFO, logger="elt.git_repo"):
+        deployed = update_code(RepoSource.from_settings(load_settings(), repo=str(checkout)))
+    assert deployed == Deployed(str(appliance_remote.bare), checkout, "main", head, head)
+    assert f"{checkout}: 2 local commit(s) not on origin/main; deploying local HEAD" in caplog.messages
+
+
+def test_a_fast_forward_reports_the_repo_fetched_and_both_commits(
+    appliance_remote: GitRemote, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    checkout = appliance_remote.clone(tmp_path / "vm-checkout")
+    before = git("rev-parse", "HEAD", cwd=checkout)
+    pushed = appliance_remote.commit("pushed.txt", "pushed\n", "a push")
+    with caplog.at_level(logging.INFO, logger="elt.git_repo"):
+        deployed = update_code(RepoSource.from_settings(load_settings(), repo=str(checkout)))
+    assert deployed == Deployed(str(appliance_remote.bare), checkout, "main", pushed, before)
+    assert f"{checkout}: fast-forwarded {before[:12]} → {pushed[:12]}" in caplog.messages
+
+
+def test_a_failed_fetch_names_the_remote_fetched_not_the_checkout(appliance_remote: GitRemote, tmp_path: Path) -> None:
+    url = _url_nothing_listens_on()
+    checkout = appliance_remote.clone(tmp_path / "vm-checkout")
+    git("remote", "set-url", "origin", url, cwd=checkout)
+    with pytest.raises(GitRemoteUnreachable) as error:
+        update_code(RepoSource.from_settings(load_settings(), repo=str(checkout)))
+    assert str(error.value).startswith(f"git fetch of {url} failed: ")
 
 
 def test_wrong_branch_is_refused(appliance_remote: GitRemote, tmp_path: Path) -> None:
@@ -221,7 +272,11 @@ def test_checkout_from_before_folders_were_keyed_keeps_working(appliance_env: Pa
 
 
 def test_checkout_of_another_repo_is_repointed_when_nothing_can_be_lost(
-    monkeypatch: pytest.MonkeyPatch, appliance_remote: GitRemote, appliance_env: Path, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch,
+    appliance_remote: GitRemote,
+    appliance_env: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """ELT_GIT_CHECKOUT_DIR holds a clean clone of the old repo; the configured repo (a move of it,
     with one more commit) has its HEAD: origin is re-pointed and the new repo's commit deployed."""
@@ -234,12 +289,30 @@ def test_checkout_of_another_repo_is_repointed_when_nothing_can_be_lost(
     pushed = appliance_remote.commit("moved.txt", "moved\n", "first commit after the move")
     monkeypatch.setenv("ELT_GIT_CHECKOUT_DIR", str(checkout))
 
-    deployed = update_code(RepoSource.from_settings(load_settings(), repo=str(moved)))
+    with caplog.at_level(logging.INFO, logger="elt.git_repo"):
+        deployed = update_code(RepoSource.from_settings(load_settings(), repo=str(moved)))
 
     assert deployed.sha == pushed
     assert deployed.repo == str(moved)
     assert git("remote", "get-url", "origin", cwd=checkout) == str(moved)
     assert git("for-each-ref", "refs/elt-candidate/", cwd=checkout) == ""
+    assert (
+        f"{checkout}: re-pointed origin from {appliance_remote.bare} to the configured repo {moved} (clean, and HEAD is on it)"
+    ) in caplog.messages
+
+
+def test_an_unreachable_configured_repo_is_named_when_checking_another_repos_checkout(
+    monkeypatch: pytest.MonkeyPatch, appliance_remote: GitRemote, appliance_env: Path, tmp_path: Path
+) -> None:
+    checkout = appliance_remote.clone(tmp_path / "checkout")
+    missing = tmp_path / "moved" / "analytics.git"
+    monkeypatch.setenv("ELT_GIT_CHECKOUT_DIR", str(checkout))
+    before = _snapshot(checkout)
+    with pytest.raises(GitError) as error:
+        update_code(RepoSource.from_settings(load_settings(), repo=str(missing)))
+    assert str(error.value).startswith(f"git fetch of {missing} failed: fatal: "), str(error.value)
+    assert _snapshot(checkout) == before
+    assert git("remote", "get-url", "origin", cwd=checkout) == str(appliance_remote.bare)
 
 
 def test_checkout_of_another_repo_is_never_deployed(monkeypatch: pytest.MonkeyPatch, appliance_env: Path, tmp_path: Path) -> None:
@@ -308,10 +381,7 @@ def test_unreachable_remote_is_transient_and_keeps_the_checkout(
     """The configured remote refuses connections (nothing listens on its port): the error is
     transient (Prefect's retry may succeed), names the URL, and the checkout keeps its commit and
     files, so --skip-pull still builds it."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/team/analytics.git"
+    url = _url_nothing_listens_on()
     checkout = appliance_remote.clone(tmp_path / "checkout")
     git("remote", "set-url", "origin", url, cwd=checkout)
     monkeypatch.setenv("ELT_GIT_CHECKOUT_DIR", str(checkout))
@@ -414,3 +484,73 @@ def test_check_checkout_refuses_what_update_code_would(tiny_remote: GitRemote, t
     with pytest.raises(GitDirtyTree):
         check_checkout(source, will_pull=True)
     check_checkout(source, will_pull=False)  # --skip-pull builds the tree as it is
+
+
+def test_check_checkout_refuses_a_checkout_of_another_repo_before_the_run(
+    monkeypatch: pytest.MonkeyPatch, appliance_remote: GitRemote, appliance_env: Path, tmp_path: Path
+) -> None:
+    """The run's preflight, without the network: --skip-pull on another repo's checkout would
+    build that repo, and uncommitted edits there would be lost to a re-point; both refused with
+    the message naming both repos. A clean one with a pull ahead is left to update-code, which
+    re-points it only when its HEAD is on the configured repo."""
+    checkout = appliance_remote.clone(tmp_path / "checkout")
+    mirror = tmp_path / "mirror" / "analytics.git"
+    mirror.parent.mkdir()
+    git("clone", "-q", "--bare", str(appliance_remote.bare), str(mirror), cwd=tmp_path)
+    monkeypatch.setenv("ELT_GIT_CHECKOUT_DIR", str(checkout))
+    source = RepoSource.from_settings(load_settings(), repo=str(mirror))
+    fix = (
+        f"nothing was deployed. Move the folder away so all-etl clones {mirror} afresh, "
+        f"or set ELT_GIT_REPO back to {appliance_remote.bare}"
+    )
+
+    check_checkout(source, will_pull=True)
+    with pytest.raises(GitOriginMismatch) as error:
+        check_checkout(source, will_pull=False)
+    assert str(error.value) == (
+        f"{checkout} is a checkout of {appliance_remote.bare}, not of the configured repo {mirror}, "
+        f"and --skip-pull would build it as it is; {fix}"
+    )
+
+    for name in ("dbt/dbt_project.yml", "dbt/models/marts/daily_revenue.sql"):
+        (checkout / name).write_text((checkout / name).read_text() + "\n# edited on the VM\n")
+    with pytest.raises(GitOriginMismatch) as error:
+        check_checkout(source, will_pull=True)
+    assert str(error.value) == (
+        f"{checkout} is a checkout of {appliance_remote.bare}, not of the configured repo {mirror}, "
+        f"and it has uncommitted changes in dbt/dbt_project.yml, dbt/models/marts/daily_revenue.sql; {fix}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("location", "canonical"),
+    [
+        ("https://user:secret@GitHub.com/acme/analytics.git/", "https://github.com/acme/analytics"),
+        ("https://github.com/acme/analytics", "https://github.com/acme/analytics"),
+        ("HTTPS://github.com:8443/acme/analytics.git", "https://github.com:8443/acme/analytics"),
+        ("git@github.com:acme/analytics.git", "ssh://github.com/acme/analytics"),
+        ("git@github.com:/acme/analytics", "ssh://github.com/acme/analytics"),
+        ("ssh://git@github.com/acme/analytics.git", "ssh://github.com/acme/analytics"),
+        ("https://github.com/acme/analytics.github.io", "https://github.com/acme/analytics.github.io"),
+    ],
+)
+def test_the_same_repo_written_differently_has_one_canonical_location(location: str, canonical: str) -> None:
+    """What origin checks compare: a checkout of the same repo is never taken for another's, and
+    the credentials in a URL never become part of what identifies it."""
+    assert canonical_location(location) == canonical
+
+
+def test_local_repos_are_identified_by_their_absolute_resolved_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "repos" / "analytics.git").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "repos")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    expected = str(tmp_path / "repos" / "analytics.git")
+    for written in (
+        "repos/analytics.git",
+        "~/repos/analytics.git",
+        "link/analytics.git",
+        f"file://{tmp_path}/repos/analytics.git",
+    ):
+        assert canonical_location(written) == expected, written
+    assert canonical_location("repos/other.git") != expected
