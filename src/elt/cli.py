@@ -56,6 +56,9 @@ def run(
     env: Annotated[
         str | None, typer.Option("--env", help="Environment: environments/<env>.env over .env. Default: ELT_ENV.")
     ] = None,
+    only_changed: Annotated[
+        bool, typer.Option("--only-changed", help="Build only dbt nodes with new code, new rows or a failure last run.")
+    ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Print the traceback of an error, not only its message.")] = False,
 ) -> None:
     """Run the all-etl flow here: sync connections, pull the dbt project, dbt build."""
@@ -85,7 +88,15 @@ def run(
         # return_state=True: Prefect's engine returns the final State, not the flow's value.
         state = cast(
             "State[EtlSummary]",
-            run_with_watchdog(all_etl, **checked, full_refresh=full_refresh, select=select, exclude=exclude, return_state=True),
+            run_with_watchdog(
+                all_etl,
+                **checked,
+                full_refresh=full_refresh,
+                select=select,
+                exclude=exclude,
+                only_changed=only_changed,
+                return_state=True,
+            ),
         )
     _send_prefect_backlog()
     if not state.is_completed():
@@ -94,6 +105,37 @@ def run(
         typer.secho(f"all-etl {state.name}: {_state_message(state)}", fg="red", err=True)
         raise typer.Exit(1)
     _print_summary(state.result())
+
+
+@app.command()
+def plan(
+    select: Annotated[str | None, typer.Option("--select", "-s", help="dbt node selection, as for elt run.")] = None,
+    exclude: Annotated[str | None, typer.Option("--exclude", help="dbt nodes to leave out.")] = None,
+    repo: Annotated[
+        str | None, typer.Option("--repo", help="Repo holding the dbt project (URL or path). Default: ELT_GIT_REPO.")
+    ] = None,
+    project_dir: Annotated[
+        str | None, typer.Option("--project-dir", help="dbt project folder in the repo. Default: ELT_DBT_PROJECT_DIR.")
+    ] = None,
+    target: Annotated[str | None, typer.Option("--target", help="dbt target. Default: ELT_DBT_TARGET or the warehouse.")] = None,
+    env: Annotated[
+        str | None, typer.Option("--env", help="Environment: environments/<env>.env over .env. Default: ELT_ENV.")
+    ] = None,
+) -> None:
+    """Print what `elt run --only-changed` builds and skips, one line per dbt node with why, building
+    nothing: the checkout as it is (no sync, no git pull); runs dbt source freshness."""
+    from elt.dbt_runner import project_folder
+    from elt.dbt_state import plan_checkout
+    from elt.git_repo import RepoSource
+    from elt.preflight import run_settings
+
+    settings = _or_exit(lambda: run_settings(dbt_target=target, env=env))
+    folder = project_folder(settings, RepoSource.from_settings(settings, repo), project_dir)
+    planned = _or_exit(lambda: plan_checkout(settings, folder, select, exclude))
+    for line in planned.lines():
+        typer.echo(line)
+    counts = planned.counts
+    typer.echo(f"{counts['run']} to run, {counts['skip']} to skip: {planned.note}")
 
 
 @app.command()
@@ -256,6 +298,9 @@ def _print_summary(summary: EtlSummary) -> None:
         for node in summary.dbt_run.results:
             counts[node.status] = counts.get(node.status, 0) + 1
         typer.echo(f"  dbt      {summary.dbt_run.command}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+        if summary.dbt_run.plan:
+            planned = summary.dbt_run.plan.counts
+            typer.echo(f"  plan     only changed: {planned['run']} built, {planned['skip']} skipped")
     for table, rows in summary.mart_rows.items():
         typer.echo(f"  mart     {table:<40} {rows:>10,} rows")
     if summary.dbt_run and summary.dbt_run.cost:

@@ -35,6 +35,7 @@ from elt.settings import Settings
 from elt.warehouse import warehouse_for
 
 if TYPE_CHECKING:
+    from elt.dbt_state import Plan
     from elt.git_repo import RepoSource
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ class DbtRun:
     error_lines: list[str] = field(default_factory=list)
     cost: str | None = None  # what the warehouse charged for the run, or why that is unknown; None where free
     freshness: list[SourceFreshness] = field(default_factory=list)  # `dbt source freshness` before the build
+    plan: Plan | None = None  # what an --only-changed build ran and skipped, and why (src/elt/dbt_state.py)
 
     @property
     def failed_nodes(self) -> list[NodeResult]:
@@ -141,7 +143,7 @@ class SourceFreshness:
         """What a user reads, e.g. `source faker.users is stale: last loaded 2026-11-28 10:00 UTC, error_after 48 hours`."""
         if self.status == "runtime error":
             return f"source {self.source} freshness could not be checked: {self.error or 'dbt gave no reason'}"
-        loaded = f"last loaded {_utc_minute(self.max_loaded_at)}"
+        loaded = f"last loaded {utc_minute(self.max_loaded_at)}"
         if self.status not in ("warn", "error"):
             return f"source {self.source} is fresh: {loaded}"
         threshold = f"{self.status}_after"
@@ -150,7 +152,7 @@ class SourceFreshness:
         return f"source {self.source} is stale: {loaded}, {threshold} {count} {period}{'' if count == 1 else 's'}"
 
 
-def _utc_minute(timestamp: str | None) -> str:
+def utc_minute(timestamp: str | None) -> str:
     if not timestamp:
         return "never"
     moment = datetime.fromisoformat(timestamp)

@@ -18,7 +18,7 @@ from prefect.runtime import flow_run
 from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from elt import alerts, dbt_runner, git_repo, preflight, processes, reporting, run_lock
+from elt import alerts, dbt_runner, dbt_state, git_repo, preflight, processes, reporting, run_lock
 from elt.errors import EltError, TransientError, first_line
 from elt.extract import backend_for
 from elt.extract.base import ExtractBackend, ExtractFailed, ExtractReport, SyncFailure, SyncResult, UnknownConnections
@@ -118,12 +118,16 @@ def transform(
     full_refresh: bool = False,
     retry_failed: bool = False,
     skip_downstream_of: list[str] | None = None,
+    only_changed: bool = False,
+    commit: str | None = None,
 ) -> dbt_runner.DbtRun:
     """`dbt deps` when needed, then `dbt build` (or `dbt retry` when the parent run is retrying).
 
     `skip_downstream_of`: connections whose sync failed; their sources and everything built on
     them are left out, so nothing stale is rebuilt as if it were fresh. So are those of a source
     `dbt source freshness` finds older than its error_after; the run then fails naming it.
+    `only_changed`: build only what changed since the saved state of the last build (src/elt/dbt_state.py).
+    `commit`: the deployed commit the build's state is saved under (default: the checkout's HEAD).
     """
     settings = _settings()
     alerts.label_run_with_commit()  # the commit all-etl pulled: a dbt warning's alert names it
@@ -137,22 +141,35 @@ def transform(
             dbt_runner.raise_if_failed(dbt_runner.run_dbt(dbt, ["deps"], log=logger))
 
         freshness: list[dbt_runner.SourceFreshness] = []
+        plan: dbt_state.Plan | None = None
+        store = dbt_state.StateStore(settings)
+        stale: list[str] = []
         if retry_failed and project.run_results_path.exists():
             logger.info("Parent run is a retry: running `dbt retry` to rebuild only what failed or was skipped")
             arguments = ["retry"]
         else:
-            stale = dbt_runner.downstream_of_connections(dbt, skip_downstream_of) if skip_downstream_of else []
+            stale += dbt_runner.downstream_of_connections(dbt, skip_downstream_of) if skip_downstream_of else []
             if skip_downstream_of:
                 logger.warning(
                     "Not building %s: downstream of failed connection(s) %s",
                     " ".join(stale) or "nothing",
                     ", ".join(skip_downstream_of),
                 )
+            connection_selectors = list(stale)
             freshness = dbt_runner.check_freshness(dbt, stale, log=logger)
             stale += _left_out_as_stale(freshness, logger)
             arguments = dbt_runner.build_arguments(select, exclude, full_refresh=full_refresh, stale=stale)
+            if only_changed:
+                left_out = dbt_state.left_out_reasons(connection_selectors, skip_downstream_of or [], freshness)
+                plan = dbt_state.plan_build(dbt, store, freshness, left_out, select, exclude, full_refresh=full_refresh)
+                reporting.publish_plan(plan)
+                arguments = plan.arguments
         run = dbt_runner.run_dbt(dbt, arguments, log=logger)
-        run.freshness = freshness
+        run.freshness, run.plan = freshness, plan
+        complete = plan.complete if plan else not (stale or select or exclude)
+        dbt_state.keep_state(
+            store, run, commit or dbt_state.deployed_commit(project), complete=complete, with_sources=bool(freshness), log=logger
+        )
 
     reporting.publish_dbt_run(run, warehouse)
     return dbt_runner.raise_if_failed(run)
@@ -185,6 +202,7 @@ def all_etl(
     dbt_target: str | None = None,
     connections_file: str | None = None,
     env: str | None = None,
+    only_changed: bool = False,
 ) -> EtlSummary:
     """Sync the Airbyte connections, `git pull` the dbt project's repo, then `dbt build`.
 
@@ -193,6 +211,7 @@ def all_etl(
     `tag`: sync only Airbyte connections with this tag (server backend).
     `dbt_target`, `connections_file`: override ELT_DBT_TARGET, ELT_AIRBYTE_CONNECTIONS_FILE.
     `env`: the environment (environments/<env>.env over .env), overriding ELT_ENV.
+    `only_changed`: build only the dbt nodes with new code, new rows or a failure last time (docs/operations.md).
     A failed sync does not stop the run: dbt builds everything not downstream of it, then the
     run fails naming the failed connections.
     """
@@ -245,6 +264,8 @@ def all_etl(
                         full_refresh,
                         retry_failed=(flow_run.run_count or 1) > 1,
                         skip_downstream_of=failed,
+                        only_changed=only_changed,
+                        commit=summary.deployed.sha if summary.deployed else None,
                     )
                 summary.mart_rows = warehouse_for(settings).mart_row_counts(summary.dbt_run)
             if extract_failure:

@@ -16,7 +16,7 @@ from prefect.client.schemas.actions import DeploymentUpdate
 from prefect.events import emit_event
 from prefect.runtime import deployment
 
-from elt import dbt_runner, git_repo
+from elt import dbt_runner, dbt_state, git_repo
 from elt.errors import first_line
 from elt.extract.base import ExtractReport
 from elt.warehouse import Warehouse
@@ -121,6 +121,13 @@ def publish_dbt_run(run: dbt_runner.DbtRun, warehouse: Warehouse) -> None:
         _emit_freshness_event(source)
     _publish_node_results(run)
     run.cost = _publish_cost(warehouse)
+
+
+def publish_plan(plan: dbt_state.Plan) -> None:
+    """What an --only-changed build runs and skips, one row per node with why, before it starts."""
+    counts = plan.counts
+    get_run_logger().info("Only changed: %d node(s) to run, %d skipped (%s)", counts["run"], counts["skip"], plan.note)
+    create_table_artifact(key="run-plan", table=plan.rows(), description=f"--only-changed: {plan.note}")
 
 
 _UNEVENTFUL = frozenset({"success", "pass"})
@@ -240,6 +247,12 @@ def render_summary(summary: EtlSummary) -> str:
             f"`dbt {summary.dbt_run.command}`: " + ", ".join(f"{count} {status}" for status, count in sorted(counts.items())),
             "",
         ]
+        if summary.dbt_run.plan:
+            counts = summary.dbt_run.plan.counts
+            lines += [
+                f"`--only-changed`: {counts['run']} node(s) built, {counts['skip']} skipped (the run-plan artifact says why)",
+                "",
+            ]
         lines += [f"- {source.line}" for source in summary.dbt_run.freshness if source.status != "pass"]
         lines += [""] if any(source.status != "pass" for source in summary.dbt_run.freshness) else []
     if summary.stage_seconds:
