@@ -20,6 +20,16 @@ TINY_PROJECT = Path(__file__).parent / "dbt_projects" / "tiny_shop"
 # Connectors are installed once per checkout and shared by every test (a real pip install).
 CONNECTORS_DIR = REPO_ROOT / ".venv-connectors"
 
+# `make test` runs two lanes side by side (pytest-xdist, `-n 2 --dist loadgroup`), each in
+# collection order: the compose stack's tests, which mostly wait on containers, with two slow
+# modules that balance the lanes; and everything else. No two tests of one lane overlap.
+STACK_LANE = ("tests/appliance/", "tests/test_secrets.py", "tests/test_snowflake_doctor.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("stack" if item.nodeid.startswith(STACK_LANE) else "local"))
+
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
