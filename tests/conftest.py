@@ -20,15 +20,24 @@ TINY_PROJECT = Path(__file__).parent / "dbt_projects" / "tiny_shop"
 # Connectors are installed once per checkout and shared by every test (a real pip install).
 CONNECTORS_DIR = REPO_ROOT / ".venv-connectors"
 
-# `make test` runs two lanes side by side (pytest-xdist, `-n 2 --dist loadgroup`), each in
-# collection order: the compose stack's tests, which mostly wait on containers, with two slow
-# modules that balance the lanes; and everything else. No two tests of one lane overlap.
+# `make test` runs two lanes side by side (pytest-xdist, `-n 2 --dist loadscope`, with the
+# scope below), each in collection order: the compose stack's tests, which mostly wait on
+# containers, with two slow modules that balance the lanes; and everything else. No two tests of
+# one lane overlap. (xdist's loadgroup cannot do it on pytest 9: it renames `item._nodeid`,
+# which pytest 9 no longer reads.)
 STACK_LANE = ("tests/appliance/", "tests/test_secrets.py", "tests/test_snowflake_doctor.py")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("stack" if item.nodeid.startswith(STACK_LANE) else "local"))
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Lanes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "stack" if nodeid.startswith(STACK_LANE) else "local"
+
+    return Lanes(config, log)
 
 
 @pytest.fixture(autouse=True)
@@ -285,3 +294,4 @@ def settings_loads(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
 
     monkeypatch.setattr(Settings, "__init__", counted)
     return loads
+

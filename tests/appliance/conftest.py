@@ -22,7 +22,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.appliance.stack import BASE_IMAGE, HERE, Stack, prepare_checkout, sh
+from tests.alert_receivers import start_receivers, stop_receivers
+from tests.appliance.stack import (
+    BASE_IMAGE,
+    HERE,
+    Stack,
+    alert_settings,
+    docker_bridge_gateway,
+    prepare_checkout,
+    sh,
+    slack_redirect_override,
+)
 
 # The example of docs/operations.md ("Local changes to the stack"), written as a user would:
 # an environment variable for one service, in the git-ignored override file.
@@ -54,10 +64,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     sh(["bash", str(HERE / "build_base_image.sh"), BASE_IMAGE], timeout=1200)
     timings["engine+base image"] = time.monotonic() - started
 
+    # Every alert channel set, delivered to receivers on the host's Docker bridge address.
+    receivers = start_receivers(docker_bridge_gateway(), seen_as="host.docker.internal")
     checkout = tmp_path_factory.mktemp("vm") / "elt"
-    prepare_checkout(checkout)
-    (checkout / "docker" / "docker-compose.override.yml").write_text(OVERRIDE_EXAMPLE)
-    stack = Stack(checkout)
+    prepare_checkout(checkout, alert_settings(receivers))
+    (checkout / "docker" / "docker-compose.override.yml").write_text(
+        OVERRIDE_EXAMPLE + slack_redirect_override(receivers, tmp_path_factory.mktemp("slack-redirect"))
+    )
+    stack = Stack(checkout, receivers)
     _running.append((stack, tmp_path_factory.getbasetemp()))
     try:
         t = time.monotonic()
@@ -81,6 +95,8 @@ def _stop_stack() -> None:
     logs = stack.compose("logs", "--no-color", "--tail", "200", check=False).stdout
     (basetemp / "stack.log").write_text(logs)
     stack.compose("down", "-v", "--remove-orphans", "--timeout", "5", check=False)
+    if stack.receivers:
+        stop_receivers(stack.receivers)
     # The image elt-appliance:ci stays: its layers are the build cache of the next run.
 
 

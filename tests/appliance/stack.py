@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.alert_receivers import SITECUSTOMIZE, Receivers, channel_settings
 from tests.conftest import REPO_ROOT, _free_port
 
 HERE = Path(__file__).parent
@@ -22,9 +23,24 @@ CI_OVERRIDE = "docker/docker-compose.ci.yml"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
-def sh(command: list[str] | str, *, cwd: Path | None = None, timeout: int = 1200, check: bool = True, env=None):
+def sh(
+    command: list[str] | str,
+    *,
+    cwd: Path | None = None,
+    timeout: int = 1200,
+    check: bool = True,
+    env=None,
+    stdin: str | None = None,
+):
     completed = subprocess.run(
-        command, cwd=cwd, capture_output=True, text=True, timeout=timeout, shell=isinstance(command, str), env=env
+        command,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        shell=isinstance(command, str),
+        env=env,
+        input=stdin,
     )
     if check and completed.returncode != 0:
         raise AssertionError(f"{command} exited {completed.returncode}:\n{completed.stdout[-4000:]}\n{completed.stderr[-4000:]}")
@@ -41,16 +57,20 @@ def read_env(path: Path) -> dict[str, str]:
 
 
 class Stack:
-    def __init__(self, checkout: Path) -> None:
+    def __init__(self, checkout: Path, receivers: Receivers | None = None) -> None:
         self.checkout = checkout
         self.env_file = checkout / ".env"
+        # Where the stack's alerts arrive (alert_settings below), when this session brought it up.
+        self.receivers = receivers
 
     @property
     def env(self) -> dict[str, str]:
         return read_env(self.env_file)
 
-    def compose(self, *args: str, timeout: int = 600, check: bool = True):
-        return sh([str(self.checkout / "docker" / "compose.sh"), *args], cwd=self.checkout, timeout=timeout, check=check)
+    def compose(self, *args: str, timeout: int = 600, check: bool = True, stdin: str | None = None):
+        return sh(
+            [str(self.checkout / "docker" / "compose.sh"), *args], cwd=self.checkout, timeout=timeout, check=check, stdin=stdin
+        )
 
     def setup(self) -> subprocess.CompletedProcess:
         return sh(
@@ -143,7 +163,7 @@ def git(*args: str, cwd: Path) -> str:
     return sh(["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci", *args], cwd=cwd).stdout.strip()
 
 
-def prepare_checkout(checkout: Path) -> None:
+def prepare_checkout(checkout: Path, extra_env: dict[str, str] | None = None) -> None:
     """The VM's checkout: this repo's working tree as a git repo with its own `.env`.
 
     Its origin (a bare repo inside it, ignored) is reachable from the worker container at the
@@ -169,7 +189,7 @@ def prepare_checkout(checkout: Path) -> None:
         + "ELT_ZOMBIE_SECONDS=240\nELT_DOCS_POLL_SECONDS=5\n"
         # The retention vacuum every 5 s instead of hourly: test_stack ages runs and waits for it.
         + "ELT_RETENTION_CHECK_SECONDS=5\n"
-        # No SLACK_WEBHOOK_URL: a notification would leave this machine, which tests must not do.
+        + "".join(f"{name}={value}\n" for name, value in (extra_env or {}).items())
     )
 
 
@@ -200,3 +220,32 @@ def wait_stack_healthy(stack: Stack, timeout: float = 300) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"the stack is not healthy after {timeout} s: {statuses}")
         time.sleep(2)
+
+
+def docker_bridge_gateway() -> str:
+    """The host's address on Docker's default bridge: what host.docker.internal (host-gateway) is."""
+    return sh(["docker", "network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Gateway}}"]).stdout.strip()
+
+
+def alert_settings(receivers: Receivers) -> dict[str, str]:
+    """The .env lines of every alert channel, pointed at receivers the containers reach as
+    host.docker.internal; a run counts as long-running after 10 s (Prefect's least)."""
+    return {**channel_settings(receivers, smtp_host="host.docker.internal"), "ELT_ALERT_RUNNING_SECONDS": "10"}
+
+
+def slack_redirect_override(receivers: Receivers, folder: Path) -> str:
+    """Compose override lines for the Prefect server: its Apprise posts Slack webhooks to the
+    receiver (a sitecustomize.py on its PYTHONPATH sets NotifySlack.webhook_url, as
+    tests/test_alerts.py does), so nothing leaves this machine. The block keeps Slack's URL."""
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o755)  # the server runs as uid 1000
+    (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    (folder / "sitecustomize.py").chmod(0o644)
+    return f"""\
+  prefect-server:
+    environment:
+      PYTHONPATH: /opt/slack-redirect
+      TEST_SLACK_WEBHOOK_BASE: {receivers.http.slack_base}
+    volumes:
+      - {folder}:/opt/slack-redirect:ro
+"""

@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 # BASE_IMAGE, HERE, Stack, prepare_checkout, sh: also imported from here by bench/p4_stack.py.
+from tests.alert_receivers import SLACK_URL, SMTP_PASSWORD, WEBHOOK_SECRET, Receivers, assert_no_secret, one_per_channel
 from tests.appliance.stack import BASE_IMAGE, HERE, TERMINAL, Stack, git, prepare_checkout, sh, wait_stack_healthy  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(2400)]
@@ -37,10 +38,8 @@ def test_setup_twice_changes_nothing(stack: Stack) -> None:
     output = second.stdout + second.stderr
     assert ".env: set" not in output and "Creating" not in output and "Recreating" not in output, output
     assert "automation crash-zombie-flow-runs: unchanged" in output, output
-    assert (
-        "automation notify-failed-all-etl: skipped (no alert channel is set: SLACK_WEBHOOK_URL, ELT_ALERT_SMTP_HOST and ELT_ALERT_WEBHOOK_URL are empty)"
-        in output
-    ), output
+    lines = [line.strip() for line in output.splitlines()]
+    assert all(line.format("unchanged") in lines for line in ALERT_SETUP), output  # no second automation
     env = stack.env
     assert len(env["POSTGRES_PASSWORD"]) >= 32
     assert env["PREFECT_SERVER_API_AUTH_STRING"].startswith("admin:")
@@ -49,23 +48,39 @@ def test_setup_twice_changes_nothing(stack: Stack) -> None:
 def test_first_install_says_created(stack: Stack) -> None:
     assert "work pool elt: created" in stack.first_output, stack.first_output
     assert "automation crash-zombie-flow-runs: created" in stack.first_output, stack.first_output
+    lines = [line.strip() for line in stack.first_output.splitlines()]
+    assert all(line.format("created") in lines for line in ALERT_SETUP), stack.first_output
 
 
 def _prefect_setup(stack: Stack, zombie_seconds: int | str, *env: str) -> list[str]:
-    """docker/prefect_setup.py run as setup.sh runs it, with ELT_ZOMBIE_SECONDS=`zombie_seconds`; its lines."""
+    """docker/prefect_setup.py run as setup.sh runs it (the alert lines of .env on stdin), with
+    ELT_ZOMBIE_SECONDS=`zombie_seconds`; its lines."""
+    settings = [
+        f"{name}={value}" for name, value in stack.env.items() if name == "SLACK_WEBHOOK_URL" or name.startswith("ELT_ALERT_")
+    ]
     output = stack.compose(
         "exec",
         "-T",
         *[arg for pair in env for arg in ("-e", pair)],
-        "-e",
-        f"ELT_ZOMBIE_SECONDS={zombie_seconds}",
         "prefect-server",
         "sh",
         "-c",
         'PREFECT_API_URL=http://127.0.0.1:4200/api PREFECT_API_AUTH_STRING="$PREFECT_SERVER_API_AUTH_STRING" '
-        "exec python /opt/elt/docker/prefect_setup.py",
+        "exec python /opt/elt/docker/prefect_setup.py --settings-from-stdin",
+        stdin="\n".join([*settings, f"ELT_ZOMBIE_SECONDS={zombie_seconds}"]) + "\n",
     ).stdout
     return output.splitlines()
+
+
+ALERT_SETUP = [
+    "slack block elt-alerts: {}",
+    "email block elt-alerts-email: {}",
+    "webhook block elt-alerts-webhook: {}",
+    "automation notify-failed-all-etl: {}",
+    "automation notify-long-running-all-etl: {}",
+    "automation notify-late-all-etl: {}",
+    "automation notify-dbt-warnings: {}",
+]
 
 
 @pytest.mark.parametrize("seed", ["0", "1", "2", "3", "7", "11"])
@@ -75,10 +90,7 @@ def test_rerunning_the_prefect_setup_says_unchanged_whatever_the_hash_seed(stack
     assert output == [
         "work pool elt: unchanged",
         "automation crash-zombie-flow-runs: unchanged",
-        "automation notify-failed-all-etl: skipped (no alert channel is set: SLACK_WEBHOOK_URL, ELT_ALERT_SMTP_HOST and ELT_ALERT_WEBHOOK_URL are empty)",
-        "automation notify-long-running-all-etl: skipped (no alert channel is set: SLACK_WEBHOOK_URL, ELT_ALERT_SMTP_HOST and ELT_ALERT_WEBHOOK_URL are empty)",
-        "automation notify-late-all-etl: skipped (no alert channel is set: SLACK_WEBHOOK_URL, ELT_ALERT_SMTP_HOST and ELT_ALERT_WEBHOOK_URL are empty)",
-        "automation notify-dbt-warnings: skipped (no alert channel is set: SLACK_WEBHOOK_URL, ELT_ALERT_SMTP_HOST and ELT_ALERT_WEBHOOK_URL are empty)",
+        *(line.format("unchanged") for line in ALERT_SETUP),
     ], output
 
 
@@ -116,6 +128,9 @@ def test_each_container_gets_only_the_secrets_it_needs(stack: Stack) -> None:
 
     assert holders(password) == {"postgres", "prefect-server"}
     assert holders(auth) == {"prefect-server", "prefect-worker", "dbt-docs"}
+    # The alert channels' secrets live in Prefect blocks only (setup.sh pipes them in on stdin).
+    for secret in (SLACK_URL, SMTP_PASSWORD, WEBHOOK_SECRET, env["ELT_ALERT_WEBHOOK_URL"]):
+        assert holders(secret) == set(), secret
     assert environments["prefect-worker"]["PREFECT_API_AUTH_STRING"] == auth
     assert environments["dbt-docs"]["PREFECT_API_AUTH_STRING"] == auth
     for client in ("prefect-worker", "dbt-docs"):
@@ -211,6 +226,81 @@ def test_history_and_the_ui_survive_down_and_up(stack: Stack) -> None:
     assert ui.status_code == 200 and "<title>Prefect Server</title>" in ui.text
 
 
+def _receivers(stack: Stack) -> Receivers:
+    if stack.receivers is None:
+        pytest.skip("the alert receivers exist only for a stack this session brought up")
+    return stack.receivers
+
+
+def _run_link(stack: Stack, run_id: str) -> str:
+    return f"Run: http://localhost:{stack.env['PREFECT_PORT']}/runs/flow-run/{run_id}"  # PREFECT_UI_URL: the tunnel's end
+
+
+def _deployed_commits(stack: Stack, run_id: str) -> tuple[str | None, str]:
+    """(the commit label update-code set on the run, if it got that far; the deployment's version,
+    the commit the last run deployed): an alert names the label, else the version."""
+    with stack.api as api:
+        run = api.get(f"/flow_runs/{run_id}").json()
+        return run["labels"].get("elt.commit"), api.get(f"/deployments/{run['deployment_id']}").json()["version"]
+
+
+def _child_run(stack: Stack, parent_id: str, flow_name: str) -> str:
+    with stack.api as api:
+        (flow,) = api.post("/flows/filter", json={"flows": {"name": {"any_": [flow_name]}}}).json()
+        runs = api.post("/flow_runs/filter", json={"flow_runs": {"flow_id": {"any_": [flow["id"]]}}}).json()
+        for run in runs:
+            if (
+                run["parent_task_run_id"]
+                and api.get(f"/task_runs/{run['parent_task_run_id']}").json()["flow_run_id"] == parent_id
+            ):
+                return run["id"]
+    pytest.fail(f"no {flow_name} run under all-etl run {parent_id}")
+
+
+def test_a_failing_run_and_a_dbt_warning_each_send_one_message_per_channel(stack: Stack, tmp_path: Path) -> None:
+    """Every channel of .env set (Slack, email to two recipients, a webhook), sent by the stack's
+    own Prefect server to receivers on this machine: a pushed model that fails and a dbt test that
+    warns give one Failed and one warning message per channel, with the tunnel's link, the pulled
+    commit and the cause. Then the two files are removed again on the remote."""
+    receivers = _receivers(stack)
+    author = tmp_path / "author"
+    git("clone", "-q", str(stack.checkout / ".ci-remote.git"), str(author), cwd=tmp_path)
+    (author / "dbt" / "models" / "broken.sql").write_text("select missing_column from {{ ref('daily_revenue') }}\n")
+    (author / "dbt" / "tests" / "daily_revenue_warn.sql").write_text(
+        "{{ config(severity='warn') }}\nselect * from {{ ref('daily_revenue') }}\n"
+    )
+    git("add", "-A", cwd=author)
+    git("commit", "-q", "-m", "a model that fails and a test that warns", cwd=author)
+    git("push", "-q", "origin", "HEAD:main", cwd=author)
+    commit = git("rev-parse", "HEAD", cwd=author)
+    try:
+        run_id = stack.start_run({"skip_extract": True})
+        assert stack.wait_state(run_id, TERMINAL, 900)["type"] == "FAILED"
+        for channel, message in one_per_channel(receivers, run_id, "all-etl Failed").items():
+            lines = message.text.strip().splitlines()
+            assert lines[0].startswith("all-etl run ") and lines[0].endswith(" is Failed."), (channel, lines)
+            assert lines[1:] == [
+                "Stage: transform",
+                "Cause: DbtBuildFailed: dbt build failed on 1 node(s): model.elt_appliance.broken",
+                f"Commit: {commit}",
+                _run_link(stack, run_id),
+            ], (channel, lines)
+        transform_run = _child_run(stack, run_id, "transform")
+        for channel, message in one_per_channel(receivers, transform_run, "dbt warning: daily_revenue_warn").items():
+            lines = message.text.strip().splitlines()
+            assert lines[0] == "dbt test daily_revenue_warn ended in warn.", (channel, lines)
+            assert lines[1].startswith("Cause: Got "), (channel, lines)
+            assert lines[2:] == [f"Commit: {commit}", _run_link(stack, transform_run)], (channel, lines)
+        # transform failed too: only all-etl's failure is sent.
+        failures = [message for message in receivers.all() if " is Failed." in message.text]
+        assert all(f"/runs/flow-run/{run_id}" in message.text for message in failures), [m.text for m in failures]
+        assert_no_secret(receivers.all())
+    finally:
+        git("rm", "-q", "dbt/models/broken.sql", "dbt/tests/daily_revenue_warn.sql", cwd=author)
+        git("commit", "-q", "-m", "remove the failing model and the warning test", cwd=author)
+        git("push", "-q", "origin", "HEAD:main", cwd=author)
+
+
 def _heartbeats_since(stack: Stack, run_id: str, since: str) -> int:
     with stack.api as api:
         response = api.post(
@@ -246,6 +336,8 @@ def test_a_run_whose_worker_is_killed_ends_crashed_and_the_next_completes(stack:
     changed = _prefect_setup(stack, KILL_TEST_ZOMBIE_SECONDS)
     assert "automation crash-zombie-flow-runs: updated" in changed, changed
     try:
+        with stack.api as api:
+            version_before = api.get("/deployments/name/all-etl/all-etl").json()["version"]
         run_id = stack.start_run()
         stack.wait_state(run_id, {"RUNNING"} | TERMINAL, 300)
         # The updated automation's trigger starts its window at the run's next heartbeat.
@@ -264,6 +356,22 @@ def test_a_run_whose_worker_is_killed_ends_crashed_and_the_next_completes(stack:
         assert state["message"] == (
             f"No heartbeat for {KILL_TEST_ZOMBIE_SECONDS} s: the worker or the machine stopped during the run."
         ), state
+        receivers = _receivers(stack)
+        label, version = _deployed_commits(stack, run_id)
+        commit = label or version
+        for channel, message in one_per_channel(receivers, run_id, "all-etl Crashed").items():
+            lines = message.text.strip().splitlines()
+            assert lines[0].endswith(" is Crashed."), (channel, lines)
+            assert lines[2:] == [f"Cause: {state['message']}", f"Commit: {commit}", _run_link(stack, run_id)], (channel, lines)
+        # It ran past ELT_ALERT_RUNNING_SECONDS (10 s) before it crashed.
+        for channel, message in one_per_channel(receivers, run_id, "all-etl still running").items():
+            lines = message.text.strip().splitlines()
+            assert " has been Running for more than 10 s (since " in lines[0], (channel, lines)
+            assert lines[1] == "Cause: no end yet; a sync or a dbt query may be stuck (see the run's logs).", (channel, lines)
+            # Sent 10 s in: before update-code pulled (the version of before the run), or after.
+            assert lines[2] in {f"Commit: {label}", f"Commit: {version_before}"}, (channel, lines, label, version_before)
+            assert lines[3:] == [_run_link(stack, run_id)], (channel, lines)
+        assert_no_secret(receivers.all())
     finally:
         restored = _prefect_setup(stack, stack.env["ELT_ZOMBIE_SECONDS"])
         assert "automation crash-zombie-flow-runs: updated" in restored, restored
@@ -279,6 +387,9 @@ def test_no_secret_from_env_reaches_any_container_log(stack: Stack) -> None:
     secrets = {
         "POSTGRES_PASSWORD": env["POSTGRES_PASSWORD"],
         "PREFECT_SERVER_API_AUTH_STRING": env["PREFECT_SERVER_API_AUTH_STRING"].partition(":")[2],
+        "SLACK_WEBHOOK_URL": SLACK_URL.rsplit("/", 1)[1],
+        "ELT_ALERT_SMTP_PASSWORD": SMTP_PASSWORD,
+        "ELT_ALERT_WEBHOOK_SECRET": WEBHOOK_SECRET,
     }
     logs = stack.compose("logs", "--no-color").stdout
     assert len(logs) > 1000
