@@ -163,26 +163,32 @@ def git(*args: str, cwd: Path) -> str:
     return sh(["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci", *args], cwd=cwd).stdout.strip()
 
 
-def prepare_checkout(checkout: Path, extra_env: dict[str, str] | None = None) -> None:
-    """The VM's checkout: this repo's working tree as a git repo with its own `.env`.
+def prepare_checkout(
+    checkout: Path, extra_env: dict[str, str] | None = None, *, release: str | None = None, project: str | None = None
+) -> None:
+    """The VM's checkout: this repo's working tree (or the tree of commit `release`) as a git
+    repo with its own `.env` and compose project.
 
     Its origin (a bare repo inside it, ignored) is reachable from the worker container at the
     same /opt/elt path, so the update-code stage really pulls. Also used by bench/p4_stack.py.
     """
     checkout.mkdir(parents=True)
-    _copy_working_tree(checkout)
+    if release:
+        sh(["bash", "-c", f"set -o pipefail; git -C {REPO_ROOT} archive {release} | tar -x -C {checkout}"])
+    else:
+        _copy_working_tree(checkout)
     git("init", "-q", "-b", "main", cwd=checkout)
     git("add", "-A", cwd=checkout)
-    git("commit", "-q", "-m", "appliance", cwd=checkout)
+    git("commit", "-q", "-m", f"release {release}" if release else "appliance", cwd=checkout)
     git("clone", "-q", "--bare", str(checkout), str(checkout / ".ci-remote.git"), cwd=checkout)
     (checkout / ".git" / "info" / "exclude").write_text(".ci-remote.git/\n")
     git("remote", "add", "origin", "/opt/elt/.ci-remote.git", cwd=checkout)
     git("update-ref", "refs/remotes/origin/main", "HEAD", cwd=checkout)
     git("branch", "-q", "--set-upstream-to=origin/main", "main", cwd=checkout)
 
-    project = f"elt-ci-{os.getpid()}"
+    project = project or f"elt-ci-{os.getpid()}"
     (checkout / ".env").write_text(
-        (REPO_ROOT / ".env.example").read_text()
+        (checkout / ".env.example").read_text()
         + "\n# --- test settings ---\n"
         + f"COMPOSE_PROJECT_NAME={project}\nELT_IMAGE=elt-appliance:ci\n"
         + f"PREFECT_PORT={_free_port()}\nDBT_DOCS_PORT={_free_port()}\n"

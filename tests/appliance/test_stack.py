@@ -5,6 +5,10 @@ runs setup.sh twice with the CI compose override, then drives the stack through 
 API: a deployed all-etl run completes and fills the marts, the dbt docs are regenerated, the
 history survives `down` + `up`, a run whose worker is killed ends Crashed and the next one
 completes, no port listens on 0.0.0.0 and no secret from .env reaches any container's log.
+Every alert channel is set in .env and delivered by the stack's own Prefect server to receivers
+on this machine (tests/alert_receivers.py; Slack's webhook through the stand-in test_alerts.py
+uses): a failing run, a dbt warning, a long-running and a crashed run each send one message per
+channel.
 
 Needs root and apt (it installs docker.io, docker-compose and debootstrap with
 tests/appliance/install_docker.sh); skipped otherwise. Takes about 10 minutes after the
