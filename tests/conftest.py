@@ -294,4 +294,3 @@ def settings_loads(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
 
     monkeypatch.setattr(Settings, "__init__", counted)
     return loads
-
