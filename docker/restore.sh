@@ -22,9 +22,14 @@ done
   <"$folder/prefect.dump"
 echo "prefect database: restored from $folder/prefect.dump"
 
-if [ -f "$folder/warehouse.duckdb" ]; then
-  "$compose" run --rm --no-deps -T prefect-worker elt warehouse restore - <"$folder/warehouse.duckdb"
-  echo "warehouse: restored from $folder/warehouse.duckdb"
-fi
+# warehouse.duckdb is the default environment's; warehouse-<name>.duckdb environment <name>'s.
+for backup in "$folder"/warehouse.duckdb "$folder"/warehouse-*.duckdb; do
+  [ -f "$backup" ] || continue
+  env="$(basename "$backup" .duckdb)"
+  env="${env#warehouse}"
+  env="${env#-}"
+  "$compose" run --rm --no-deps -T prefect-worker elt warehouse restore ${env:+--env "$env"} - <"$backup"
+  echo "warehouse${env:+ of environment $env}: restored from $backup"
+done
 "$compose" up -d
 echo "restored from $folder; the stack is starting (docker/compose.sh ps)"

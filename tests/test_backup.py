@@ -29,9 +29,10 @@ def _elt(home: Path, *args: str, stdin: bytes | None = None, **env: str) -> subp
     )
 
 
-def _warehouse(home: Path, rows: int, *, checkpoint: bool = True) -> Path:
-    """A warehouse with `rows` orders; without a checkpoint the last writes are only in its WAL."""
-    path = home / "data" / "warehouse.duckdb"
+def _warehouse(home: Path, rows: int, *, checkpoint: bool = True, path: Path | None = None) -> Path:
+    """A warehouse with `rows` orders (in home's data folder, or at `path`); without a checkpoint
+    the last writes are only in its WAL."""
+    path = path or home / "data" / "warehouse.duckdb"
     path.parent.mkdir(parents=True, exist_ok=True)
     connection = duckdb.connect(str(path))
     if not checkpoint:
@@ -169,3 +170,85 @@ def test_snowflake_is_not_backed_up_here(tmp_path: Path) -> None:
         "error: ELT_WAREHOUSE=snowflake: Snowflake keeps its own backups (Time Travel, zero-copy clones); "
         "only a DuckDB warehouse is backed up by the appliance"
     )
+
+
+def test_an_environments_warehouse_is_backed_up_and_restored_and_the_default_is_untouched(tmp_path: Path) -> None:
+    """`--env staging` (environments/staging.env names its own data folder) copies and replaces
+    staging's warehouse only, as docker/backup.sh and restore.sh do for every environment."""
+    default = _warehouse(tmp_path, 3)
+    (tmp_path / "environments").mkdir()
+    (tmp_path / "environments" / "staging.env").write_text(f"ELT_DATA_DIR={tmp_path / 'staging-data'}\n")
+    staging = _warehouse(tmp_path, 5, path=tmp_path / "staging-data" / "warehouse.duckdb")
+    backup = tmp_path / "backups" / "warehouse-staging.duckdb"
+
+    made = _elt(tmp_path, "backup", "--env", "staging", str(backup))
+    assert made.returncode == 0, made.stderr
+    assert _orders(backup) == 5
+    with duckdb.connect(str(staging)) as connection:
+        connection.execute("insert into main_marts.orders select 99")
+    restored = _elt(tmp_path, "restore", "--env", "staging", str(backup))
+    assert restored.returncode == 0, restored.stderr
+    assert restored.stderr.decode().strip() == f"warehouse restored: {staging.stat().st_size} bytes from {backup}"
+    assert (_orders(staging), _orders(default)) == (5, 3)
+
+    missing = _elt(tmp_path, "backup", "--env", "prod", "-")
+    assert missing.returncode == 1
+    assert missing.stderr.decode().strip() == (
+        f"error: ELT_ENV=prod: {tmp_path / 'environments' / 'prod.env'} does not exist (environments defined: staging); "
+        "create it or choose another"
+    )
+
+
+FAKE_COMPOSE = """#!/usr/bin/env bash
+# Stands in for docker/compose.sh: `exec -T prefect-worker CMD...` and `run ... prefect-worker CMD...`
+# run CMD here; PostgreSQL's pg_dump and pg_restore copy stdin/stdout; the rest does nothing.
+set -euo pipefail
+case "$*" in
+  *"prefect-worker elt "*) args=("$@"); while [ "${args[0]}" != elt ]; do args=("${args[@]:1}"); done; exec "$ELT_BIN" "${args[@]:1}" ;;
+  *pg_dump*) echo "a database dump" ;;
+  *pg_restore*) cat >/dev/null ;;
+  *pg_isready*) ;;
+esac
+"""
+
+
+@pytest.mark.slow  # five `elt` processes
+def test_backup_sh_and_restore_sh_copy_every_environments_warehouse(tmp_path: Path) -> None:
+    """docker/backup.sh and restore.sh as they are, with a stand-in compose.sh that runs the
+    worker's `elt warehouse` command on this machine (the compose stack's backup test runs them
+    for real, with the default environment only): one warehouse-<name>.duckdb per DuckDB
+    environment, none for one on Snowflake, each restored into its own environment."""
+    checkout = tmp_path / "checkout"
+    (checkout / "docker").mkdir(parents=True)
+    for script in ("backup.sh", "restore.sh"):
+        (checkout / "docker" / script).write_bytes((Path(__file__).parents[1] / "docker" / script).read_bytes())
+        (checkout / "docker" / script).chmod(0o755)
+    (checkout / "docker" / "compose.sh").write_text(FAKE_COMPOSE)
+    (checkout / "docker" / "compose.sh").chmod(0o755)
+    (checkout / "environments").mkdir()
+    (checkout / "environments" / "staging.env").write_text(f"ELT_DATA_DIR={checkout / 'staging-data'}\n")
+    (checkout / "environments" / "prod-snowflake.env").write_text("ELT_WAREHOUSE=snowflake\n")
+    default = _warehouse(checkout, 3)
+    staging = _warehouse(checkout, 5, path=checkout / "staging-data" / "warehouse.duckdb")
+    env = {**os.environ, "ELT_HOME": str(checkout), "ELT_BIN": str(BIN / "elt")}
+
+    backed_up = subprocess.run(
+        [str(checkout / "docker" / "backup.sh"), str(tmp_path / "backups")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert backed_up.returncode == 0, backed_up.stderr
+    folder = Path(backed_up.stdout.strip().splitlines()[-1].removeprefix("backed up to "))
+    assert sorted(path.name for path in folder.iterdir()) == ["prefect.dump", "warehouse-staging.duckdb", "warehouse.duckdb"]
+    assert (
+        "warehouse of environment prod-snowflake: ELT_WAREHOUSE=snowflake keeps its own backups; not copied" in backed_up.stdout
+    )
+    assert (_orders(folder / "warehouse.duckdb"), _orders(folder / "warehouse-staging.duckdb")) == (3, 5)
+
+    _warehouse(checkout, 100)
+    with duckdb.connect(str(staging)) as connection:
+        connection.execute("delete from main_marts.orders")
+    restored = subprocess.run(
+        [str(checkout / "docker" / "restore.sh"), str(folder)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert restored.returncode == 0, restored.stderr
+    assert f"warehouse of environment staging: restored from {folder / 'warehouse-staging.duckdb'}" in restored.stdout
+    assert (_orders(default), _orders(staging)) == (3, 5)

@@ -184,22 +184,26 @@ app.add_typer(warehouse_app, name="warehouse")
 def warehouse_backup(
     destination: Annotated[Path, typer.Argument(help="File to write; '-' writes to stdout.")],
     wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for a running all-etl to finish.")] = 3600,
+    env: Annotated[str | None, typer.Option("--env", help="This environment's warehouse. Default: ELT_ENV.")] = None,
 ) -> None:
     """A consistent copy of the warehouse, taken when no all-etl run is writing to it."""
     from elt.backup import backup_warehouse
-    from elt.settings import load_settings
+    from elt.preflight import run_settings
 
-    size = _or_exit(lambda: backup_warehouse(load_settings(), destination, wait))
+    size = _or_exit(lambda: backup_warehouse(run_settings(env=env), destination, wait))
     typer.echo(f"warehouse backup: {size} bytes to {'stdout' if str(destination) == '-' else destination}", err=True)
 
 
 @warehouse_app.command("restore")
-def warehouse_restore(source: Annotated[Path, typer.Argument(help="Backup file; '-' reads stdin.")]) -> None:
+def warehouse_restore(
+    source: Annotated[Path, typer.Argument(help="Backup file; '-' reads stdin.")],
+    env: Annotated[str | None, typer.Option("--env", help="This environment's warehouse. Default: ELT_ENV.")] = None,
+) -> None:
     """Replace the warehouse with a backup (refused while an all-etl run uses it)."""
     from elt.backup import restore_warehouse
-    from elt.settings import load_settings
+    from elt.preflight import run_settings
 
-    size = _or_exit(lambda: restore_warehouse(load_settings(), source))
+    size = _or_exit(lambda: restore_warehouse(run_settings(env=env), source))
     typer.echo(f"warehouse restored: {size} bytes from {'stdin' if str(source) == '-' else source}", err=True)
 
 
