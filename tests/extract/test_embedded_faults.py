@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import stat
 import subprocess
@@ -107,12 +108,14 @@ def _files_holding(secret: str, folders: list[Path], since: float) -> list[Path]
     """Files under `folders` changed since `since` whose bytes contain `secret`."""
     holding = []
     for folder in folders:
-        for path in folder.rglob("*"):
-            try:
-                if path.is_file() and path.stat().st_mtime >= since and secret.encode() in path.read_bytes():
-                    holding.append(path)
-            except OSError:  # another process's file, gone or unreadable
-                pass
+        # os.walk skips a folder that vanishes while it walks (the other lane's tests write in /tmp).
+        for parent, _, names in os.walk(folder):
+            for path in (Path(parent) / name for name in names):
+                try:
+                    if path.is_file() and path.stat().st_mtime >= since and secret.encode() in path.read_bytes():
+                        holding.append(path)
+                except OSError:  # another process's file, gone or unreadable
+                    pass
     return holding
 
 
