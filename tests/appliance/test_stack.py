@@ -17,6 +17,8 @@ images are cached, about 20 from scratch.
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from pathlib import Path
 
@@ -474,6 +476,35 @@ def test_runs_older_than_the_retention_are_deleted_with_their_logs_and_artifacts
     with stack.api as api:
         assert api.get("/deployments/name/all-etl/all-etl").json()["schedules"] == schedules_before
         assert sorted(automation["name"] for automation in api.post("/automations/filter", json={}).json()) == automations_before
+
+
+def test_the_appliance_doctor_reports_the_prefect_database_and_the_free_space_of_its_volume(stack: Stack) -> None:
+    """docker/doctor.sh: elt doctor in the worker, then PostgreSQL's size and its volume's free
+    space, which only the postgres container can see; under ELT_MIN_FREE_GB it fails naming it."""
+    doctor = sh([str(stack.checkout / "docker" / "doctor.sh")], cwd=stack.checkout, check=False)
+    lines = doctor.stdout.splitlines()
+    assert any(line.startswith(("ok   disk space: ", "FAIL disk space: ")) for line in lines), doctor.stdout  # the worker's
+    (database,) = [line for line in lines if line.startswith("ok   prefect database: ")]
+    assert database.endswith(" MB in PostgreSQL (runs, logs, artifacts; kept ELT_RETENTION_DAYS)"), database
+    shown = float(database.removeprefix("ok   prefect database: ").split(" MB")[0])
+    actual = int(_psql(stack, "select pg_database_size('prefect')")[0]) / 1048576
+    assert abs(shown - actual) <= max(1.0, actual * 0.1), (shown, actual)  # the database grows as runs are logged
+    (volume,) = [line for line in lines if "postgres volume: " in line]
+    assert re.fullmatch(r"ok   postgres volume: \d+\.\d GB free of \d+\.\d GB on the disk of PostgreSQL's volume", volume), volume
+
+    full = sh(
+        [str(stack.checkout / "docker" / "doctor.sh")],
+        cwd=stack.checkout,
+        check=False,
+        env={**os.environ, "ELT_MIN_FREE_GB": "1000000"},
+    )
+    assert full.returncode == 1
+    (volume,) = [line for line in full.stdout.splitlines() if "postgres volume: " in line]
+    assert re.fullmatch(
+        r"FAIL postgres volume: \d+\.\d GB free of \d+\.\d GB on the disk of PostgreSQL's volume, "
+        r"under ELT_MIN_FREE_GB=1000000: free space or grow the disk",
+        volume,
+    ), volume
 
 
 def test_backup_then_new_volumes_then_restore_brings_back_history_and_marts(stack: Stack, tmp_path: Path) -> None:
