@@ -3,12 +3,16 @@ wire protocol over DuckDB), each build compared with the saved state of the one 
 dbt-snowflake, real git pulls from a bare remote, real Prefect server, the state kept per target.
 
 What this proves: dbt-snowflake's `source freshness` reads `loaded_at_field`
-(`_airbyte_extracted_at`) through Snowflake's protocol and feeds `source_status:fresher+`;
-`state:modified+` and the failed-last-run selectors work against the saved Snowflake state; a
-DuckDB build in the same appliance neither replaces nor is taken for the Snowflake target's
-state. What only a real account would show: that the freshness query's cost (it runs on the
-warehouse, so it resumes it) is what Snowflake bills, Snowflake's own TIMESTAMP_TZ/LTZ
-conversions of the loaded-at column, and time travel or clustering (fakesnow has neither).
+(`_airbyte_extracted_at`, TIMESTAMP_TZ) through Snowflake's protocol, and its results feed
+`source_status:fresher+` against the state saved by the Snowflake build before; `state:modified+`
+and the failed-last-run selectors against that state select nothing when nothing changed (they
+compare manifests and run results, no warehouse involved: a code change and a failed model are
+tested on DuckDB in tests/test_only_changed.py); the state is kept under the snowflake target,
+never compared with a DuckDB build's (the fast test below, files only). What only a real account
+would show: what the freshness query costs (it resumes the warehouse on every run and every
+`elt plan`), Snowflake's own conversions of TIMESTAMP_TZ/LTZ/NTZ loaded-at columns to UTC, and
+dbt's metadata-based freshness (LAST_ALTERED, for sources without `loaded_at_field`), which
+fakesnow does not have.
 
 The raw tables are written here through the Snowflake connector, in the shape the embedded
 backend publishes them (tests/test_snowflake_flow.py runs the real connector into fakesnow):
@@ -37,17 +41,18 @@ RAW = '"ANALYTICS".RAW_FAKER'
 MARTS = '"ANALYTICS".DBT_MARTS'
 
 
-def _snowflake(*statements: tuple[str, list | None]) -> list[list[tuple]]:
-    """Run statements through the Snowflake connector with the appliance's login; each one's rows."""
+def _snowflake(*statements: tuple[str, list[tuple] | None]) -> list[list]:
+    """Run (statement, rows to bind or None) through the Snowflake connector with the appliance's
+    login, as the embedded backend does; each statement's result rows."""
     with connect(SnowflakeCredentials.from_settings(load_settings())) as connection:
         cursor = connection.cursor()
-        results = []
+        results: list[list] = []
         for statement, rows in statements:
-            if rows is not None and rows and isinstance(rows[0], (tuple, list)):
+            if rows:
                 cursor.executemany(statement, rows)
                 results.append([])
             else:
-                cursor.execute(statement, rows)
+                cursor.execute(statement)
                 results.append(cursor.fetchall() if cursor.description else [])
         return results
 
@@ -209,6 +214,7 @@ def test_only_changed_on_snowflake_builds_what_has_new_rows_and_says_why(
     planned = _elt_plan(appliance_remote)
     built, rows, note = _build(prefect_server, appliance_remote)
     assert note.startswith(f"compared with the build of commit {commit} saved "), note
+    assert set(built.values()) == {"success", "pass"}
     assert _models(built) == {f"model.{P}.stg_faker__users", f"model.{P}.customer_lifetime_value"}
     assert _ran(rows) == set(built)
     new_users = f"new rows in source faker.users since {first_load:%Y-%m-%d %H:%M} UTC"
