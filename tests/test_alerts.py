@@ -115,7 +115,7 @@ def alert_server(tmp_path_factory: pytest.TempPathFactory, slack_redirect: dict[
         except httpx.HTTPError:
             return False
 
-    wait_for("the alert test's Prefect server to answer /health", healthy, timeout=120)
+    wait_for("the alert test's Prefect server to answer /health", healthy, timeout=300)
     previous = os.environ.get("PREFECT_API_URL")
     # Events and logs go to the server of the moment their worker started: restart them here.
     for worker in (EventsWorker, APILogWorker):

@@ -58,7 +58,7 @@ class User:
         self.page = page
         self.stack = stack
         self.base = f"http://127.0.0.1:{stack.env['PREFECT_PORT']}"
-        page.set_default_timeout(30 * SECONDS)
+        page.set_default_timeout(90 * SECONDS)  # a wait, not a limit: the other test lane shares the CPU
 
     def shot(self, name: str) -> None:
         self.page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
