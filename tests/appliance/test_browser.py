@@ -297,7 +297,7 @@ def test_the_dbt_docs_show_the_model_the_last_pull_added(user: User) -> None:
         response = httpx.get(f"{docs}/generated-for.json", timeout=10)
         return response.status_code == 200 and response.json()["flow_run_id"] == run_id
 
-    wait_for(f"the dbt docs regenerated for run {run_id}", regenerated, timeout=300)
+    wait_for(f"the dbt docs regenerated for run {run_id}", regenerated, timeout=600)
     page.goto(docs + "/")
     page.get_by_placeholder(re.compile("Search for models", re.I)).fill(NEW_MODEL)
     page.get_by_text(NEW_MODEL).first.wait_for()
