@@ -281,16 +281,17 @@ def test_a_failing_run_and_a_dbt_warning_each_send_one_message_per_channel(stack
     commit = git("rev-parse", "HEAD", cwd=author)
     try:
         run_id = stack.start_run({"skip_extract": True})
-        assert stack.wait_state(run_id, TERMINAL, 900)["type"] == "FAILED"
+        state = stack.wait_state(run_id, TERMINAL, 900)
+        assert state["type"] == "FAILED", state
+        cause = state["message"].removeprefix("Flow run encountered an exception: ")
+        assert cause.startswith("DbtBuildFailed: dbt build failed on 1 node(s): model.elt_appliance.broken (error: "), cause
         for channel, message in one_per_channel(receivers, run_id, "all-etl Failed").items():
             lines = message.text.strip().splitlines()
             assert lines[0].startswith("all-etl run ") and lines[0].endswith(" is Failed."), (channel, lines)
-            assert lines[1:] == [
-                "Stage: transform",
-                "Cause: DbtBuildFailed: dbt build failed on 1 node(s): model.elt_appliance.broken",
-                f"Commit: {commit}",
-                _run_link(stack, run_id),
-            ], (channel, lines)
+            assert lines[1:] == ["Stage: transform", f"Cause: {cause}", f"Commit: {commit}", _run_link(stack, run_id)], (
+                channel,
+                lines,
+            )
         transform_run = _child_run(stack, run_id, "transform")
         for channel, message in one_per_channel(receivers, transform_run, "dbt warning: daily_revenue_warn").items():
             lines = message.text.strip().splitlines()
