@@ -188,7 +188,9 @@ def test_a_failing_all_etl_sends_one_message_per_channel_with_link_commit_and_ca
         lines = message.text.strip().splitlines()
         assert lines[0].startswith("all-etl run ") and lines[0].endswith(" is Failed."), (channel, lines)
         assert lines[1] == "Stage: transform", (channel, lines)
-        assert lines[2].startswith("Cause: DbtBuildFailed: dbt build failed on 1 node(s): model.tiny_shop.broken"), lines
+        assert lines[2] == (
+            'Cause: DbtBuildFailed: dbt build failed on 1 node(s): model.tiny_shop.broken (error: Binder Error: Referenced column "missing_column" not found in FROM clause!)'
+        ), lines
         assert lines[3] == f"Commit: {commit}", (channel, lines)
         assert lines[4] == f"Run: {UI_URL}/runs/flow-run/{run_id}", (channel, lines)
     assert failed["email to data@example.com"].headers["From"] == "elt@example.com"

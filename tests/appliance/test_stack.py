@@ -252,9 +252,9 @@ def _deployed_commits(stack: Stack, run_id: str) -> tuple[str | None, str]:
 
 def _child_run(stack: Stack, parent_id: str, flow_name: str) -> str:
     with stack.api as api:
-        (flow,) = api.post("/flows/filter", json={"flows": {"name": {"any_": [flow_name]}}}).json()
-        runs = api.post("/flow_runs/filter", json={"flow_runs": {"flow_id": {"any_": [flow["id"]]}}}).json()
-        for run in runs:
+        response = api.post("/flow_runs/filter", json={"flows": {"name": {"any_": [flow_name]}}, "sort": "START_TIME_DESC"})
+        response.raise_for_status()
+        for run in response.json():
             if (
                 run["parent_task_run_id"]
                 and api.get(f"/task_runs/{run['parent_task_run_id']}").json()["flow_run_id"] == parent_id
