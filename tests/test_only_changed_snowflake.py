@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import signal
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -164,9 +165,22 @@ def _marts() -> tuple[tuple, tuple]:
     return tuple(lifetime[0]), tuple(revenue[0])
 
 
+@pytest.fixture
+def own_raw_tables(snowflake_env: FakesnowServer) -> Iterator[None]:
+    """This test's raw tables have fewer columns than source-faker's, and fakesnow is one server
+    for the whole session: they are dropped after it, so a later load (test_snowflake_flow)
+    creates source-faker's own."""
+    yield
+    _snowflake(*((f"drop table if exists {RAW}.{table}", None) for table in ("USERS", "PRODUCTS", "PURCHASES")))
+
+
 @pytest.mark.slow
 def test_only_changed_on_snowflake_builds_what_has_new_rows_and_says_why(
-    prefect_server: PrefectServer, snowflake_env: FakesnowServer, appliance_remote: GitRemote, appliance_env: Path
+    prefect_server: PrefectServer,
+    snowflake_env: FakesnowServer,
+    own_raw_tables: None,
+    appliance_remote: GitRemote,
+    appliance_env: Path,
 ) -> None:
     """One Snowflake warehouse, three builds, each compared with the saved state of the one before:
     1. no saved state of target snowflake: everything built, `never built`;
