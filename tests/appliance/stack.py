@@ -148,7 +148,7 @@ class Stack:
         return int(out.strip().splitlines()[-1])
 
 
-def _copy_working_tree(destination: Path) -> None:
+def copy_working_tree(destination: Path) -> None:
     """The repo as the next commit would hold it (tracked + untracked, minus ignored files)."""
     listed = sh(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT).stdout
     for relative in filter(None, listed.split("\0")):
@@ -176,7 +176,7 @@ def prepare_checkout(
     if release:
         sh(["bash", "-c", f"set -o pipefail; git -C {REPO_ROOT} archive {release} | tar -x -C {checkout}"])
     else:
-        _copy_working_tree(checkout)
+        copy_working_tree(checkout)
     git("init", "-q", "-b", "main", cwd=checkout)
     git("add", "-A", cwd=checkout)
     git("commit", "-q", "-m", f"release {release}" if release else "appliance", cwd=checkout)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.appliance.stack import BASE_IMAGE, HERE, TERMINAL, Stack, _copy_working_tree, git, prepare_checkout, sh
+from tests.appliance.stack import BASE_IMAGE, HERE, TERMINAL, Stack, copy_working_tree, git, prepare_checkout, sh
 from tests.appliance.test_stack import _psql
 from tests.conftest import REPO_ROOT
 
@@ -61,7 +61,7 @@ def _push_working_tree(remote: Path, author: Path) -> str:
     for entry in author.iterdir():
         if entry.name != ".git":
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    _copy_working_tree(author)
+    copy_working_tree(author)
     git("add", "-A", cwd=author)
     git("commit", "-q", "-m", "the new release", cwd=author)
     git("push", "-q", "origin", "HEAD:main", cwd=author)
