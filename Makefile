@@ -30,7 +30,7 @@ demo: venv
 	$(BIN)/elt run
 
 test: venv $(FAKESNOW_VENV)/.installed
-	$(BIN)/pytest -n 2 --dist loadscope
+	$(BIN)/pytest
 
 # ruff (lint and format, configured in pyproject.toml), mypy on src/elt, sqlfluff on the dbt project.
 lint: venv lint-sql
@@ -60,6 +60,7 @@ bench: venv
 	$(BIN)/python bench/p2_extract_concurrency.py
 	$(BIN)/python bench/p3_embedded_all_etl.py
 	$(BIN)/python bench/p4_stack.py
+	$(BIN)/python bench/p5_only_changed.py
 
 # Mutation testing (mutmut, one worker, one module at a time) against the fast tests; prints the
 # killed share per module (docs/testing.md). A benchmark, not a gate: it takes a while.

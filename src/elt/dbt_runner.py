@@ -235,34 +235,110 @@ def _remove_profiles_of_dead_processes() -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-@dataclass(frozen=True)
+# dbt commands that run without the parsed project (`parse` makes it).
+_WITHOUT_MANIFEST = frozenset({"deps", "debug", "clean", "init", "parse"})
+
+
+@dataclass
 class Dbt:
     """How every dbt command of the appliance runs: in the project folder, with the profiles
-    folder, the target and the environment of `dbt_for`."""
+    folder, the target and the environment of `dbt_for`.
+
+    The commands run one at a time in one dbt process (src/elt/dbt_driver.py), started by the
+    first and ended by `close()` (`dbt_for` calls it): dbt's start-up and the project's parse
+    are paid once per transform stage, not once per command. Use a Dbt from one thread.
+    """
 
     project: DbtProject
     profiles_dir: Path
     target: str
     env: dict[str, str]
+    last_return_code: int = field(default=0, init=False, compare=False)
+    parsed: bool = field(default=False, init=False, compare=False)  # target/manifest.json is this process's parse
+    _driver: subprocess.Popen[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def command(self, *arguments: str) -> list[str]:
         """The command line of `dbt <arguments>` for this project, profile and target."""
-        return [
-            dbt_executable(),
-            *arguments,
-            "--project-dir",
-            str(self.project.path),
-            "--profiles-dir",
-            str(self.profiles_dir),
-            "--target",
-            self.target,
-        ]
+        return [dbt_executable(), *arguments, *self._common()]
+
+    def _common(self) -> list[str]:
+        return ["--project-dir", str(self.project.path), "--profiles-dir", str(self.profiles_dir), "--target", self.target]
 
     def run_captured(self, *arguments: str, timeout: float | None = None) -> subprocess.CompletedProcess:
-        """Run `dbt <arguments>` to its end, its output captured (for commands whose output is data)."""
-        return subprocess.run(
-            self.command(*arguments), cwd=self.project.path, env=self.env, capture_output=True, text=True, timeout=timeout
-        )
+        """Run `dbt <arguments>` to its end, its output captured (for commands whose output is data).
+        With a timeout, in a dbt process of its own that the timeout can end."""
+        if timeout is not None:
+            return subprocess.run(
+                self.command(*arguments), cwd=self.project.path, env=self.env, capture_output=True, text=True, timeout=timeout
+            )
+        lines = list(self.invoke(list(arguments)))
+        return subprocess.CompletedProcess(["dbt", *arguments], self.last_return_code, "".join(lines), "")
+
+    def invoke(self, arguments: list[str]) -> Iterator[str]:
+        """Run `dbt <arguments>` in this project's dbt process, yielding its output lines as dbt
+        prints them; `last_return_code` is dbt's exit code once the lines end (negative: the dbt
+        process was killed by that signal)."""
+        from elt.dbt_driver import END_MARKER
+
+        driver = self._running_driver()
+        assert driver.stdin is not None and driver.stdout is not None
+        request = {"arguments": [*arguments, *self._common()], "common": self._common()}
+        request["manifest"] = arguments[0] not in _WITHOUT_MANIFEST
+        self.last_return_code = 2
+        try:
+            driver.stdin.write(json.dumps(request) + "\n")
+            driver.stdin.flush()
+        except BrokenPipeError:
+            pass  # it died: its output says why, and its exit code is the command's
+        for line in driver.stdout:
+            if line.startswith(END_MARKER):
+                self.last_return_code = json.loads(line[len(END_MARKER) :])["return_code"]
+                if arguments[0] == "deps":
+                    self.parsed = False
+                elif request["manifest"] or arguments[0] == "parse":
+                    self.parsed = self.parsed or self.last_return_code in (0, 1)
+                return
+            yield line
+        self.last_return_code = driver.wait() or 2
+        self._driver, self.parsed = None, False
+
+    def _running_driver(self) -> subprocess.Popen[str]:
+        if self._driver is None or self._driver.poll() is not None:
+            python = Path(dbt_executable()).with_name("python")
+            self._driver = subprocess.Popen(
+                [str(python) if python.exists() else sys.executable, "-u", "-m", "elt.dbt_driver"],
+                cwd=self.project.path,
+                env=self.env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+                preexec_fn=processes.die_with_parent,  # the thread using this Dbt waits on it
+            )
+        return self._driver
+
+    def parse(self) -> None:
+        """Parse the project (target/manifest.json) unless this process already has."""
+        if not self.parsed:
+            completed = self.run_captured("parse", "--quiet")
+            if completed.returncode != 0:
+                cause = failure_cause(completed.stdout.splitlines(), completed.returncode)
+                raise DbtInvocationError(f"dbt parse in {self.project.path} could not run: {cause}")
+
+    def close(self) -> None:
+        """End the dbt process: it exits when its input closes."""
+        driver, self._driver, self.parsed = self._driver, None, False
+        if driver is None:
+            return
+        for stream in (driver.stdin, driver.stdout):
+            if stream is not None:
+                stream.close()
+        try:
+            driver.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            driver.kill()
+            driver.wait()
 
 
 @contextmanager
@@ -274,7 +350,11 @@ def dbt_for(settings: Settings, project: DbtProject) -> Iterator[Dbt]:
             raise_if_failed(run_dbt(dbt, ["build"]))
     """
     with profiles_dir(settings, project) as folder:
-        yield Dbt(project, folder, settings.effective_dbt_target, dbt_environment(settings))
+        dbt = Dbt(project, folder, settings.effective_dbt_target, dbt_environment(settings))
+        try:
+            yield dbt
+        finally:
+            dbt.close()
 
 
 def dbt_environment(settings: Settings) -> dict[str, str]:
@@ -305,23 +385,11 @@ def run_dbt(dbt: Dbt, arguments: list[str], *, log: logging.Logger | logging.Log
     results are read from target/run_results.json once dbt ends.
     """
     project = dbt.project
-    command = dbt.command(*arguments)
     log.info("Running dbt %s", " ".join(arguments))
     tail: deque[str] = deque(maxlen=40)
     levels = DbtLogLevels()
     started = time.time()
-    process = subprocess.Popen(
-        command,
-        cwd=project.path,
-        env=dbt.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-        preexec_fn=processes.die_with_parent,  # this thread waits for dbt, so dbt ends when it does
-    )
-    assert process.stdout is not None
-    for line in process.stdout:
+    for line in dbt.invoke(arguments):
         level = levels.of(line.rstrip())
         message = _TIMESTAMP.sub("", line.rstrip())
         if not message.strip():
@@ -329,7 +397,7 @@ def run_dbt(dbt: Dbt, arguments: list[str], *, log: logging.Logger | logging.Log
         tail.append(message)
         if not _START_LINE.match(message):
             log.log(level, "%s", message)
-    return_code = process.wait()
+    return_code = dbt.last_return_code
     run = DbtRun(arguments[0], project.path, return_code, output_tail=list(tail), error_lines=levels.error_lines)
     run.results = _read_run_results(project, written_after=started)
     return run

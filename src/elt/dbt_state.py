@@ -169,8 +169,9 @@ def plan_build(
     come from dbt's selectors one by one, and from the manifest's graph for which source fed a node.
     """
     state, no_state = store.last()
-    everything = _listed(dbt, ["--resource-type", *BUILT_TYPES])
+    dbt.parse()
     manifest = json.loads((dbt.project.path / "target" / "manifest.json").read_text())
+    everything = _built_nodes(manifest)
     sources = {f"{source['source_name']}.{source['name']}": uid for uid, source in manifest.get("sources", {}).items()}
     left_out_sources = {selector.removeprefix("source:").removesuffix("+") for selector in left_out}
 
@@ -274,6 +275,12 @@ def _listed(dbt: dbt_runner.Dbt, arguments: list[str]) -> set[str]:
         if line.startswith("{"):
             listed.add(json.loads(line)["unique_id"])
     return listed
+
+
+def _built_nodes(manifest: dict[str, Any]) -> set[str]:
+    """What a `dbt build` of everything runs: the manifest's enabled nodes of the types it builds."""
+    nodes = {uid for uid, node in manifest.get("nodes", {}).items() if node.get("resource_type") in BUILT_TYPES}
+    return nodes | set(manifest.get("unit_tests", {}))
 
 
 def _descendants(manifest: dict[str, Any], unique_id: str) -> set[str]:

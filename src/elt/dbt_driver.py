@@ -1,0 +1,71 @@
+"""One dbt process for every dbt command of a transform stage (`python -m elt.dbt_driver`).
+
+Each line on stdin is a request, `{"arguments": [...], "manifest": true}`; the driver runs it with
+dbt's programmatic runner, its output on stdout as the `dbt` command prints it, then one line
+`END_MARKER {"return_code": n}` (dbt's own exit codes: 0 done, 1 nodes failed, 2 dbt could
+not run). A request with `"manifest": true` runs on the project parsed once (`dbt parse`, whose
+partial parse is kept in target/) by the first such request, or by a `dbt parse` request;
+`dbt deps` forgets that parse, since new packages change the project. The driver ends when stdin closes.
+
+Why: importing dbt and parsing the project cost seconds (a 500-model project: 5-10 s here) in
+every dbt process, and an `--only-changed` build runs freshness, three selections and the build
+(bench/p5_only_changed.py). dbt-core is not safe to invoke twice at once in one process; the
+driver runs one request at a time, in the project folder (dbt-duckdb resolves seed paths from it).
+
+Imports nothing of elt: the driver's start-up is dbt's.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+END_MARKER = "@@elt-dbt-driver-end@@"
+
+
+def main() -> None:
+    from dbt.cli.exceptions import DbtUsageException
+    from dbt.cli.main import dbtRunner
+
+    manifest = None
+    for line in sys.stdin:
+        request = json.loads(line)
+        arguments = request["arguments"]
+        return_code = None
+        if request.get("manifest") and manifest is None:
+            parsed = dbtRunner().invoke(["parse", "--quiet", *request.get("common", [])])
+            if parsed.success:
+                manifest = parsed.result
+            else:
+                return_code = 2
+        if return_code is None:
+            result = dbtRunner(manifest=manifest if request.get("manifest") else None).invoke(arguments)
+            if isinstance(result.exception, DbtUsageException):  # the dbt command prints these itself
+                print(f"Error: {result.exception}")
+            return_code = 0 if result.success else (2 if result.exception is not None else 1)
+            if arguments[:1] == ["deps"]:
+                manifest = None
+            elif arguments[:1] == ["parse"] and result.success:
+                manifest = result.result
+        _close_duckdb()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        print(f"{END_MARKER} {json.dumps({'return_code': return_code})}", flush=True)
+
+
+def _close_duckdb() -> None:
+    """dbt-duckdb keeps the database open between invocations of one process (a class attribute
+    its atexit hook clears); closed after each request, so that other processes (the embedded
+    load, the run's reports, a test) may open the file while the driver waits."""
+    connections = sys.modules.get("dbt.adapters.duckdb.connections")
+    if connections is None:
+        return
+    manager = connections.DuckDBConnectionManager
+    with manager._LOCK:
+        environment, manager._ENV = manager._ENV, None
+        if environment is not None:
+            environment.close()
+
+
+if __name__ == "__main__":
+    main()
