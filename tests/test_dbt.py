@@ -2,8 +2,10 @@
 
 import json
 import logging
+import os
 import re
 import shutil
+import signal
 import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -381,3 +383,62 @@ def test_a_project_without_freshness_blocks_is_never_gated(project: dbt_runner.D
         "version: 2\nsources:\n  - name: crm\n    description: no freshness block\n    tables: [{name: contacts}]\n"
     )
     assert dbt_runner.check_freshness(_dbt(project, profiles_dir)) == []  # dbt ran, and checked nothing
+
+
+def test_a_stages_dbt_commands_run_in_one_dbt_process_that_leaves_the_warehouse_free_between_them(
+    project: dbt_runner.DbtProject, profiles_dir: Path, tmp_path: Path
+) -> None:
+    """Seed, ls and build run in one dbt process (dbt's start-up and the parse paid once); between
+    two commands the DuckDB file is free, so another process writes to it, and the build reads that write."""
+    dbt = _dbt(project, profiles_dir)
+    try:
+        assert dbt_runner.run_dbt(dbt, ["seed"]).return_code == 0
+        assert dbt._driver is not None
+        driver = dbt._driver.pid
+        with duckdb.connect(str(tmp_path / "warehouse.duckdb")) as connection:
+            connection.execute("insert into main.orders (order_id, customer, amount) values (99, 'written_between_commands', 1000)")
+        listed = dbt.run_captured("ls", "--resource-type", "model", "--output", "name", "--quiet")
+        assert listed.returncode == 0 and "customer_totals" in listed.stdout.split()
+        run = dbt_runner.raise_if_failed(dbt_runner.run_dbt(dbt, ["run", "--select", "customer_totals"]))
+        assert [node.status for node in run.results] == ["success"]
+        assert dbt._driver.pid == driver
+    finally:
+        dbt.close()
+    assert not Path(f"/proc/{driver}").exists()
+    with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as connection:
+        (total,) = connection.execute("select total_amount from main_marts.customer_totals where customer = 'written_between_commands'").fetchone()
+    assert total == 1000
+
+
+def test_a_killed_dbt_process_fails_its_command_with_the_signal_and_the_next_command_starts_another(
+    project: dbt_runner.DbtProject, profiles_dir: Path
+) -> None:
+    dbt = _dbt(project, profiles_dir)
+    try:
+        assert dbt_runner.run_dbt(dbt, ["seed"]).return_code == 0
+        assert dbt._driver is not None
+        killed = dbt._driver.pid
+        os.kill(killed, signal.SIGKILL)
+        with pytest.raises(dbt_runner.DbtInvocationError) as error:
+            dbt_runner.raise_if_failed(dbt_runner.run_dbt(dbt, ["build"]))
+        assert str(error.value) == f"dbt build in {project.path} could not run: the dbt process was killed (signal 9)"
+        assert dbt_runner.run_dbt(dbt, ["seed"]).return_code == 0
+        assert dbt._driver.pid != killed
+    finally:
+        dbt.close()
+
+
+def test_a_project_that_does_not_parse_fails_the_command_with_dbts_error(
+    project: dbt_runner.DbtProject, profiles_dir: Path
+) -> None:
+    (project.path / "models" / "broken.sql").write_text("select * from {{ ref('no_such_model') }}\n")
+    dbt = _dbt(project, profiles_dir)
+    try:
+        run = dbt_runner.run_dbt(dbt, ["build"])
+    finally:
+        dbt.close()
+    assert run.return_code == 2 and run.results == []
+    with pytest.raises(dbt_runner.DbtInvocationError) as error:
+        dbt_runner.raise_if_failed(run)
+    assert str(error.value).startswith(f"dbt build in {project.path} could not run: ")
+    assert "no_such_model" in str(error.value)

@@ -74,8 +74,10 @@ def test_dbt_that_could_not_run_says_why_in_one_line() -> None:
     crashed = DbtRun("ls", Path("/p"), 1, output_tail=["a", "b", "c", "d", "Killed", "https://docs.getdbt.com"])
     with pytest.raises(DbtInvocationError, match=r"^dbt ls in /p could not run: c: d: Killed$"):
         dbt_runner.raise_if_failed(crashed)
-    with pytest.raises(DbtInvocationError, match=r"^dbt ls in /p could not run: exit code -9$"):
+    with pytest.raises(DbtInvocationError, match=r"^dbt ls in /p could not run: the dbt process was killed \(signal 9\)$"):
         dbt_runner.raise_if_failed(DbtRun("ls", Path("/p"), -9))
+    with pytest.raises(DbtInvocationError, match=r"^dbt ls in /p could not run: exit code 2$"):
+        dbt_runner.raise_if_failed(DbtRun("ls", Path("/p"), 2))
 
 
 @pytest.mark.parametrize(

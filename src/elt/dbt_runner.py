@@ -585,6 +585,8 @@ def failure_cause(lines: list[str], return_code: int | None = None) -> str:
 def _one_line(error_lines: list[str], output: list[str], return_code: int | None) -> str:
     """dbt's error events without their framing, each line once; the output's last lines when
     dbt logged no error event (it crashed first)."""
+    if return_code is not None and return_code < 0 and not _meaningful(error_lines):
+        return f"the dbt process was killed (signal {-return_code})"  # what it printed last is not why
     cause = _meaningful(error_lines) or _meaningful(output[-4:])
     return ": ".join(cause[:3]) or f"exit code {return_code}"
 
