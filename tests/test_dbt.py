@@ -396,7 +396,9 @@ def test_a_stages_dbt_commands_run_in_one_dbt_process_that_leaves_the_warehouse_
         assert dbt._driver is not None
         driver = dbt._driver.pid
         with duckdb.connect(str(tmp_path / "warehouse.duckdb")) as connection:
-            connection.execute("insert into main.orders (order_id, customer, amount) values (99, 'written_between_commands', 1000)")
+            connection.execute(
+                "insert into main.orders (order_id, customer, amount) values (99, 'written_between_commands', 1000)"
+            )
         listed = dbt.run_captured("ls", "--resource-type", "model", "--output", "name", "--quiet")
         assert listed.returncode == 0 and "customer_totals" in listed.stdout.split()
         run = dbt_runner.raise_if_failed(dbt_runner.run_dbt(dbt, ["run", "--select", "customer_totals"]))
@@ -406,7 +408,9 @@ def test_a_stages_dbt_commands_run_in_one_dbt_process_that_leaves_the_warehouse_
         dbt.close()
     assert not Path(f"/proc/{driver}").exists()
     with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as connection:
-        (total,) = connection.execute("select total_amount from main_marts.customer_totals where customer = 'written_between_commands'").fetchone()
+        (total,) = connection.execute(
+            "select total_amount from main_marts.customer_totals where customer = 'written_between_commands'"
+        ).fetchone()
     assert total == 1000
 
 
