@@ -93,7 +93,7 @@ def plain_build():
         completed = subprocess.run(dbt.command("build"), cwd=project, env=dbt.env, capture_output=True, text=True)
         seconds = time.monotonic() - started
     if completed.returncode != 0:
-        sys.exit("plain dbt build failed:\n" + completed.stdout[-3000:])
+        sys.exit("plain dbt build failed:\\n" + completed.stdout[-3000:])
     return seconds
 
 

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -446,3 +447,26 @@ def test_a_project_that_does_not_parse_fails_the_command_with_dbts_error(
         dbt_runner.raise_if_failed(run)
     assert str(error.value).startswith(f"dbt build in {project.path} could not run: ")
     assert "no_such_model" in str(error.value)
+
+
+def test_a_dbt_process_started_early_serves_the_first_dbt_of_its_thread_or_ends_with_its_block(
+    project: dbt_runner.DbtProject, profiles_dir: Path
+) -> None:
+    """all-etl starts dbt's process before the syncs (dbt's import overlaps them). The transform's
+    Dbt takes it over, and its seed finds the project's CSVs although the process started elsewhere;
+    one nobody used ends with the block."""
+    settings = load_settings()
+    with dbt_runner.dbt_started_early(settings):
+        _, early = dbt_runner._early_drivers[threading.get_ident()]
+        dbt = dbt_runner.Dbt(project, profiles_dir, "duckdb", dbt_runner.dbt_environment(settings))
+        try:
+            seeded = dbt_runner.raise_if_failed(dbt_runner.run_dbt(dbt, ["seed"]))
+            assert dbt._driver is early
+        finally:
+            dbt.close()
+    assert [node.unique_id for node in seeded.results] == ["seed.tiny_shop.orders"]
+    assert early.poll() is not None
+    with dbt_runner.dbt_started_early(settings):
+        _, unused = dbt_runner._early_drivers[threading.get_ident()]
+        assert unused.poll() is None
+    assert unused.poll() is not None and threading.get_ident() not in dbt_runner._early_drivers

@@ -18,6 +18,7 @@ Imports nothing of elt: the driver's start-up is dbt's.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 END_MARKER = "@@elt-dbt-driver-end@@"
@@ -26,15 +27,17 @@ END_MARKER = "@@elt-dbt-driver-end@@"
 def main() -> None:
     from dbt.cli.exceptions import DbtUsageException
     from dbt.cli.main import dbtRunner
+    from dbt.contracts.graph.manifest import Manifest
 
-    manifest = None
+    manifest: Manifest | None = None
     for line in sys.stdin:
         request = json.loads(line)
+        os.chdir(request["cwd"])  # dbt-duckdb resolves seed paths from the working directory
         arguments = request["arguments"]
         return_code = None
         if request.get("manifest") and manifest is None:
             parsed = dbtRunner().invoke(["parse", "--quiet", *request.get("common", [])])
-            if parsed.success:
+            if parsed.success and isinstance(parsed.result, Manifest):
                 manifest = parsed.result
             else:
                 return_code = 2
@@ -45,7 +48,7 @@ def main() -> None:
             return_code = 0 if result.success else (2 if result.exception is not None else 1)
             if arguments[:1] == ["deps"]:
                 manifest = None
-            elif arguments[:1] == ["parse"] and result.success:
+            elif arguments[:1] == ["parse"] and isinstance(result.result, Manifest):
                 manifest = result.result
         _close_duckdb()
         sys.stdout.flush()

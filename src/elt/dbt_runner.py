@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -245,7 +246,7 @@ class Dbt:
     folder, the target and the environment of `dbt_for`.
 
     The commands run one at a time in one dbt process (src/elt/dbt_driver.py), started by the
-    first and ended by `close()` (`dbt_for` calls it): dbt's start-up and the project's parse
+    first (or by `dbt_started_early`) and ended by `close()` (`dbt_for` calls it): dbt's start-up and the project's parse
     are paid once per transform stage, not once per command. Use a Dbt from one thread.
     """
 
@@ -282,8 +283,13 @@ class Dbt:
 
         driver = self._running_driver()
         assert driver.stdin is not None and driver.stdout is not None
-        request = {"arguments": [*arguments, *self._common()], "common": self._common()}
-        request["manifest"] = arguments[0] not in _WITHOUT_MANIFEST
+        uses_manifest = arguments[0] not in _WITHOUT_MANIFEST
+        request = {
+            "arguments": [*arguments, *self._common()],
+            "common": self._common(),
+            "cwd": str(self.project.path),
+            "manifest": uses_manifest,
+        }
         self.last_return_code = 2
         try:
             driver.stdin.write(json.dumps(request) + "\n")
@@ -295,7 +301,7 @@ class Dbt:
                 self.last_return_code = json.loads(line[len(END_MARKER) :])["return_code"]
                 if arguments[0] == "deps":
                     self.parsed = False
-                elif request["manifest"] or arguments[0] == "parse":
+                elif uses_manifest or arguments[0] == "parse":
                     self.parsed = self.parsed or self.last_return_code in (0, 1)
                 return
             yield line
@@ -304,18 +310,13 @@ class Dbt:
 
     def _running_driver(self) -> subprocess.Popen[str]:
         if self._driver is None or self._driver.poll() is not None:
-            python = Path(dbt_executable()).with_name("python")
-            self._driver = subprocess.Popen(
-                [str(python) if python.exists() else sys.executable, "-u", "-m", "elt.dbt_driver"],
-                cwd=self.project.path,
-                env=self.env,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                bufsize=1,
-                preexec_fn=processes.die_with_parent,  # the thread using this Dbt waits on it
-            )
+            env, early = _early_drivers.pop(threading.get_ident(), (None, None))
+            if early is not None and env == self.env and early.poll() is None:
+                self._driver = early
+            else:
+                if early is not None:
+                    _end_driver(early)
+                self._driver = _start_driver(self.env)
         return self._driver
 
     def parse(self) -> None:
@@ -327,18 +328,56 @@ class Dbt:
                 raise DbtInvocationError(f"dbt parse in {self.project.path} could not run: {cause}")
 
     def close(self) -> None:
-        """End the dbt process: it exits when its input closes."""
+        """End the dbt process."""
         driver, self._driver, self.parsed = self._driver, None, False
-        if driver is None:
-            return
-        for stream in (driver.stdin, driver.stdout):
-            if stream is not None:
-                stream.close()
-        try:
-            driver.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            driver.kill()
-            driver.wait()
+        if driver is not None:
+            _end_driver(driver)
+
+
+# Per thread: a dbt process started before its project is known, with the environment it has.
+_early_drivers: dict[int, tuple[dict[str, str], subprocess.Popen[str]]] = {}
+
+
+@contextmanager
+def dbt_started_early(settings: Settings) -> Iterator[None]:
+    """Start a dbt process now, for the first `Dbt` of this thread with these settings to use:
+    dbt's import (seconds: bench/p3_embedded_all_etl.py) then overlaps the syncs and the pull
+    instead of following them. Ended with the block if nothing used it."""
+    thread = threading.get_ident()
+    env = dbt_environment(settings)
+    _early_drivers[thread] = (env, _start_driver(env))
+    try:
+        yield
+    finally:
+        _, unused = _early_drivers.pop(thread, (None, None))
+        if unused is not None:
+            _end_driver(unused)
+
+
+def _start_driver(env: dict[str, str]) -> subprocess.Popen[str]:
+    python = Path(dbt_executable()).with_name("python")
+    return subprocess.Popen(
+        [str(python) if python.exists() else sys.executable, "-u", "-m", "elt.dbt_driver"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        preexec_fn=processes.die_with_parent,  # started and waited on by the thread that uses it
+    )
+
+
+def _end_driver(driver: subprocess.Popen[str]) -> None:
+    """A dbt process exits when its input closes."""
+    for stream in (driver.stdin, driver.stdout):
+        if stream is not None:
+            stream.close()
+    try:
+        driver.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        driver.kill()
+        driver.wait()
 
 
 @contextmanager

@@ -7,7 +7,7 @@ Prefect (summary, artifacts, events) is src/elt/reporting.py.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -175,6 +175,11 @@ def transform(
     return dbt_runner.raise_if_failed(run)
 
 
+def _dbt_early(settings: Settings, skip_transform: bool) -> AbstractContextManager[None]:
+    """dbt's process, started while the syncs run, for the transform to use."""
+    return nullcontext() if skip_transform else dbt_runner.dbt_started_early(settings)
+
+
 def _left_out_as_stale(freshness: list[dbt_runner.SourceFreshness], logger: Any) -> list[str]:
     """Selectors of the sources freshness blocks, each logged with why."""
     for source in freshness:
@@ -233,7 +238,7 @@ def all_etl(
     summary = EtlSummary()
     extract_failure: ExtractFailed | None = None
     # The lock before any sync; taking it marks a previous run that died Crashed.
-    with _settings_of_this_run(settings), run_lock.hold(settings, str(flow_run.id)):
+    with _settings_of_this_run(settings), run_lock.hold(settings, str(flow_run.id)), _dbt_early(settings, skip_transform):
         try:
             if not skip_extract:
                 runner = ThreadPoolTaskRunner[Any](max_workers=settings.extract_concurrency)
