@@ -1,0 +1,121 @@
+"""The database of the temporary Prefect server `elt run` starts when PREFECT_API_URL is unset.
+
+Prefect's temporary server migrates its SQLite database each time it starts: about 20 s on a
+fresh database and 1–2 s more on every later start just to find it at the head revision. Here
+the database lives under the data folder (`<data>/prefect/prefect.db`, removed by `make clean`
+with the rest of the run state) and is migrated once per Prefect version, before Prefect
+starts, under a file lock: two runs starting at once migrate it once, the second waiting for
+the first. Each later run checks it is still current (the Prefect version recorded when it was
+migrated, and the revision the database itself holds) and starts the server without migrating.
+A database that was deleted, replaced or migrated by another Prefect version is migrated again.
+
+Left alone when the user chose the database (PREFECT_SERVER_DATABASE_CONNECTION_URL or
+PREFECT_API_DATABASE_CONNECTION_URL) or whether to migrate, or runs against a server (PREFECT_API_URL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator, MutableMapping
+from importlib.metadata import version
+from pathlib import Path
+
+from elt.errors import ConfigurationError
+
+CONNECTION_URL = "PREFECT_SERVER_DATABASE_CONNECTION_URL"
+MIGRATE_ON_START = "PREFECT_SERVER_DATABASE_MIGRATE_ON_START"
+_USER_CHOICES = (
+    "PREFECT_API_URL",
+    CONNECTION_URL,
+    "PREFECT_API_DATABASE_CONNECTION_URL",
+    MIGRATE_ON_START,
+    "PREFECT_API_DATABASE_MIGRATE_ON_START",
+)
+
+
+# Prefect's own migration command; the tests put a stand-in here.
+UPGRADE_COMMAND = [sys.executable, "-m", "prefect", "server", "database", "upgrade", "--yes"]
+
+
+class PrefectDatabaseMigrationFailed(ConfigurationError):
+    pass
+
+
+def prepare(data_dir: Path, environ: MutableMapping[str, str] = os.environ) -> Path | None:
+    """Point the temporary server at `<data_dir>/prefect/prefect.db`, migrated and current, and
+    tell it not to migrate again. Returns the database, or None when the user chose otherwise."""
+    if any(environ.get(name) for name in _USER_CHOICES):
+        return None
+    folder = data_dir / "prefect"
+    database = folder / "prefect.db"
+    environment = {**environ, CONNECTION_URL: f"sqlite+aiosqlite:///{database}"}
+    if not _is_current(folder, database):
+        folder.mkdir(parents=True, exist_ok=True)
+        with _locked(folder / ".migrate.lock"):
+            if not _is_current(folder, database):  # another run may have migrated it meanwhile
+                _migrate(folder, database, environment)
+    environ[CONNECTION_URL] = environment[CONNECTION_URL]
+    environ[MIGRATE_ON_START] = "false"
+    return database
+
+
+def _is_current(folder: Path, database: Path) -> bool:
+    try:
+        recorded = json.loads((folder / "migrated.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return False
+    return (
+        isinstance(recorded, dict)
+        and recorded.get("prefect") == version("prefect")
+        and recorded.get("revision") is not None
+        and recorded.get("revision") == _revision(database)
+    )
+
+
+def _revision(database: Path) -> str | None:
+    """The Alembic revision the database holds; None for a missing or unmigrated database."""
+    if not database.exists():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as connection:
+            row = connection.execute("select version_num from alembic_version").fetchone()
+    except sqlite3.Error:
+        return None
+    return row[0] if row else None
+
+
+def _migrate(folder: Path, database: Path, environment: dict[str, str]) -> None:
+    """Prefect's own `prefect server database upgrade`, then record what it left."""
+    (folder / "migrated.json").unlink(missing_ok=True)
+    completed = subprocess.run(
+        UPGRADE_COMMAND,
+        env=environment | {MIGRATE_ON_START: "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+        capture_output=True,
+        text=True,
+    )
+    revision = _revision(database)
+    if completed.returncode != 0 or revision is None:
+        tail = " | ".join(line.strip() for line in (completed.stderr or completed.stdout).strip().splitlines()[-3:])
+        raise PrefectDatabaseMigrationFailed(
+            f"migrating the temporary Prefect server's database {database} failed: {tail or 'no revision recorded'}; "
+            f"remove {folder} to start from an empty one, or set PREFECT_API_URL to a running Prefect server"
+        )
+    record = folder / ".migrated.json.writing"
+    record.write_text(json.dumps({"prefect": version("prefect"), "revision": revision}))
+    os.replace(record, folder / "migrated.json")
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
