@@ -80,10 +80,11 @@ def run(
     )
     with ExitStack() as stack:
         settings = _fail_on_bad_settings(debug, stack, **checked)
-        _or_exit(lambda: temporary_server.prepare(settings.path(settings.data_dir)))
-        # A temporary Prefect server's first start migrates a fresh SQLite database (~20 s here).
+        # Read by Prefect once, when the temporary server starts: a busy machine needs the time.
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        _or_exit(lambda: temporary_server.prepare(settings.path(settings.data_dir)))
+        server = temporary_server.start()  # comes up while the imports below run
 
         from elt.flows import all_etl
         from elt.processes import run_with_watchdog
@@ -92,6 +93,8 @@ def run(
             from elt.extract.embedded import preload_pyairbyte
 
             preload_pyairbyte()
+        if server:
+            stack.enter_context(_or_exit(server.wait_and_use))
 
         # The watchdog starts before Prefect does: a temporary Prefect server is a child of the run too.
         # return_state=True: Prefect's engine returns the final State, not the flow's value.

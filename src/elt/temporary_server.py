@@ -9,24 +9,35 @@ the first. Each later run checks it is still current (the Prefect version record
 migrated, and the revision the database itself holds) and starts the server without migrating.
 A database that was deleted, replaced or migrated by another Prefect version is migrated again.
 
+`start` then starts that server the way Prefect's own temporary server starts (the same uvicorn
+command, prefect/server/api/server.py `SubprocessASGIServer`), but at the start of `elt run`, so
+that it comes up while this process imports Prefect, the flows and PyAirbyte, and without
+importing Prefect's whole server into this process (Prefect's client does, to launch it).
+
 Left alone when the user chose the database (PREFECT_SERVER_DATABASE_CONNECTION_URL or
 PREFECT_API_DATABASE_CONNECTION_URL) or whether to migrate, or runs against a server (PREFECT_API_URL).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, MutableMapping
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
-from elt.errors import ConfigurationError
+from elt.errors import ConfigurationError, TransientError
 
 CONNECTION_URL = "PREFECT_SERVER_DATABASE_CONNECTION_URL"
 MIGRATE_ON_START = "PREFECT_SERVER_DATABASE_MIGRATE_ON_START"
@@ -44,6 +55,10 @@ UPGRADE_COMMAND = [sys.executable, "-m", "prefect", "server", "database", "upgra
 
 
 class PrefectDatabaseMigrationFailed(ConfigurationError):
+    pass
+
+
+class TemporaryServerDidNotStart(TransientError):
     pass
 
 
@@ -119,3 +134,97 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class TemporaryServer:
+    """Prefect's temporary server, a child of this process, stopped when the process exits
+    (a killed run's watchdog stops it, src/elt/processes.py)."""
+
+    def __init__(self, environ: dict[str, str]) -> None:
+        self._environ = environ
+        self.port = _free_port()
+        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        self.process = self._launch()
+        atexit.register(self.stop)
+
+    def _launch(self) -> subprocess.Popen[bytes]:
+        import prefect
+
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--app-dir",
+                str(Path(prefect.__file__).parent.parent),
+                "--factory",
+                "prefect.server.api.server:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "error",
+                "--lifespan",
+                "on",
+            ],
+            env=self._environ | {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"},
+        )
+
+    def wait_until_healthy(self, timeout_seconds: float) -> None:
+        deadline = time.monotonic() + timeout_seconds
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if self.process.poll() == 3:  # uvicorn: the port was taken meanwhile
+                self.port = _free_port()
+                self.api_url = f"http://127.0.0.1:{self.port}/api"
+                self.process = self._launch()
+            elif self.process.poll() is not None or time.monotonic() > deadline:
+                how = (
+                    f"exited with code {self.process.returncode}"
+                    if self.process.poll() is not None
+                    else f"not healthy after {timeout_seconds:.0f} s"
+                )
+                raise TemporaryServerDidNotStart(
+                    f"the temporary Prefect server {how}; raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS "
+                    "if the machine is busy, or set PREFECT_API_URL to a running Prefect server"
+                )
+            time.sleep(0.1)
+
+    def wait_and_use(self) -> contextlib.AbstractContextManager[Any]:
+        """Once healthy, this process's Prefect API (its settings are read once, at import)."""
+        from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+        self.wait_until_healthy(get_current_settings().server.ephemeral.startup_timeout_seconds)
+        return temporary_settings(updates={PREFECT_API_URL: self.api_url})
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start(environ: MutableMapping[str, str] = os.environ) -> TemporaryServer | None:
+    """Start the temporary server when no Prefect server is configured (PREFECT_API_URL in the
+    environment, .env or the Prefect profile); None when one is."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
+        return None
+    return TemporaryServer({**environ, **settings.to_environment_variables(exclude_unset=True)})
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
