@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from elt import temporary_server
@@ -178,26 +179,40 @@ def test_failed_migration_names_the_database_and_the_fix(tmp_path: Path, migrati
 
 
 @pytest.mark.slow
-def test_a_flow_runs_on_the_temporary_server_with_the_database_migrated_beforehand(tmp_path: Path) -> None:
-    """Prefect's own migration, then a real flow on a temporary server that does not migrate."""
-    data, environ = tmp_path / "data", _environ() | {"PREFECT_HOME": str(tmp_path / "prefect-home")}
-    prepare(data, environ)
-    recorded = json.loads((data / "prefect" / "migrated.json").read_text())
-
-    flow = "from prefect import flow\n@flow\ndef hello():\n    return 'ran'\nprint(hello())\n"
+def test_a_flow_runs_on_the_temporary_server_elt_run_starts(tmp_path: Path) -> None:
+    """Prefect's own migration, then `elt run`'s way of starting the temporary server: a real
+    flow runs on it, the run's process never imports Prefect's server, and the server ends with it."""
+    data = tmp_path / "data"
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from elt import temporary_server\n"
+        "temporary_server.prepare(Path(sys.argv[1]))\n"
+        "server = temporary_server.start()\n"
+        "with server.wait_and_use():\n"
+        "    from prefect import flow\n"
+        "    @flow\n"
+        "    def hello():\n"
+        "        return 'ran'\n"
+        "    print(hello(), server.process.pid, 'prefect.server.api.server' in sys.modules)\n"
+    )
+    environ = _environ() | {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "true"}
     completed = subprocess.run(
-        [sys.executable, "-c", flow],
+        [sys.executable, "-c", script, str(data)],
         env=environ | {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"},
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
 
     assert completed.returncode == 0, completed.stderr[-2000:]
-    assert completed.stdout.strip().splitlines()[-1] == "ran"
+    result, server_pid, imported_server = completed.stdout.strip().splitlines()[-1].split()
+    assert (result, imported_server) == ("ran", "False")
+    assert not psutil.pid_exists(int(server_pid)) or psutil.Process(int(server_pid)).status() == psutil.STATUS_ZOMBIE
+    recorded = json.loads((data / "prefect" / "migrated.json").read_text())
     with sqlite3.connect(data / "prefect" / "prefect.db") as connection:
         assert connection.execute("select version_num from alembic_version").fetchone() == (recorded["revision"],)
-        assert connection.execute("select count(*) from flow_run where name is not null").fetchone() == (1,)
+        assert connection.execute("select name from flow where name = 'hello'").fetchone() == ("hello",)
 
 
 def _wait_for(condition, what: str, seconds: float = 60) -> None:
