@@ -42,7 +42,12 @@ def main() -> None:
     settings = load_settings(home=REPO_ROOT)
     data = settings.path(settings.data_dir)
     home = OUT / "p3-prefect-home"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "900",  # a loaded machine
+    }
     env.pop("PREFECT_API_URL", None)
 
     # A first run: venv and connector ready, nothing Prefect or the catalog cache kept from an earlier one.

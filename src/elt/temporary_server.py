@@ -200,7 +200,9 @@ class TemporaryServer:
         """Once healthy, this process's Prefect API (its settings are read once, at import)."""
         from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
-        self.wait_until_healthy(get_current_settings().server.ephemeral.startup_timeout_seconds)
+        # The environment's value even when Prefect read its settings before it was set.
+        chosen = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
+        self.wait_until_healthy(float(chosen) if chosen else get_current_settings().server.ephemeral.startup_timeout_seconds)
         return temporary_settings(updates={PREFECT_API_URL: self.api_url})
 
     def stop(self) -> None:
