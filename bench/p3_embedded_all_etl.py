@@ -59,7 +59,7 @@ def main() -> None:
         shutil.rmtree(data / kept, ignore_errors=True)
     first = _elt_run("first", env)
     second = _elt_run("second", env)
-    with prefect_server() as api_url:
+    with prefect_server(startup_seconds=900) as api_url:
         _elt_run("warm-up", env | {"PREFECT_API_URL": api_url})  # the server's own first-request costs
         running = _elt_run("running", env | {"PREFECT_API_URL": api_url})
 
