@@ -143,6 +143,26 @@ def test_two_runs_starting_at_once_migrate_once(tmp_path: Path, migration) -> No
     assert [environ[MIGRATE_ON_START] for environ in environs] == ["false", "false"]
 
 
+def test_a_run_killed_while_migrating_does_not_leave_the_migration_running(tmp_path: Path, migration) -> None:
+    migration.hold()
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from elt import temporary_server\n"
+        f"temporary_server.UPGRADE_COMMAND = {temporary_server.UPGRADE_COMMAND!r}\n"
+        "temporary_server.prepare(Path(sys.argv[1]), {})\n"
+    )
+    run = subprocess.Popen([sys.executable, str(script), str(tmp_path / "data")])
+    _wait_for(lambda: migration.calls() == 1, "the run's migration to start")
+    (stand_in,) = [child for child in psutil.Process(run.pid).children() if "stand_in_upgrade" in " ".join(child.cmdline())]
+
+    run.kill()
+    run.wait()
+
+    _wait_for(lambda: not stand_in.is_running() or stand_in.status() == psutil.STATUS_ZOMBIE, "the migration to end", 30)
+
+
 @pytest.mark.parametrize(
     "chosen",
     [

@@ -37,6 +37,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from elt import processes
 from elt.errors import ConfigurationError, TransientError
 
 CONNECTION_URL = "PREFECT_SERVER_DATABASE_CONNECTION_URL"
@@ -113,6 +114,7 @@ def _migrate(folder: Path, database: Path, environment: dict[str, str]) -> None:
         env=environment | {MIGRATE_ON_START: "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
         capture_output=True,
         text=True,
+        preexec_fn=processes.die_with_parent,  # a run killed meanwhile does not leave it migrating
     )
     revision = _revision(database)
     if completed.returncode != 0 or revision is None:
@@ -169,6 +171,7 @@ class TemporaryServer:
                 "on",
             ],
             env=self._environ | {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"},
+            preexec_fn=processes.die_with_parent,  # started and stopped by the run's main thread
         )
 
     def wait_until_healthy(self, timeout_seconds: float) -> None:
