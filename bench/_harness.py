@@ -90,6 +90,7 @@ def prefect_server(startup_seconds: float = 120) -> Iterator[str]:
         except httpx.HTTPError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
+            process.terminate()
             raise RuntimeError(f"prefect server did not start; see {home / 'server.log'}")
         time.sleep(0.5)
     try:
