@@ -65,7 +65,7 @@ def machine() -> str:
 
 
 @contextmanager
-def prefect_server() -> Iterator[str]:
+def prefect_server(startup_seconds: float = 120) -> Iterator[str]:
     """A local `prefect server start` (SQLite) for the duration of a benchmark; yields its API URL."""
     home = OUT / "prefect-home"
     home.mkdir(parents=True, exist_ok=True)
@@ -82,7 +82,7 @@ def prefect_server() -> Iterator[str]:
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + startup_seconds
     while True:
         try:
             if httpx.get(url + "/health", timeout=5).status_code == 200:
@@ -90,6 +90,7 @@ def prefect_server() -> Iterator[str]:
         except httpx.HTTPError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
+            process.terminate()
             raise RuntimeError(f"prefect server did not start; see {home / 'server.log'}")
         time.sleep(0.5)
     try:

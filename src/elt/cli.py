@@ -12,12 +12,15 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 import typer
 from pydantic import ValidationError
 
+from elt import temporary_server
 from elt.errors import EltError, first_line
+from elt.settings import AirbyteBackend
 
 if TYPE_CHECKING:
     from prefect.states import State
 
     from elt.reporting import EtlSummary
+    from elt.settings import Settings
 
 T = TypeVar("T")
 
@@ -76,13 +79,22 @@ def run(
         env=env,
     )
     with ExitStack() as stack:
-        _fail_on_bad_settings(debug, stack, **checked)
-        # A temporary Prefect server's first start migrates a fresh SQLite database (~20 s here).
+        settings = _fail_on_bad_settings(debug, stack, **checked)
+        # Read by Prefect once, when the temporary server starts: a busy machine needs the time.
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        _or_exit(lambda: temporary_server.prepare(settings.path(settings.data_dir)))
+        server = temporary_server.start()  # comes up while the imports below run
 
         from elt.flows import all_etl
         from elt.processes import run_with_watchdog
+
+        if not skip_extract and settings.airbyte_backend == AirbyteBackend.embedded:
+            from elt.extract.embedded import preload_pyairbyte
+
+            preload_pyairbyte()
+        if server:
+            stack.enter_context(_or_exit(server.wait_and_use))
 
         # The watchdog starts before Prefect does: a temporary Prefect server is a child of the run too.
         # return_state=True: Prefect's engine returns the final State, not the flow's value.
@@ -240,14 +252,14 @@ def alert_test() -> None:
         raise typer.Exit(1)
 
 
-def _fail_on_bad_settings(debug: bool, stack: ExitStack, **run: Any) -> None:
+def _fail_on_bad_settings(debug: bool, stack: ExitStack, **run: Any) -> Settings:
     """Refuse to start a run whose configuration can't work, before Prefect spins up: one line
     naming the variable or file and the fix (src/elt/preflight.py has every check). Until `stack`
     closes, the flow's own check of this run returns these checked settings."""
     from elt import preflight
 
     try:
-        stack.enter_context(preflight.checked_once(**run))
+        return stack.enter_context(preflight.checked_once(**run))
     except EltError as exc:
         if debug:
             traceback.print_exc()

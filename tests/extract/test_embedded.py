@@ -1,5 +1,7 @@
 """The embedded backend's errors for connectors it can't run: one line naming file, connection and field."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,30 @@ def test_shipped_connections_file_is_usable(tmp_path: Path) -> None:
 
     settings = load_settings(home=REPO_ROOT)
     assert EmbeddedBackend(settings, load_connections(REPO_ROOT / "airbyte" / "connections.yaml")).connection_names() == ["faker"]
+
+
+@pytest.mark.slow
+def test_pyairbyte_preloaded_by_elt_run_is_the_one_a_sync_gets_and_prefect_logging_stays() -> None:
+    """`elt run` imports PyAirbyte in the background while Prefect starts; a sync's import waits
+    for it and finds Prefect's log handlers in place (airbyte_cdk's import replaces them). In a
+    fresh interpreter: the import happens once per process."""
+    script = (
+        "import logging, sys\n"
+        "from prefect.logging.configuration import setup_logging\n"
+        "setup_logging()\n"
+        "def shape():\n"
+        "    return [(type(h).__name__, type(h.formatter).__name__) for h in logging.getLogger().handlers]\n"
+        "before = shape()\n"
+        "from elt.extract import embedded\n"
+        "preload = embedded.preload_pyairbyte()\n"
+        "airbyte = embedded._import_pyairbyte()\n"
+        "print(airbyte is sys.modules['airbyte'], shape() == before, shape())\n"
+        "preload.join(timeout=300)\n"
+        "print(preload.is_alive(), shape() == before)\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    during, after = completed.stdout.strip().splitlines()[-2:]
+    assert during.startswith("True True "), during
+    assert after == "False True"
