@@ -69,17 +69,37 @@ timed(reporting, "publish_plan", lambda *_, **__: "publish_plan")
 timed(dbt_state, "keep_state", lambda *_, **__: "keep_state")
 
 
-def stage(only_changed):
+def stage(only_changed, before=lambda: None):
+    # As all-etl runs it: dbt's process started before the syncs (here `before`, the rows landing),
+    # the stage starting once dbt is imported, as it does after syncs that take longer than that.
+    import threading
+
+    from elt.settings import load_settings
+
     phases.clear()
-    started = time.monotonic()
-    run = transform(project, only_changed=only_changed, commit="generated")
+    with dbt_runner.dbt_started_early(load_settings()):
+        _, early = dbt_runner._early_drivers[threading.get_ident()]
+        before()
+        early.stdout.readline()  # the driver's ready line: dbt imported
+        started = time.monotonic()
+        run = transform(project, only_changed=only_changed, commit="generated")
+        seconds = time.monotonic() - started
+        adopted = threading.get_ident() not in dbt_runner._early_drivers
     return {
-        "seconds": time.monotonic() - started,
+        "seconds": seconds,
+        "early_process_used": adopted,
         "phases": list(phases),
         "results": {node.unique_id: node.status for node in run.results},
         "plan": [[node.action, node.unique_id, node.reason] for node in run.plan.nodes] if run.plan else None,
         "plan_note": run.plan.note if run.plan else None,
     }
+
+
+def new_rows():
+    with duckdb.connect(database) as connection:
+        connection.execute(
+            f"insert into raw.table_{changed_table} select range, now() from range(2000, 2100)"
+        )
 
 
 def plain_build():
@@ -102,11 +122,7 @@ def parent():
     plain = plain_build()
     full = stage(only_changed=False)
     full["plain_build_seconds"] = plain
-    with duckdb.connect(database) as connection:
-        connection.execute(
-            f"insert into raw.table_{changed_table} select range, now() from range(2000, 2100)"
-        )
-    return {"full": full, "only_changed": stage(only_changed=True)}
+    return {"full": full, "only_changed": stage(only_changed=True, before=new_rows)}
 
 
 print("P5_RESULT " + json.dumps(parent()))
@@ -125,9 +141,12 @@ def main() -> None:
         for size in sizes:
             result = run_size(size, api_url)
             full, changed = result["full"], result["only_changed"]
-            full_build = full["plain_build_seconds"]
+            full_build = full["seconds"]
+            plain = full["plain_build_seconds"]
             build = _phase(changed, "dbt build")
             plan = changed["seconds"] - build
+            if not (full["early_process_used"] and changed["early_process_used"]):
+                failures.append(f"{size} models: the transform did not use the dbt process started before it")
             problems = check_nodes(size, full, changed)
             failures += [f"{size} models: {problem}" for problem in problems]
             ran = sum(action == "run" for action, _, _ in changed["plan"])
@@ -135,6 +154,7 @@ def main() -> None:
             rows.append(
                 [
                     size,
+                    f"{plain:.1f} s",
                     f"{full_build:.1f} s",
                     f"{changed['seconds']:.1f} s",
                     f"**{only_ratio:.2f}×** (≤ {ONLY_CHANGED_TARGET}×: {'met' if only_ratio <= ONLY_CHANGED_TARGET else 'MISSED'})",
@@ -151,19 +171,22 @@ def main() -> None:
         + table(
             [
                 "models",
-                "full dbt build (plain dbt)",
+                "plain dbt build",
+                "full stage",
                 "--only-changed stage",
                 "ratio",
                 "plan (stage − its dbt build)",
-                "share of the full build",
+                "share of the full stage",
                 "nodes built / skipped",
             ],
             rows,
         )
-        + "\n\nThe full build is `dbt build` run as a user types it (one process: dbt's start-up and"
-        " parse included), before the stages, on the same project and warehouse. The stages run as"
-        " all-etl runs them: all their dbt commands in one dbt process (src/elt/dbt_driver.py), which"
-        " the first of them (the freshness check) starts, so the plan includes dbt's start-up and parse."
+        + "\n\nThe ratios are of the --only-changed stage to the full stage (a freshness check and a"
+        " full build), both run as all-etl runs them: their dbt commands in one dbt process"
+        " (src/elt/dbt_driver.py) that all-etl starts before its syncs, so dbt's import overlaps the"
+        " syncs; each stage here starts once dbt is imported (syncs that take longer than the import),"
+        " and pays the project's parse. *Plain dbt build*: `dbt build` of everything as a user types"
+        " it, one process with dbt's import, in the same run before the stages, for scale."
         "\n\nWhere the time goes (seconds per step, in order):\n\n"
         + table(["models", "full stage", "full stage's steps", "--only-changed stage's steps"], phase_rows)
         + "\n"

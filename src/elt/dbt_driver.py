@@ -22,6 +22,7 @@ import os
 import sys
 
 END_MARKER = "@@elt-dbt-driver-end@@"
+READY_MARKER = "@@elt-dbt-driver-ready@@"  # dbt is imported
 
 
 def main() -> None:
@@ -29,6 +30,7 @@ def main() -> None:
     from dbt.cli.main import dbtRunner
     from dbt.contracts.graph.manifest import Manifest
 
+    print(READY_MARKER, flush=True)
     manifest: Manifest | None = None
     for line in sys.stdin:
         request = json.loads(line)

@@ -1,11 +1,12 @@
-"""Transform: dbt run as a subprocess, its per-node results read back as data.
+"""Transform: dbt run in a dbt process of its own, its per-node results read back as data.
 
-Why a subprocess and not prefect-dbt's `PrefectDbtRunner`: on a 500-model project the
+Why a process of its own and not prefect-dbt's `PrefectDbtRunner`: on a 500-model project the
 runner took 5.5× the wall time and 3× the memory of plain `dbt build` (a Prefect task per
-node), dbt-core is not safe to invoke twice in one process, and dbt-duckdb resolves seed
-paths from the working directory. A subprocess started in the project folder costs
-Prefect's start-up and nothing per node. dbt's text log is forwarded line by line; each
-node's result is read from `target/run_results.json` once dbt ends.
+node), dbt-core is not safe to invoke twice at once in one process, and dbt-duckdb resolves seed
+paths from the working directory. One dbt process per transform stage (src/elt/dbt_driver.py)
+runs the stage's commands one after the other in the project folder: dbt's import and the
+project's parse are paid once, not per command, and nothing per node. dbt's text log is
+forwarded line by line; each node's result is read from `target/run_results.json` once dbt ends.
 """
 
 from __future__ import annotations
@@ -279,7 +280,7 @@ class Dbt:
         """Run `dbt <arguments>` in this project's dbt process, yielding its output lines as dbt
         prints them; `last_return_code` is dbt's exit code once the lines end (negative: the dbt
         process was killed by that signal)."""
-        from elt.dbt_driver import END_MARKER
+        from elt.dbt_driver import END_MARKER, READY_MARKER
 
         driver = self._running_driver()
         assert driver.stdin is not None and driver.stdout is not None
@@ -304,7 +305,8 @@ class Dbt:
                 elif uses_manifest or arguments[0] == "parse":
                     self.parsed = self.parsed or self.last_return_code in (0, 1)
                 return
-            yield line
+            if not line.startswith(READY_MARKER):
+                yield line
         self.last_return_code = driver.wait() or 2
         self._driver, self.parsed = None, False
 
