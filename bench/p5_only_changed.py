@@ -41,8 +41,9 @@ import json, sys, time
 from pathlib import Path
 import duckdb
 from prefect import flow
-from elt import dbt_runner, dbt_state, reporting
+from elt import alerts, dbt_runner, dbt_state, reporting
 from elt.flows import transform
+from elt.warehouse_duckdb import DuckDBWarehouse
 
 project, database, changed_table = sys.argv[1], sys.argv[2], int(sys.argv[3])
 phases = []  # (what, seconds) in the order they ended
@@ -67,6 +68,10 @@ timed(dbt_runner, "check_freshness", lambda *_, **__: "freshness check")
 timed(dbt_state, "plan_build", lambda *_, **__: "plan_build")
 timed(reporting, "publish_plan", lambda *_, **__: "publish_plan")
 timed(dbt_state, "keep_state", lambda *_, **__: "keep_state")
+timed(reporting, "publish_dbt_run", lambda *_, **__: "publish_dbt_run")
+timed(alerts, "label_run_with_commit", lambda *_, **__: "label_run_with_commit")
+timed(DuckDBWarehouse, "prepare_for_dbt", lambda *_, **__: "prepare_for_dbt")
+timed(dbt_runner.Dbt, "parse", lambda *_, **__: "parse (if not yet)")
 
 
 def stage(only_changed, before=lambda: None):
