@@ -297,18 +297,26 @@ class Dbt:
             driver.stdin.flush()
         except BrokenPipeError:
             pass  # it died: its output says why, and its exit code is the command's
-        for line in driver.stdout:
-            if line.startswith(END_MARKER):
-                self.last_return_code = json.loads(line[len(END_MARKER) :])["return_code"]
-                if arguments[0] == "deps":
-                    self.parsed = False
-                elif uses_manifest or arguments[0] == "parse":
-                    self.parsed = self.parsed or self.last_return_code in (0, 1)
-                return
-            if not line.startswith(READY_MARKER):
-                yield line
-        self.last_return_code = driver.wait() or 2
-        self._driver, self.parsed = None, False
+        ended = False
+        try:
+            for line in driver.stdout:
+                if line.startswith(END_MARKER):
+                    ended = True
+                    self.last_return_code = json.loads(line[len(END_MARKER) :])["return_code"]
+                    if arguments[0] == "deps":
+                        self.parsed = False
+                    elif uses_manifest or arguments[0] == "parse":
+                        self.parsed = self.parsed or self.last_return_code in (0, 1)
+                    return
+                if not line.startswith(READY_MARKER):
+                    yield line
+            ended = True
+            self.last_return_code = driver.wait() or 2
+            self._driver, self.parsed = None, False
+        finally:
+            if not ended:  # the caller stopped reading: the rest of this command's output would be the next one's
+                driver.kill()
+                self.close()
 
     def _running_driver(self) -> subprocess.Popen[str]:
         if self._driver is None or self._driver.poll() is not None:
