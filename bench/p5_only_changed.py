@@ -83,7 +83,7 @@ def stage(only_changed, before=lambda: None):
 
     phases.clear()
     with dbt_runner.dbt_started_early(load_settings()):
-        _, early = dbt_runner._early_drivers[threading.get_ident()]
+        early = dbt_runner._early_drivers[threading.get_ident()]
         before()
         early.stdout.readline()  # the driver's ready line: dbt imported
         started = time.monotonic()

@@ -450,23 +450,29 @@ def test_a_project_that_does_not_parse_fails_the_command_with_dbts_error(
 
 
 def test_a_dbt_process_started_early_serves_the_first_dbt_of_its_thread_or_ends_with_its_block(
-    project: dbt_runner.DbtProject, profiles_dir: Path
+    project: dbt_runner.DbtProject, profiles_dir: Path, tmp_path: Path
 ) -> None:
     """all-etl starts dbt's process before the syncs (dbt's import overlaps them). The transform's
-    Dbt takes it over, and its seed finds the project's CSVs although the process started elsewhere;
-    one nobody used ends with the block."""
+    Dbt takes it over: its seed finds the project's CSVs although the process started elsewhere,
+    and its model reads the environment the Dbt has, not the one the process started with (the
+    syncs set variables meanwhile). One nobody used ends with the block."""
+    (project.path / "models" / "env_probe.sql").write_text('select \'{{ env_var("ELT_TEST_PROBE", "unset") }}\' as probe\n')
     settings = load_settings()
     with dbt_runner.dbt_started_early(settings):
-        _, early = dbt_runner._early_drivers[threading.get_ident()]
-        dbt = dbt_runner.Dbt(project, profiles_dir, "duckdb", dbt_runner.dbt_environment(settings))
+        early = dbt_runner._early_drivers[threading.get_ident()]
+        env = dbt_runner.dbt_environment(settings) | {"ELT_TEST_PROBE": "set after the start"}
+        dbt = dbt_runner.Dbt(project, profiles_dir, "duckdb", env)
         try:
             seeded = dbt_runner.raise_if_failed(dbt_runner.run_dbt(dbt, ["seed"]))
+            dbt_runner.raise_if_failed(dbt_runner.run_dbt(dbt, ["run", "--select", "env_probe"]))
             assert dbt._driver is early
         finally:
             dbt.close()
     assert [node.unique_id for node in seeded.results] == ["seed.tiny_shop.orders"]
+    with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as connection:
+        assert connection.execute("select probe from main_marts.env_probe").fetchall() == [("set after the start",)]
     assert early.poll() is not None
     with dbt_runner.dbt_started_early(settings):
-        _, unused = dbt_runner._early_drivers[threading.get_ident()]
+        unused = dbt_runner._early_drivers[threading.get_ident()]
         assert unused.poll() is None
     assert unused.poll() is not None and threading.get_ident() not in dbt_runner._early_drivers

@@ -1,7 +1,7 @@
 """One dbt process for every dbt command of a transform stage (`python -m elt.dbt_driver`).
 
-Each line on stdin is a request, `{"arguments": [...], "manifest": true}`; the driver runs it with
-dbt's programmatic runner, its output on stdout as the `dbt` command prints it, then one line
+Each line on stdin is a request, `{"arguments": [...], "cwd": ..., "env": {...}, "manifest": true}`;
+the driver runs it in that folder with that environment, with dbt's programmatic runner, its output on stdout as the `dbt` command prints it, then one line
 `END_MARKER {"return_code": n}` (dbt's own exit codes: 0 done, 1 nodes failed, 2 dbt could
 not run). A request with `"manifest": true` runs on the project parsed once (`dbt parse`, whose
 partial parse is kept in target/) by the first such request, or by a `dbt parse` request;
@@ -35,6 +35,8 @@ def main() -> None:
     for line in sys.stdin:
         request = json.loads(line)
         os.chdir(request["cwd"])  # dbt-duckdb resolves seed paths from the working directory
+        os.environ.clear()
+        os.environ.update(request["env"])
         arguments = request["arguments"]
         return_code = None
         if request.get("manifest") and manifest is None:

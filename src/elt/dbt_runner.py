@@ -289,6 +289,7 @@ class Dbt:
             "arguments": [*arguments, *self._common()],
             "common": self._common(),
             "cwd": str(self.project.path),
+            "env": self.env,  # the process may have started with an older one (dbt_started_early)
             "manifest": uses_manifest,
         }
         self.last_return_code = 2
@@ -320,12 +321,10 @@ class Dbt:
 
     def _running_driver(self) -> subprocess.Popen[str]:
         if self._driver is None or self._driver.poll() is not None:
-            env, early = _early_drivers.pop(threading.get_ident(), (None, None))
-            if early is not None and env == self.env and early.poll() is None:
+            early = _early_drivers.pop(threading.get_ident(), None)
+            if early is not None and early.poll() is None:
                 self._driver = early
             else:
-                if early is not None:
-                    _end_driver(early)
                 self._driver = _start_driver(self.env)
         return self._driver
 
@@ -344,8 +343,8 @@ class Dbt:
             _end_driver(driver)
 
 
-# Per thread: a dbt process started before its project is known, with the environment it has.
-_early_drivers: dict[int, tuple[dict[str, str], subprocess.Popen[str]]] = {}
+# Per thread: a dbt process started before its project is known.
+_early_drivers: dict[int, subprocess.Popen[str]] = {}
 
 
 @contextmanager
@@ -354,12 +353,11 @@ def dbt_started_early(settings: Settings) -> Iterator[None]:
     dbt's import (seconds: bench/p3_embedded_all_etl.py) then overlaps the syncs and the pull
     instead of following them. Ended with the block if nothing used it."""
     thread = threading.get_ident()
-    env = dbt_environment(settings)
-    _early_drivers[thread] = (env, _start_driver(env))
+    _early_drivers[thread] = _start_driver(dbt_environment(settings))
     try:
         yield
     finally:
-        _, unused = _early_drivers.pop(thread, (None, None))
+        unused = _early_drivers.pop(thread, None)
         if unused is not None:
             _end_driver(unused)
 
