@@ -1,4 +1,4 @@
-"""dbt as a subprocess, against real DuckDB: results per node, failures named, profiles rendered."""
+"""dbt in its own process, against real DuckDB: results per node, failures named, profiles rendered."""
 
 import json
 import logging
@@ -6,8 +6,8 @@ import os
 import re
 import shutil
 import signal
-import threading
 import socket
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
