@@ -13,8 +13,10 @@ mutant runs only the tests that hold the module's promises, and each module's re
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -41,24 +43,38 @@ def folder_of(module: str) -> Path:
     return WORK / Path(module).stem
 
 
+def basetemp(module: str) -> Path:
+    """The tests' pytest --basetemp, one per checkout and module. pytest empties it when a run
+    starts: two checkouts measuring the same module at once (the main one and a worktree) must
+    not delete each other's test repositories in the middle of a run. Outside the checkout, so
+    a test's temporary folders are inside no git repository."""
+    return Path(tempfile.gettempdir()) / f"mutation-{REPO_ROOT.name}-{folder_of(module).name}"
+
+
+def _link(link: Path, target: Path) -> None:
+    """`link` → `target`; a link left pointing elsewhere (results copied from another checkout) is re-pointed."""
+    if link.is_symlink() and Path(os.readlink(link)) == target:
+        return
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(target)
+
+
 def run(module: str, tests: list[str], mutmut: dict) -> None:
     folder = folder_of(module)
     folder.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
-        link = folder / name
-        if not link.is_symlink():
-            link.symlink_to(REPO_ROOT / name)
+        _link(folder / name, REPO_ROOT / name)
     # The tests read the rest of the repo (dbt/, airbyte/, setup.sh, .venv-fakesnow/...) from the
     # repo root they see: mutants/.
     (folder / "mutants").mkdir(exist_ok=True)
     for entry in REPO_ROOT.iterdir():
-        link = folder / "mutants" / entry.name
-        if entry.name not in {*COPIED, ".mutation", ".git", "pyproject.toml"} and not link.is_symlink():
-            link.symlink_to(entry)
+        if entry.name not in {*COPIED, ".mutation", ".git", "pyproject.toml"}:
+            _link(folder / "mutants" / entry.name, entry)
     table = {
         **mutmut,
         "only_mutate": [module],
-        "pytest_add_cli_args": [*mutmut.get("pytest_add_cli_args", []), f"--basetemp=/tmp/mutation-{folder.name}"],
+        "pytest_add_cli_args": [*mutmut.get("pytest_add_cli_args", []), f"--basetemp={basetemp(module)}"],
         "pytest_add_cli_args_test_selection": tests,
     }
     (folder / "pyproject.toml").write_text(_toml(table))

@@ -1,6 +1,7 @@
 """The update-code stage against real repositories: local bare remotes and clones of them."""
 
 import base64
+import hashlib
 import json
 import logging
 import re
@@ -26,6 +27,8 @@ from elt.git_repo import (
     canonical_location,
     check_checkout,
     check_reachable,
+    scrub_location,
+    shown_location,
     update_code,
 )
 from elt.settings import load_settings
@@ -84,7 +87,11 @@ def test_diverged_history_stops_and_leaves_checkout_untouched(appliance_remote: 
     with pytest.raises(GitHistoryDiverged) as error:
         update_code(RepoSource.from_settings(load_settings(), repo=str(checkout)))
 
-    assert str(checkout) in str(error.value) and "diverged" in str(error.value)
+    local, remote = before[0], git("rev-parse", "HEAD", cwd=appliance_remote.author_clone)
+    assert str(error.value) == (
+        f"{checkout}: branch 'main' and origin/main have diverged (local {local[:12]}, remote {remote[:12]}); "
+        f"nothing was changed. Rebase or reset the checkout by hand (git -C {checkout} status)"
+    )
     assert _snapshot(checkout) == before
 
 
@@ -157,8 +164,12 @@ def test_a_failed_fetch_names_the_remote_fetched_not_the_checkout(appliance_remo
 
 def test_wrong_branch_is_refused(appliance_remote: GitRemote, tmp_path: Path) -> None:
     checkout = appliance_remote.clone(tmp_path / "vm-checkout")
-    with pytest.raises(GitError, match="ELT_GIT_BRANCH"):
+    with pytest.raises(GitError) as error:
         update_code(RepoSource.from_settings(load_settings(), repo=str(checkout), branch="release"))
+    assert str(error.value) == (
+        f"{checkout}: on branch 'main', but 'release' is to be deployed; "
+        f"switch with git -C {checkout} switch release, or set ELT_GIT_BRANCH"
+    )
 
 
 def test_token_never_appears_in_errors(monkeypatch: pytest.MonkeyPatch, appliance_env: Path) -> None:
@@ -432,6 +443,7 @@ def test_unreachable_remote_is_a_git_error_naming_it(tmp_path: Path) -> None:
             GitRemoteUnreachable,
             False,
         ),
+        ("ssh: Could not resolve hostname git.example: Name or service not known", GitRemoteUnreachable, False),
         ("ssh: connect to host git.example port 22: Connection refused", GitRemoteUnreachable, False),
         ("ssh: connect to host git.example port 22: Connection timed out", GitRemoteUnreachable, False),
         ("fatal: repository 'https://git.example/x.git/' not found", GitError, False),
@@ -451,8 +463,8 @@ def test_git_error_without_output_gives_its_exit_code_and_long_output_its_end() 
     source = RepoSource.from_settings(load_settings(), repo="https://git.example/x.git")
     silent = _remote_error(gitpython.GitCommandError(["git", "fetch"], 128, ""), source, "fetch")
     assert str(silent) == "git fetch of https://git.example/x.git failed: exit code 128"
-    noisy = _remote_error(gitpython.GitCommandError(["git", "fetch"], 1, "a" * 300 + "\n\n  " + "b" * 300), source, "fetch")
-    assert str(noisy) == "git fetch of https://git.example/x.git failed: " + ("a" * 300 + " | " + "b" * 300)[-500:]
+    noisy = _remote_error(gitpython.GitCommandError(["git", "fetch"], 1, "a" * 300 + "\n\n  " + "X" * 300), source, "fetch")
+    assert str(noisy) == "git fetch of https://git.example/x.git failed: " + ("a" * 300 + " | " + "X" * 300)[-500:]
 
 
 def test_token_in_git_output_is_scrubbed(tmp_path: Path) -> None:
@@ -461,7 +473,7 @@ def test_token_in_git_output_is_scrubbed(tmp_path: Path) -> None:
     failure = _remote_error(
         gitpython.GitCommandError(["git", "fetch"], 128, "fatal: bad credential tok-SECRET-123 for x"), source, "fetch"
     )
-    assert "SECRET" not in str(failure) and "tok-" not in str(failure)
+    assert str(failure) == "git fetch of https://git.example/x.git failed: fatal: bad credential *** for x"
 
 
 def test_check_checkout_refuses_a_folder_in_the_way_and_accepts_an_empty_one(tmp_path: Path) -> None:
@@ -532,6 +544,8 @@ def test_check_checkout_refuses_a_checkout_of_another_repo_before_the_run(
         ("git@github.com:/acme/analytics", "ssh://github.com/acme/analytics"),
         ("ssh://git@github.com/acme/analytics.git", "ssh://github.com/acme/analytics"),
         ("https://github.com/acme/analytics.github.io", "https://github.com/acme/analytics.github.io"),
+        ("git@git.example:team/odd:name.git", "ssh://git.example/team/odd:name"),
+        ("git@git.example:Xteam/analytics.git", "ssh://git.example/Xteam/analytics"),
     ],
 )
 def test_the_same_repo_written_differently_has_one_canonical_location(location: str, canonical: str) -> None:
@@ -554,3 +568,345 @@ def test_local_repos_are_identified_by_their_absolute_resolved_path(tmp_path: Pa
     ):
         assert canonical_location(written) == expected, written
     assert canonical_location("repos/other.git") != expected
+
+
+# --------------------------------------------------------------------------- what each message and log line says
+
+
+@pytest.mark.parametrize(
+    ("repo", "shown"),
+    [
+        ("https://ghp_TOPSECRET123@git.example/team/analytics.git", "https://***@git.example/team/analytics.git"),
+        ("HTTPS://deploy:ghp_TOPSECRET123@git.example/team/analytics.git", "HTTPS://***@git.example/team/analytics.git"),
+        ("http://ghp_TOPSECRET123@git.example/team/analytics.git", "http://***@git.example/team/analytics.git"),
+        ("ssh://deploy:ghp_TOPSECRET123@git.example/team/analytics.git", "ssh://***@git.example/team/analytics.git"),
+    ],
+)
+def test_every_url_with_a_credential_is_refused_with_the_credential_masked(repo: str, shown: str) -> None:
+    """A token alone as the user name (https://TOKEN@host), an upper-case scheme, and a password
+    over SSH are credentials too; the message never shows them."""
+    with pytest.raises(ConfigurationError) as error:
+        RepoSource.from_settings(load_settings(), repo=repo)
+    assert str(error.value) == (
+        f"repo: {shown} has credentials written into it; remove them from the URL "
+        "and set ELT_GIT_TOKEN (and ELT_GIT_USERNAME if your host needs a user name) instead"
+    )
+
+
+def test_a_user_name_alone_over_ssh_is_not_a_credential(tmp_path: Path) -> None:
+    for repo in ("ssh://git@git.example/team/analytics.git", "git@git.example:team/analytics.git"):
+        assert RepoSource.from_settings(load_settings(home=tmp_path), repo=repo).location == repo
+
+
+def test_scrubbed_and_shown_locations_never_carry_a_credential() -> None:
+    """scrub_location (messages: credentials masked) and shown_location (the deployed repo:
+    credentials dropped) over every transport; a user name alone over SSH stays."""
+    for url, scrubbed, shown in [
+        ("https://deploy:tok123@git.example/a.git", "https://***@git.example/a.git", "https://git.example/a.git"),
+        ("HTTPS://tok123@git.example/a.git", "HTTPS://***@git.example/a.git", "HTTPS://git.example/a.git"),
+        ("ssh://deploy:tok123@git.example/a.git", "ssh://***@git.example/a.git", "ssh://git.example/a.git"),
+        ("ssh://git@git.example/a.git", "ssh://git@git.example/a.git", "ssh://git@git.example/a.git"),
+        ("https://git.example:8443/a.git", "https://git.example:8443/a.git", "https://git.example:8443/a.git"),
+    ]:
+        assert (scrub_location(url), shown_location(url)) == (scrubbed, shown), url
+    assert scrub_location("fatal: unable to access 'https://deploy:tok123@git.example/a.git/': 403") == (
+        "fatal: unable to access 'https://***@git.example/a.git/': 403"
+    )
+
+
+def test_repo_comes_from_ELT_GIT_REPO_and_the_ssh_key_from_ELT_GIT_SSH_KEY_PATH(
+    monkeypatch: pytest.MonkeyPatch, tiny_remote: GitRemote, tmp_path: Path
+) -> None:
+    """Without a repo parameter the configured repo is cloned; a relative key path is read from
+    ELT_HOME, and a key that is not there stops the run naming the variable and the file."""
+    monkeypatch.setenv("ELT_GIT_REPO", str(tiny_remote.bare))
+    monkeypatch.setenv("ELT_GIT_SSH_KEY_PATH", "keys/deploy_key")
+    source = RepoSource.from_settings(load_settings(home=tmp_path))
+    assert (source.location, source.managed) == (str(tiny_remote.bare), True)
+    assert source.ssh_key_path == tmp_path / "keys" / "deploy_key"
+    with pytest.raises(ConfigurationError) as error:
+        update_code(source)
+    assert str(error.value) == f"ELT_GIT_SSH_KEY_PATH: {tmp_path / 'keys' / 'deploy_key'} does not exist"
+    assert not source.checkout.exists()
+
+
+def test_without_ELT_GIT_REPO_the_checkout_holding_ELT_HOME_is_used_in_place(tiny_remote: GitRemote, tmp_path: Path) -> None:
+    checkout = tiny_remote.clone(tmp_path / "checkout")
+    source = RepoSource.from_settings(load_settings(home=checkout / "dbt"))
+    assert source == RepoSource(str(checkout), checkout, None)
+    outside = tmp_path / "not-a-checkout"
+    outside.mkdir()
+    with pytest.raises(ConfigurationError) as error:
+        RepoSource.from_settings(load_settings(home=outside))
+    assert str(error.value) == (
+        f"{outside} is not inside a git checkout; set ELT_GIT_REPO to the repo that holds the dbt project"
+    )
+
+
+@pytest.mark.parametrize(
+    ("repo", "name"),
+    [
+        ("https://git.example/team/analytics.git/", "analytics"),
+        ("git@git.example:analytics.git", "analytics"),
+        ("https://git.example/team/ELX", "ELX"),
+        ("https://git.example/.git", "project"),
+    ],
+)
+def test_a_remote_repo_is_cloned_into_a_folder_named_after_it(repo: str, name: str, tmp_path: Path) -> None:
+    source = RepoSource.from_settings(load_settings(home=tmp_path), repo=repo)
+    digest = hashlib.sha256(canonical_location(repo).encode()).hexdigest()[:8]
+    assert source.checkout == tmp_path / "data" / "repos" / f"{name}-{digest}"
+
+
+def test_a_folder_without_an_origin_is_not_taken_for_an_older_checkout(tiny_remote: GitRemote, tmp_path: Path) -> None:
+    legacy = tmp_path / "data" / "repos" / "remote"
+    legacy.parent.mkdir(parents=True)
+    tiny_remote.clone(legacy)
+    git("remote", "remove", "origin", cwd=legacy)
+    source = RepoSource.from_settings(load_settings(home=tmp_path), repo=str(tiny_remote.bare))
+    assert source.checkout.parent == legacy.parent and source.checkout != legacy
+
+
+def test_first_clone_is_logged_and_takes_the_configured_branch(
+    tiny_remote: GitRemote, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    git("push", "-q", "origin", "HEAD:release", cwd=tiny_remote.author_clone)
+    released = tiny_remote.commit("release.txt", "r\n", "on release only")
+    git("push", "-q", "origin", "HEAD:release", cwd=tiny_remote.author_clone)
+    git("reset", "-q", "--hard", "HEAD~1", cwd=tiny_remote.author_clone)
+    git("push", "-q", "-f", "origin", "HEAD:main", cwd=tiny_remote.author_clone)
+    source = RepoSource.from_settings(load_settings(home=tmp_path), repo=str(tiny_remote.bare), branch="release")
+    with caplog.at_level(logging.INFO, logger="elt.git_repo"):
+        deployed = update_code(source)
+    assert (deployed.branch, deployed.sha, deployed.previous_sha) == ("release", released, None)
+    assert caplog.messages == [f"Cloning {tiny_remote.bare} into {source.checkout}"]
+
+
+def test_a_folder_in_the_way_is_never_cloned_over(tmp_path: Path) -> None:
+    source = RepoSource.from_settings(load_settings(home=tmp_path), repo="https://git.example/x.git")
+    source.checkout.mkdir(parents=True)
+    (source.checkout / "notes.txt").write_text("mine")
+    with pytest.raises(GitError) as error:
+        update_code(source)
+    assert str(error.value) == f"{source.checkout} exists and is not a git checkout; move it away or set ELT_GIT_CHECKOUT_DIR"
+    assert [path.name for path in source.checkout.iterdir()] == ["notes.txt"]
+
+
+def test_a_second_run_on_its_own_clone_neither_repoints_nor_refuses(
+    tiny_remote: GitRemote, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = load_settings(home=tmp_path)
+    update_code(RepoSource.from_settings(settings, repo=str(tiny_remote.bare)))
+    pushed = tiny_remote.commit("next.txt", "n\n", "next")
+    source = RepoSource.from_settings(settings, repo=str(tiny_remote.bare))
+    check_checkout(source, will_pull=False)
+    with caplog.at_level(logging.WARNING, logger="elt.git_repo"):
+        assert update_code(source).sha == pushed
+    assert caplog.messages == []
+
+
+def _commit_files(checkout: Path, names: list[str]) -> None:
+    for name in names:
+        (checkout / name).write_text(f"{name}\n")
+    git("add", *names, cwd=checkout)
+    git("commit", "-q", "-m", "files", cwd=checkout)
+
+
+@pytest.mark.parametrize(("count", "listed", "more"), [(2, 2, ""), (10, 10, ""), (11, 10, " …")])
+def test_dirty_tree_message_names_the_first_ten_files(tmp_path: Path, count: int, listed: int, more: str) -> None:
+    checkout = tmp_path / "solo"
+    checkout.mkdir()
+    git("init", "-q", "-b", "main", cwd=checkout)
+    _identify_checkout(checkout)
+    names = [f"model_{index:02d}.sql" for index in range(count)]
+    _commit_files(checkout, names)
+    for name in names:
+        (checkout / name).write_text("edited on the VM\n")
+    with pytest.raises(GitDirtyTree) as error:
+        update_code(RepoSource.from_settings(load_settings(), repo=str(checkout)))
+    assert str(error.value) == (
+        f"{checkout} has uncommitted changes in {', '.join(names[:listed])}{more}: "
+        "commit or stash them (nothing was pulled), or run with --skip-pull"
+    )
+
+
+def _identify_checkout(checkout: Path) -> None:
+    git("config", "user.email", "tests@example.invalid", cwd=checkout)
+    git("config", "user.name", "tests", cwd=checkout)
+
+
+def test_a_dirty_checkout_of_another_repo_names_its_first_five_changed_files(
+    monkeypatch: pytest.MonkeyPatch, tiny_remote: GitRemote, tmp_path: Path
+) -> None:
+    names = [f"model_{index}.sql" for index in range(6)]
+    _commit_files(tiny_remote.author_clone, names)
+    git("push", "-q", "origin", "HEAD:main", cwd=tiny_remote.author_clone)
+    checkout = tiny_remote.clone(tmp_path / "checkout")
+    mirror = tmp_path / "mirror.git"
+    git("clone", "-q", "--bare", str(tiny_remote.bare), str(mirror), cwd=tmp_path)
+    for name in names:
+        (checkout / name).write_text("edited on the VM\n")
+    monkeypatch.setenv("ELT_GIT_CHECKOUT_DIR", str(checkout))
+    source = RepoSource.from_settings(load_settings(home=tmp_path), repo=str(mirror))
+    expected = (
+        f"{checkout} is a checkout of {tiny_remote.bare}, not of the configured repo {mirror}, "
+        f"and it has uncommitted changes in {', '.join(names[:5])}; nothing was deployed. "
+        f"Move the folder away so all-etl clones {mirror} afresh, or set ELT_GIT_REPO back to {tiny_remote.bare}"
+    )
+    for refuse in (lambda: check_checkout(source, will_pull=True), lambda: update_code(source)):
+        with pytest.raises(GitOriginMismatch) as error:
+            refuse()
+        assert str(error.value) == expected
+
+
+def test_untracked_files_do_not_stop_a_pull(tiny_remote: GitRemote, tmp_path: Path) -> None:
+    """A file git does not track (notes, a local profile) is not an uncommitted change: the pull goes on."""
+    checkout = tiny_remote.clone(tmp_path / "checkout")
+    (checkout / "notes.txt").write_text("mine\n")
+    pushed = tiny_remote.commit("pushed.txt", "p\n", "a push")
+    assert update_code(RepoSource.from_settings(load_settings(home=tmp_path), repo=str(checkout))).sha == pushed
+    assert (checkout / "notes.txt").read_text() == "mine\n"
+
+
+def test_an_untracked_file_the_pull_would_overwrite_stops_it(tiny_remote: GitRemote, tmp_path: Path) -> None:
+    checkout = tiny_remote.clone(tmp_path / "checkout")
+    before = git("rev-parse", "HEAD", cwd=checkout)
+    (checkout / "new_model.sql").write_text("mine\n")
+    pushed = tiny_remote.commit("new_model.sql", "theirs\n", "a push")
+    with pytest.raises(GitError) as error:
+        update_code(RepoSource.from_settings(load_settings(home=tmp_path), repo=str(checkout)))
+    assert str(error.value).startswith(f"{checkout}: fast-forward to {pushed[:12]} refused: error: ")
+    assert "new_model.sql" in str(error.value) and "\n" not in str(error.value)
+    assert (checkout / "new_model.sql").read_text() == "mine\n"
+    assert git("rev-parse", "HEAD", cwd=checkout) == before
+
+
+def test_the_pull_is_a_fast_forward_even_where_git_is_set_to_merge(tiny_remote: GitRemote, tmp_path: Path) -> None:
+    """merge.ff=false in the checkout's config would make a merge commit: the deployed commit is upstream's."""
+    checkout = tiny_remote.clone(tmp_path / "checkout")
+    git("config", "merge.ff", "false", cwd=checkout)
+    pushed = tiny_remote.commit("pushed.txt", "p\n", "a push")
+    deployed = update_code(RepoSource.from_settings(load_settings(home=tmp_path), repo=str(checkout)))
+    assert deployed.sha == pushed == git("rev-parse", "HEAD", cwd=checkout)
+
+
+def test_a_detached_head_is_refused_naming_the_fix(
+    monkeypatch: pytest.MonkeyPatch, tiny_remote: GitRemote, tmp_path: Path
+) -> None:
+    checkout = tiny_remote.clone(tmp_path / "checkout")
+    git("checkout", "-q", "--detach", cwd=checkout)
+    monkeypatch.setenv("ELT_GIT_CHECKOUT_DIR", str(checkout))
+    source = RepoSource.from_settings(load_settings(home=tmp_path), repo=str(tiny_remote.bare))
+    with pytest.raises(GitError) as error:
+        check_checkout(source, will_pull=True)
+    assert str(error.value) == f"{checkout}: HEAD is detached; check out a branch (git -C {checkout} switch <branch>)"
+    assert check_reachable(RepoSource.from_settings(load_settings(home=tmp_path), repo=str(checkout))) == (
+        f"{checkout}: no upstream branch; all-etl deploys local HEAD"
+    )
+
+
+def test_a_branch_tracking_a_remote_not_called_origin_is_fetched_from_it(
+    monkeypatch: pytest.MonkeyPatch, tiny_remote: GitRemote, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    checkout = tiny_remote.clone(tmp_path / "checkout")
+    git("remote", "rename", "origin", "upstream", cwd=checkout)
+    pushed = tiny_remote.commit("pushed.txt", "p\n", "a push")
+    monkeypatch.setenv("ELT_GIT_CHECKOUT_DIR", str(checkout))
+    source = RepoSource.from_settings(load_settings(home=tmp_path), repo=str(tiny_remote.bare))
+    check_checkout(source, will_pull=False)
+    with caplog.at_level(logging.WARNING, logger="elt.git_repo"):
+        assert update_code(source).sha == pushed
+    assert caplog.messages == []
+    assert git("remote", cwd=checkout) == "upstream"
+
+
+def test_a_branch_without_upstream_in_the_configured_repos_clone_is_deployed_as_it_is(
+    monkeypatch: pytest.MonkeyPatch, tiny_remote: GitRemote, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    checkout = tiny_remote.clone(tmp_path / "checkout")
+    git("branch", "--unset-upstream", cwd=checkout)
+    head = git("rev-parse", "HEAD", cwd=checkout)
+    monkeypatch.setenv("ELT_GIT_CHECKOUT_DIR", str(checkout))
+    with caplog.at_level(logging.INFO, logger="elt.git_repo"):
+        deployed = update_code(RepoSource.from_settings(load_settings(home=tmp_path), repo=str(tiny_remote.bare)))
+    assert (deployed.sha, deployed.previous_sha) == (head, head)
+    assert caplog.messages == [f"{checkout}: branch 'main' tracks no remote branch; deploying local HEAD {head[:12]}"]
+    assert git("remote", cwd=checkout) == "origin"
+
+
+def test_a_checkout_without_a_remote_gets_the_configured_repo_as_origin(
+    monkeypatch: pytest.MonkeyPatch, tiny_remote: GitRemote, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A clean checkout with no remote whose HEAD is on the configured repo: origin is added, the
+    warning says so, and the checkout's commit is deployed (its branch tracks nothing yet)."""
+    checkout = tiny_remote.clone(tmp_path / "checkout")
+    git("remote", "remove", "origin", cwd=checkout)
+    head = git("rev-parse", "HEAD", cwd=checkout)
+    monkeypatch.setenv("ELT_GIT_CHECKOUT_DIR", str(checkout))
+    source = RepoSource.from_settings(load_settings(home=tmp_path), repo=str(tiny_remote.bare))
+    with pytest.raises(GitOriginMismatch) as error:
+        check_checkout(source, will_pull=False)
+    assert str(error.value).startswith(
+        f"{checkout} is a checkout of (no remote), not of the configured repo {tiny_remote.bare}, "
+        "and --skip-pull would build it as it is;"
+    )
+    with caplog.at_level(logging.WARNING, logger="elt.git_repo"):
+        assert update_code(source).sha == head
+    assert git("remote", "get-url", "origin", cwd=checkout) == str(tiny_remote.bare)
+    assert caplog.messages == [
+        f"{checkout}: re-pointed origin from (no remote) to the configured repo {tiny_remote.bare} (clean, and HEAD is on it)"
+    ]
+
+
+def test_a_refused_checkout_of_another_repo_gets_none_of_its_refs_or_tags(
+    monkeypatch: pytest.MonkeyPatch, appliance_env: Path, tmp_path: Path
+) -> None:
+    team_a, team_b = _two_remotes_named_analytics(tmp_path)
+    git("tag", "v-team-b", cwd=team_b.author_clone)
+    git("push", "-q", "origin", "v-team-b", cwd=team_b.author_clone)
+    checkout = team_a.clone(tmp_path / "checkout")
+    refs = git("for-each-ref", "--format=%(refname)", cwd=checkout)
+    monkeypatch.setenv("ELT_GIT_CHECKOUT_DIR", str(checkout))
+    with pytest.raises(GitOriginMismatch):
+        update_code(RepoSource.from_settings(load_settings(), repo=str(team_b.bare)))
+    assert git("for-each-ref", "--format=%(refname)", cwd=checkout) == refs
+
+
+def test_a_checkout_with_credentials_in_its_origin_is_named_without_them(
+    monkeypatch: pytest.MonkeyPatch, tiny_remote: GitRemote, tmp_path: Path
+) -> None:
+    """Cloned before such URLs were refused: the message names the repo, not the token."""
+    checkout = tiny_remote.clone(tmp_path / "checkout")
+    git("remote", "set-url", "origin", "https://deploy:ghp_TOPSECRET123@git.example/team/old.git", cwd=checkout)
+    monkeypatch.setenv("ELT_GIT_CHECKOUT_DIR", str(checkout))
+    with pytest.raises(GitOriginMismatch) as error:
+        check_checkout(RepoSource.from_settings(load_settings(home=tmp_path), repo=str(tiny_remote.bare)), will_pull=False)
+    assert str(error.value).startswith(f"{checkout} is a checkout of https://git.example/team/old.git, not of")
+    assert "TOPSECRET" not in str(error.value)
+
+
+def test_reachability_is_checked_against_the_remote_the_branch_tracks(tiny_remote: GitRemote, tmp_path: Path) -> None:
+    checkout = tiny_remote.clone(tmp_path / "checkout")
+    missing = tmp_path / "moved-away.git"
+    git("remote", "set-url", "origin", str(missing), cwd=checkout)
+    with pytest.raises(GitError) as error:
+        check_reachable(RepoSource.from_settings(load_settings(home=tmp_path), repo=str(checkout)))
+    assert str(error.value).startswith(f"git ls-remote of {missing} failed: fatal: ")
+
+
+def test_reachability_check_sends_the_configured_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """doctor's ls-remote against a host answering 401: the token reaches it through GIT_ASKPASS,
+    and the refusal names the settings."""
+    monkeypatch.setenv("ELT_GIT_TOKEN", "ghp_TOPSECRET123")
+    _DenyingGitHost.authorizations = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _DenyingGitHost)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/team/analytics.git"
+        with pytest.raises(ConfigurationError) as error:
+            check_reachable(RepoSource.from_settings(load_settings(home=tmp_path), repo=url))
+    finally:
+        server.shutdown()
+    assert str(error.value).startswith(f"git ls-remote of {url} failed: ")
+    assert str(error.value).endswith("(check ELT_GIT_TOKEN or ELT_GIT_SSH_KEY_PATH)")
+    assert "Basic " + base64.b64encode(b"x-access-token:ghp_TOPSECRET123").decode() in _DenyingGitHost.authorizations

@@ -402,15 +402,25 @@ def _scrub(text: str, source: RepoSource) -> str:
     return scrub_location(text)
 
 
+# The user info of a URL that is a credential: all of it over HTTP(S) (a token may be the user
+# name), a password over any other transport (over SSH a user name alone, git@host, is not one).
+# Schemes are case-insensitive (RFC 3986).
+_CREDENTIALS_IN_URL = (r"(https?://)[^/@\s]+@", r"([a-z][a-z0-9+.-]*://)[^/@:\s]*:[^/@\s]*@")
+
+
 def scrub_location(text: str) -> str:
-    """Hide credentials written into a URL (https://user:token@host/...)."""
-    return re.sub(r"(https?://)[^/@\s]+@", r"\1***@", text)
+    """Hide credentials written into a URL (https://user:token@host/..., ssh://user:password@host/...)."""
+    for pattern in _CREDENTIALS_IN_URL:
+        text = re.sub(pattern, r"\1***@", text, flags=re.IGNORECASE)
+    return text
 
 
 def shown_location(location: str) -> str:
     """A repo URL as it may appear in logs and artifacts: a checkout cloned before such URLs were
     refused may still have credentials in its remote URL; they are dropped, not masked."""
-    return re.sub(r"^(https?://)[^/@\s]+@", r"\1", location)
+    for pattern in _CREDENTIALS_IN_URL:
+        location = re.sub("^" + pattern, r"\1", location, flags=re.IGNORECASE)
+    return location
 
 
 @contextmanager

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -157,10 +158,14 @@ def test_a_status_reason_that_is_not_a_breaking_change_does_not_block(fake_airby
 # --------------------------------------------------------------------------- syncs
 
 
-def test_sync_reports_rows_bytes_and_a_link_to_the_job(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+def test_sync_reports_rows_bytes_and_a_link_to_the_job(
+    fake_airbyte: FakeAirbyte, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
     connection_id = fake_airbyte.add_connection("stripe", sync_seconds=0.3, rows=1234, bytes_=5678)
-    result = _backend(fake_airbyte, clock).sync("stripe", full_refresh=False)
-    assert (result.rows, result.bytes_synced) == (1234, 5678)
+    with caplog.at_level(logging.INFO, logger="elt.extract.server"):
+        result = _backend(fake_airbyte, clock).sync("stripe", full_refresh=False)
+    assert caplog.messages == [f"stripe: sync job {result.job_id} started"]
+    assert (result.connection, result.rows, result.bytes_synced) == ("stripe", 1234, 5678)
     assert result.job_url == (
         f"{fake_airbyte.ui_url}/workspaces/{fake_airbyte.workspace_id}/connections/{connection_id}/job-history#{result.job_id}::0"
     )
@@ -176,19 +181,30 @@ def test_token_expiring_mid_poll_is_refreshed_once(fake_airbyte: FakeAirbyte, cl
     assert [(method, status) for method, path, status in fake_airbyte.requests if status == 401] == [("GET", 401)]
 
 
-def test_token_is_renewed_before_it_expires(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
-    """Tokens live 180 s; the client renews one a minute early, so a 5-minute sync sees no 401."""
-    fake_airbyte.add_connection("long", sync_seconds=300)
-    result = _backend(fake_airbyte, clock, airbyte_poll_seconds=5).sync("long", full_refresh=False)
-    assert result.rows == 1000
-    assert fake_airbyte.count("POST", "/applications/token") == 3  # at 0 s, ~125 s, ~250 s
-    assert not [status for _, _, status in fake_airbyte.requests if status == 401]
+@pytest.mark.parametrize(("lifetime", "exchanges"), [(180, 3), (900, 1)])
+def test_token_is_renewed_before_it_expires(clock: FakeClock, lifetime: int, exchanges: int) -> None:
+    """The client renews a token a minute before the expires_in Airbyte gave it: a 5-minute sync
+    sees no 401, and a token that lives 15 minutes is not renewed at all."""
+    with FakeAirbyte(clock=clock, token_ttl_seconds=lifetime) as fake:
+        fake.add_connection("long", sync_seconds=300)
+        result = _backend(fake, clock, airbyte_poll_seconds=5).sync("long", full_refresh=False)
+        assert result.rows == 1000
+        assert fake.count("POST", "/applications/token") == exchanges  # 180 s: at 0 s, ~125 s, ~250 s
+        assert not [status for _, _, status in fake.requests if status == 401]
+        fake.assert_no_violations()
 
 
-def test_conflict_attaches_to_the_running_job(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+def test_conflict_attaches_to_the_running_job(
+    fake_airbyte: FakeAirbyte, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
     connection_id = fake_airbyte.add_connection("stripe", sync_seconds=0.5)
     running = fake_airbyte.start_running_job(connection_id)
-    result = _backend(fake_airbyte, clock).sync("stripe", full_refresh=False)
+    with caplog.at_level(logging.INFO, logger="elt.extract.server"):
+        result = _backend(fake_airbyte, clock).sync("stripe", full_refresh=False)
+    assert caplog.messages == [
+        f"Connection {connection_id} already has job {running} running; attaching to it",
+        f"stripe: sync job {running} attached",
+    ]
     assert result.job_id == str(running)
     assert len(fake_airbyte.jobs_for(connection_id)) == 1
     assert [status for method, path, status in fake_airbyte.requests if (method, path) == ("POST", "/jobs")] == [409]
@@ -203,7 +219,10 @@ def test_incomplete_job_is_polled_until_its_next_attempt_succeeds(
     result = _backend(fake_airbyte, clock).sync("flaky", full_refresh=False)
     assert result.rows == 1000
     assert fake_airbyte.jobs_for(connection_id)[0]["status"] == "succeeded"
-    assert f"flaky: sync job {result.job_id} incomplete (an attempt failed; Airbyte retries it)" in caplog.messages
+    assert caplog.messages == [  # one line per incomplete stretch, however often it is polled
+        f"flaky: sync job {result.job_id} started",
+        f"flaky: sync job {result.job_id} incomplete (an attempt failed; Airbyte retries it)",
+    ]
     assert result.seconds >= 2.5  # first attempt 1 s, 0.5 s incomplete, second attempt 1 s
 
 
@@ -488,6 +507,8 @@ def _answer(status: int, body: str, content_type: str | None = "application/prob
         ("  upstream connect error  ", "upstream connect error"),
         ("", "no body"),
         ("x" * 300, "x" * 200),
+        ('["' + "y" * 300 + '"]', ("['" + "y" * 300)[:200]),
+        ('{"message": "' + "z" * 300 + '"}', ("{'message': '" + "z" * 300)[:200]),
     ],
 )
 def test_problem_detail_of_an_answer(body: str, problem: str) -> None:
@@ -517,7 +538,15 @@ def test_success_that_is_not_json_is_a_bad_response() -> None:
         )
     html = client._rejected("GET /jobs/7", _answer(404, "<html></html>", "text/html; charset=utf-8"))
     assert isinstance(html, AirbyteNotTheApi)
-    assert isinstance(client._rejected("GET /jobs/7", _answer(502, "<html></html>", "text/html")), AirbyteRequestRejected)
+    for server_error in (500, 502):  # a web page for a server error is Airbyte's proxy failing, not a wrong URL
+        assert isinstance(
+            client._rejected("GET /jobs/7", _answer(server_error, "<html></html>", "text/html")), AirbyteRequestRejected
+        )
+    assert str(client._rejected("GET /jobs/7", _answer(300, "{}", "application/json"))) == "GET /jobs/7: Airbyte answered 300: {}"
+    no_answer = errors.SDKError("API error occurred", 200, "ok", None)
+    assert str(client._rejected("GET /jobs/7", no_answer)) == (
+        "GET /jobs/7: Airbyte at http://airbyte.test/api/public/v1 answered 200 with Content-Type (none), not JSON"
+    )
 
 
 def test_retry_after_that_is_neither_seconds_nor_a_date_waits_the_backoff(caplog: pytest.LogCaptureFixture) -> None:
@@ -525,9 +554,16 @@ def test_retry_after_that_is_neither_seconds_nor_a_date_waits_the_backoff(caplog
     with caplog.at_level(logging.INFO, logger="elt.extract.server"):
         assert client._retry_after(_answer(503, "", **{"Retry-After": "soon"}).raw_response, default=4.0) == 4.0
     assert caplog.messages == ["Ignoring a Retry-After that is neither seconds nor an HTTP date: 'soon'"]
-    assert client._retry_after(_answer(503, "", **{"Retry-After": " "}).raw_response, default=4.0) == 4.0
-    assert client._retry_after(None, default=2.0) == 2.0
-    assert client._retry_after(_answer(503, "", **{"Retry-After": "120"}).raw_response, default=4.0) == 120.0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="elt.extract.server"):
+        assert client._retry_after(_answer(503, "", **{"Retry-After": " "}).raw_response, default=4.0) == 4.0
+        assert client._retry_after(_answer(503, "").raw_response, default=3.0) == 3.0
+        assert client._retry_after(None, default=2.0) == 2.0
+        assert client._retry_after(_answer(503, "", **{"Retry-After": "120"}).raw_response, default=4.0) == 120.0
+        assert caplog.messages == []  # no header, or exactly the maximum: nothing to say
+        long = "later, " * 20
+        assert client._retry_after(_answer(503, "", **{"Retry-After": long}).raw_response, default=4.0) == 4.0
+    assert caplog.messages == [f"Ignoring a Retry-After that is neither seconds nor an HTTP date: {long.strip()[:60]!r}"]
     past = "Wed, 21 Oct 2015 07:28:00 GMT"
     assert client._retry_after(_answer(503, "", **{"Retry-After": past}).raw_response, default=4.0) == 0.0
     caplog.clear()
@@ -554,6 +590,7 @@ def test_client_from_settings_uses_the_request_settings(fake_airbyte: FakeAirbyt
         airbyte_client_id="fake-client-id",
         airbyte_client_secret="fake-client-secret",
         airbyte_request_attempts=2,
+        airbyte_request_timeout_seconds=7,
     )
     client = AirbyteClient.from_settings(settings)
     client._sleep = lambda seconds: None  # the backoff: no real wait
@@ -561,7 +598,7 @@ def test_client_from_settings_uses_the_request_settings(fake_airbyte: FakeAirbyt
     fake_airbyte.fail_next(2, 503, path_prefix="/connections")
     with pytest.raises(AirbyteUnavailable, match=r"^GET /connections: .* answered 503 2 times: "):
         client.list_connections()
-    assert client._session._timeout_seconds == settings.airbyte_request_timeout_seconds
+    assert client._session._timeout_seconds == 7
 
 
 def test_conflict_attaches_to_this_connections_job_not_anothers(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
@@ -619,3 +656,134 @@ def test_unreadable_answer_shows_the_first_line_of_the_cause() -> None:
     assert str(client._unreadable("GET /jobs/7", ValueError())) == f"{prefix} (ValueError)"
     assert str(client._unreadable("GET /jobs/7", ValueError("first\nsecond"))) == f"{prefix} (ValueError: first)"
     assert str(client._unreadable("GET /jobs/7", TypeError("z" * 300))) == f"{prefix} (TypeError: {'z' * 200})"
+
+
+# --------------------------------------------------------------------------- more of what the user reads
+
+
+class _NotFoundPage(BaseHTTPRequestHandler):
+    """A web server that is not Airbyte (a reverse proxy's default site): 404 with a page for every request."""
+
+    def _answer(self) -> None:
+        body = b"<html><body><h1>404 Not Found</h1></body></html>"
+        self.send_response(404)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("credentials", "endpoint"), [(True, "POST /applications/token"), (False, "GET /connections")])
+def test_a_web_server_answering_404_pages_is_not_the_api(credentials: bool, endpoint: str) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotFoundPage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    settings = load_settings(
+        airbyte_backend="server",
+        airbyte_url=url,
+        airbyte_client_id="fake-client-id" if credentials else None,
+        airbyte_client_secret="fake-client-secret" if credentials else None,
+    )
+    try:
+        with pytest.raises(AirbyteNotTheApi) as error:
+            AirbyteClient.from_settings(settings).list_connections()
+    finally:
+        server.shutdown()
+    assert str(error.value) == (
+        f"ELT_AIRBYTE_URL={url} is not the Airbyte API ({endpoint} answered HTML); "
+        "set it to the Airbyte web address, e.g. http://host.docker.internal:8000"
+    )
+
+
+def test_token_exchange_failing_beyond_the_retries_is_a_transient_failure_naming_it(
+    fake_airbyte: FakeAirbyte, clock: FakeClock
+) -> None:
+    fake_airbyte.fail_next(3, 503, path_prefix="/applications/token")
+    with pytest.raises(AirbyteUnavailable) as error:
+        _client(fake_airbyte, clock, attempts=3).list_connections()
+    assert str(error.value) == (
+        f"POST /applications/token: Airbyte at {fake_airbyte.base_url} answered 503 3 times: "
+        "service-unavailable: Injected failure (503)."
+    )
+
+
+def test_conflict_without_a_listed_job_is_refused_naming_the_connection(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+    """409 on POST /jobs, but no running, pending or incomplete job listed (it ended in between):
+    the connection's earlier, finished job is not taken for the running one."""
+    connection_id = fake_airbyte.add_connection("stripe", sync_seconds=0.2)
+    backend = _backend(fake_airbyte, clock)
+    backend.sync("stripe", full_refresh=False)
+    fake_airbyte.fail_next(1, 409, method="POST", path_prefix="/jobs")
+    with pytest.raises(AirbyteRequestRejected) as error:
+        backend.sync("stripe", full_refresh=False)
+    assert str(error.value) == (f"POST /jobs for connection {connection_id}: Airbyte says a job is running, but none is listed")
+
+
+def test_a_failed_job_listing_while_attaching_names_the_listing(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+    connection_id = fake_airbyte.add_connection("stripe", sync_seconds=0.5)
+    fake_airbyte.start_running_job(connection_id)
+    backend = _backend(fake_airbyte, clock)
+    backend.connection_names()
+    fake_airbyte.fail_next(1, 403, method="GET", path_prefix="/jobs")
+    with pytest.raises(AirbyteAuthFailed) as error:
+        backend.sync("stripe", full_refresh=False)
+    assert str(error.value).startswith("GET /jobs: Airbyte refused the credentials (403 ")
+
+
+def test_a_sync_of_nothing_reports_zero_rows(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+    fake_airbyte.add_connection("quiet", sync_seconds=0.2, rows=0)
+    result = _backend(fake_airbyte, clock).sync("quiet", full_refresh=False)
+    assert (result.connection, result.rows) == ("quiet", 0)
+
+
+def test_only_the_configured_workspace_is_listed(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+    fake_airbyte.add_connection("ours")
+    fake_airbyte.add_connection("theirs", workspace_id="7d3c5f7e-0000-4000-8000-000000000000")
+    backend = _backend(fake_airbyte, clock, airbyte_workspace_id=fake_airbyte.workspace_id)
+    assert backend.connection_names() == ["ours"]
+    assert sorted(_backend(fake_airbyte, clock).connection_names()) == ["ours", "theirs"]
+
+
+def test_backend_builds_its_client_from_the_settings(fake_airbyte: FakeAirbyte) -> None:
+    fake_airbyte.add_connection("stripe")
+    settings = load_settings(
+        airbyte_backend="server",
+        airbyte_url=fake_airbyte.ui_url,
+        airbyte_client_id="fake-client-id",
+        airbyte_client_secret="fake-client-secret",
+    )
+    backend = ServerBackend(settings)
+    assert backend.connection_names() == ["stripe"]
+    assert backend.client.configured_url == fake_airbyte.ui_url
+
+
+def test_job_ending_at_the_last_poll_before_the_timeout_is_not_cancelled(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+    """Polls at 0.5 s, 1.0 s, 1.5 s; the job ends at 1.25 s; the timeout is 1.5 s: only a run
+    *over* the timeout is cancelled."""
+    fake_airbyte.add_connection("edge", sync_seconds=1.2)
+    backend = _backend(fake_airbyte, clock, airbyte_poll_seconds=0.5, airbyte_sync_timeout_seconds=1.5)
+    assert backend.sync("edge", full_refresh=False).rows == 1000
+    assert fake_airbyte.count("DELETE", "/jobs/") == 0
+
+
+def test_stopping_cancels_the_running_sync_by_name_and_leaves_finished_jobs_alone(
+    fake_airbyte: FakeAirbyte, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On the fake clock: the run goes down (cancel_started_jobs) during the third poll of a sync
+    that never ends; an earlier sync of this run that finished is not cancelled."""
+    fake_airbyte.add_connection("done", sync_seconds=0.2)
+    fake_airbyte.add_connection("stuck", outcome="never")
+    backend = _backend(fake_airbyte, clock)
+    backend.sync("done", full_refresh=False)
+    polls_before = len(clock.sleeps)
+    clock.on_sleep(lambda polls: polls == polls_before + 3 and backend.cancel_started_jobs())
+    with caplog.at_level(logging.WARNING, logger="elt.extract.server"), pytest.raises(AirbyteJobFailed) as error:
+        backend.sync("stuck", full_refresh=False)
+    assert str(error.value) == "connection 'stuck': stopped while job 2 ran"
+    assert caplog.messages == ["Cancelled Airbyte job 2 of connection 'stuck'"]
+    assert fake_airbyte.count("DELETE", "/jobs/") == 1
