@@ -30,7 +30,7 @@ demo: venv
 	$(BIN)/elt run
 
 test: venv $(FAKESNOW_VENV)/.installed
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadscope
 
 # ruff (lint and format, configured in pyproject.toml), mypy on src/elt, sqlfluff on the dbt project.
 lint: venv lint-sql
