@@ -12,6 +12,7 @@ What only a real server would show: real job durations, real failure reasons in 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -842,3 +843,63 @@ def test_token_is_renewed_only_within_its_last_minute(fake_airbyte: FakeAirbyte,
         clock.advance(advance)
         client.list_connections()
         assert fake_airbyte.count("POST", "/applications/token") == exchanges
+
+
+@pytest.mark.parametrize("status", [429, 500])
+def test_429_and_500_are_retried_then_a_transient_failure(
+    fake_airbyte: FakeAirbyte, clock: FakeClock, caplog: pytest.LogCaptureFixture, status: int
+) -> None:
+    fake_airbyte.add_connection("stripe")
+    client = _client(fake_airbyte, clock, attempts=3)
+    client.list_connections()
+    fake_airbyte.fail_next(3, status, path_prefix="/connections")
+    with caplog.at_level(logging.WARNING, logger="elt.extract.server"), pytest.raises(AirbyteUnavailable) as error:
+        client.list_connections()
+    problem = {429: "too-many-requests", 500: "unexpected-problem"}[status]
+    assert str(error.value) == (
+        f"GET /connections: Airbyte at {fake_airbyte.base_url} answered {status} 3 times: {problem}: Injected failure ({status})."
+    )
+    assert caplog.messages == [
+        f"GET /connections: {status} {problem}: Injected failure ({status}).; retry 1 of 2 in 1.0s",
+        f"GET /connections: {status} {problem}: Injected failure ({status}).; retry 2 of 2 in 2.0s",
+    ]
+    assert fake_airbyte.count("GET", "/connections") == 1 + 3
+
+
+def test_backoff_doubles_up_to_30_seconds(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+    fake_airbyte.add_connection("stripe")
+    client = _client(fake_airbyte, clock, attempts=7)
+    client.list_connections()
+    fake_airbyte.fail_next(6, 502, path_prefix="/connections")
+    assert [connection.name for connection in client.list_connections()] == ["stripe"]
+    assert clock.sleeps == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0]
+
+
+def test_an_address_nothing_listens_on_is_unreachable_after_the_attempts(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = AirbyteClient(f"http://127.0.0.1:{port}/api/public/v1", attempts=2, sleep=clock.sleep)
+    with caplog.at_level(logging.WARNING, logger="elt.extract.server"), pytest.raises(AirbyteUnavailable) as error:
+        client.health()
+    assert str(error.value) == (
+        f"GET /health: Airbyte at http://127.0.0.1:{port}/api/public/v1 unreachable after 2 attempts: ConnectionError"
+    )
+    assert caplog.messages == ["GET /health: ConnectionError; retry 1 of 1 in 1.0s"]
+
+
+def test_a_server_that_never_answers_times_out_at_the_request_timeout(clock: FakeClock) -> None:
+    """A socket that accepts connections and never replies (a hung proxy): each request gives up
+    after ELT_AIRBYTE_REQUEST_TIMEOUT_SECONDS instead of waiting for ever."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        client = AirbyteClient(f"http://127.0.0.1:{port}/api/public/v1", attempts=1, timeout_seconds=0.2, sleep=clock.sleep)
+        with pytest.raises(AirbyteUnavailable) as error:
+            client.health()
+    assert str(error.value) == (
+        f"GET /health: Airbyte at http://127.0.0.1:{port}/api/public/v1 unreachable after 1 attempts: ReadTimeout"
+    )
