@@ -596,11 +596,13 @@ def test_client_from_settings_uses_the_request_settings(fake_airbyte: FakeAirbyt
         airbyte_request_timeout_seconds=7,
     )
     client = AirbyteClient.from_settings(settings)
-    client._sleep = lambda seconds: None  # the backoff: no real wait
+    sleeps: list[float] = []
+    client._sleep = sleeps.append  # the backoff: recorded, no real wait
     client.list_connections()
     fake_airbyte.fail_next(2, 503, path_prefix="/connections")
     with pytest.raises(AirbyteUnavailable, match=r"^GET /connections: .* answered 503 2 times: "):
         client.list_connections()
+    assert sleeps == [1.0]  # the first backoff is a second
     assert client._session._timeout_seconds == 7
 
 
@@ -903,3 +905,12 @@ def test_a_server_that_never_answers_times_out_at_the_request_timeout(clock: Fak
     assert str(error.value) == (
         f"GET /health: Airbyte at http://127.0.0.1:{port}/api/public/v1 unreachable after 1 attempts: ReadTimeout"
     )
+
+
+def test_an_api_url_ending_in_a_slash_is_the_same_api(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+    fake_airbyte.add_connection("stripe")
+    client = AirbyteClient(
+        fake_airbyte.base_url + "/", "fake-client-id", "fake-client-secret", sleep=clock.sleep, clock=clock.monotonic
+    )
+    assert client.api_url == fake_airbyte.base_url
+    assert [connection.name for connection in client.list_connections()] == ["stripe"]
