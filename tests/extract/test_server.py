@@ -12,6 +12,7 @@ What only a real server would show: real job durations, real failure reasons in 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -312,11 +313,13 @@ def test_cancel_started_jobs_cancels_only_what_this_run_started() -> None:
         fake.assert_no_violations()
 
 
-def test_unknown_job_status_counts_as_still_running(clock: FakeClock) -> None:
+def test_unknown_job_status_counts_as_still_running(clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
     """Newer servers report 'queued'; airbyte-api 0.53 does not know it. The sync keeps waiting."""
     with FakeAirbyte(clock=clock, report_unknown_status="queued", pending_seconds=0.5) as fake:
         fake.add_connection("stripe", sync_seconds=0.8)
-        assert _backend(fake, clock).sync("stripe", full_refresh=False).rows == 1000
+        with caplog.at_level(logging.INFO, logger="elt.extract.server"):
+            assert _backend(fake, clock).sync("stripe", full_refresh=False).rows == 1000
+        assert "Job 1 reports status 'queued'; treating it as running" in caplog.messages
         assert fake.count("GET", "/jobs/") >= 8  # polled through the 'queued' half second and on
         fake.assert_no_violations()
 
@@ -593,11 +596,13 @@ def test_client_from_settings_uses_the_request_settings(fake_airbyte: FakeAirbyt
         airbyte_request_timeout_seconds=7,
     )
     client = AirbyteClient.from_settings(settings)
-    client._sleep = lambda seconds: None  # the backoff: no real wait
+    sleeps: list[float] = []
+    client._sleep = sleeps.append  # the backoff: recorded, no real wait
     client.list_connections()
     fake_airbyte.fail_next(2, 503, path_prefix="/connections")
     with pytest.raises(AirbyteUnavailable, match=r"^GET /connections: .* answered 503 2 times: "):
         client.list_connections()
+    assert sleeps == [1.0]  # the first backoff is a second
     assert client._session._timeout_seconds == 7
 
 
@@ -664,10 +669,12 @@ def test_unreadable_answer_shows_the_first_line_of_the_cause() -> None:
 class _NotFoundPage(BaseHTTPRequestHandler):
     """A web server that is not Airbyte (a reverse proxy's default site): 404 with a page for every request."""
 
+    content_type = "text/html; charset=utf-8"
+
     def _answer(self) -> None:
         body = b"<html><body><h1>404 Not Found</h1></body></html>"
         self.send_response(404)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Type", self.content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -678,9 +685,17 @@ class _NotFoundPage(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.parametrize(("credentials", "endpoint"), [(True, "POST /applications/token"), (False, "GET /connections")])
-def test_a_web_server_answering_404_pages_is_not_the_api(credentials: bool, endpoint: str) -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotFoundPage)
+@pytest.mark.parametrize(
+    ("credentials", "endpoint", "content_type"),
+    [
+        (True, "POST /applications/token", "text/html; charset=utf-8"),
+        (False, "GET /connections", "text/html; charset=utf-8"),
+        (False, "GET /connections", "application/xhtml+xml"),
+    ],
+)
+def test_a_web_server_answering_404_pages_is_not_the_api(credentials: bool, endpoint: str, content_type: str) -> None:
+    page = type("Page", (_NotFoundPage,), {"content_type": content_type})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), page)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}"
     settings = load_settings(
@@ -787,3 +802,115 @@ def test_stopping_cancels_the_running_sync_by_name_and_leaves_finished_jobs_alon
     assert str(error.value) == "connection 'stuck': stopped while job 2 ran"
     assert caplog.messages == ["Cancelled Airbyte job 2 of connection 'stuck'"]
     assert fake_airbyte.count("DELETE", "/jobs/") == 1
+
+
+def test_a_status_reason_that_is_not_text_is_ignored(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+    """statusReason is outside the v2.0.0 spec: a newer server sending an object there neither
+    blocks the connection nor breaks the listing."""
+    fake_airbyte.add_connection("shop")
+    fake_airbyte.corrupt_next_response(
+        lambda body: body["data"][0].update(statusReason={"code": "schema_change"}), path_prefix="/connections"
+    )
+    backend = _backend(fake_airbyte, clock)
+    assert backend.not_runnable() == {}
+    assert backend.connections()["shop"].status_reason is None
+
+
+def test_a_token_refused_twice_is_refreshed_once_then_named(
+    fake_airbyte: FakeAirbyte, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 401 gets one new token and one more try; a second 401 is a credentials error, not a loop."""
+    fake_airbyte.add_connection("stripe")
+    client = _client(fake_airbyte, clock)
+    fake_airbyte.fail_next(2, 401, path_prefix="/connections")
+    with caplog.at_level(logging.INFO, logger="elt.extract.server"), pytest.raises(AirbyteAuthFailed) as error:
+        client.list_connections()
+    assert str(error.value).startswith("GET /connections: Airbyte refused the credentials (401 ")
+    assert caplog.messages == ["GET /connections: token rejected (401); fetching a new one"]
+    assert fake_airbyte.count("POST", "/applications/token") == 2
+
+
+def test_a_conflict_on_a_listing_is_a_rejected_request(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+    """Only POST /jobs attaches on 409; anywhere else it is an error naming the call."""
+    fake_airbyte.fail_next(1, 409, method="GET", path_prefix="/connections")
+    with pytest.raises(AirbyteRequestRejected) as error:
+        _client(fake_airbyte, clock).list_connections()
+    assert str(error.value).startswith("GET /connections: Airbyte answered 409: ")
+
+
+def test_token_is_renewed_only_within_its_last_minute(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+    client = _client(fake_airbyte, clock)
+    client.list_connections()
+    for advance, exchanges in ((119.5, 1), (0.5, 1), (0.5, 2)):  # 119.5 s, 120 s, 120.5 s of a 180 s token
+        clock.advance(advance)
+        client.list_connections()
+        assert fake_airbyte.count("POST", "/applications/token") == exchanges
+
+
+@pytest.mark.parametrize("status", [429, 500])
+def test_429_and_500_are_retried_then_a_transient_failure(
+    fake_airbyte: FakeAirbyte, clock: FakeClock, caplog: pytest.LogCaptureFixture, status: int
+) -> None:
+    fake_airbyte.add_connection("stripe")
+    client = _client(fake_airbyte, clock, attempts=3)
+    client.list_connections()
+    fake_airbyte.fail_next(3, status, path_prefix="/connections")
+    with caplog.at_level(logging.WARNING, logger="elt.extract.server"), pytest.raises(AirbyteUnavailable) as error:
+        client.list_connections()
+    problem = {429: "too-many-requests", 500: "unexpected-problem"}[status]
+    assert str(error.value) == (
+        f"GET /connections: Airbyte at {fake_airbyte.base_url} answered {status} 3 times: {problem}: Injected failure ({status})."
+    )
+    assert caplog.messages == [
+        f"GET /connections: {status} {problem}: Injected failure ({status}).; retry 1 of 2 in 1.0s",
+        f"GET /connections: {status} {problem}: Injected failure ({status}).; retry 2 of 2 in 2.0s",
+    ]
+    assert fake_airbyte.count("GET", "/connections") == 1 + 3
+
+
+def test_backoff_doubles_up_to_30_seconds(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+    fake_airbyte.add_connection("stripe")
+    client = _client(fake_airbyte, clock, attempts=7)
+    client.list_connections()
+    fake_airbyte.fail_next(6, 502, path_prefix="/connections")
+    assert [connection.name for connection in client.list_connections()] == ["stripe"]
+    assert clock.sleeps == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0]
+
+
+def test_an_address_nothing_listens_on_is_unreachable_after_the_attempts(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = AirbyteClient(f"http://127.0.0.1:{port}/api/public/v1", attempts=2, sleep=clock.sleep)
+    with caplog.at_level(logging.WARNING, logger="elt.extract.server"), pytest.raises(AirbyteUnavailable) as error:
+        client.health()
+    assert str(error.value) == (
+        f"GET /health: Airbyte at http://127.0.0.1:{port}/api/public/v1 unreachable after 2 attempts: ConnectionError"
+    )
+    assert caplog.messages == ["GET /health: ConnectionError; retry 1 of 1 in 1.0s"]
+
+
+def test_a_server_that_never_answers_times_out_at_the_request_timeout(clock: FakeClock) -> None:
+    """A socket that accepts connections and never replies (a hung proxy): each request gives up
+    after ELT_AIRBYTE_REQUEST_TIMEOUT_SECONDS instead of waiting for ever."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        client = AirbyteClient(f"http://127.0.0.1:{port}/api/public/v1", attempts=1, timeout_seconds=0.2, sleep=clock.sleep)
+        with pytest.raises(AirbyteUnavailable) as error:
+            client.health()
+    assert str(error.value) == (
+        f"GET /health: Airbyte at http://127.0.0.1:{port}/api/public/v1 unreachable after 1 attempts: ReadTimeout"
+    )
+
+
+def test_an_api_url_ending_in_a_slash_is_the_same_api(fake_airbyte: FakeAirbyte, clock: FakeClock) -> None:
+    fake_airbyte.add_connection("stripe")
+    client = AirbyteClient(
+        fake_airbyte.base_url + "/", "fake-client-id", "fake-client-secret", sleep=clock.sleep, clock=clock.monotonic
+    )
+    assert client.api_url == fake_airbyte.base_url
+    assert [connection.name for connection in client.list_connections()] == ["stripe"]
