@@ -476,3 +476,23 @@ def test_a_dbt_process_started_early_serves_the_first_dbt_of_its_thread_or_ends_
         unused = dbt_runner._early_drivers[threading.get_ident()]
         assert unused.poll() is None
     assert unused.poll() is not None and threading.get_ident() not in dbt_runner._early_drivers
+
+
+def test_a_command_writing_elsewhere_parses_there_too_and_leaves_the_project_folder_alone(
+    project: dbt_runner.DbtProject, profiles_dir: Path, tmp_path: Path
+) -> None:
+    """The dbt-docs service's project folder is read-only; it runs `dbt docs generate
+    --target-path X --log-path Y`, so the parse before the command must write there as well."""
+    for leftover in ("target", "logs"):
+        shutil.rmtree(project.path / leftover, ignore_errors=True)
+    dbt = _dbt(project, profiles_dir)
+    try:
+        completed = dbt.run_captured(
+            "docs", "generate", "--target-path", str(tmp_path / "docs-target"), "--log-path", str(tmp_path / "docs-logs")
+        )
+    finally:
+        dbt.close()
+    assert completed.returncode == 0, completed.stdout
+    assert {"manifest.json", "catalog.json", "index.html"} <= {path.name for path in (tmp_path / "docs-target").iterdir()}
+    assert (tmp_path / "docs-logs" / "dbt.log").exists()
+    assert sorted(path.name for path in project.path.iterdir() if path.name in ("target", "logs")) == []

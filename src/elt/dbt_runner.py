@@ -287,7 +287,7 @@ class Dbt:
         uses_manifest = arguments[0] not in _WITHOUT_MANIFEST
         request = {
             "arguments": [*arguments, *self._common()],
-            "common": self._common(),
+            "common": [*self._common(), *_parse_options(arguments)],  # the parse that comes first takes them too
             "cwd": str(self.project.path),
             "env": self.env,  # the process may have started with an older one (dbt_started_early)
             "manifest": uses_manifest,
@@ -341,6 +341,26 @@ class Dbt:
         driver, self._driver, self.parsed = self._driver, None, False
         if driver is not None:
             _end_driver(driver)
+
+
+# Options of a command that its implicit parse must get too: where it writes, and what it renders.
+_PARSE_OPTIONS = ("--target-path", "--log-path", "--vars")
+
+
+def _parse_options(arguments: list[str]) -> list[str]:
+    """`dbt docs generate --target-path X` parses into X, not into the project's target/
+    (the dbt-docs service's project folder is read-only).
+
+    >>> _parse_options(["docs", "generate", "--target-path", "/t", "--log-path=/l", "--select", "a"])
+    ['--target-path', '/t', '--log-path=/l']
+    """
+    kept = []
+    for position, argument in enumerate(arguments):
+        if argument in _PARSE_OPTIONS and position + 1 < len(arguments):
+            kept += [argument, arguments[position + 1]]
+        elif argument.split("=", 1)[0] in _PARSE_OPTIONS and "=" in argument:
+            kept.append(argument)
+    return kept
 
 
 # Per thread: a dbt process started before its project is known.
