@@ -196,10 +196,16 @@ class GuardedPython:
 
     def __init__(self, script: str, *args: str, log: Path) -> None:
         # stderr to a file: its children hold what the process holds, and a pipe they hold open
-        # would keep a read waiting for them.
+        # would keep a read waiting for them. SIGINT as in a user's terminal, even when the tests
+        # run with it ignored (mutmut), which the process would inherit.
         self.log = log
         self.process = subprocess.Popen(
-            [sys.executable, "-c", script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"), text=True
+            [sys.executable, "-c", script, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log.open("w"),
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         self.recorded: dict[int, psutil.Process] = {}
 
