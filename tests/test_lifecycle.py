@@ -19,6 +19,7 @@ import duckdb
 import psutil
 import pytest
 
+from elt import processes
 from tests.conftest import BIN, GitRemote, PrefectServer
 
 CHILDREN_END_SECONDS = 10
@@ -262,17 +263,18 @@ STOPPED_RUN = """
 import subprocess, sys, time
 from elt import processes
 
-def flow():
+def flow(repo, *, flow_run_id):
+    assert repo == "the-repo"
     guard = processes.active_guard()
-    if sys.argv[1]:
-        guard.flow_run_id = sys.argv[1]
+    if flow_run_id:
+        guard.flow_run_id = flow_run_id
     server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(900)", "prefect.server.api.server:create_app"])
     connector = subprocess.Popen(["sh", "-c", "sleep 900 & wait"])
     guard.sync()
     print(server.pid, connector.pid, flush=True)
     time.sleep(900)
 
-processes.run_with_watchdog(flow)
+processes.run_with_watchdog(flow, "the-repo", flow_run_id=sys.argv[1])
 """
 
 
@@ -307,6 +309,14 @@ def test_stopped_run_stops_its_children_itself_and_says_so(
         _assert_all_end(children)
 
 
+def test_stopped_run_names_the_signal_prefect_reports() -> None:
+    """Prefect raises TerminationSignal carrying the signal it caught; the last line names that one."""
+    from prefect.exceptions import TerminationSignal
+
+    assert processes.signal_name(TerminationSignal(signal.SIGHUP)) == "SIGHUP"
+    assert processes.signal_name(KeyboardInterrupt()) == "SIGINT"
+
+
 # A flow under guard_run that a signal interrupts (Prefect turns SIGTERM into an exception in the
 # flow): its children are stopped on the way out, but not Prefect's temporary server, which has
 # yet to record the run's end; and the run's watchdog, told it finished, stops nothing more.
@@ -327,6 +337,8 @@ try:
     flow()
 except KeyboardInterrupt:
     print("interrupted", flush=True)
+with processes.RunGuard() as next_run:  # the next run in this process is guarded too
+    print(next_run.watchdog_pid is not None, flush=True)
 """
 
 
@@ -338,6 +350,7 @@ def test_interrupted_flow_stops_its_children_but_not_the_prefect_server(tmp_path
         run.process.stdin.write("stop\n")
         run.process.stdin.flush()
         assert run.read_line() == "interrupted\n"
+        assert run.read_line() == "True\n"
         assert run.process.wait(timeout=60) == 0
         _assert_all_end({watchdog.pid: watchdog})
         connector = {pid: process for pid, process in children.items() if pid not in (server_pid, watchdog.pid)}
