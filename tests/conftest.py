@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.mutmut_children import pytest_runtest_call  # noqa: F401 - a hook: mutmut measures what children run
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TINY_PROJECT = Path(__file__).parent / "dbt_projects" / "tiny_shop"

@@ -19,6 +19,7 @@ import duckdb
 import psutil
 import pytest
 
+from elt import processes
 from tests.conftest import BIN, GitRemote, PrefectServer
 
 CHILDREN_END_SECONDS = 10
@@ -189,18 +190,173 @@ def _holder(home: Path) -> dict:
     )
 
 
+class GuardedPython:
+    """A Python process running `script` (the processes it starts import the same `elt` as the
+    tests); the test records its descendants. On the way out it and every recorded descendant
+    still running are killed, whatever happened: a failed test leaves nothing on the machine."""
+
+    def __init__(self, script: str, *args: str, log: Path) -> None:
+        # stderr to a file: its children hold what the process holds, and a pipe they hold open
+        # would keep a read waiting for them. SIGINT as in a user's terminal, even when the tests
+        # run with it ignored (mutmut), which the process would inherit.
+        self.log = log
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", script, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log.open("w"),
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        self.recorded: dict[int, psutil.Process] = {}
+
+    def record(self) -> dict[int, psutil.Process]:
+        for child in _descendants(self.process.pid):
+            self.recorded.setdefault(child.pid, child)
+        return self.recorded
+
+    def read_line(self) -> str:
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait()
+            pytest.fail(f"the process exited ({self.process.returncode}) before printing:\n{self.stderr[-3000:]}")
+        return line
+
+    @property
+    def stderr(self) -> str:
+        return self.log.read_text()
+
+    def watchdog(self) -> psutil.Process:
+        watchdogs = [process for process in self.record().values() if "elt.processes" in " ".join(_cmdline(process))]
+        assert len(watchdogs) == 1, f"one watchdog expected among {self.recorded}"
+        return watchdogs[0]
+
+    def __enter__(self) -> GuardedPython:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.record()
+        self.process.kill()
+        self.process.wait()
+        for process in self.recorded.values():
+            with contextlib.suppress(psutil.Error):
+                process.kill()  # psutil checks the PID still names the process it recorded
+
+
 def test_watchdog_stops_the_children_of_a_killed_process(tmp_path: Path) -> None:
     """kill -9 of a guarded process: its child and grandchild (re-parented to PID 1) are stopped,
     and the folder it registered is removed."""
     folder = tmp_path / "run-folder"
-    parent = subprocess.Popen([sys.executable, "-c", GUARDED_PARENT, str(folder)], stdout=subprocess.PIPE, text=True)
-    child_pid = int(parent.stdout.readline())
-    recorded = {process.pid: process for process in _descendants(parent.pid)}
-    assert child_pid in recorded and len(recorded) >= 3, "watchdog, child and grandchild should be running"
-    parent.kill()
-    parent.wait()
-    _assert_all_end(recorded)
-    _wait_until(lambda: not folder.exists(), CHILDREN_END_SECONDS, "the registered folder is removed")
+    with GuardedPython(GUARDED_PARENT, str(folder), log=tmp_path / "parent.err") as parent:
+        child_pid = int(parent.read_line())
+        recorded = dict(parent.record())
+        assert child_pid in recorded and len(recorded) >= 3, "watchdog, child and grandchild should be running"
+        parent.process.kill()
+        parent.process.wait()
+        _assert_all_end(recorded)
+        _wait_until(lambda: not folder.exists(), CHILDREN_END_SECONDS, "the registered folder is removed")
+
+
+# A run as `elt run` makes it (run_with_watchdog) that has started a connector (a child with a
+# child of its own, no parent-death signal) and a process that looks like Prefect's temporary server.
+STOPPED_RUN = """
+import subprocess, sys, time
+from elt import processes
+
+def flow(repo, *, flow_run_id):
+    assert repo == "the-repo"
+    guard = processes.active_guard()
+    if flow_run_id:
+        guard.flow_run_id = flow_run_id
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(900)", "prefect.server.api.server:create_app"])
+    connector = subprocess.Popen(["sh", "-c", "sleep 900 & wait"])
+    guard.sync()
+    print(server.pid, connector.pid, flush=True)
+    time.sleep(900)
+
+processes.run_with_watchdog(flow, "the-repo", flow_run_id=sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize(
+    ("stop_signal", "flow_run_id", "last_line"),
+    [
+        (
+            signal.SIGTERM,
+            "0b5e-flow-run",
+            "all-etl stopped by SIGTERM: flow run 0b5e-flow-run is marked Crashed and its dbt and connector processes were stopped",
+        ),
+        (signal.SIGINT, "", "all-etl stopped by SIGINT before its flow run started"),
+    ],
+    ids=["SIGTERM", "SIGINT"],
+)
+def test_stopped_run_stops_its_children_itself_and_says_so(
+    stop_signal: signal.Signals, flow_run_id: str, last_line: str, tmp_path: Path
+) -> None:
+    """SIGTERM or SIGINT to a guarded run: it stops every child, Prefect's temporary server
+    included, and exits 128 + the signal with one line. Its watchdog is killed first, so what
+    stops the children is the run itself."""
+    with GuardedPython(STOPPED_RUN, flow_run_id, log=tmp_path / "run.err") as run:
+        server_pid, connector_pid = map(int, run.read_line().split())
+        children = dict(run.record())
+        assert {server_pid, connector_pid} <= set(children) and len(children) >= 4, children
+        watchdog = run.watchdog()
+        watchdog.kill()
+        _assert_all_end({watchdog.pid: watchdog})
+        run.process.send_signal(stop_signal)
+        assert run.process.wait(timeout=60) == 128 + stop_signal, run.stderr
+        assert run.stderr.strip().splitlines()[-1] == last_line
+        _assert_all_end(children)
+
+
+def test_stopped_run_names_the_signal_prefect_reports() -> None:
+    """Prefect raises TerminationSignal carrying the signal it caught; the last line names that one."""
+    from prefect.exceptions import TerminationSignal
+
+    assert processes.signal_name(TerminationSignal(signal.SIGHUP)) == "SIGHUP"
+    assert processes.signal_name(KeyboardInterrupt()) == "SIGINT"
+
+
+# A flow under guard_run that a signal interrupts (Prefect turns SIGTERM into an exception in the
+# flow): its children are stopped on the way out, but not Prefect's temporary server, which has
+# yet to record the run's end; and the run's watchdog, told it finished, stops nothing more.
+INTERRUPTED_FLOW = """
+import subprocess, sys
+from elt import processes
+
+@processes.guard_run
+def flow():
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(900)", "prefect.server.api.server:create_app"])
+    connector = subprocess.Popen(["sh", "-c", "sleep 900 & wait"])
+    processes.active_guard().sync()
+    print(server.pid, connector.pid, flush=True)
+    sys.stdin.readline()
+    raise KeyboardInterrupt
+
+try:
+    flow()
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+with processes.RunGuard() as next_run:  # the next run in this process is guarded too
+    print(next_run.watchdog_pid is not None, flush=True)
+"""
+
+
+def test_interrupted_flow_stops_its_children_but_not_the_prefect_server(tmp_path: Path) -> None:
+    with GuardedPython(INTERRUPTED_FLOW, log=tmp_path / "run.err") as run:
+        server_pid, connector_pid = map(int, run.read_line().split())
+        children = dict(run.record())
+        watchdog = run.watchdog()
+        run.process.stdin.write("stop\n")
+        run.process.stdin.flush()
+        assert run.read_line() == "interrupted\n"
+        assert run.read_line() == "True\n"
+        assert run.process.wait(timeout=60) == 0
+        _assert_all_end({watchdog.pid: watchdog})
+        connector = {pid: process for pid, process in children.items() if pid not in (server_pid, watchdog.pid)}
+        assert connector_pid in connector and len(connector) >= 2, children
+        _assert_all_end(connector)
+        assert children[server_pid].is_running() and children[server_pid].status() != psutil.STATUS_ZOMBIE
 
 
 @pytest.mark.slow
