@@ -392,7 +392,9 @@ def _start_driver(env: dict[str, str]) -> subprocess.Popen[str]:
         stderr=subprocess.STDOUT,
         text=True,
         bufsize=1,
-        preexec_fn=processes.die_with_parent,  # started and waited on by the thread that uses it
+        # No preexec_fn: it forks this multi-threaded process and runs Python before exec, which
+        # can deadlock. The process ends when its input closes (this process gone included), and
+        # the run's guard stops it with the run's other children.
     )
 
 
