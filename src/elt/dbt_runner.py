@@ -247,8 +247,9 @@ class Dbt:
     folder, the target and the environment of `dbt_for`.
 
     The commands run one at a time in one dbt process (src/elt/dbt_driver.py), started by the
-    first (or by `dbt_started_early`) and ended by `close()` (`dbt_for` calls it): dbt's start-up and the project's parse
-    are paid once per transform stage, not once per command. Use a Dbt from one thread.
+    first (or by `dbt_started_early`) and ended by `close()` (`dbt_for` calls it): dbt's start-up
+    and the project's parse are paid once per transform stage, not once per command. Use a Dbt
+    from one thread.
     """
 
     project: DbtProject
@@ -369,7 +370,8 @@ _early_drivers: dict[int, subprocess.Popen[str]] = {}
 
 @contextmanager
 def dbt_started_early(settings: Settings) -> Iterator[None]:
-    """Start a dbt process now, for the first `Dbt` of this thread with these settings to use:
+    """Start a dbt process now, for the first `Dbt` of this thread to use (each command brings its
+    own environment):
     dbt's import (seconds: bench/p3_embedded_all_etl.py) then overlaps the syncs and the pull
     instead of following them. Ended with the block if nothing used it."""
     thread = threading.get_ident()
