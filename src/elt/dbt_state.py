@@ -165,8 +165,10 @@ def plan_build(
 
     `freshness`: this run's `dbt source freshness` results (target/sources.json); `left_out`:
     selectors left out of the build (`source:faker.users+`) → why (`source faker.users stale`).
-    Which nodes run is what `dbt ls` resolves for the very arguments the build gets; the reasons
-    come from dbt's selectors one by one, and from the manifest's graph for which source fed a node.
+    Which nodes run is what `dbt ls` resolves for the very arguments the build gets. The reasons
+    come from the saved run results (failed last run), the manifests (never built), the manifest's
+    graph (which fresher source fed a node) and `dbt ls --select state:modified+`, which is only
+    asked when --select, --exclude or a left-out source narrows the build.
     """
     state, no_state = store.last()
     dbt.parse()
@@ -203,7 +205,10 @@ def plan_build(
         previous_nodes = set(json.loads(state.file("manifest.json").read_text()).get("nodes", {}))
         statuses = _previous_statuses(state.file("run_results.json"))
         failed = _failed_last_run(statuses, manifest)
-        modified = _listed(dbt, ["--select", "state:modified+", *state_arguments])
+        # With nothing narrowing the build, what it selects is the union of the criteria: what
+        # no other reason explains is state:modified+, and a second `dbt ls` would only say so.
+        narrowed = bool(select or exclude or left_out)
+        modified: set[str] | None = _listed(dbt, ["--select", "state:modified+", *state_arguments]) if narrowed else None
         fed_by: dict[str, list[str]] = {}
         for name, uid in sources.items():
             if name in left_out_sources:
@@ -218,6 +223,8 @@ def plan_build(
                 continue
             for node in _descendants(manifest, uid):
                 fed_by.setdefault(node, []).append(why)
+        if modified is None:
+            modified = to_run - set(fed_by)  # a node both modified and fed new rows reads the rows' reason
         for uid in everything:
             if uid not in previous_nodes:
                 reasons[uid] = "never built"
