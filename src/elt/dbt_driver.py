@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 END_MARKER = "@@elt-dbt-driver-end@@"
 READY_MARKER = "@@elt-dbt-driver-ready@@"  # dbt is imported
@@ -30,6 +31,7 @@ def main() -> None:
     from dbt.cli.main import dbtRunner
     from dbt.contracts.graph.manifest import Manifest
 
+    _warm_up(dbtRunner)
     print(READY_MARKER, flush=True)
     manifest: Manifest | None = None
     for line in sys.stdin:
@@ -40,7 +42,8 @@ def main() -> None:
         arguments = request["arguments"]
         return_code = None
         if request.get("manifest") and manifest is None:
-            parsed = dbtRunner().invoke(["parse", "--quiet", *request.get("common", [])])
+            # Not written to target/: the command that follows writes the manifest if it writes any.
+            parsed = dbtRunner().invoke(["parse", "--quiet", "--no-write-json", *request.get("common", [])])
             if parsed.success and isinstance(parsed.result, Manifest):
                 manifest = parsed.result
             else:
@@ -58,6 +61,24 @@ def main() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         print(f"{END_MARKER} {json.dumps({'return_code': return_code})}", flush=True)
+
+
+def _warm_up(runner: type) -> None:
+    """Parse an empty DuckDB project in a scratch folder, so that what dbt prepares on its first
+    invocation (its config classes, the adapter) is ready before the first request: under a second
+    at start-up, while all-etl syncs, instead of in the transform. Its failure is not the project's:
+    the first request reports whatever is wrong."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="elt-dbt-warm-up-") as folder:
+        (Path(folder) / "dbt_project.yml").write_text("name: warm_up\nprofile: warm_up\nconfig-version: 2\n")
+        (Path(folder) / "profiles.yml").write_text(
+            "warm_up:\n  target: t\n  outputs:\n    t:\n      type: duckdb\n      path: ':memory:'\n"
+        )
+        options = ["--project-dir", folder, "--profiles-dir", folder, "--log-path", folder, "--target-path", folder]
+        quiet = ["--log-level", "none", "--no-write-json", "--no-partial-parse", "--no-send-anonymous-usage-stats"]
+        runner().invoke(["parse", *quiet, *options])
+    _close_duckdb()
 
 
 def _close_duckdb() -> None:

@@ -239,6 +239,8 @@ def _remove_profiles_of_dead_processes() -> None:
 
 # dbt commands that run without the parsed project (`parse` makes it).
 _WITHOUT_MANIFEST = frozenset({"deps", "debug", "clean", "init", "parse"})
+# Commands that write the manifest they ran on to target/ (`ls`, `show`, `run-operation` don't).
+_WRITE_MANIFEST = frozenset({"parse", "build", "run", "test", "seed", "snapshot", "compile", "source"})
 
 
 @dataclass
@@ -307,7 +309,7 @@ class Dbt:
                     self.last_return_code = json.loads(line[len(END_MARKER) :])["return_code"]
                     if arguments[0] == "deps":
                         self.parsed = False
-                    elif uses_manifest or arguments[0] == "parse":
+                    elif _writes_manifest(arguments):
                         self.parsed = self.parsed or self.last_return_code in (0, 1)
                     return
                 if not line.startswith(READY_MARKER):
@@ -342,6 +344,12 @@ class Dbt:
         driver, self._driver, self.parsed = self._driver, None, False
         if driver is not None:
             _end_driver(driver)
+
+
+def _writes_manifest(arguments: list[str]) -> bool:
+    """Whether `dbt <arguments>` leaves the manifest it ran on in the project's target/."""
+    elsewhere = any(argument.split("=", 1)[0] in ("--target-path", "--no-write-json") for argument in arguments)
+    return arguments[0] in _WRITE_MANIFEST and not elsewhere
 
 
 # Options of a command that its implicit parse must get too: where it writes, and what it renders.
