@@ -496,3 +496,22 @@ def test_a_command_writing_elsewhere_parses_there_too_and_leaves_the_project_fol
     assert {"manifest.json", "catalog.json", "index.html"} <= {path.name for path in (tmp_path / "docs-target").iterdir()}
     assert (tmp_path / "docs-logs" / "dbt.log").exists()
     assert sorted(path.name for path in project.path.iterdir() if path.name in ("target", "logs")) == []
+
+
+def test_after_only_a_selection_the_manifest_a_plan_reads_is_written_by_parse(
+    project: dbt_runner.DbtProject, profiles_dir: Path
+) -> None:
+    """The parse the dbt process runs before a command writes no manifest (the command writes it,
+    if it writes one), and `dbt ls` writes none: after only an `ls`, `Dbt.parse()` writes this
+    parse to target/manifest.json for the plan to read, not leaving it missing or an older build's."""
+    shutil.rmtree(project.path / "target", ignore_errors=True)
+    dbt = _dbt(project, profiles_dir)
+    try:
+        listed = dbt.run_captured("ls", "--resource-type", "model", "--output", "name", "--quiet")
+        assert listed.returncode == 0 and listed.stdout.split() == ["customer_totals"]
+        assert not (project.path / "target" / "manifest.json").exists()
+        dbt.parse()
+    finally:
+        dbt.close()
+    manifest = json.loads((project.path / "target" / "manifest.json").read_text())
+    assert "model.tiny_shop.customer_totals" in manifest["nodes"]

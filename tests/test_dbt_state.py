@@ -135,6 +135,53 @@ def test_a_modified_model_on_a_stale_source_is_skipped_as_stale_and_the_state_do
     assert json.loads((store.root / dbt_state.POINTER).read_text())["saved_at"] == saved  # the change is still ahead
 
 
+@pytest.mark.slow
+def test_a_modified_model_left_out_by_exclude_still_reads_modified_and_the_state_does_not_advance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real dbt on real DuckDB (the tiny project): after a saved build, customer_totals.sql changes.
+    A plan that excludes it names it `modified` (dbt's state:modified+, asked because --exclude
+    narrows the build) and keeps no state; the next plan, with nothing narrowing it, builds it and
+    what it feeds, `modified` (what dbt selected that no other reason explains), and nothing else."""
+    import shutil
+
+    from elt import dbt_runner
+    from tests.conftest import TINY_PROJECT
+
+    monkeypatch.setenv("ELT_HOME", str(tmp_path))
+    (tmp_path / "data").mkdir()
+    folder = tmp_path / "tiny_shop"
+    shutil.copytree(TINY_PROJECT, folder)
+    settings = load_settings()
+    project = DbtProject.at(folder)
+    store = dbt_state.StateStore(settings)
+
+    def planned_run(exclude: str | None = None) -> dbt_state.Plan:
+        with dbt_runner.dbt_for(settings, project) as dbt:
+            plan = dbt_state.plan_build(dbt, store, [], {}, exclude=exclude)
+            run = dbt_runner.raise_if_failed(dbt_runner.run_dbt(dbt, plan.arguments))
+            dbt_state.keep_state(store, run, "c1", complete=plan.complete, with_sources=False)
+        return plan
+
+    planned_run()
+    model = folder / "models" / "customer_totals.sql"
+    model.write_text(model.read_text() + "\n-- changed\n")
+    plan = planned_run(exclude="customer_totals")
+    totals = "model.tiny_shop.customer_totals"
+    changed = {totals, *(node.unique_id for node in plan.nodes if node.unique_id.startswith("test."))}
+    assert {node.unique_id: (node.action, node.reason) for node in plan.nodes if node.unique_id in changed} == dict.fromkeys(
+        changed, ("skip", "not selected by --select/--exclude (modified)")
+    )  # its tests are left out with it
+    assert [node.unique_id for node in plan.nodes if node.action == "run"] == []
+    assert not plan.complete
+
+    plan = planned_run()
+    ran = {node.unique_id: node.reason for node in plan.nodes if node.action == "run"}
+    assert ran == {totals: "modified", **{uid: "modified" for uid in ran if uid.startswith("test.")}}
+    assert [uid for uid in ran if uid.startswith("test.")], ran  # customer_totals' tests run with it
+    assert plan.complete
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
 def test_a_state_that_does_not_fit_on_the_volume_is_a_warning_and_the_next_run_builds_everything(
     built_project: DbtProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
