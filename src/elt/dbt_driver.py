@@ -1,14 +1,16 @@
 """One dbt process for every dbt command of a transform stage (`python -m elt.dbt_driver`).
 
-Each line on stdin is a request, `{"arguments": [...], "cwd": ..., "env": {...}, "manifest": true}`;
-the driver runs it in that folder with that environment, with dbt's programmatic runner, its output on stdout as the `dbt` command prints it, then one line
-`END_MARKER {"return_code": n}` (dbt's own exit codes: 0 done, 1 nodes failed, 2 dbt could
-not run). A request with `"manifest": true` runs on the project parsed once (`dbt parse`, whose
-partial parse is kept in target/) by the first such request, or by a `dbt parse` request;
-`dbt deps` forgets that parse, since new packages change the project. The driver ends when stdin closes.
+Each line on stdin is a request, `{"arguments": [...], "cwd": ..., "env": {...}, "manifest":
+true}`; the driver runs it in that folder with that environment, with dbt's programmatic runner,
+its output on stdout as the `dbt` command prints it, then one line `END_MARKER {"return_code": n}`
+(dbt's own exit codes: 0 done, 1 nodes failed, 2 dbt could not run). A request with `"manifest":
+true` runs on the project parsed once (partial parse kept in target/) by the first such request,
+or by a `dbt parse` request; `dbt deps` forgets that parse, since new packages change the
+project. `--warm-up` prepares dbt before the ready line (`_warm_up`). The driver ends when stdin
+closes.
 
 Why: importing dbt and parsing the project cost seconds (a 500-model project: 5-10 s here) in
-every dbt process, and an `--only-changed` build runs freshness, three selections and the build
+every dbt process, and an `--only-changed` build runs freshness, a selection and the build
 (bench/p5_only_changed.py). dbt-core is not safe to invoke twice at once in one process; the
 driver runs one request at a time, in the project folder (dbt-duckdb resolves seed paths from it).
 
@@ -31,7 +33,8 @@ def main() -> None:
     from dbt.cli.main import dbtRunner
     from dbt.contracts.graph.manifest import Manifest
 
-    _warm_up(dbtRunner)
+    if "--warm-up" in sys.argv[1:]:
+        _warm_up(dbtRunner)
     print(READY_MARKER, flush=True)
     manifest: Manifest | None = None
     for line in sys.stdin:
@@ -65,9 +68,10 @@ def main() -> None:
 
 def _warm_up(runner: type) -> None:
     """Parse an empty DuckDB project in a scratch folder, so that what dbt prepares on its first
-    invocation (its config classes, the adapter) is ready before the first request: under a second
-    at start-up, while all-etl syncs, instead of in the transform. Its failure is not the project's:
-    the first request reports whatever is wrong."""
+    invocation (its config classes, the adapter) is ready before the first request (~1 s here).
+    For a process started early (all-etl's, while it syncs): for any other the warm-up's parse of
+    dbt's own macros would cost more than it saves. Its failure is not the project's: the first
+    request reports whatever is wrong."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="elt-dbt-warm-up-") as folder:
