@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -407,7 +408,7 @@ def test_a_stages_dbt_commands_run_in_one_dbt_process_that_leaves_the_warehouse_
         assert dbt._driver.pid == driver
     finally:
         dbt.close()
-    assert not Path(f"/proc/{driver}").exists()
+    _wait_until_ended(driver)
     with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as connection:
         (total,) = connection.execute(
             "select total_amount from main_marts.customer_totals where customer = 'written_between_commands'"
@@ -471,11 +472,12 @@ def test_a_dbt_process_started_early_serves_the_first_dbt_of_its_thread_or_ends_
     assert [node.unique_id for node in seeded.results] == ["seed.tiny_shop.orders"]
     with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as connection:
         assert connection.execute("select probe from main_marts.env_probe").fetchall() == [("set after the start",)]
-    assert early.poll() is not None
+    _wait_until_ended(early.pid)
     with dbt_runner.dbt_started_early(settings):
         unused = dbt_runner._early_drivers[threading.get_ident()]
         assert unused.poll() is None
-    assert unused.poll() is not None and threading.get_ident() not in dbt_runner._early_drivers
+    assert threading.get_ident() not in dbt_runner._early_drivers
+    _wait_until_ended(unused.pid)
 
 
 def test_a_command_writing_elsewhere_parses_there_too_and_leaves_the_project_folder_alone(
@@ -515,3 +517,12 @@ def test_after_only_a_selection_the_manifest_a_plan_reads_is_written_by_parse(
         dbt.close()
     manifest = json.loads((project.path / "target" / "manifest.json").read_text())
     assert "model.tiny_shop.customer_totals" in manifest["nodes"]
+
+
+def _wait_until_ended(pid: int, seconds: float = 30) -> None:
+    """A closed dbt process exits by itself, reaped in the background: it must be gone in time."""
+    deadline = time.monotonic() + seconds
+    while Path(f"/proc/{pid}").exists():
+        if time.monotonic() > deadline:
+            pytest.fail(f"the dbt process {pid} was still running {seconds} s after its Dbt was closed")
+        time.sleep(0.05)
