@@ -19,6 +19,7 @@ Imports nothing of elt: the driver's start-up is dbt's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -34,7 +35,9 @@ def main() -> None:
     from dbt.contracts.graph.manifest import Manifest
 
     if "--warm-up" in sys.argv[1:]:
-        _warm_up(dbtRunner)
+        # Without a scratch folder (a read-only /tmp) the first request pays dbt's preparation instead.
+        with contextlib.suppress(OSError):
+            _warm_up(dbtRunner)
     print(READY_MARKER, flush=True)
     manifest: Manifest | None = None
     for line in sys.stdin:
