@@ -317,6 +317,93 @@ def test_stopped_run_names_the_signal_prefect_reports() -> None:
     assert processes.signal_name(KeyboardInterrupt()) == "SIGINT"
 
 
+# A stopped run whose last logs cannot be sent to Prefect (its API unreachable, say): Prefect's
+# drain is replaced by one that says how long it was allowed and fails. The run still stops its
+# children and exits with its one line, and says the logs were not sent.
+LOGS_NOT_SENT = (
+    """
+import sys
+from prefect.logging.handlers import APILogWorker
+
+def drain_all(timeout=None, at_exit=True):
+    print(f"drain timeout={timeout}", file=sys.stderr, flush=True)
+    raise RuntimeError("the API is unreachable")
+
+APILogWorker.drain_all = staticmethod(drain_all)
+"""
+    + STOPPED_RUN
+)
+
+
+def test_stopped_run_whose_last_logs_cannot_be_sent_says_so_and_still_stops(tmp_path: Path) -> None:
+    with GuardedPython(LOGS_NOT_SENT, "0b5e-flow-run", log=tmp_path / "run.err") as run:
+        pids = set(map(int, run.read_line().split()))
+        children = dict(run.record())
+        assert pids <= set(children), children
+        run.process.send_signal(signal.SIGTERM)
+        assert run.process.wait(timeout=60) == 128 + signal.SIGTERM, run.stderr
+        lines = run.stderr.strip().splitlines()
+        assert lines[-1].startswith("all-etl stopped by SIGTERM: flow run 0b5e-flow-run is marked Crashed"), lines
+        assert "Could not send the last logs to Prefect: the API is unreachable" in lines, lines
+        # The drain is bounded (a hung API must not keep a stopped run alive), at 5 s.
+        [timeout] = [line.removeprefix("drain timeout=") for line in lines if line.startswith("drain timeout=")]
+        assert timeout != "None" and float(timeout) <= 5, timeout
+        _assert_all_end(children)
+
+
+# stop_children as a run calls it: its children and theirs are stopped and named in one INFO
+# line; the watchdog and Prefect's temporary server are left (the server has a run's end to record).
+STOP_CHILDREN = """
+import logging, subprocess, sys
+from elt import processes
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+with processes.RunGuard() as guard:
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(900)", "prefect.server.api.server:create_app"])
+    connector = subprocess.Popen(["sh", "-c", "sleep 900 & wait"])
+    guard.sync()
+    print(server.pid, connector.pid, flush=True)
+    sys.stdin.readline()
+    processes.stop_children()
+    print("stopped", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_stop_children_stops_and_names_them_but_keeps_the_watchdog_and_the_prefect_server(tmp_path: Path) -> None:
+    with GuardedPython(STOP_CHILDREN, log=tmp_path / "run.err") as run:
+        server_pid, connector_pid = map(int, run.read_line().split())
+        children = dict(run.record())
+        watchdog = run.watchdog()
+        connector = {pid: process for pid, process in children.items() if pid not in (server_pid, watchdog.pid)}
+        assert connector_pid in connector and len(connector) == 2, children  # sh and its sleep
+        run.process.stdin.write("stop\n")
+        run.process.stdin.flush()
+        assert run.read_line() == "stopped\n"
+        _assert_all_end(connector)
+        [line] = [line for line in run.stderr.splitlines() if line.startswith("INFO Stopping")]
+        count, _, pids = line.removeprefix("INFO Stopping ").partition(" child process(es): ")
+        assert count == "2" and sorted(map(int, pids.split(", "))) == sorted(connector), line
+        assert children[server_pid].status() != psutil.STATUS_ZOMBIE and watchdog.status() != psutil.STATUS_ZOMBIE
+
+
+def test_a_process_whose_name_holds_a_parenthesis_is_read_right(tmp_path: Path) -> None:
+    """/proc/<pid>/stat puts the command name in parentheses, and a name may hold `) ` itself."""
+    program = tmp_path / "a) 1 2 3 4"
+    program.symlink_to(Path(subprocess.run(["which", "sleep"], capture_output=True, text=True, check=True).stdout.strip()))
+    child = subprocess.Popen([str(program), "900"])
+    try:
+        _wait_until(lambda: "a) 1" in Path(f"/proc/{child.pid}/stat").read_text(), 10, "the child runs the program")
+        read = processes._read_process(child.pid)
+        assert read is not None and read.parent == os.getpid(), read
+        assert read.started == int(Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        assert read.alive and child.pid in [process.pid for process in processes.descendants(os.getpid())]
+    finally:
+        child.kill()
+        child.wait()
+    assert not read.alive
+
+
 # A flow under guard_run that a signal interrupts (Prefect turns SIGTERM into an exception in the
 # flow): its children are stopped on the way out, but not Prefect's temporary server, which has
 # yet to record the run's end; and the run's watchdog, told it finished, stops nothing more.
