@@ -311,3 +311,86 @@ def test_credentials_keep_their_secrets_out_of_str_and_repr(key: rsa.RSAPrivateK
     for shown in (str(credentials), repr(credentials)):
         assert "p@ss/w0rd@" not in shown and "pp-secret" not in shown and _body(pem)[:40] not in shown, shown
     assert credentials.to_connector_params()["private_key"] == _der(key)
+
+
+def test_password_profile_refers_dbt_to_a_variable_for_every_login_field_and_sets_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The rendered profile holds no secret: each login field is an env_var() reference, and
+    dbt's environment sets every variable the profile (or a project's own profiles.yml) reads."""
+    for name, value in {
+        "ELT_WAREHOUSE": "snowflake",
+        "ELT_SNOWFLAKE_ACCOUNT": "acme",
+        "ELT_SNOWFLAKE_USER": "u",
+        "ELT_SNOWFLAKE_PASSWORD": "p@ss/w0rd@",
+        "ELT_SNOWFLAKE_WAREHOUSE": "w",
+        "ELT_SNOWFLAKE_DATABASE": "d",
+        "ELT_DBT_THREADS": "3",
+        "ELT_SNOWFLAKE_CONNECT_TIMEOUT_SECONDS": "2.5",
+    }.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    rendered = dbt_runner.render_profile(settings, "p")
+    assert "p@ss/w0rd@" not in rendered
+    assert yaml.safe_load(rendered)["p"]["outputs"]["snowflake"] == {
+        "type": "snowflake",
+        "account": "{{ env_var('SNOWFLAKE_ACCOUNT') }}",
+        "user": "{{ env_var('SNOWFLAKE_USER') }}",
+        "warehouse": "{{ env_var('SNOWFLAKE_WAREHOUSE') }}",
+        "database": "{{ env_var('SNOWFLAKE_DATABASE') }}",
+        "schema": "{{ env_var('SNOWFLAKE_SCHEMA') }}",
+        "query_tag": "{{ env_var('ELT_SNOWFLAKE_QUERY_TAG', 'elt') }}",
+        "threads": 3,
+        "connect_timeout": 3,
+        "connect_retries": 0,
+        "password": "{{ env_var('SNOWFLAKE_PASSWORD') }}",
+    }
+    assert SnowflakeCredentials.from_settings(settings).dbt_environment() == {
+        "SNOWFLAKE_ACCOUNT": "acme",
+        "SNOWFLAKE_USER": "u",
+        "SNOWFLAKE_WAREHOUSE": "w",
+        "SNOWFLAKE_DATABASE": "d",
+        "SNOWFLAKE_SCHEMA": "ANALYTICS",
+        "SNOWFLAKE_CONNECT_TIMEOUT_SECONDS": "3",
+        "SNOWFLAKE_PASSWORD": "p@ss/w0rd@",
+    }
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "described"),
+    [
+        ({}, "Snowflake account acme at https://acme.snowflakecomputing.com:443"),
+        ({"SNOWFLAKE_HOST": "10.0.0.5", "SNOWFLAKE_PROTOCOL": "http"}, "Snowflake account acme at http://10.0.0.5:80"),
+        ({"SNOWFLAKE_HOST": "10.0.0.5", "SNOWFLAKE_PROTOCOL": "https"}, "Snowflake account acme at https://10.0.0.5:443"),
+        ({"SNOWFLAKE_HOST": "10.0.0.5", "SNOWFLAKE_PORT": "8080"}, "Snowflake account acme at https://10.0.0.5:8080"),
+    ],
+    ids=["account", "http", "https", "port"],
+)
+def test_where_the_appliance_connects_names_the_port_the_protocol_implies(
+    endpoint: dict[str, str], described: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    login = {"SNOWFLAKE_USER": "u", "SNOWFLAKE_PASSWORD": "p", "SNOWFLAKE_WAREHOUSE": "w", "SNOWFLAKE_DATABASE": "d"}
+    for name, value in {"ELT_WAREHOUSE": "snowflake", "SNOWFLAKE_ACCOUNT": "acme", **login, **endpoint}.items():
+        monkeypatch.setenv(name, value)
+    assert SnowflakeCredentials.from_settings(load_settings()).describe() == described
+
+
+@pytest.mark.parametrize(
+    ("dotenv", "message"),
+    [
+        (None, "SNOWFLAKE_PRIVATE_KEY is a PEM cut off after its first line (no END line); expected "),
+        (b"OTHER=caf\xe9\n", "SNOWFLAKE_PRIVATE_KEY is a PEM cut off after its first line (no END line); expected "),
+        (b"OTHER=caf\xe9\nexport SNOWFLAKE_PRIVATE_KEY=-----BEGIN PRIVATE KEY-----\n", "SNOWFLAKE_PRIVATE_KEY in .env: "),
+    ],
+    ids=["no .env", ".env not UTF-8", "exported in .env"],
+)
+def test_a_pem_cut_off_after_its_first_line_says_why(
+    dotenv: bytes | None, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Wherever the key came from: no .env, one that is not UTF-8, a key `export`ed in .env."""
+    monkeypatch.chdir(tmp_path)
+    if dotenv is not None:
+        (tmp_path / ".env").write_bytes(dotenv)
+    with pytest.raises(warehouse_snowflake.SnowflakeKeyError) as error:
+        warehouse_snowflake.private_key_der("-----BEGIN PRIVATE KEY-----")
+    assert str(error.value).startswith(message)
