@@ -394,3 +394,69 @@ def test_a_pem_cut_off_after_its_first_line_says_why(
     with pytest.raises(warehouse_snowflake.SnowflakeKeyError) as error:
         warehouse_snowflake.private_key_der("-----BEGIN PRIVATE KEY-----")
     assert str(error.value).startswith(message)
+
+
+def _der_encrypted(key: rsa.RSAPrivateKey, passphrase: str) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(passphrase.encode()),
+    )
+
+
+def test_key_files_in_every_form_give_the_same_key_and_name_themselves_when_they_fail(
+    key: rsa.RSAPrivateKey, tmp_path: Path
+) -> None:
+    """A path to a DER file (plain or encrypted), a PEM file with a blank line first, a base64
+    body wrapped over lines; and a wrong passphrase named with the form the key came in."""
+    expected = _der(key)
+    (tmp_path / "rsa_key.der").write_bytes(expected)
+    (tmp_path / "encrypted.der").write_bytes(_der_encrypted(key, "pp"))
+    (tmp_path / "encrypted.p8").write_text(_pem(key, "pp"))
+    (tmp_path / "blank-first.pem").write_text("\n" + _pem(key))
+    body = _body(_pem(key))
+    wrapped = "\n".join(body[start : start + 64] for start in range(0, len(body), 64))
+    assert warehouse_snowflake.private_key_der(str(tmp_path / "rsa_key.der")) == expected
+    assert warehouse_snowflake.private_key_der(str(tmp_path / "encrypted.der"), "pp") == expected
+    assert warehouse_snowflake.private_key_der(str(tmp_path / "blank-first.pem")) == expected
+    assert warehouse_snowflake.private_key_der(wrapped) == expected
+    wrong = "could not be read with SNOWFLAKE_PRIVATE_KEY_PASSPHRASE: a wrong passphrase, or not a key; expected a PEM"
+    for value, form in [
+        (str(tmp_path / "encrypted.der"), f"DER file {tmp_path / 'encrypted.der'}"),
+        (str(tmp_path / "encrypted.p8"), f"PEM file {tmp_path / 'encrypted.p8'}"),
+        (_body(_pem(key, "pp")), "base64 body"),
+    ]:
+        with pytest.raises(warehouse_snowflake.SnowflakeKeyError) as error:
+            warehouse_snowflake.private_key_der(value, "wrong")
+        assert str(error.value).startswith(f"SNOWFLAKE_PRIVATE_KEY ({form}) {wrong}"), str(error.value)
+
+
+def test_passphrase_messages_are_whole(key: rsa.RSAPrivateKey) -> None:
+    for value, passphrase, message in [
+        (_pem(key, "right"), None, "SNOWFLAKE_PRIVATE_KEY is encrypted: set SNOWFLAKE_PRIVATE_KEY_PASSPHRASE"),
+        (_pem(key), "unneeded", "SNOWFLAKE_PRIVATE_KEY_PASSPHRASE is set but the key is not encrypted; unset it"),
+    ]:
+        with pytest.raises(warehouse_snowflake.SnowflakeKeyError) as error:
+            warehouse_snowflake.private_key_der(value, passphrase)
+        assert str(error.value) == message
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("QUJD" * 16, "SNOWFLAKE_PRIVATE_KEY is not a key; expected a PEM"),  # 64 characters: too short for a body
+        ("QUJD" * 16 + "Q", "SNOWFLAKE_PRIVATE_KEY (base64 body) is truncated or damaged; expected a PEM"),
+    ],
+    ids=["64", "65"],
+)
+def test_a_base64_body_is_longer_than_64_characters(value: str, message: str) -> None:
+    with pytest.raises(warehouse_snowflake.SnowflakeKeyError) as error:
+        warehouse_snowflake.private_key_der(value)
+    assert str(error.value).startswith(message), str(error.value)
+
+
+def test_a_reachable_warehouse_passes_the_check(snowflake_env: FakesnowServer) -> None:
+    """The check logs in and runs one query (fakesnow refuses SQL it cannot parse)."""
+    warehouse = warehouse_for(load_settings())
+    assert warehouse.name == "Snowflake"
+    warehouse.check_reachable()
