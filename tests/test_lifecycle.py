@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -385,6 +386,64 @@ def test_stop_children_stops_and_names_them_but_keeps_the_watchdog_and_the_prefe
         count, _, pids = line.removeprefix("INFO Stopping ").partition(" child process(es): ")
         assert count == "2" and sorted(map(int, pids.split(", "))) == sorted(connector), line
         assert children[server_pid].status() != psutil.STATUS_ZOMBIE and watchdog.status() != psutil.STATUS_ZOMBIE
+
+
+# A child that needs a moment to clean up on SIGTERM, then exits 7.
+CLEANS_UP_ON_SIGTERM = """
+import signal, sys, time
+
+def cleanup(signum, frame):
+    time.sleep(0.3)
+    sys.exit(7)
+
+signal.signal(signal.SIGTERM, cleanup)
+print("ready", flush=True)
+time.sleep(900)
+"""
+
+
+def test_stop_gives_sigterm_its_grace_and_returns_once_all_have_ended() -> None:
+    """stop() lets a process finish its SIGTERM cleanup (exit 7, not SIGKILL) and returns as
+    soon as none is left, not at the end of the grace period (an hour here: the thread's
+    deadline fails the test first)."""
+    child = subprocess.Popen([sys.executable, "-c", CLEANS_UP_ON_SIGTERM], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        process = processes._read_process(child.pid)
+        assert process is not None
+        stopper = threading.Thread(target=processes.stop, args=([process],), kwargs={"grace_seconds": 3600}, daemon=True)
+        stopper.start()
+        stopper.join(timeout=60)
+        assert not stopper.is_alive(), "stop() still waiting 60 s after its only process was sent SIGTERM"
+        assert child.wait(timeout=10) == 7
+    finally:
+        child.kill()
+        child.wait()
+
+
+# A guarded block that ends while its watchdog is hung (stopped here with SIGSTOP).
+HUNG_WATCHDOG = """
+import sys
+from elt import processes
+with processes.RunGuard() as guard:
+    print(guard.watchdog_pid, flush=True)
+    sys.stdin.readline()
+print("ended", flush=True)
+"""
+
+
+def test_a_hung_watchdog_does_not_keep_the_run_from_ending(tmp_path: Path) -> None:
+    """The guard waits a bounded time (10 s) for its watchdog to exit, then kills it."""
+    with GuardedPython(HUNG_WATCHDOG, log=tmp_path / "run.err") as run:
+        watchdog = psutil.Process(int(run.read_line()))
+        run.record()
+        watchdog.suspend()
+        run.process.stdin.write("end\n")
+        run.process.stdin.flush()
+        _wait_until(lambda: run.process.poll() is not None, 60, "the guarded process ends despite its hung watchdog")
+        assert run.process.returncode == 0, run.stderr
+        assert run.process.stdout.read() == "ended\n"
+        _assert_all_end({watchdog.pid: watchdog})
 
 
 def test_a_process_whose_name_holds_a_parenthesis_is_read_right(tmp_path: Path) -> None:
