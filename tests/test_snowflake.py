@@ -460,3 +460,15 @@ def test_a_reachable_warehouse_passes_the_check(snowflake_env: FakesnowServer) -
     warehouse = warehouse_for(load_settings())
     assert warehouse.name == "Snowflake"
     warehouse.check_reachable()
+
+
+def test_outside_a_flow_run_dbt_gets_no_query_tag_and_no_run_cost_is_claimed(snowflake_env: FakesnowServer) -> None:
+    """`elt doctor` or `elt dbt` outside a run: the profile's default tag applies, and the run's
+    cost cannot be looked up (no tag names it)."""
+    warehouse = warehouse_for(load_settings())
+    assert warehouse_snowflake.root_flow_run_id() is None
+    assert warehouse_snowflake.QUERY_TAG_VARIABLE not in warehouse.dbt_environment()
+    assert warehouse.dbt_output()["threads"] == load_settings().dbt_threads
+    with pytest.raises(warehouse_snowflake.QueryHistoryUnavailable) as error:
+        warehouse.run_cost()
+    assert str(error.value) == "not inside a flow run: no query tag to find this run's queries by"
