@@ -472,3 +472,20 @@ def test_outside_a_flow_run_dbt_gets_no_query_tag_and_no_run_cost_is_claimed(sno
     with pytest.raises(warehouse_snowflake.QueryHistoryUnavailable) as error:
         warehouse.run_cost()
     assert str(error.value) == "not inside a flow run: no query tag to find this run's queries by"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("/no/such/key", "SNOWFLAKE_PRIVATE_KEY looks like a path, but /no/such/key is not a file"),
+        ("~/no-such-key", "SNOWFLAKE_PRIVATE_KEY looks like a path, but "),
+        ("./no-such-key", "SNOWFLAKE_PRIVATE_KEY looks like a path, but no-such-key is not a file"),
+        ("no-such-key.pem", "SNOWFLAKE_PRIVATE_KEY looks like a path, but no-such-key.pem is not a file"),
+        ("/" + "a-" * 255 + "a", "SNOWFLAKE_PRIVATE_KEY is not a key; expected a PEM"),  # 512 characters: no path
+    ],
+    ids=["absolute", "home", "relative", "extension", "512"],
+)
+def test_a_value_that_looks_like_a_path_is_named_as_one(value: str, message: str) -> None:
+    with pytest.raises(warehouse_snowflake.SnowflakeKeyError) as error:
+        warehouse_snowflake.private_key_der(value)
+    assert str(error.value).startswith(message), str(error.value)
