@@ -489,3 +489,15 @@ def test_a_value_that_looks_like_a_path_is_named_as_one(value: str, message: str
     with pytest.raises(warehouse_snowflake.SnowflakeKeyError) as error:
         warehouse_snowflake.private_key_der(value)
     assert str(error.value).startswith(message), str(error.value)
+
+
+def test_a_damaged_key_too_long_for_a_file_name_is_not_a_key_and_is_not_shown(key: rsa.RSAPrivateKey) -> None:
+    """A key whose first line was lost (the body and the END line left) is neither a PEM nor a
+    base64 body, so it is tried as a path; a part of it longer than a file name may be (255
+    bytes) made that raise OSError "File name too long: '<the whole value>'"."""
+    lost_first_line = "MIIE" + "A" * 300 + "\n-----END PRIVATE KEY-----"
+    for value in [lost_first_line, _pem(key).split("\n", 1)[1].replace("/", "+")]:
+        with pytest.raises(warehouse_snowflake.SnowflakeKeyError) as error:
+            warehouse_snowflake.private_key_der(value)
+        assert str(error.value).startswith("SNOWFLAKE_PRIVATE_KEY is not a key; expected a PEM"), str(error.value)
+        assert value[:40] not in str(error.value)
