@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -419,6 +420,58 @@ def test_stop_gives_sigterm_its_grace_and_returns_once_all_have_ended() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+IGNORES_SIGTERM = """
+import signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ready", flush=True)
+time.sleep(900)
+"""
+
+
+def test_stop_kills_what_ignores_sigterm_after_the_grace_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    child = subprocess.Popen([sys.executable, "-c", IGNORES_SIGTERM], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        process = processes._read_process(child.pid)
+        assert process is not None
+        with caplog.at_level(logging.WARNING, logger="elt.processes"):
+            processes.stop([process], grace_seconds=1)
+        assert child.wait(timeout=10) == -signal.SIGKILL
+        assert [record.getMessage() for record in caplog.records] == [
+            f"PID {child.pid} did not stop on SIGTERM within 1s; killing it"
+        ]
+    finally:
+        child.kill()
+        child.wait()
+
+
+# A guarded process that forks (as multiprocessing does): the fork holds every descriptor the
+# parent had, the write end of the watchdog's pipe included, so the watchdog sees no end of input
+# when the parent dies and must notice the death itself.
+FORKING_PARENT = """
+import os, sys, time
+from elt import processes
+with processes.RunGuard() as guard:
+    child = os.fork()
+    if child == 0:
+        time.sleep(900)
+        os._exit(0)
+    guard.sync()
+    print(child, flush=True)
+    time.sleep(900)
+"""
+
+
+def test_watchdog_notices_its_run_died_even_when_a_fork_holds_its_pipe(tmp_path: Path) -> None:
+    with GuardedPython(FORKING_PARENT, log=tmp_path / "parent.err") as parent:
+        fork_pid = int(parent.read_line())
+        recorded = dict(parent.record())
+        assert fork_pid in recorded, recorded
+        parent.process.kill()
+        parent.process.wait()
+        _assert_all_end({fork_pid: recorded[fork_pid]})
 
 
 # A guarded block that ends while its watchdog is hung (stopped here with SIGSTOP).
