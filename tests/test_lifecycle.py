@@ -499,6 +499,27 @@ def test_a_hung_watchdog_does_not_keep_the_run_from_ending(tmp_path: Path) -> No
         _assert_all_end({watchdog.pid: watchdog})
 
 
+# A process whose child gets the parent-death signal (as the temporary Prefect server's processes
+# do): no watchdog here, so only that signal can stop the child when the parent is killed.
+DIES_WITH_PARENT = """
+import subprocess, sys
+from elt import processes
+child = subprocess.Popen(["sleep", "900"], preexec_fn=processes.die_with_parent)
+print(child.pid, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_child_started_with_die_with_parent_ends_when_its_parent_is_killed(tmp_path: Path) -> None:
+    with GuardedPython(DIES_WITH_PARENT, log=tmp_path / "parent.err") as parent:
+        child_pid = int(parent.read_line())
+        recorded = dict(parent.record())
+        assert child_pid in recorded, recorded
+        parent.process.kill()
+        parent.process.wait()
+        _assert_all_end({child_pid: recorded[child_pid]})
+
+
 def test_a_process_whose_name_holds_a_parenthesis_is_read_right(tmp_path: Path) -> None:
     """/proc/<pid>/stat puts the command name in parentheses, and a name may hold `) ` itself."""
     program = tmp_path / "a) 1 2 3 4"
