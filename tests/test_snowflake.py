@@ -164,7 +164,9 @@ def test_closed_port_is_named_with_the_settings_to_check(monkeypatch: pytest.Mon
     assert str(error.value).startswith(
         f"cannot connect to Snowflake account acme-test at http://127.0.0.1:{port} as TRANSFORMER: 250001: Could not connect to Snowflake backend"
     )
-    assert "check SNOWFLAKE_ACCOUNT, SNOWFLAKE_HOST/SNOWFLAKE_PORT and the network" in str(error.value)
+    assert str(error.value).endswith(
+        " (check SNOWFLAKE_ACCOUNT, SNOWFLAKE_HOST/SNOWFLAKE_PORT and the network; SNOWFLAKE_CONNECT_TIMEOUT_SECONDS=10)"
+    )
     assert "p@ss:w/rd" not in str(error.value)
 
 
@@ -501,3 +503,26 @@ def test_a_damaged_key_too_long_for_a_file_name_is_not_a_key_and_is_not_shown(ke
             warehouse_snowflake.private_key_der(value)
         assert str(error.value).startswith("SNOWFLAKE_PRIVATE_KEY is not a key; expected a PEM"), str(error.value)
         assert value[:40] not in str(error.value)
+
+
+def test_connector_arguments_of_a_password_login(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What snowflake.connector.connect gets: the login, bounded login and reads, the
+    application name Snowflake shows in its history, the password, and the run's query tag."""
+    for name, value in _unreachable_env(4443).items():
+        monkeypatch.setenv(name, value)
+    credentials = SnowflakeCredentials.from_settings(load_settings())
+    assert credentials.to_connector_params(warehouse_snowflake.query_tag("run-1")) == {
+        "account": "acme-test",
+        "user": "TRANSFORMER",
+        "warehouse": "TRANSFORMING",
+        "database": "ANALYTICS",
+        "schema": "ANALYTICS",
+        "host": "127.0.0.1",
+        "port": 4443,
+        "protocol": "http",
+        "login_timeout": 10.0,
+        "network_timeout": 120,
+        "application": "elt-appliance",
+        "password": "p@ss:w/rd",
+        "session_parameters": {"QUERY_TAG": '{"app":"elt-appliance","flow_run_id":"run-1"}'},
+    }
