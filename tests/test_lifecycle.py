@@ -102,6 +102,19 @@ def _assert_all_end(recorded: dict[int, psutil.Process]) -> None:
         time.sleep(0.1)
 
 
+WATCHED_SECONDS = 1.0  # ten of the watchdog's scans
+
+
+def _assert_all_stay_running(recorded: dict[int, psutil.Process], seconds: float) -> None:
+    """Every recorded process is still running throughout `seconds` (a check that cannot fail
+    working code: a slower machine only makes it see fewer scans)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ended = [pid for pid, process in recorded.items() if not process.is_running() or process.status() == psutil.STATUS_ZOMBIE]
+        assert not ended, f"ended while their run was alive: {ended}"
+        time.sleep(0.1)
+
+
 def _lock_is_free(lock: Path) -> bool:
     with lock.open("a") as handle:
         try:
@@ -253,6 +266,7 @@ def test_watchdog_stops_the_children_of_a_killed_process(tmp_path: Path) -> None
         child_pid = int(parent.read_line())
         recorded = dict(parent.record())
         assert child_pid in recorded and len(recorded) >= 3, "watchdog, child and grandchild should be running"
+        _assert_all_stay_running(recorded, WATCHED_SECONDS)  # the watchdog stops nothing while its run lives
         parent.process.kill()
         parent.process.wait()
         _assert_all_end(recorded)
