@@ -12,11 +12,14 @@ mutant runs only the tests that hold the module's promises, and each module's re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import tomllib
 from pathlib import Path
 
@@ -27,6 +30,8 @@ MUTMUT = Path(sys.executable).parent / "mutmut"
 COPIED = ["src", "tests"]
 KILLED = {1, 3, 37}  # a test failed, pytest broke, the type checker refused it
 TIMEOUT = {24, -24, 36, 152, 255}  # the mutant made a test hang: killed by mutmut's timeout
+PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
+SWEEP_SECONDS = 0.5
 
 
 def _config() -> tuple[dict, dict[str, list[str]]]:
@@ -84,7 +89,101 @@ def run(module: str, tests: list[str], mutmut: dict) -> None:
     if statuses(module) and not retry:
         return
     # One worker: the machine is shared (HELPERS.md).
-    subprocess.run([str(MUTMUT), "run", "--max-children", "1", *retry], cwd=folder, check=False)
+    with _sweeping_orphans() as start:
+        start([str(MUTMUT), "run", "--max-children", "1", *retry], folder)
+
+
+# What a mutmut worker's tests start must not outlive the worker. mutmut ends a worker that
+# hangs with SIGXCPU (and SIGKILL after): its tests' cleanup never runs, and what they started
+# (a guarded Python, its watchdog in a session of its own, `sleep 900` trees) would go on running,
+# re-parented to PID 1. So this process is a child subreaper (Linux): whatever loses its parent
+# below it is re-parented to it instead, and is killed here with everything below it. Each test
+# process is a subreaper too while mutmut runs (tests/mutmut_children/__init__.py): a process a
+# test orphans on purpose (it kills a guarded parent to see the watchdog clean up) goes to the
+# test, not here, so what only reaches this process is what a dead worker (or mutmut) left.
+
+
+def _become_subreaper() -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def _children(pid: int) -> list[int]:
+    pids: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                pids += [int(child) for child in (task / "children").read_text().split()]
+    return pids
+
+
+def _tree(pid: int) -> list[int]:
+    found, pending = [], [pid]
+    while pending:
+        for child in _children(pending.pop()):
+            found.append(child)
+            pending.append(child)
+    return found
+
+
+def _kill_orphans(keep: int | None) -> int:
+    """SIGKILL every process below this one but `keep` (and what is below `keep`), reap them; how many."""
+    orphans = [pid for pid in _children(os.getpid()) if pid != keep]
+    doomed = [pid for orphan in orphans for pid in (orphan, *_tree(orphan))]
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in orphans:  # re-parented to this process: reaped here (what is below them comes up next round)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    return len(doomed)
+
+
+@contextlib.contextmanager
+def _sweeping_orphans():
+    """`start(command, cwd)` runs mutmut and waits; meanwhile orphans are killed every SWEEP_SECONDS;
+    on the way out (a SIGTERM or Ctrl-C to this process included) mutmut and everything below it too."""
+    if not _become_subreaper():
+        yield lambda command, cwd: subprocess.run(command, cwd=cwd, check=False)
+        return
+    done = threading.Event()
+    running: list[subprocess.Popen] = []
+    swept = [0]
+
+    def sweep() -> None:
+        while not done.wait(SWEEP_SECONDS):
+            swept[0] += _kill_orphans(running[0].pid if running else None)
+
+    def start(command: list[str], cwd: Path) -> None:
+        running.append(subprocess.Popen(command, cwd=cwd))
+        running[0].wait()
+
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    sweeper = threading.Thread(target=sweep, daemon=True)
+    sweeper.start()
+    try:
+        yield start
+    finally:
+        done.set()
+        sweeper.join()
+        if running and running[0].poll() is None:  # stopped: mutmut saves each result as it comes
+            running[0].terminate()  # mutmut ignores SIGINT
+            try:
+                running[0].wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                running[0].kill()
+                running[0].wait()
+        while (killed := _kill_orphans(None)) > 0:
+            swept[0] += killed
+        signal.signal(signal.SIGTERM, previous)
+        print(f"(killed {swept[0]} process(es) the tests' workers left behind)", flush=True)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def statuses(module: str) -> dict[str, int | None]:

@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -97,6 +99,19 @@ def _assert_all_end(recorded: dict[int, psutil.Process]) -> None:
     while survivors():
         if time.monotonic() > deadline:
             pytest.fail(f"still running {CHILDREN_END_SECONDS}s after the run ended: {survivors()}")
+        time.sleep(0.1)
+
+
+WATCHED_SECONDS = 1.0  # ten of the watchdog's scans
+
+
+def _assert_all_stay_running(recorded: dict[int, psutil.Process], seconds: float) -> None:
+    """Every recorded process is still running throughout `seconds` (a check that cannot fail
+    working code: a slower machine only makes it see fewer scans)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ended = [pid for pid, process in recorded.items() if not process.is_running() or process.status() == psutil.STATUS_ZOMBIE]
+        assert not ended, f"ended while their run was alive: {ended}"
         time.sleep(0.1)
 
 
@@ -251,6 +266,7 @@ def test_watchdog_stops_the_children_of_a_killed_process(tmp_path: Path) -> None
         child_pid = int(parent.read_line())
         recorded = dict(parent.record())
         assert child_pid in recorded and len(recorded) >= 3, "watchdog, child and grandchild should be running"
+        _assert_all_stay_running(recorded, WATCHED_SECONDS)  # the watchdog stops nothing while its run lives
         parent.process.kill()
         parent.process.wait()
         _assert_all_end(recorded)
@@ -315,6 +331,224 @@ def test_stopped_run_names_the_signal_prefect_reports() -> None:
 
     assert processes.signal_name(TerminationSignal(signal.SIGHUP)) == "SIGHUP"
     assert processes.signal_name(KeyboardInterrupt()) == "SIGINT"
+
+
+# A stopped run whose last logs cannot be sent to Prefect (its API unreachable, say): Prefect's
+# drain is replaced by one that says how long it was allowed and fails. The run still stops its
+# children and exits with its one line, and says the logs were not sent.
+LOGS_NOT_SENT = (
+    """
+import sys
+from prefect.logging.handlers import APILogWorker
+
+def drain_all(timeout=None, at_exit=True):
+    print(f"drain timeout={timeout}", file=sys.stderr, flush=True)
+    raise RuntimeError("the API is unreachable")
+
+APILogWorker.drain_all = staticmethod(drain_all)
+"""
+    + STOPPED_RUN
+)
+
+
+def test_stopped_run_whose_last_logs_cannot_be_sent_says_so_and_still_stops(tmp_path: Path) -> None:
+    with GuardedPython(LOGS_NOT_SENT, "0b5e-flow-run", log=tmp_path / "run.err") as run:
+        pids = set(map(int, run.read_line().split()))
+        children = dict(run.record())
+        assert pids <= set(children), children
+        run.process.send_signal(signal.SIGTERM)
+        assert run.process.wait(timeout=60) == 128 + signal.SIGTERM, run.stderr
+        lines = run.stderr.strip().splitlines()
+        assert lines[-1].startswith("all-etl stopped by SIGTERM: flow run 0b5e-flow-run is marked Crashed"), lines
+        assert "Could not send the last logs to Prefect: the API is unreachable" in lines, lines
+        # The drain is bounded (a hung API must not keep a stopped run alive), at 5 s.
+        [timeout] = [line.removeprefix("drain timeout=") for line in lines if line.startswith("drain timeout=")]
+        assert timeout != "None" and float(timeout) <= 5, timeout
+        _assert_all_end(children)
+
+
+# stop_children as a run calls it: its children and theirs are stopped and named in one INFO
+# line; the watchdog and Prefect's temporary server are left (the server has a run's end to record).
+STOP_CHILDREN = """
+import logging, subprocess, sys
+from elt import processes
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+with processes.RunGuard() as guard:
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(900)", "prefect.server.api.server:create_app"])
+    connector = subprocess.Popen(["sh", "-c", "sleep 900 & wait"])
+    guard.sync()
+    print(server.pid, connector.pid, flush=True)
+    sys.stdin.readline()
+    processes.stop_children()
+    print("stopped", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_stop_children_stops_and_names_them_but_keeps_the_watchdog_and_the_prefect_server(tmp_path: Path) -> None:
+    with GuardedPython(STOP_CHILDREN, log=tmp_path / "run.err") as run:
+        server_pid, connector_pid = map(int, run.read_line().split())
+        children = dict(run.record())
+        watchdog = run.watchdog()
+        connector = {pid: process for pid, process in children.items() if pid not in (server_pid, watchdog.pid)}
+        assert connector_pid in connector and len(connector) == 2, children  # sh and its sleep
+        run.process.stdin.write("stop\n")
+        run.process.stdin.flush()
+        assert run.read_line() == "stopped\n"
+        _assert_all_end(connector)
+        [line] = [line for line in run.stderr.splitlines() if line.startswith("INFO Stopping")]
+        count, _, pids = line.removeprefix("INFO Stopping ").partition(" child process(es): ")
+        assert count == "2" and sorted(map(int, pids.split(", "))) == sorted(connector), line
+        assert children[server_pid].status() != psutil.STATUS_ZOMBIE and watchdog.status() != psutil.STATUS_ZOMBIE
+
+
+# A child that needs a moment to clean up on SIGTERM, then exits 7.
+CLEANS_UP_ON_SIGTERM = """
+import signal, sys, time
+
+def cleanup(signum, frame):
+    time.sleep(0.3)
+    sys.exit(7)
+
+signal.signal(signal.SIGTERM, cleanup)
+print("ready", flush=True)
+time.sleep(900)
+"""
+
+
+def test_stop_gives_sigterm_its_grace_and_returns_once_all_have_ended() -> None:
+    """stop() lets a process finish its SIGTERM cleanup (exit 7, not SIGKILL) and returns as
+    soon as none is left, not at the end of the grace period (an hour here: the thread's
+    deadline fails the test first)."""
+    child = subprocess.Popen([sys.executable, "-c", CLEANS_UP_ON_SIGTERM], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        process = processes._read_process(child.pid)
+        assert process is not None
+        stopper = threading.Thread(target=processes.stop, args=([process],), kwargs={"grace_seconds": 3600}, daemon=True)
+        stopper.start()
+        stopper.join(timeout=60)
+        assert not stopper.is_alive(), "stop() still waiting 60 s after its only process was sent SIGTERM"
+        assert child.wait(timeout=10) == 7
+    finally:
+        child.kill()
+        child.wait()
+
+
+IGNORES_SIGTERM = """
+import signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ready", flush=True)
+time.sleep(900)
+"""
+
+
+def test_stop_kills_what_ignores_sigterm_after_the_grace_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    child = subprocess.Popen([sys.executable, "-c", IGNORES_SIGTERM], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        process = processes._read_process(child.pid)
+        assert process is not None
+        with caplog.at_level(logging.WARNING, logger="elt.processes"):
+            processes.stop([process], grace_seconds=1)
+        assert child.wait(timeout=10) == -signal.SIGKILL
+        assert [record.getMessage() for record in caplog.records] == [
+            f"PID {child.pid} did not stop on SIGTERM within 1s; killing it"
+        ]
+    finally:
+        child.kill()
+        child.wait()
+
+
+# A guarded process that forks (as multiprocessing does): the fork holds every descriptor the
+# parent had, the write end of the watchdog's pipe included, so the watchdog sees no end of input
+# when the parent dies and must notice the death itself.
+FORKING_PARENT = """
+import os, sys, time
+from elt import processes
+with processes.RunGuard() as guard:
+    child = os.fork()
+    if child == 0:
+        time.sleep(900)
+        os._exit(0)
+    guard.sync()
+    print(child, flush=True)
+    time.sleep(900)
+"""
+
+
+def test_watchdog_notices_its_run_died_even_when_a_fork_holds_its_pipe(tmp_path: Path) -> None:
+    with GuardedPython(FORKING_PARENT, log=tmp_path / "parent.err") as parent:
+        fork_pid = int(parent.read_line())
+        recorded = dict(parent.record())
+        assert fork_pid in recorded, recorded
+        parent.process.kill()
+        parent.process.wait()
+        _assert_all_end({fork_pid: recorded[fork_pid]})
+
+
+# A guarded block that ends while its watchdog is hung (stopped here with SIGSTOP).
+HUNG_WATCHDOG = """
+import sys
+from elt import processes
+with processes.RunGuard() as guard:
+    print(guard.watchdog_pid, flush=True)
+    sys.stdin.readline()
+print("ended", flush=True)
+"""
+
+
+def test_a_hung_watchdog_does_not_keep_the_run_from_ending(tmp_path: Path) -> None:
+    """The guard waits a bounded time (10 s) for its watchdog to exit, then kills it."""
+    with GuardedPython(HUNG_WATCHDOG, log=tmp_path / "run.err") as run:
+        watchdog = psutil.Process(int(run.read_line()))
+        run.record()
+        watchdog.suspend()
+        run.process.stdin.write("end\n")
+        run.process.stdin.flush()
+        _wait_until(lambda: run.process.poll() is not None, 60, "the guarded process ends despite its hung watchdog")
+        assert run.process.returncode == 0, run.stderr
+        assert run.process.stdout.read() == "ended\n"
+        _assert_all_end({watchdog.pid: watchdog})
+
+
+# A process whose child gets the parent-death signal (as the temporary Prefect server's processes
+# do): no watchdog here, so only that signal can stop the child when the parent is killed.
+DIES_WITH_PARENT = """
+import subprocess, sys
+from elt import processes
+child = subprocess.Popen(["sleep", "900"], preexec_fn=processes.die_with_parent)
+print(child.pid, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_child_started_with_die_with_parent_ends_when_its_parent_is_killed(tmp_path: Path) -> None:
+    with GuardedPython(DIES_WITH_PARENT, log=tmp_path / "parent.err") as parent:
+        child_pid = int(parent.read_line())
+        recorded = dict(parent.record())
+        assert child_pid in recorded, recorded
+        parent.process.kill()
+        parent.process.wait()
+        _assert_all_end({child_pid: recorded[child_pid]})
+
+
+def test_a_process_whose_name_holds_a_parenthesis_is_read_right(tmp_path: Path) -> None:
+    """/proc/<pid>/stat puts the command name in parentheses, and a name may hold `) ` itself."""
+    program = tmp_path / "a) 1 2 3 4"
+    program.symlink_to(Path(subprocess.run(["which", "sleep"], capture_output=True, text=True, check=True).stdout.strip()))
+    child = subprocess.Popen([str(program), "900"])
+    try:
+        _wait_until(lambda: "a) 1" in Path(f"/proc/{child.pid}/stat").read_text(), 10, "the child runs the program")
+        read = processes._read_process(child.pid)
+        assert read is not None and read.parent == os.getpid(), read
+        assert read.started == int(Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        assert read.alive and child.pid in [process.pid for process in processes.descendants(os.getpid())]
+    finally:
+        child.kill()
+        child.wait()
+    assert not read.alive
 
 
 # A flow under guard_run that a signal interrupts (Prefect turns SIGTERM into an exception in the

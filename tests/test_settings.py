@@ -204,6 +204,14 @@ def test_the_runs_own_flags_win_over_the_environment_file(tmp_path: Path) -> Non
     assert (settings.dbt_threads, settings.git_branch) == (9, "staging")
 
 
+def test_the_runs_own_flags_win_over_the_environment_defaults_of_its_folders(tmp_path: Path) -> None:
+    """An environment's own DuckDB file is a default: a run that names one keeps it."""
+    home = _home_with_environments(tmp_path, staging="ELT_GIT_BRANCH=staging\n")
+    settings = load_settings(home=home, env="staging", duckdb_path=tmp_path / "own.duckdb")
+    assert settings.duckdb_path == tmp_path / "own.duckdb"
+    assert settings.path(settings.data_dir) == home / "data" / "environments" / "staging"
+
+
 def test_environment_chosen_by_ELT_ENV(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     home = _home_with_environments(tmp_path, staging="ELT_GIT_BRANCH=staging\n")
     monkeypatch.setenv("ELT_HOME", str(home))
@@ -278,6 +286,13 @@ def test_doctor_settings_take_the_environment_from_ELT_ENV(tmp_path: Path, monke
     monkeypatch.setenv("ELT_ENV", "staging")
     settings, invalid = load_settings_or_defaults()
     assert (settings.env, settings.git_branch, invalid) == ("staging", "staging", {})
+
+
+def test_doctor_settings_name_an_environment_name_that_is_not_valid_and_check_without_it(tmp_path: Path) -> None:
+    """`elt doctor --env 'Bad Env'`: the name is the one problem, not a crash."""
+    settings, invalid = load_settings_or_defaults(env="Bad Env")
+    assert settings.env is None
+    assert invalid == {"env": "ELT_ENV: String should match pattern '^[a-z0-9][a-z0-9_-]*$'"}
 
 
 def test_doctor_settings_name_an_unusable_environment_and_check_without_it(

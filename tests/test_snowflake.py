@@ -164,7 +164,9 @@ def test_closed_port_is_named_with_the_settings_to_check(monkeypatch: pytest.Mon
     assert str(error.value).startswith(
         f"cannot connect to Snowflake account acme-test at http://127.0.0.1:{port} as TRANSFORMER: 250001: Could not connect to Snowflake backend"
     )
-    assert "check SNOWFLAKE_ACCOUNT, SNOWFLAKE_HOST/SNOWFLAKE_PORT and the network" in str(error.value)
+    assert str(error.value).endswith(
+        " (check SNOWFLAKE_ACCOUNT, SNOWFLAKE_HOST/SNOWFLAKE_PORT and the network; SNOWFLAKE_CONNECT_TIMEOUT_SECONDS=10)"
+    )
     assert "p@ss:w/rd" not in str(error.value)
 
 
@@ -311,3 +313,216 @@ def test_credentials_keep_their_secrets_out_of_str_and_repr(key: rsa.RSAPrivateK
     for shown in (str(credentials), repr(credentials)):
         assert "p@ss/w0rd@" not in shown and "pp-secret" not in shown and _body(pem)[:40] not in shown, shown
     assert credentials.to_connector_params()["private_key"] == _der(key)
+
+
+def test_password_profile_refers_dbt_to_a_variable_for_every_login_field_and_sets_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The rendered profile holds no secret: each login field is an env_var() reference, and
+    dbt's environment sets every variable the profile (or a project's own profiles.yml) reads."""
+    for name, value in {
+        "ELT_WAREHOUSE": "snowflake",
+        "ELT_SNOWFLAKE_ACCOUNT": "acme",
+        "ELT_SNOWFLAKE_USER": "u",
+        "ELT_SNOWFLAKE_PASSWORD": "p@ss/w0rd@",
+        "ELT_SNOWFLAKE_WAREHOUSE": "w",
+        "ELT_SNOWFLAKE_DATABASE": "d",
+        "ELT_DBT_THREADS": "3",
+        "ELT_SNOWFLAKE_CONNECT_TIMEOUT_SECONDS": "2.5",
+    }.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    rendered = dbt_runner.render_profile(settings, "p")
+    assert "p@ss/w0rd@" not in rendered
+    assert yaml.safe_load(rendered)["p"]["outputs"]["snowflake"] == {
+        "type": "snowflake",
+        "account": "{{ env_var('SNOWFLAKE_ACCOUNT') }}",
+        "user": "{{ env_var('SNOWFLAKE_USER') }}",
+        "warehouse": "{{ env_var('SNOWFLAKE_WAREHOUSE') }}",
+        "database": "{{ env_var('SNOWFLAKE_DATABASE') }}",
+        "schema": "{{ env_var('SNOWFLAKE_SCHEMA') }}",
+        "query_tag": "{{ env_var('ELT_SNOWFLAKE_QUERY_TAG', 'elt') }}",
+        "threads": 3,
+        "connect_timeout": 3,
+        "connect_retries": 0,
+        "password": "{{ env_var('SNOWFLAKE_PASSWORD') }}",
+    }
+    assert SnowflakeCredentials.from_settings(settings).dbt_environment() == {
+        "SNOWFLAKE_ACCOUNT": "acme",
+        "SNOWFLAKE_USER": "u",
+        "SNOWFLAKE_WAREHOUSE": "w",
+        "SNOWFLAKE_DATABASE": "d",
+        "SNOWFLAKE_SCHEMA": "ANALYTICS",
+        "SNOWFLAKE_CONNECT_TIMEOUT_SECONDS": "3",
+        "SNOWFLAKE_PASSWORD": "p@ss/w0rd@",
+    }
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "described"),
+    [
+        ({}, "Snowflake account acme at https://acme.snowflakecomputing.com:443"),
+        ({"SNOWFLAKE_HOST": "10.0.0.5", "SNOWFLAKE_PROTOCOL": "http"}, "Snowflake account acme at http://10.0.0.5:80"),
+        ({"SNOWFLAKE_HOST": "10.0.0.5", "SNOWFLAKE_PROTOCOL": "https"}, "Snowflake account acme at https://10.0.0.5:443"),
+        ({"SNOWFLAKE_HOST": "10.0.0.5", "SNOWFLAKE_PORT": "8080"}, "Snowflake account acme at https://10.0.0.5:8080"),
+    ],
+    ids=["account", "http", "https", "port"],
+)
+def test_where_the_appliance_connects_names_the_port_the_protocol_implies(
+    endpoint: dict[str, str], described: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    login = {"SNOWFLAKE_USER": "u", "SNOWFLAKE_PASSWORD": "p", "SNOWFLAKE_WAREHOUSE": "w", "SNOWFLAKE_DATABASE": "d"}
+    for name, value in {"ELT_WAREHOUSE": "snowflake", "SNOWFLAKE_ACCOUNT": "acme", **login, **endpoint}.items():
+        monkeypatch.setenv(name, value)
+    assert SnowflakeCredentials.from_settings(load_settings()).describe() == described
+
+
+@pytest.mark.parametrize(
+    ("dotenv", "message"),
+    [
+        (None, "SNOWFLAKE_PRIVATE_KEY is a PEM cut off after its first line (no END line); expected "),
+        (b"OTHER=caf\xe9\n", "SNOWFLAKE_PRIVATE_KEY is a PEM cut off after its first line (no END line); expected "),
+        (b"OTHER=caf\xe9\nexport SNOWFLAKE_PRIVATE_KEY=-----BEGIN PRIVATE KEY-----\n", "SNOWFLAKE_PRIVATE_KEY in .env: "),
+    ],
+    ids=["no .env", ".env not UTF-8", "exported in .env"],
+)
+def test_a_pem_cut_off_after_its_first_line_says_why(
+    dotenv: bytes | None, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Wherever the key came from: no .env, one that is not UTF-8, a key `export`ed in .env."""
+    monkeypatch.chdir(tmp_path)
+    if dotenv is not None:
+        (tmp_path / ".env").write_bytes(dotenv)
+    with pytest.raises(warehouse_snowflake.SnowflakeKeyError) as error:
+        warehouse_snowflake.private_key_der("-----BEGIN PRIVATE KEY-----")
+    assert str(error.value).startswith(message)
+
+
+def _der_encrypted(key: rsa.RSAPrivateKey, passphrase: str) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(passphrase.encode()),
+    )
+
+
+def test_key_files_in_every_form_give_the_same_key_and_name_themselves_when_they_fail(
+    key: rsa.RSAPrivateKey, tmp_path: Path
+) -> None:
+    """A path to a DER file (plain or encrypted), a PEM file with a blank line first, a base64
+    body wrapped over lines; and a wrong passphrase named with the form the key came in."""
+    expected = _der(key)
+    (tmp_path / "rsa_key.der").write_bytes(expected)
+    (tmp_path / "encrypted.der").write_bytes(_der_encrypted(key, "pp"))
+    (tmp_path / "encrypted.p8").write_text(_pem(key, "pp"))
+    (tmp_path / "blank-first.pem").write_text("\n" + _pem(key))
+    body = _body(_pem(key))
+    wrapped = "\n".join(body[start : start + 64] for start in range(0, len(body), 64))
+    assert warehouse_snowflake.private_key_der(str(tmp_path / "rsa_key.der")) == expected
+    assert warehouse_snowflake.private_key_der(str(tmp_path / "encrypted.der"), "pp") == expected
+    assert warehouse_snowflake.private_key_der(str(tmp_path / "blank-first.pem")) == expected
+    assert warehouse_snowflake.private_key_der(wrapped) == expected
+    wrong = "could not be read with SNOWFLAKE_PRIVATE_KEY_PASSPHRASE: a wrong passphrase, or not a key; expected a PEM"
+    for value, form in [
+        (str(tmp_path / "encrypted.der"), f"DER file {tmp_path / 'encrypted.der'}"),
+        (str(tmp_path / "encrypted.p8"), f"PEM file {tmp_path / 'encrypted.p8'}"),
+        (_body(_pem(key, "pp")), "base64 body"),
+    ]:
+        with pytest.raises(warehouse_snowflake.SnowflakeKeyError) as error:
+            warehouse_snowflake.private_key_der(value, "wrong")
+        assert str(error.value).startswith(f"SNOWFLAKE_PRIVATE_KEY ({form}) {wrong}"), str(error.value)
+
+
+def test_passphrase_messages_are_whole(key: rsa.RSAPrivateKey) -> None:
+    for value, passphrase, message in [
+        (_pem(key, "right"), None, "SNOWFLAKE_PRIVATE_KEY is encrypted: set SNOWFLAKE_PRIVATE_KEY_PASSPHRASE"),
+        (_pem(key), "unneeded", "SNOWFLAKE_PRIVATE_KEY_PASSPHRASE is set but the key is not encrypted; unset it"),
+    ]:
+        with pytest.raises(warehouse_snowflake.SnowflakeKeyError) as error:
+            warehouse_snowflake.private_key_der(value, passphrase)
+        assert str(error.value) == message
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("QUJD" * 16, "SNOWFLAKE_PRIVATE_KEY is not a key; expected a PEM"),  # 64 characters: too short for a body
+        ("QUJD" * 16 + "Q", "SNOWFLAKE_PRIVATE_KEY (base64 body) is truncated or damaged; expected a PEM"),
+    ],
+    ids=["64", "65"],
+)
+def test_a_base64_body_is_longer_than_64_characters(value: str, message: str) -> None:
+    with pytest.raises(warehouse_snowflake.SnowflakeKeyError) as error:
+        warehouse_snowflake.private_key_der(value)
+    assert str(error.value).startswith(message), str(error.value)
+
+
+def test_a_reachable_warehouse_passes_the_check(snowflake_env: FakesnowServer) -> None:
+    """The check logs in and runs one query (fakesnow refuses SQL it cannot parse)."""
+    warehouse = warehouse_for(load_settings())
+    assert warehouse.name == "Snowflake"
+    warehouse.check_reachable()
+
+
+def test_outside_a_flow_run_dbt_gets_no_query_tag_and_no_run_cost_is_claimed(snowflake_env: FakesnowServer) -> None:
+    """`elt doctor` or `elt dbt` outside a run: the profile's default tag applies, and the run's
+    cost cannot be looked up (no tag names it)."""
+    warehouse = warehouse_for(load_settings())
+    assert warehouse_snowflake.root_flow_run_id() is None
+    assert warehouse_snowflake.QUERY_TAG_VARIABLE not in warehouse.dbt_environment()
+    assert warehouse.dbt_output()["threads"] == load_settings().dbt_threads
+    with pytest.raises(warehouse_snowflake.QueryHistoryUnavailable) as error:
+        warehouse.run_cost()
+    assert str(error.value) == "not inside a flow run: no query tag to find this run's queries by"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("/no/such/key", "SNOWFLAKE_PRIVATE_KEY looks like a path, but /no/such/key is not a file"),
+        ("~/no-such-key", "SNOWFLAKE_PRIVATE_KEY looks like a path, but "),
+        ("./no-such-key", "SNOWFLAKE_PRIVATE_KEY looks like a path, but no-such-key is not a file"),
+        ("no-such-key.pem", "SNOWFLAKE_PRIVATE_KEY looks like a path, but no-such-key.pem is not a file"),
+        ("/" + "a-" * 255 + "a", "SNOWFLAKE_PRIVATE_KEY is not a key; expected a PEM"),  # 512 characters: no path
+    ],
+    ids=["absolute", "home", "relative", "extension", "512"],
+)
+def test_a_value_that_looks_like_a_path_is_named_as_one(value: str, message: str) -> None:
+    with pytest.raises(warehouse_snowflake.SnowflakeKeyError) as error:
+        warehouse_snowflake.private_key_der(value)
+    assert str(error.value).startswith(message), str(error.value)
+
+
+def test_a_damaged_key_too_long_for_a_file_name_is_not_a_key_and_is_not_shown(key: rsa.RSAPrivateKey) -> None:
+    """A key whose first line was lost (the body and the END line left) is neither a PEM nor a
+    base64 body, so it is tried as a path; a part of it longer than a file name may be (255
+    bytes) made that raise OSError "File name too long: '<the whole value>'"."""
+    lost_first_line = "MIIE" + "A" * 300 + "\n-----END PRIVATE KEY-----"
+    for value in [lost_first_line, _pem(key).split("\n", 1)[1].replace("/", "+")]:
+        with pytest.raises(warehouse_snowflake.SnowflakeKeyError) as error:
+            warehouse_snowflake.private_key_der(value)
+        assert str(error.value).startswith("SNOWFLAKE_PRIVATE_KEY is not a key; expected a PEM"), str(error.value)
+        assert value[:40] not in str(error.value)
+
+
+def test_connector_arguments_of_a_password_login(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What snowflake.connector.connect gets: the login, bounded login and reads, the
+    application name Snowflake shows in its history, the password, and the run's query tag."""
+    for name, value in _unreachable_env(4443).items():
+        monkeypatch.setenv(name, value)
+    credentials = SnowflakeCredentials.from_settings(load_settings())
+    assert credentials.to_connector_params(warehouse_snowflake.query_tag("run-1")) == {
+        "account": "acme-test",
+        "user": "TRANSFORMER",
+        "warehouse": "TRANSFORMING",
+        "database": "ANALYTICS",
+        "schema": "ANALYTICS",
+        "host": "127.0.0.1",
+        "port": 4443,
+        "protocol": "http",
+        "login_timeout": 10.0,
+        "network_timeout": 120,
+        "application": "elt-appliance",
+        "password": "p@ss:w/rd",
+        "session_parameters": {"QUERY_TAG": '{"app":"elt-appliance","flow_run_id":"run-1"}'},
+    }

@@ -86,3 +86,27 @@ def test_queries_anywhere_in_the_run_are_tagged_with_the_all_etl_run(prefect_ser
 
     parent_id, tagged = parent()
     assert tagged == parent_id
+
+
+def test_missing_timings_or_warehouse_cost_nothing_and_sums_are_rounded() -> None:
+    """Snowflake leaves WAREHOUSE_SIZE null for a query that ran on no warehouse, and a timing
+    null for a query that never ran: they count as a query costing nothing. Seconds add up
+    from milliseconds (0.1 + 0.2 is 0.3, not 0.30000000000000004)."""
+    history = [
+        _query("model.a", 100, 0, 0),
+        _query("model.a", 200, 0, 0),
+        {**_query(None, 0, 5_000, 0), "WAREHOUSE_SIZE": None, "TOTAL_ELAPSED_TIME": None},
+        {**_query("model.b", 0, 0, 0, "6X-Large"), "EXECUTION_TIME": None},
+        _query("model.c", 0, 3_600_000_000, 0),  # 1000 hours on an X-Small: 1000 credits
+    ]
+    rows = {row["node"]: row for row in cost_per_node(history)}
+    assert rows["model.a"]["elapsed_seconds"] == 0.3 and rows["TOTAL"]["elapsed_seconds"] == 0.3
+    assert rows["(dbt overhead)"] == {
+        "node": "(dbt overhead)",
+        "queries": 1,
+        "elapsed_seconds": 0.0,
+        "bytes_scanned": 0,
+        "estimated_credits": 0.0,
+    }
+    assert rows["model.b"]["estimated_credits"] == 0.0
+    assert rows["model.c"]["estimated_credits"] == 1000.0

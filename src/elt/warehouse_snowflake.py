@@ -74,7 +74,7 @@ def private_key_der(value: str, passphrase: str | None = None) -> bytes:
             ) from None
         return _normalise(lambda: serialization.load_der_private_key(der, password), "base64 body", passphrase)
     path = Path(text).expanduser()
-    if path.is_file():
+    if _is_file(path):
         data = path.read_bytes()
         if data.lstrip().startswith(b"-----BEGIN"):
             return _normalise(lambda: serialization.load_pem_private_key(data, password), f"PEM file {path}", passphrase)
@@ -82,6 +82,15 @@ def private_key_der(value: str, passphrase: str | None = None) -> bytes:
     if len(text) < 512 and (text.startswith(("/", "~", ".")) or text.endswith((".p8", ".pem", ".der"))):
         raise SnowflakeKeyError(f"SNOWFLAKE_PRIVATE_KEY looks like a path, but {path} is not a file; expected {_ACCEPTED_FORMS}")
     raise SnowflakeKeyError(f"SNOWFLAKE_PRIVATE_KEY is not a key; expected {_ACCEPTED_FORMS}")
+
+
+def _is_file(path: Path) -> bool:
+    """`path.is_file()`, False where the value cannot be a file name at all: a part longer than
+    the system allows raises OSError (ENAMETOOLONG), whose message would carry the whole value."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def _truncated_pem_message() -> str:
