@@ -18,7 +18,7 @@ from prefect.runtime import flow_run
 from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from elt import alerts, dbt_runner, dbt_state, git_repo, preflight, processes, reporting, run_lock
+from elt import alerts, dbt_runner, dbt_state, git_repo, prefect_heartbeats, preflight, processes, reporting, run_lock
 from elt.errors import EltError, TransientError, first_line
 from elt.extract import backend_for
 from elt.extract.base import ExtractBackend, ExtractFailed, ExtractReport, SyncFailure, SyncResult, UnknownConnections
@@ -28,6 +28,8 @@ from elt.warehouse import warehouse_for
 from prefect import Task, flow, get_run_logger, task
 
 __all__ = ["EtlSummary", "all_etl", "extract_load", "transform", "update_code"]
+
+prefect_heartbeats.install()  # each of a run's flow runs ends when it ends, not up to 1 s later
 
 # The settings of the all-etl run in progress in this process. Its child flows read them here:
 # a Settings object can't be a flow parameter (Prefect records parameters in the flow run).
