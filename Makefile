@@ -14,6 +14,8 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 	$(BIN)/uv pip sync --quiet --python $(BIN)/python requirements.lock
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	# The temporary Prefect server's database, migrated once here, not in a first `make demo`.
+	$(BIN)/python -m elt.temporary_server
 	touch $@
 
 venv: $(VENV)/.installed

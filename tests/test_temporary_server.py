@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import psutil
@@ -56,6 +57,7 @@ def migration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     calls, release = tmp_path / "calls.log", tmp_path / "release"
     release.touch()
     monkeypatch.setattr(temporary_server, "UPGRADE_COMMAND", [sys.executable, str(script), str(calls), str(release)])
+    monkeypatch.setattr(temporary_server, "TEMPLATES", tmp_path / "venv-share-elt")  # none made: each test makes its own
 
     class Migration:
         def calls(self) -> int:
@@ -116,6 +118,59 @@ def test_a_database_that_changed_is_migrated_again(tmp_path: Path, migration, ch
     assert environ[MIGRATE_ON_START] == "false"
 
 
+def test_a_new_database_is_a_copy_of_the_template_make_venv_migrated(tmp_path: Path, migration) -> None:
+    template = temporary_server.make_template(_environ())
+    assert template == tmp_path / "venv-share-elt" / f"prefect-{version('prefect')}.db"
+    assert temporary_server.make_template(_environ()) == template  # kept: made once per Prefect
+    assert migration.calls() == 1
+
+    for data in (tmp_path / "one", tmp_path / "two"):
+        environ = _environ()
+        database = prepare(data, environ)
+        assert database is not None
+        with sqlite3.connect(database) as connection:
+            assert connection.execute("select version_num from alembic_version").fetchall() == [("rev-head",)]
+        assert json.loads((data / "prefect" / "migrated.json").read_text()) == {
+            "prefect": version("prefect"),
+            "revision": "rev-head",
+        }
+        assert environ[MIGRATE_ON_START] == "false"
+    assert migration.calls() == 1  # neither run migrated
+
+
+def test_an_existing_database_is_migrated_in_place_and_keeps_its_runs_despite_a_template(tmp_path: Path, migration) -> None:
+    temporary_server.make_template(_environ())
+    data = tmp_path / "data"
+    database = data / "prefect" / "prefect.db"
+    database.parent.mkdir(parents=True)
+    with sqlite3.connect(database) as connection:
+        connection.execute("create table flow_run (name text)")
+        connection.execute("insert into flow_run values ('last night''s all-etl')")
+        connection.execute("create table alembic_version (version_num text)")
+        connection.execute("insert into alembic_version values ('rev-older')")
+
+    prepare(data, _environ())
+
+    assert migration.calls() == 2  # the template's, then this database's own
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("select name from flow_run").fetchall() == [("last night's all-etl",)]
+        assert connection.execute("select version_num from alembic_version").fetchall() == [("rev-head",)]
+
+
+def test_another_prefects_template_is_not_used(tmp_path: Path, migration) -> None:
+    other = tmp_path / "venv-share-elt" / "prefect-3.0.0.db"
+    other.parent.mkdir(parents=True)
+    with sqlite3.connect(other) as connection:
+        connection.execute("create table alembic_version (version_num text)")
+        connection.execute("insert into alembic_version values ('rev-of-3.0.0')")
+
+    database = prepare(tmp_path / "data", _environ())
+
+    assert migration.calls() == 1
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("select version_num from alembic_version").fetchall() == [("rev-head",)]
+
+
 def test_two_runs_starting_at_once_migrate_once(tmp_path: Path, migration) -> None:
     data = tmp_path / "data"
     migration.hold()
@@ -151,6 +206,7 @@ def test_a_run_killed_while_migrating_does_not_leave_the_migration_running(tmp_p
         "from pathlib import Path\n"
         "from elt import temporary_server\n"
         f"temporary_server.UPGRADE_COMMAND = {temporary_server.UPGRADE_COMMAND!r}\n"
+        f"temporary_server.TEMPLATES = Path({str(temporary_server.TEMPLATES)!r})\n"
         "temporary_server.prepare(Path(sys.argv[1]), {})\n"
     )
     run = subprocess.Popen([sys.executable, str(script), str(tmp_path / "data")])

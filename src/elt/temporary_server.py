@@ -8,6 +8,9 @@ starts, under a file lock: two runs starting at once migrate it once, the second
 the first. Each later run checks it is still current (the Prefect version recorded when it was
 migrated, and the revision the database itself holds) and starts the server without migrating.
 A database that was deleted, replaced or migrated by another Prefect version is migrated again.
+Where there is no database yet, it is a copy of the one `make venv` migrated once for the
+installed Prefect (`python -m elt.temporary_server`, into the virtualenv's share/elt): a first
+`make demo` does not spend Prefect's ~20 s of migrations; without that copy it migrates.
 
 `start` then starts that server the way Prefect's own temporary server starts (the same uvicorn
 command, prefect/server/api/server.py `SubprocessASGIServer`), but at the start of `elt run`, so
@@ -53,6 +56,8 @@ _USER_CHOICES = (
 
 # Prefect's own migration command; the tests put a stand-in here.
 UPGRADE_COMMAND = [sys.executable, "-m", "prefect", "server", "database", "upgrade", "--yes"]
+# Where `make venv` leaves a database migrated for each installed Prefect (`template`).
+TEMPLATES = Path(sys.prefix) / "share" / "elt"
 
 
 class PrefectDatabaseMigrationFailed(ConfigurationError):
@@ -107,8 +112,37 @@ def _revision(database: Path) -> str | None:
 
 
 def _migrate(folder: Path, database: Path, environment: dict[str, str]) -> None:
-    """Prefect's own `prefect server database upgrade`, then record what it left."""
+    """A new database is a copy of the installed template, if any; else Prefect's own `prefect
+    server database upgrade` migrates it (an existing one always, in place: its runs are kept).
+    Then record what it left."""
     (folder / "migrated.json").unlink(missing_ok=True)
+    template = template_path()
+    if not database.exists() and _revision(template) is not None:
+        for leftover in (database.with_name(database.name + "-wal"), database.with_name(database.name + "-shm")):
+            leftover.unlink(missing_ok=True)  # a deleted database's log must not be replayed into the copy
+        copying = database.with_name(f".{database.name}.copying")
+        copying.unlink(missing_ok=True)
+        # SQLite's backup copies what the template holds, its write-ahead log included.
+        with (
+            contextlib.closing(sqlite3.connect(f"file:{template}?mode=ro", uri=True)) as source,
+            contextlib.closing(sqlite3.connect(copying)) as target,
+        ):
+            source.backup(target)
+        os.replace(copying, database)
+    else:
+        _upgrade(database, environment)
+    revision = _revision(database)
+    if revision is None:
+        raise PrefectDatabaseMigrationFailed(
+            f"migrating the temporary Prefect server's database {database} failed: no revision recorded; "
+            f"remove {folder} to start from an empty one, or set PREFECT_API_URL to a running Prefect server"
+        )
+    record = folder / ".migrated.json.writing"
+    record.write_text(json.dumps({"prefect": version("prefect"), "revision": revision}))
+    os.replace(record, folder / "migrated.json")
+
+
+def _upgrade(database: Path, environment: dict[str, str]) -> None:
     completed = subprocess.run(
         UPGRADE_COMMAND,
         env=environment | {MIGRATE_ON_START: "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
@@ -116,16 +150,35 @@ def _migrate(folder: Path, database: Path, environment: dict[str, str]) -> None:
         text=True,
         preexec_fn=processes.die_with_parent,  # a run killed meanwhile does not leave it migrating
     )
-    revision = _revision(database)
-    if completed.returncode != 0 or revision is None:
+    if completed.returncode != 0 or _revision(database) is None:
         tail = " | ".join(line.strip() for line in (completed.stderr or completed.stdout).strip().splitlines()[-3:])
         raise PrefectDatabaseMigrationFailed(
             f"migrating the temporary Prefect server's database {database} failed: {tail or 'no revision recorded'}; "
-            f"remove {folder} to start from an empty one, or set PREFECT_API_URL to a running Prefect server"
+            f"remove {database.parent} to start from an empty one, or set PREFECT_API_URL to a running Prefect server"
         )
-    record = folder / ".migrated.json.writing"
-    record.write_text(json.dumps({"prefect": version("prefect"), "revision": revision}))
-    os.replace(record, folder / "migrated.json")
+
+
+def template_path() -> Path:
+    return TEMPLATES / f"prefect-{version('prefect')}.db"
+
+
+def make_template(environ: MutableMapping[str, str] = os.environ) -> Path:
+    """Migrate a new database for the installed Prefect into TEMPLATES (once: kept while it holds
+    a revision), which a run's new database then copies."""
+    template = template_path()
+    if _revision(template) is not None:
+        return template
+    template.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(template.parent / ".template.lock"):
+        if _revision(template) is None:
+            migrating = template.with_name(f".{template.name}.{os.getpid()}")
+            migrating.unlink(missing_ok=True)
+            clean = {key: value for key, value in environ.items() if key not in _USER_CHOICES}
+            _upgrade(migrating, {**clean, CONNECTION_URL: f"sqlite+aiosqlite:///{migrating}"})
+            with contextlib.closing(sqlite3.connect(migrating)) as connection:
+                connection.execute("pragma journal_mode = delete")  # its write-ahead log folded in, the files removed
+            os.replace(migrating, template)
+    return template
 
 
 @contextlib.contextmanager
@@ -233,3 +286,7 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+if __name__ == "__main__":
+    print(f"temporary Prefect server's database template: {make_template()}")
