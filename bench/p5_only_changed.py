@@ -13,8 +13,9 @@ parent flow as all-etl does (Prefect's start-up paid once, as in P1):
 
 Every dbt invocation and every step --only-changed adds is timed inside the process, by wrapping
 the project's own functions (nothing else changes). Targets, against the full `dbt build`'s
-wall time: the `--only-changed` stage ≤ 0.25×; the plan (freshness check, selection, saving
-the state: the stage's time but the build's) ≤ 0.10×. The bench fails if what was built is not
+wall time: the `--only-changed` stage ≤ 0.25×; the plan (the issue's "freshness query, selection,
+state handling": the stage's time but its build's and the project's parse, which the first dbt
+command of any stage pays, the full stage's included; printed beside it) ≤ 0.10×. The bench fails if what was built is not
 exactly what the changed table feeds (its models and their tests), or anything else ran.
 
     .venv/bin/python bench/p5_only_changed.py [--sizes 100 500] [--with-1000] [--repeat 3]
@@ -73,6 +74,17 @@ timed(reporting, "publish_dbt_run", lambda *_, **__: "publish_dbt_run")
 timed(alerts, "label_run_with_commit", lambda *_, **__: "label_run_with_commit")
 timed(DuckDBWarehouse, "prepare_for_dbt", lambda *_, **__: "prepare_for_dbt")
 timed(dbt_runner.Dbt, "parse", lambda *_, **__: "parse (if not yet)")
+close_dbt = dbt_runner.Dbt.close
+
+
+def close_and_record_the_parse(dbt):
+    # The project's parse, inside the stage's first dbt command: the full stage pays it too.
+    if dbt.parse_seconds:
+        phases.append(("the project's parse", dbt.parse_seconds))
+    close_dbt(dbt)
+
+
+dbt_runner.Dbt.close = close_and_record_the_parse
 
 
 def stage(only_changed, before=lambda: None):
@@ -154,7 +166,9 @@ def main() -> None:
                 full_build = full["seconds"]
                 plain = full["plain_build_seconds"]
                 build = _phase(changed, "dbt build")
-                plan = changed["seconds"] - build
+                parse = _phase(changed, "the project's parse")
+                with_parse = changed["seconds"] - build
+                plan = with_parse - parse
                 if not (full["early_process_used"] and changed["early_process_used"]):
                     failures.append(f"{size} models: the transform did not use the dbt process started before it")
                 problems = check_nodes(size, full, changed)
@@ -169,7 +183,7 @@ def main() -> None:
                         f"{full_build:.1f} s",
                         f"{changed['seconds']:.1f} s",
                         _judged(only_ratio, ONLY_CHANGED_TARGET, "{:.2f}×"),
-                        f"{plan:.1f} s",
+                        f"{plan:.1f} s (+ parse {parse:.1f} s: {with_parse / full_build:.1%})",
                         _judged(plan_ratio, PLAN_TARGET, "{:.1%}"),
                         f"{ran} / {len(changed['plan']) - ran}" + ("" if not problems else " (WRONG)"),
                     ]
@@ -199,7 +213,7 @@ def main() -> None:
                 "full stage",
                 "--only-changed stage",
                 "ratio",
-                "plan (stage − its dbt build)",
+                "plan (stage − its dbt build − the project's parse)",
                 "share of the full stage",
                 "nodes built / skipped",
             ],

@@ -512,7 +512,13 @@ def test_after_only_a_selection_the_manifest_a_plan_reads_is_written_by_parse(
         listed = dbt.run_captured("ls", "--resource-type", "model", "--output", "name", "--quiet")
         assert listed.returncode == 0 and listed.stdout.split() == ["customer_totals"]
         assert not (project.path / "target" / "manifest.json").exists()
+        before_the_ls = dbt.parse_seconds
+        assert before_the_ls > 0  # the process parsed the project first
         dbt.parse()
+        with_the_parse = dbt.parse_seconds
+        assert with_the_parse > before_the_ls  # the parse command is a parse
+        assert dbt.run_captured("ls", "--resource-type", "model", "--quiet").returncode == 0
+        assert dbt.parse_seconds == with_the_parse  # on the parse it has
     finally:
         dbt.close()
     manifest = json.loads((project.path / "target" / "manifest.json").read_text())

@@ -2,8 +2,9 @@
 
 Each line on stdin is a request, `{"arguments": [...], "cwd": ..., "env": {...}, "manifest":
 true}`; the driver runs it in that folder with that environment, with dbt's programmatic runner,
-its output on stdout as the `dbt` command prints it, then one line `END_MARKER {"return_code": n}`
-(dbt's own exit codes: 0 done, 1 nodes failed, 2 dbt could not run). A request with `"manifest":
+its output on stdout as the `dbt` command prints it, then one line `END_MARKER {"return_code": n, "parse_seconds": s}`
+(dbt's own exit codes: 0 done, 1 nodes failed, 2 dbt could not run; the seconds spent parsing
+the project before this command, 0 when it ran on the earlier parse). A request with `"manifest":
 true` runs on the project parsed once (partial parse kept in target/) by the first such request,
 or by a `dbt parse` request; `dbt deps` forgets that parse, since new packages change the
 project. `--warm-up` prepares dbt before the ready line (`_warm_up`). The driver ends when stdin
@@ -23,6 +24,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 END_MARKER = "@@elt-dbt-driver-end@@"
@@ -47,6 +49,7 @@ def main() -> None:
         os.environ.update(request["env"])
         arguments = request["arguments"]
         return_code = None
+        parse_started = time.monotonic()
         if request.get("manifest") and manifest is None:
             # Not written to target/: the command that follows writes the manifest if it writes any.
             parsed = dbtRunner().invoke(["parse", "--quiet", "--no-write-json", *request.get("common", [])])
@@ -54,6 +57,7 @@ def main() -> None:
                 manifest = parsed.result
             else:
                 return_code = 2
+        parse_seconds = time.monotonic() - parse_started
         if return_code is None:
             result = dbtRunner(manifest=manifest if request.get("manifest") else None).invoke(arguments)
             if isinstance(result.exception, DbtUsageException):  # the dbt command prints these itself
@@ -63,10 +67,12 @@ def main() -> None:
                 manifest = None
             elif arguments[:1] == ["parse"] and isinstance(result.result, Manifest):
                 manifest = result.result
+                parse_seconds = time.monotonic() - parse_started
         _close_duckdb()
         sys.stdout.flush()
         sys.stderr.flush()
-        print(f"{END_MARKER} {json.dumps({'return_code': return_code})}", flush=True)
+        ended = {"return_code": return_code, "parse_seconds": round(parse_seconds, 3)}
+        print(f"{END_MARKER} {json.dumps(ended)}", flush=True)
 
 
 def _warm_up(runner: type) -> None:
