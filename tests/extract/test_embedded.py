@@ -62,10 +62,11 @@ def test_shipped_connections_file_is_usable(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_pyairbyte_preloaded_by_elt_run_is_the_one_a_sync_gets_and_prefect_logging_stays() -> None:
     """`elt run` imports PyAirbyte in the background while Prefect starts; a sync's import waits
-    for it and finds Prefect's log handlers in place (airbyte_cdk's import replaces them). In a
-    fresh interpreter: the import happens once per process."""
+    for it and finds Prefect's log handlers in place, and what the run logs meanwhile is printed
+    by Prefect, never as airbyte_cdk's JSON (its entrypoint configures logging when imported).
+    In a fresh interpreter: the import happens once per process."""
     script = (
-        "import logging, sys\n"
+        "import logging, sys, threading\n"
         "from prefect.logging.configuration import setup_logging\n"
         "setup_logging()\n"
         "def shape():\n"
@@ -73,14 +74,27 @@ def test_pyairbyte_preloaded_by_elt_run_is_the_one_a_sync_gets_and_prefect_loggi
         "before = shape()\n"
         "from elt.extract import embedded\n"
         "preload = embedded.preload_pyairbyte()\n"
+        "run_log = logging.getLogger('prefect.elt_run')\n"
+        "logged = 0\n"
+        "while preload.is_alive():\n"
+        "    logged += 1\n"
+        "    run_log.info('run line %d', logged)\n"
+        "    preload.join(timeout=0.01)\n"
         "airbyte = embedded._import_pyairbyte()\n"
+        "run_log.info('run line after')\n"
         "print(airbyte is sys.modules['airbyte'], shape() == before, shape())\n"
         "preload.join(timeout=300)\n"
-        "print(preload.is_alive(), shape() == before)\n"
+        "print(preload.is_alive(), shape() == before, logged)\n"
     )
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
 
     assert completed.returncode == 0, completed.stderr[-2000:]
     during, after = completed.stdout.strip().splitlines()[-2:]
     assert during.startswith("True True "), during
-    assert after == "False True"
+    *alive_and_shape, logged = after.split()
+    assert alive_and_shape == ["False", "True"] and int(logged) > 10, after
+    output = completed.stdout + completed.stderr
+    run_lines = [line for line in output.splitlines() if "run line" in line]
+    assert len(run_lines) == int(logged) + 1, run_lines[-3:]
+    assert [line for line in run_lines if '"type"' in line or not line.rstrip().endswith(tuple("0123456789r"))] == []
+    assert all(" | INFO    | prefect.elt_run - run line" in line for line in run_lines), run_lines[:3]

@@ -700,23 +700,41 @@ def _import_pyairbyte_once() -> ModuleType:
     os.environ.setdefault("NO_LIVE_PROGRESS", "1")
     root = logging.getLogger()
     handlers_before = list(root.handlers)
-    # airbyte_cdk's entrypoint runs logging.config.dictConfig at import time, which closes every
-    # existing handler (even with disable_existing_loggers=False:
-    # https://github.com/python/cpython/issues/127567) and sends all logs through its JSON
-    # formatter; put Prefect's logging back.
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _without_airbyte_cdk_logging_config():
         warnings.simplefilter("ignore", FutureWarning)  # google-cloud's Python 3.11 end-of-life notices
-        import airbyte_cdk.entrypoint  # noqa: F401
-
         import airbyte
 
-    if root.handlers != handlers_before:
+    if root.handlers != handlers_before:  # configured some other way than the one kept out
         from prefect.logging.configuration import setup_logging
 
         root.handlers = handlers_before
         setup_logging(incremental=False)
     _keep_pyairbyte_temp_files_private()
     return airbyte
+
+
+@contextlib.contextmanager
+def _without_airbyte_cdk_logging_config() -> Iterator[None]:
+    """airbyte_cdk's entrypoint runs `logging.config.dictConfig` when imported: it closes every
+    handler (https://github.com/python/cpython/issues/127567) and sends every log, Prefect's flow
+    runs' included, through its JSON formatter on stdout, which is how a connector process talks
+    to Airbyte. In this process it would print the run's own lines as JSON until they were put
+    back. Only that configuration is skipped; any other passes through."""
+    import logging.config
+
+    configure = logging.config.dictConfig
+
+    def dict_config(config: Any) -> None:
+        formatters = config.get("formatters", {}) if isinstance(config, dict) else {}
+        if any(str(formatter.get("()", "")).startswith("airbyte_cdk.") for formatter in formatters.values()):
+            return
+        configure(config)
+
+    logging.config.dictConfig = dict_config
+    try:
+        yield
+    finally:
+        logging.config.dictConfig = configure
 
 
 _PYAIRBYTE_TEMP = re.compile(r"^elt-airbyte\.(\d+)\.\w+$")
