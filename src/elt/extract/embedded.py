@@ -702,6 +702,8 @@ def _import_pyairbyte_once() -> ModuleType:
     handlers_before = list(root.handlers)
     with warnings.catch_warnings(), _without_airbyte_cdk_logging_config():
         warnings.simplefilter("ignore", FutureWarning)  # google-cloud's Python 3.11 end-of-life notices
+        # requests' check of its dependencies' versions, on the lock's chardet: nothing a run can act on
+        warnings.filterwarnings("ignore", message=r"urllib3 \(.*\) or chardet \(.*\)/charset_normalizer")
         import airbyte
 
     if root.handlers != handlers_before:  # configured some other way than the one kept out
