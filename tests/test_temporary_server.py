@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 from importlib.metadata import version
 from pathlib import Path
 
@@ -155,6 +156,27 @@ def test_an_existing_database_is_migrated_in_place_and_keeps_its_runs_despite_a_
     with sqlite3.connect(database) as connection:
         assert connection.execute("select name from flow_run").fetchall() == [("last night's all-etl",)]
         assert connection.execute("select version_num from alembic_version").fetchall() == [("rev-head",)]
+
+
+def test_a_copy_that_fails_names_both_files_and_leaves_no_database(tmp_path: Path, migration, monkeypatch) -> None:
+    temporary_server.make_template(_environ())
+    data = tmp_path / "data"
+
+    def connect(path: object, *args: object, **kwargs: object) -> sqlite3.Connection:
+        if str(path).endswith(".copying"):
+            raise sqlite3.OperationalError("database or disk is full")
+        return sqlite3.connect(path, *args, **kwargs)
+
+    monkeypatch.setattr(temporary_server, "sqlite3", types.SimpleNamespace(connect=connect, Error=sqlite3.Error))
+    with pytest.raises(PrefectDatabaseMigrationFailed) as raised:
+        prepare(data, _environ())
+
+    template = tmp_path / "venv-share-elt" / f"prefect-{version('prefect')}.db"
+    assert str(raised.value) == (
+        f"copying the migrated Prefect database {template} to {data / 'prefect' / 'prefect.db'} failed: "
+        f"database or disk is full; free space in {data / 'prefect'}, or set PREFECT_API_URL to a running Prefect server"
+    )
+    assert sorted(path.name for path in (data / "prefect").iterdir()) == [".migrate.lock"]
 
 
 def test_another_prefects_template_is_not_used(tmp_path: Path, migration) -> None:

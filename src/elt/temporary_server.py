@@ -121,14 +121,22 @@ def _migrate(folder: Path, database: Path, environment: dict[str, str]) -> None:
         for leftover in (database.with_name(database.name + "-wal"), database.with_name(database.name + "-shm")):
             leftover.unlink(missing_ok=True)  # a deleted database's log must not be replayed into the copy
         copying = database.with_name(f".{database.name}.copying")
-        copying.unlink(missing_ok=True)
-        # SQLite's backup copies what the template holds, its write-ahead log included.
-        with (
-            contextlib.closing(sqlite3.connect(f"file:{template}?mode=ro", uri=True)) as source,
-            contextlib.closing(sqlite3.connect(copying)) as target,
-        ):
-            source.backup(target)
-        os.replace(copying, database)
+        try:
+            copying.unlink(missing_ok=True)
+            # SQLite's backup copies what the template holds, its write-ahead log included.
+            with (
+                contextlib.closing(sqlite3.connect(f"file:{template}?mode=ro", uri=True)) as source,
+                contextlib.closing(sqlite3.connect(copying)) as target,
+            ):
+                source.backup(target)
+            os.replace(copying, database)
+        except (sqlite3.Error, OSError) as exc:
+            with contextlib.suppress(OSError):
+                copying.unlink(missing_ok=True)
+            raise PrefectDatabaseMigrationFailed(
+                f"copying the migrated Prefect database {template} to {database} failed: {exc}; "
+                f"free space in {folder}, or set PREFECT_API_URL to a running Prefect server"
+            ) from exc
     else:
         _upgrade(database, environment)
     revision = _revision(database)
