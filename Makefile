@@ -62,7 +62,7 @@ bench: venv
 	$(BIN)/python bench/p2_extract_concurrency.py
 	$(BIN)/python bench/p3_embedded_all_etl.py
 	$(BIN)/python bench/p4_stack.py
-	$(BIN)/python bench/p5_only_changed.py
+	$(BIN)/python bench/p5_only_changed.py --repeat 3
 
 # Mutation testing (mutmut, one worker, one module at a time) against the fast tests; prints the
 # killed share per module (docs/testing.md). A benchmark, not a gate: it takes a while.
