@@ -26,12 +26,19 @@ import pytest
 import snowflake.connector
 from prefect.client.schemas.objects import FlowRun
 from prefect.context import FlowRunContext
-from snowflake.connector.errors import ProgrammingError
+from snowflake.connector.errors import DatabaseError, ProgrammingError
 
 from elt import warehouse_snowflake
 from elt.settings import load_settings
 from elt.warehouse import MissingGrants, warehouse_for
-from elt.warehouse_snowflake import QueryHistoryUnavailable, SnowflakeCredentials, SnowflakeWarehouse, query_tag
+from elt.warehouse_snowflake import (
+    QUERY_TAG_VARIABLE,
+    QueryHistoryUnavailable,
+    SnowflakeCredentials,
+    SnowflakeLoginRejected,
+    SnowflakeWarehouse,
+    query_tag,
+)
 from tests.conftest import FakesnowServer
 
 RUN_ID = "6f1c0a52-0d8e-4c55-9a43-2b8b1f3e9d10"
@@ -95,9 +102,12 @@ class Connector:
         self.refuse: dict[str, ProgrammingError] = {}
         self.history_table: str | None = None
         self.history_calls: list[tuple[str, str]] = []
+        self.refuse_login: Exception | None = None
 
     def __call__(self, **params: Any) -> _Connection:
         self.calls.append(params)
+        if self.refuse_login is not None:
+            raise self.refuse_login
         return _Connection(self._connect(**params), self)
 
     @property
@@ -553,3 +563,53 @@ def test_row_counts_of_the_runs_tables_are_keyed_by_their_names(
     counts = _warehouse()._row_counts([f"{database}.dbt_marts.daily_revenue", f'"{database}"."DBT_MARTS"."EMPTY"'])
     assert counts == {f"{database}.DBT_MARTS.DAILY_REVENUE": 2, f"{database}.DBT_MARTS.EMPTY": 0}
     assert connector.query_tags == [query_tag(RUN_ID)]
+
+
+# --- the connections themselves -------------------------------------------------------------
+
+
+def test_the_reachability_probe_is_bounded_and_a_runs_connections_are_not(
+    database: str, snowflake_env: FakesnowServer, connector: Connector, inside_a_flow_run: str
+) -> None:
+    """`elt doctor`'s and the pre-run check's probe bounds every socket read by
+    SNOWFLAKE_CONNECT_TIMEOUT_SECONDS and runs `select 1`; the connections of a run (here the
+    row counts) keep the connector's read timeout, which long queries need."""
+    warehouse = _warehouse()
+    warehouse.check_reachable()
+    assert connector.statements == ["select 1"]
+    warehouse._row_counts([])
+    assert [(call.get("socket_timeout"), call["login_timeout"]) for call in connector.calls] == [(10.0, 10.0), (None, 10.0)]
+    assert connector.query_tags == [None, query_tag(RUN_ID)]
+
+
+def test_a_login_snowflake_refuses_names_the_user_and_what_to_check(
+    database: str, snowflake_env: FakesnowServer, connector: Connector
+) -> None:
+    """The connector raises a DatabaseError (neither an OperationalError nor an
+    InterfaceError) when the account answers and refuses the login: a wrong password, key or
+    user. fakesnow accepts every login, so the connector here raises what Snowflake's answer
+    makes it raise (its message as the connector words it, over two lines)."""
+    connector.refuse_login = DatabaseError(
+        msg="Failed to connect to DB: acme-test.snowflakecomputing.com:443. Incorrect username or password was specified.\n"
+        "Request ID: 2b9c",
+        errno=250001,
+        sqlstate="08001",
+    )
+    warehouse = _warehouse()
+    with pytest.raises(SnowflakeLoginRejected) as error:
+        warehouse.check_reachable()
+    assert str(error.value) == (
+        f"Snowflake account acme-test at http://127.0.0.1:{snowflake_env.port} refused the login of TRANSFORMER: "
+        "250001 (08001): Failed to connect to DB: acme-test.snowflakecomputing.com:443. "
+        "Incorrect username or password was specified. (check SNOWFLAKE_USER, SNOWFLAKE_ROLE and the key or password)"
+    )
+    assert warehouse.known_problem() == "warehouse settings unusable"
+    assert snowflake_env.env()["SNOWFLAKE_PASSWORD"] not in str(error.value)
+
+
+def test_inside_a_run_dbt_tags_its_queries_with_the_run(snowflake_env: FakesnowServer, inside_a_flow_run: str) -> None:
+    """The tag dbt-snowflake sets (the profile's query_tag reads this variable), by which the
+    run's cost is found."""
+    environment = _warehouse().dbt_environment()
+    assert environment[QUERY_TAG_VARIABLE] == f'{{"app":"elt-appliance","flow_run_id":"{RUN_ID}"}}'
+    assert environment["SNOWFLAKE_PASSWORD"] == snowflake_env.env()["SNOWFLAKE_PASSWORD"]
