@@ -345,6 +345,34 @@ def test_a_new_column_in_the_source_is_added_to_the_raw_table_and_nothing_is_dro
     ]
 
 
+def test_the_staging_file_is_read_while_another_process_reads_it(
+    database: str, snowflake_env: FakesnowServer, tmp_path: Path
+) -> None:
+    """The staging file is opened read-only: `elt doctor` (which reads which schemas were
+    staged) or another reader may hold it meanwhile; DuckDB lets a writer open a file no
+    other process has open at all."""
+    import subprocess
+    import sys
+
+    staged = _stage(tmp_path / "staging.duckdb", "raw_x", {"t": ("id BIGINT", ["1"])})
+    reader = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import duckdb, sys; c = duckdb.connect({str(staged)!r}, read_only=True); print(1, flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert reader.stdout is not None and reader.stdout.readline() == "1\n"
+        _warehouse().publish_staged(staged, "raw_x", ["t"])
+    finally:
+        reader.communicate("", timeout=30)
+    assert _rows(snowflake_env, f"select id from {database}.RAW_X.T") == [(1,)]
+
+
 # --- the grants probe (elt doctor) -----------------------------------------------------------
 
 
@@ -377,21 +405,30 @@ def test_a_role_that_may_do_everything_is_described_in_one_line(
     ) == [(0,)]
 
 
-def test_a_raw_schema_the_first_run_creates_is_not_a_problem_and_is_named(
+def test_raw_schemas_the_first_run_creates_are_not_a_problem_and_are_named(
     database: str, snowflake_env: FakesnowServer, connector: Connector, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A fresh embedded install: the raw schema is not there yet, and the first run creates it.
-    Its tables are not counted as read; with no role set, the role shows as the default."""
+    """A fresh embedded install: two raw schemas are not there yet, and the first run creates
+    them. Their tables are not counted as read, those of a schema loaded already are; with no
+    role set, the role shows as the default."""
+    with _raw_connect(snowflake_env) as connection:
+        connection.cursor().execute(f"create schema {database}.RAW_LOADED")
+        connection.cursor().execute(f"create table {database}.RAW_LOADED.EVENTS (id int)")
     monkeypatch.delenv("SNOWFLAKE_ROLE")
-    sources = [("", "raw_faker", "users"), ("", "raw_faker", "products")]
-    assert _warehouse().check_grants(sources, first_run_creates={"RAW_FAKER"}) == (
-        f"role (default) can use TRANSFORMING, read 0 source table(s) and build in {database}.DBT; "
-        f"raw schema {database}.RAW_FAKER not loaded yet (the first run creates it)"
+    sources = [
+        ("", "raw_faker", "users"),
+        ("", "raw_faker", "products"),
+        ("", "raw_shop", "orders"),
+        ("", "raw_loaded", "events"),
+    ]
+    assert _warehouse().check_grants(sources, first_run_creates={"RAW_FAKER", "RAW_SHOP"}) == (
+        f"role (default) can use TRANSFORMING, read 1 source table(s) and build in {database}.DBT; "
+        f"raw schema {database}.RAW_FAKER, {database}.RAW_SHOP not loaded yet (the first run creates it)"
     )
 
 
 def test_every_missing_grant_is_listed_with_the_grant_that_fixes_it(
-    database: str, snowflake_env: FakesnowServer, connector: Connector
+    database: str, snowflake_env: FakesnowServer, connector: Connector, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A role refused the warehouse, schema creation and table creation (the cursor raises
     Snowflake's access-control error: fakesnow has no roles); a raw schema it can't see (not
@@ -430,6 +467,8 @@ def test_every_missing_grant_is_listed_with_the_grant_that_fixes_it(
         f"GRANT USAGE, CREATE TABLE, CREATE VIEW ON SCHEMA {database}.DBT TO ROLE {role};",
     ]
 
+    monkeypatch.delenv("SNOWFLAKE_ROLE")  # then the problems name the role the user logs in with
+    role = "<role of SNOWFLAKE_USER>"
     with pytest.raises(MissingGrants) as other_database:
         _warehouse().check_grants([("OTHER_DB", "raw_faker", "users")], first_run_creates={"RAW_FAKER"})
     assert [problem.split(":")[0] for problem in other_database.value.problems] == [
@@ -438,6 +477,7 @@ def test_every_missing_grant_is_listed_with_the_grant_that_fixes_it(
         f"role {role} cannot create schemas in {database} (dbt builds <schema>_staging and <schema>_marts)",
         f"role {role} cannot create tables in {database}.DBT",
     ]
+    assert other_database.value.problems[0].endswith(f"GRANT USAGE ON WAREHOUSE TRANSFORMING TO ROLE {role};")
 
 
 # --- query history and the run's cost -------------------------------------------------------
