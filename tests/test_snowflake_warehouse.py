@@ -186,6 +186,7 @@ def _stage(path: Path, schema: str, tables: dict[str, tuple[str, list[str]]]) ->
     return path
 
 
+# No NULL timestamp: fakesnow 0.12 reads one back as 1970-01-01 (not checked whether the insert or the read does it).
 _USER_ROWS = [
     "1, 'Ada', 36, 9007199254740993, 0.5, 0.25, true, DATE '1990-01-02', "
     "TIMESTAMP '2026-12-01 08:00:00.123456', TIMESTAMPTZ '2026-12-02 09:30:15.25+00', '{\"changes\": []}', "
@@ -229,7 +230,7 @@ def test_staged_tables_land_column_by_column_with_snowflake_types(
         ("AMOUNT", "NUMBER(38,9)"),
         ("ADDRESS", "VARCHAR(16777216)"),
         ("TAGS", "VARCHAR(16777216)"),
-        ("OPENS", "VARCHAR(16777216)"),
+        ("OPENS", "TIME(9)"),
     ]
     rows = _rows(snowflake_env, f"select * from {database}.RAW_FAKER.USERS order by id")
     assert rows == [
@@ -249,7 +250,7 @@ def test_staged_tables_land_column_by_column_with_snowflake_types(
             decimal.Decimal("0.000000001"),
             '{"city": "Z\\u00fcrich", "zip": "8001"}',
             '["a", "b"]',
-            "08:30:00",
+            datetime.time(8, 30),
         ),
         (2, None, None, None, None, None, False, None, datetime.datetime(2026, 12, 1, 8, 0, 1), _EXTRACTED)
         + (None,) * 4

@@ -307,6 +307,7 @@ _DUCKDB_TO_SNOWFLAKE = {
     "BOOLEAN": "BOOLEAN",
     "VARCHAR": "VARCHAR",
     "DATE": "DATE",
+    "TIME": "TIME",  # PyAirbyte's type for a string of format "time"
     "TIMESTAMP": "TIMESTAMP_NTZ",
     "TIMESTAMP WITH TIME ZONE": "TIMESTAMP_TZ",
     "JSON": "VARCHAR",  # kept as text; PARSE_JSON it in a staging model when needed
