@@ -8,6 +8,7 @@ mutant runs only the tests that hold the module's promises, and each module's re
     .venv/bin/python tests/mutation.py                  # every module, then the table
     .venv/bin/python tests/mutation.py src/elt/run_lock.py
     .venv/bin/python tests/mutation.py --report         # the table from the results kept
+    .venv/bin/python tests/mutation.py --retry-timeouts src/elt/warehouse_snowflake.py   # timeouts re-tested too
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ def _config() -> tuple[dict, dict[str, list[str]]]:
     return document["tool"]["mutmut"], document["tool"]["elt-mutation"]["modules"]
 
 
+def _timeout_constants() -> dict[str, float]:
+    """Per module, mutmut's `timeout_constant` (seconds added to a mutant's estimated test time
+    before the multiplier): where the tests share a server a session fixture starts (fakesnow),
+    whose start the per-test estimate leaves out, so a mutant's whole run would be a "timeout"."""
+    document = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    return document["tool"]["elt-mutation"].get("timeout-constant", {})
+
+
 def _toml(table: dict) -> str:
     """[tool.mutmut] with string, number, bool and list-of-string values (JSON spells them as TOML does)."""
     return "[tool.mutmut]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in table.items())
@@ -65,7 +74,7 @@ def _link(link: Path, target: Path) -> None:
     link.symlink_to(target)
 
 
-def run(module: str, tests: list[str], mutmut: dict) -> None:
+def run(module: str, tests: list[str], mutmut: dict, retry_timeouts: bool = False) -> None:
     folder = folder_of(module)
     folder.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
@@ -78,6 +87,7 @@ def run(module: str, tests: list[str], mutmut: dict) -> None:
             _link(folder / "mutants" / entry.name, entry)
     table = {
         **mutmut,
+        **({"timeout_constant": _timeout_constants()[module]} if module in _timeout_constants() else {}),
         "only_mutate": [module],
         "pytest_add_cli_args": [*mutmut.get("pytest_add_cli_args", []), f"--basetemp={basetemp(module)}"],
         "pytest_add_cli_args_test_selection": tests,
@@ -85,7 +95,8 @@ def run(module: str, tests: list[str], mutmut: dict) -> None:
     (folder / "pyproject.toml").write_text(_toml(table))
     print(f"== {module}: {' '.join(tests)}", flush=True)
     # mutmut keeps a mutant's result; name every mutant not yet killed so new tests get their chance.
-    retry = [name for name, code in statuses(module).items() if code not in KILLED | TIMEOUT]
+    # --retry-timeouts: the timeouts too (after a change of the timeout settings).
+    retry = [name for name, code in statuses(module).items() if code not in KILLED | (set() if retry_timeouts else TIMEOUT)]
     if statuses(module) and not retry:
         return
     # One worker: the machine is shared (HELPERS.md).
@@ -220,9 +231,11 @@ def report(modules: list[str]) -> list[str]:
 
 def main(arguments: list[str]) -> None:
     mutmut, modules = _config()
+    retry_timeouts = "--retry-timeouts" in arguments
+    arguments = [argument for argument in arguments if argument != "--retry-timeouts"]
     if arguments[:1] != ["--report"]:
         for module in arguments or list(modules):
-            run(module, modules[module], mutmut)
+            run(module, modules[module], mutmut, retry_timeouts)
     print("\n".join(report(list(modules))))
 
 

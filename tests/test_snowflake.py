@@ -483,9 +483,11 @@ def test_outside_a_flow_run_dbt_gets_no_query_tag_and_no_run_cost_is_claimed(sno
         ("~/no-such-key", "SNOWFLAKE_PRIVATE_KEY looks like a path, but "),
         ("./no-such-key", "SNOWFLAKE_PRIVATE_KEY looks like a path, but no-such-key is not a file"),
         ("no-such-key.pem", "SNOWFLAKE_PRIVATE_KEY looks like a path, but no-such-key.pem is not a file"),
+        ("rsa_key.p8", "SNOWFLAKE_PRIVATE_KEY looks like a path, but rsa_key.p8 is not a file"),
+        ("rsa_key.der", "SNOWFLAKE_PRIVATE_KEY looks like a path, but rsa_key.der is not a file"),
         ("/" + "a-" * 255 + "a", "SNOWFLAKE_PRIVATE_KEY is not a key; expected a PEM"),  # 512 characters: no path
     ],
-    ids=["absolute", "home", "relative", "extension", "512"],
+    ids=["absolute", "home", "relative", "extension", ".p8", ".der", "512"],
 )
 def test_a_value_that_looks_like_a_path_is_named_as_one(value: str, message: str) -> None:
     with pytest.raises(warehouse_snowflake.SnowflakeKeyError) as error:

@@ -307,6 +307,7 @@ _DUCKDB_TO_SNOWFLAKE = {
     "BOOLEAN": "BOOLEAN",
     "VARCHAR": "VARCHAR",
     "DATE": "DATE",
+    "TIME": "TIME",  # PyAirbyte's type for a string of format "time"
     "TIMESTAMP": "TIMESTAMP_NTZ",
     "TIMESTAMP WITH TIME ZONE": "TIMESTAMP_TZ",
     "JSON": "VARCHAR",  # kept as text; PARSE_JSON it in a staging model when needed
@@ -338,6 +339,13 @@ def replace_tables_from_duckdb(
             definition = ", ".join(f"{name} {_snowflake_type(data_type)}" for name, data_type in columns)
             qualified = f'"{credentials.database}".{schema}.{table}'
             cursor.execute(f"create table if not exists {qualified} ({definition})")
+            # A column the source sends since an earlier sync created the table. Before `begin`:
+            # Snowflake commits at every DDL statement.
+            cursor.execute(f"describe table {qualified}")
+            present = {str(row[0]).upper() for row in cursor.fetchall()}
+            for name, data_type in columns:
+                if name.upper() not in present:
+                    cursor.execute(f"alter table {qualified} add column {name} {_snowflake_type(data_type)}")
             rows = source.execute(f'select * from "{schema}"."{table}"')
             placeholders = ", ".join(["%s"] * len(columns))
             names = ", ".join(name for name, _ in columns)
