@@ -10,6 +10,7 @@ import fcntl
 import json
 import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -25,6 +26,10 @@ from elt import processes
 from tests.conftest import BIN, GitRemote, PrefectServer
 
 CHILDREN_END_SECONDS = 10
+# How long a test waits for a guarded Python to print a line or to exit: far more than it needs
+# on a loaded machine, and well under mutmut's timeout, so a mutant that makes it hang fails the
+# test rather than running until mutmut kills it.
+RESPONSE_SECONDS = 30
 
 # A dbt Python model (dbt-duckdb runs it inside dbt's process) that, when the test asks, says it
 # has started and then holds the warehouse until the run is stopped.
@@ -224,14 +229,31 @@ class GuardedPython:
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         self.recorded: dict[int, psutil.Process] = {}
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read_lines, daemon=True).start()
+
+    def _read_lines(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(line)
+        self._lines.put("")  # the end of its output
 
     def record(self) -> dict[int, psutil.Process]:
         for child in _descendants(self.process.pid):
             self.recorded.setdefault(child.pid, child)
         return self.recorded
 
+    def record_at_least(self, count: int) -> dict[int, psutil.Process]:
+        """Its descendants, once `count` have been seen: `sh -c "sleep 900 & wait"` has started
+        when the process prints, its `sleep` may not have yet (on a loaded machine)."""
+        _wait_until(lambda: len(self.record()) >= count, RESPONSE_SECONDS, f"{count} descendants run", self.process, self.log)
+        return self.recorded
+
     def read_line(self) -> str:
-        line = self.process.stdout.readline()
+        try:
+            line = self._lines.get(timeout=RESPONSE_SECONDS)
+        except queue.Empty:
+            pytest.fail(f"the process printed no line in {RESPONSE_SECONDS}s:\n{self.stderr[-3000:]}")
         if not line:
             self.process.wait()
             pytest.fail(f"the process exited ({self.process.returncode}) before printing:\n{self.stderr[-3000:]}")
@@ -264,8 +286,8 @@ def test_watchdog_stops_the_children_of_a_killed_process(tmp_path: Path) -> None
     folder = tmp_path / "run-folder"
     with GuardedPython(GUARDED_PARENT, str(folder), log=tmp_path / "parent.err") as parent:
         child_pid = int(parent.read_line())
-        recorded = dict(parent.record())
-        assert child_pid in recorded and len(recorded) >= 3, "watchdog, child and grandchild should be running"
+        recorded = dict(parent.record_at_least(3))
+        assert child_pid in recorded, "watchdog, child and grandchild should be running"
         _assert_all_stay_running(recorded, WATCHED_SECONDS)  # the watchdog stops nothing while its run lives
         parent.process.kill()
         parent.process.wait()
@@ -314,13 +336,13 @@ def test_stopped_run_stops_its_children_itself_and_says_so(
     stops the children is the run itself."""
     with GuardedPython(STOPPED_RUN, flow_run_id, log=tmp_path / "run.err") as run:
         server_pid, connector_pid = map(int, run.read_line().split())
-        children = dict(run.record())
-        assert {server_pid, connector_pid} <= set(children) and len(children) >= 4, children
+        children = dict(run.record_at_least(4))
+        assert {server_pid, connector_pid} <= set(children), children
         watchdog = run.watchdog()
         watchdog.kill()
         _assert_all_end({watchdog.pid: watchdog})
         run.process.send_signal(stop_signal)
-        assert run.process.wait(timeout=60) == 128 + stop_signal, run.stderr
+        assert run.process.wait(timeout=RESPONSE_SECONDS) == 128 + stop_signal, run.stderr
         assert run.stderr.strip().splitlines()[-1] == last_line
         _assert_all_end(children)
 
@@ -354,10 +376,10 @@ APILogWorker.drain_all = staticmethod(drain_all)
 def test_stopped_run_whose_last_logs_cannot_be_sent_says_so_and_still_stops(tmp_path: Path) -> None:
     with GuardedPython(LOGS_NOT_SENT, "0b5e-flow-run", log=tmp_path / "run.err") as run:
         pids = set(map(int, run.read_line().split()))
-        children = dict(run.record())
+        children = dict(run.record_at_least(4))
         assert pids <= set(children), children
         run.process.send_signal(signal.SIGTERM)
-        assert run.process.wait(timeout=60) == 128 + signal.SIGTERM, run.stderr
+        assert run.process.wait(timeout=RESPONSE_SECONDS) == 128 + signal.SIGTERM, run.stderr
         lines = run.stderr.strip().splitlines()
         assert lines[-1].startswith("all-etl stopped by SIGTERM: flow run 0b5e-flow-run is marked Crashed"), lines
         assert "Could not send the last logs to Prefect: the API is unreachable" in lines, lines
@@ -389,7 +411,7 @@ with processes.RunGuard() as guard:
 def test_stop_children_stops_and_names_them_but_keeps_the_watchdog_and_the_prefect_server(tmp_path: Path) -> None:
     with GuardedPython(STOP_CHILDREN, log=tmp_path / "run.err") as run:
         server_pid, connector_pid = map(int, run.read_line().split())
-        children = dict(run.record())
+        children = dict(run.record_at_least(4))
         watchdog = run.watchdog()
         connector = {pid: process for pid, process in children.items() if pid not in (server_pid, watchdog.pid)}
         assert connector_pid in connector and len(connector) == 2, children  # sh and its sleep
@@ -428,8 +450,8 @@ def test_stop_gives_sigterm_its_grace_and_returns_once_all_have_ended() -> None:
         assert process is not None
         stopper = threading.Thread(target=processes.stop, args=([process],), kwargs={"grace_seconds": 3600}, daemon=True)
         stopper.start()
-        stopper.join(timeout=60)
-        assert not stopper.is_alive(), "stop() still waiting 60 s after its only process was sent SIGTERM"
+        stopper.join(timeout=RESPONSE_SECONDS)
+        assert not stopper.is_alive(), f"stop() still waiting {RESPONSE_SECONDS} s after its only process was sent SIGTERM"
         assert child.wait(timeout=10) == 7
     finally:
         child.kill()
@@ -488,10 +510,12 @@ def test_watchdog_notices_its_run_died_even_when_a_fork_holds_its_pipe(tmp_path:
         _assert_all_end({fork_pid: recorded[fork_pid]})
 
 
-# A guarded block that ends while its watchdog is hung (stopped here with SIGSTOP).
+# A guarded block that ends while its watchdog is hung (stopped here with SIGSTOP). The guard's
+# wait for its watchdog is shortened from 10 s so the test (run for each mutant) stays short.
 HUNG_WATCHDOG = """
 import sys
 from elt import processes
+processes.WATCHDOG_EXIT_SECONDS = 0.5
 with processes.RunGuard() as guard:
     print(guard.watchdog_pid, flush=True)
     sys.stdin.readline()
@@ -499,17 +523,16 @@ print("ended", flush=True)
 """
 
 
-def test_a_hung_watchdog_does_not_keep_the_run_from_ending(tmp_path: Path) -> None:
-    """The guard waits a bounded time (10 s) for its watchdog to exit, then kills it."""
+def test_a_hung_watchdog_is_killed_once_the_guard_has_waited_for_it(tmp_path: Path) -> None:
+    """The guard waits a bounded time (WATCHDOG_EXIT_SECONDS) for its watchdog to exit, then kills it."""
     with GuardedPython(HUNG_WATCHDOG, log=tmp_path / "run.err") as run:
         watchdog = psutil.Process(int(run.read_line()))
         run.record()
         watchdog.suspend()
         run.process.stdin.write("end\n")
         run.process.stdin.flush()
-        _wait_until(lambda: run.process.poll() is not None, 60, "the guarded process ends despite its hung watchdog")
-        assert run.process.returncode == 0, run.stderr
-        assert run.process.stdout.read() == "ended\n"
+        assert run.read_line() == "ended\n"
+        assert run.process.wait(timeout=RESPONSE_SECONDS) == 0, run.stderr
         _assert_all_end({watchdog.pid: watchdog})
 
 
@@ -579,13 +602,13 @@ with processes.RunGuard() as next_run:  # the next run in this process is guarde
 def test_interrupted_flow_stops_its_children_but_not_the_prefect_server(tmp_path: Path) -> None:
     with GuardedPython(INTERRUPTED_FLOW, log=tmp_path / "run.err") as run:
         server_pid, connector_pid = map(int, run.read_line().split())
-        children = dict(run.record())
+        children = dict(run.record_at_least(4))
         watchdog = run.watchdog()
         run.process.stdin.write("stop\n")
         run.process.stdin.flush()
         assert run.read_line() == "interrupted\n"
         assert run.read_line() == "True\n"
-        assert run.process.wait(timeout=60) == 0
+        assert run.process.wait(timeout=RESPONSE_SECONDS) == 0
         _assert_all_end({watchdog.pid: watchdog})
         connector = {pid: process for pid, process in children.items() if pid not in (server_pid, watchdog.pid)}
         assert connector_pid in connector and len(connector) >= 2, children
