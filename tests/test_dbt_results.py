@@ -341,3 +341,60 @@ def test_the_summary_of_a_completed_run_lists_the_sources_that_were_not_fresh() 
         "`dbt build`: 1 success\n\n- source faker.products is stale: last loaded 2026-11-28 10:00 UTC, warn_after 1 day\n\n"
         in (render_summary(EtlSummary(dbt_run=run)))
     )
+
+
+@pytest.mark.parametrize(
+    ("arguments", "writes"),
+    [
+        (["build", "--select", "a"], True),
+        (["parse"], True),
+        (["source", "freshness"], True),
+        (["compile"], True),
+        (["ls", "--select", "a"], False),
+        (["show", "--inline", "select 1"], False),
+        (["run-operation", "grant"], False),
+        (["build", "--target-path", "/elsewhere"], False),
+        (["compile", "--target-path=/elsewhere"], False),
+        (["run", "--no-write-json"], False),
+    ],
+)
+def test_which_commands_leave_the_manifest_they_ran_on_in_the_projects_target(arguments: list[str], writes: bool) -> None:
+    """What tells a Dbt its project's target/manifest.json is its own parse (`parsed`)."""
+    assert dbt_runner._writes_manifest(arguments) is writes
+
+
+def test_the_parse_before_a_command_gets_where_it_writes_and_what_it_renders() -> None:
+    arguments = ["docs", "generate", "--target-path", "/t", "--log-path=/l", "--vars", "{a: 1}", "--select", "a", "--vars"]
+    assert dbt_runner._parse_options(arguments) == ["--target-path", "/t", "--log-path=/l", "--vars", "{a: 1}"]
+    assert dbt_runner._parse_options(["compile", "--target-path"]) == []  # no value: nothing to pass on
+
+
+def test_an_ended_dbt_process_has_its_pipes_closed_and_is_reaped_in_the_background() -> None:
+    """`cat` stands in for the dbt process (it too exits when its input closes)."""
+    import subprocess
+    import time
+
+    driver = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    dbt_runner._end_driver(driver)
+    assert driver.stdin is not None and driver.stdin.closed and driver.stdout is not None and driver.stdout.closed
+    deadline = time.monotonic() + 30
+    while driver.returncode is None and time.monotonic() < deadline:  # set by the reaping thread's wait()
+        time.sleep(0.01)
+    assert driver.returncode == 0
+
+
+def test_a_dbt_process_that_does_not_exit_when_its_input_closes_is_killed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import time
+
+    monkeypatch.setattr(dbt_runner, "DBT_EXIT_SECONDS", 0.2)
+    driver = subprocess.Popen(["sleep", "900"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        dbt_runner._end_driver(driver)
+        deadline = time.monotonic() + 30
+        while driver.returncode is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert driver.returncode == -9
+    finally:
+        driver.kill()
+        driver.wait()
