@@ -47,15 +47,20 @@ def model(dbt, session):
 """
 
 GUARDED_PARENT = """
-import subprocess, sys, time
+import subprocess, sys, threading, time
 from pathlib import Path
 from elt import processes
 with processes.RunGuard() as guard:
     folder = Path(sys.argv[1])
+    processes.remove_if_run_dies(folder.with_name("removed-already"))  # the run removed it itself
     folder.mkdir()
     processes.remove_if_run_dies(folder)
     # Like a connector: no parent-death signal, and a child of its own.
     child = subprocess.Popen(["sh", "-c", "sleep 900 & wait"])
+    # Like dbt, started by a worker thread that goes on running.
+    started = threading.Event()
+    threading.Thread(target=lambda: (subprocess.Popen(["sleep", "901"]), started.set(), time.sleep(900)), daemon=True).start()
+    started.wait()
     guard.sync()
     print(child.pid, flush=True)
     time.sleep(900)
@@ -281,13 +286,17 @@ class GuardedPython:
 
 
 def test_watchdog_stops_the_children_of_a_killed_process(tmp_path: Path) -> None:
-    """kill -9 of a guarded process: its child and grandchild (re-parented to PID 1) are stopped,
-    and the folder it registered is removed."""
+    """kill -9 of a guarded process: its children (one started by a thread) and grandchild
+    (re-parented to PID 1) are stopped, and the folder it registered is removed (one registered
+    before and gone since is no matter)."""
     folder = tmp_path / "run-folder"
     with GuardedPython(GUARDED_PARENT, str(folder), log=tmp_path / "parent.err") as parent:
         child_pid = int(parent.read_line())
-        recorded = dict(parent.record_at_least(3))
-        assert child_pid in recorded, "watchdog, child and grandchild should be running"
+        recorded = dict(parent.record_at_least(4))
+        assert child_pid in recorded, "watchdog, child, grandchild and the thread's child should be running"
+        assert any(_cmdline(process) == ["sleep", "901"] for process in recorded.values()), recorded
+        watchdog = parent.watchdog()
+        assert os.getsid(watchdog.pid) == watchdog.pid  # a session of its own: the run's terminal's signals miss it
         _assert_all_stay_running(recorded, WATCHED_SECONDS)  # the watchdog stops nothing while its run lives
         parent.process.kill()
         parent.process.wait()
@@ -353,6 +362,7 @@ def test_stopped_run_names_the_signal_prefect_reports() -> None:
 
     assert processes.signal_name(TerminationSignal(signal.SIGHUP)) == "SIGHUP"
     assert processes.signal_name(KeyboardInterrupt()) == "SIGINT"
+    assert processes.signal_name(SystemExit()) == "SIGTERM"  # a stop that names no signal
 
 
 # A stopped run whose last logs cannot be sent to Prefect (its API unreachable, say): Prefect's
@@ -481,6 +491,59 @@ def test_stop_kills_what_ignores_sigterm_after_the_grace_and_says_so(caplog: pyt
     finally:
         child.kill()
         child.wait()
+
+
+# A guarded run whose child starts a child of its own once the trigger file exists.
+LATE_GRANDCHILD = """
+import subprocess, sys, time
+from elt import processes
+with processes.RunGuard() as guard:
+    child = subprocess.Popen(["sh", "-c", 'while [ ! -e "$0" ]; do sleep 0.05; done; sleep 902 & wait', sys.argv[1]])
+    guard.sync()
+    print(child.pid, guard.watchdog_pid, flush=True)
+    time.sleep(900)
+"""
+
+
+def test_watchdog_stops_what_the_runs_children_started_after_its_last_scan(tmp_path: Path) -> None:
+    """The run dies while its watchdog is not scanning (stopped with SIGSTOP here, as a loaded
+    machine can hold it between two scans): what a recorded child started meanwhile, which no scan
+    saw, is found through that child and stopped too."""
+    trigger = tmp_path / "trigger"
+    with GuardedPython(LATE_GRANDCHILD, str(trigger), log=tmp_path / "parent.err") as parent:
+        child_pid, watchdog_pid = map(int, parent.read_line().split())
+        watchdog = psutil.Process(watchdog_pid)
+        child = parent.record()[child_pid]
+        watchdog.suspend()
+        trigger.touch()
+        [late] = _wait_until(
+            lambda: [process for process in _descendants(child_pid) if _cmdline(process) == ["sleep", "902"]],
+            RESPONSE_SECONDS,
+            "the child starts its own",
+        )
+        parent.record()
+        parent.process.kill()
+        parent.process.wait()
+        watchdog.resume()
+        _assert_all_end({child_pid: child, late.pid: late})
+
+
+def test_a_guard_whose_watchdog_has_died_says_so_and_its_block_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="elt.processes"), processes.RunGuard() as guard:
+        assert guard.watchdog is not None
+        pid = guard.watchdog.pid
+        guard.watchdog.kill()
+        guard.watchdog.wait()
+        processes.remove_if_run_dies(tmp_path / "folder")
+        assert caplog.messages == [f"The run's watchdog (PID {pid}) has exited"]
+    assert processes.active_guard() is None
+
+
+def test_signalling_a_process_that_has_ended_is_no_error() -> None:
+    """stop() checks each process is alive, then signals it: it may end in between."""
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    processes._signal(processes.Process(pid=ended.pid, started=0, parent=os.getpid()), signal.SIGTERM)
 
 
 # A guarded process that forks (as multiprocessing does): the fork holds every descriptor the
