@@ -507,3 +507,41 @@ def test_a_build_that_leaves_out_only_a_stale_sources_nodes_is_complete(built_pr
     assert [asked[:2] for asked in dbt.asked] == [["--select", select], ["--select", "state:modified+"]]
     assert _reasons(plan)[TOTALS] == ("run", "modified") and _reasons(plan)[USERS] == ("skip", "source faker.users stale")
     assert plan.counts == {"run": 1, "skip": 6} and plan.complete
+
+
+class UnwritableStore(dbt_state.StateStore):
+    """A store on a volume that refuses every write (read-only, or gone)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(load_settings())
+        self.error = error
+
+    def save(self, project: DbtProject, commit: str, *, with_sources: bool) -> dbt_state.SavedState:
+        raise self.error
+
+    def forget(self) -> None:
+        raise self.error
+
+
+def test_what_keep_state_says_for_each_outcome(built_project: DbtProject, caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("tests.state")
+    built = DbtRun("build", built_project.path, 0, results=[NodeResult("model.p.a", "success", 0.1, None, None)])
+    store = dbt_state.StateStore(load_settings())
+    with caplog.at_level(logging.INFO, logger="tests.state"):
+        dbt_state.keep_state(store, DbtRun("build", built_project.path, 2), "c1", complete=True, with_sources=True, log=log)
+        dbt_state.keep_state(store, built, "c1", complete=True, with_sources=False, log=log)
+        read_only = OSError(30, "Read-only file system")
+        dbt_state.keep_state(UnwritableStore(read_only), built, "c2", complete=True, with_sources=True, log=log)
+        dbt_state.keep_state(
+            UnwritableStore(OSError("the volume is gone")), built, "c3", complete=True, with_sources=True, log=log
+        )
+    root = store.root
+    assert caplog.messages == [
+        "dbt state of target duckdb not saved: dbt build did not run",
+        f"Saved the dbt state of target duckdb at commit c1 in {root / 'c1'}",
+        f"dbt state of target duckdb not saved in {root}: Read-only file system; the next --only-changed run builds everything",
+        "dbt state of target duckdb could not be forgotten either ([Errno 30] Read-only file system)",
+        f"dbt state of target duckdb not saved in {root}: the volume is gone; the next --only-changed run builds everything",
+        "dbt state of target duckdb could not be forgotten either (the volume is gone)",
+    ]
+    assert sorted(path.name for path in (root / "c1").iterdir()) == ["manifest.json", "run_results.json"]
