@@ -478,8 +478,8 @@ def run_dbt(dbt: Dbt, arguments: list[str], *, log: logging.Logger | logging.Log
     levels = DbtLogLevels()
     started = time.time()
     for line in dbt.invoke(arguments):
-        level = levels.of(line.rstrip())
-        message = _TIMESTAMP.sub("", line.rstrip())
+        level = levels.of(line)
+        message = _TIMESTAMP.sub("", line).rstrip()  # a blank event is a timestamp and spaces: stripped first, it would stay
         if not message.strip():
             continue
         tail.append(message)
