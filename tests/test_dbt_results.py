@@ -652,3 +652,87 @@ def test_dbts_blank_events_are_neither_logged_nor_read_as_part_of_an_error(
         str(raised.value)
         == f"dbt build in {project.path} could not run: Runtime Error in model a (models/a.sql): Binder Error: nope"
     )
+
+
+def test_every_dbt_command_names_the_project_the_profiles_folder_and_the_target(tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    dbt = dbt_runner.Dbt(project, tmp_path / "profiles", "prod", {})
+    assert dbt.command("build", "--select", "a") == [
+        dbt_runner.dbt_executable(),
+        "build",
+        "--select",
+        "a",
+        "--project-dir",
+        str(project.path),
+        "--profiles-dir",
+        str(tmp_path / "profiles"),
+        "--target",
+        "prod",
+    ]
+    assert Path(dbt_runner.dbt_executable()).name == "dbt" and Path(dbt_runner.dbt_executable()).is_file()
+    dbt.close()  # no dbt process started: nothing to end
+
+
+def test_dbt_runs_without_usage_stats_colours_or_a_narrow_printer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from elt.settings import load_settings
+
+    monkeypatch.setenv("ELT_HOME", str(tmp_path))
+    monkeypatch.setenv("KEPT_FROM_THE_RUN", "yes")
+    env = dbt_runner.dbt_environment(load_settings())
+    assert {
+        name: env[name] for name in ("DBT_SEND_ANONYMOUS_USAGE_STATS", "DBT_USE_COLORS", "DBT_PRINTER_WIDTH", "KEPT_FROM_THE_RUN")
+    } == {
+        "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+        "DBT_USE_COLORS": "false",
+        "DBT_PRINTER_WIDTH": "120",
+        "KEPT_FROM_THE_RUN": "yes",
+    }
+
+
+def test_the_rendered_profiles_folder_lives_while_its_block_runs_and_old_ones_of_dead_processes_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The profile under the project's profile name and the target, in a temporary folder named
+    after this process; a folder left by a process that has ended is removed, others stay."""
+    import subprocess
+    import tempfile
+
+    import yaml
+
+    from elt.settings import load_settings
+
+    monkeypatch.setenv("ELT_HOME", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    of_ended = tmp_path / f"elt-profiles-{ended.pid}-abcd1234"
+    of_live = tmp_path / f"elt-profiles-{os.getpid()}-efgh5678"
+    not_a_pid = tmp_path / "elt-profiles-x-1234"
+    for folder in (of_ended, of_live, not_a_pid):
+        folder.mkdir()
+    (tmp_path / "project").mkdir()
+    project = _project(tmp_path / "project")
+    with dbt_runner.profiles_dir(load_settings(), project) as rendered:
+        assert rendered.name.startswith(f"elt-profiles-{os.getpid()}-") and rendered.parent == tmp_path
+        profile = yaml.safe_load((rendered / "profiles.yml").read_text())
+        assert list(profile) == ["shop"] and profile["shop"]["target"] == "duckdb"
+        assert profile["shop"]["outputs"]["duckdb"]["type"] == "duckdb"
+    assert not rendered.exists() and not of_ended.exists() and of_live.exists() and not_a_pid.exists()
+
+
+def test_the_projects_own_profiles_are_used_when_told_and_their_absence_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from elt.errors import ConfigurationError
+    from elt.settings import load_settings
+
+    monkeypatch.setenv("ELT_HOME", str(tmp_path))
+    monkeypatch.setenv("ELT_DBT_USE_PROJECT_PROFILES", "true")
+    (tmp_path / "project").mkdir()
+    project = _project(tmp_path / "project")
+    with pytest.raises(ConfigurationError) as raised, dbt_runner.profiles_dir(load_settings(), project):
+        pass
+    assert str(raised.value) == f"{project.path}: ELT_DBT_USE_PROJECT_PROFILES is set but the project has no profiles.yml"
+    (project.path / "profiles.yml").write_text("shop: {}\n")
+    with dbt_runner.profiles_dir(load_settings(), project) as folder:
+        assert folder == project.path
