@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def test_a_build_is_kept_per_target_and_commit_and_is_what_the_next_run_compares
     assert sorted(path.name for path in saved.folder.iterdir()) == ["manifest.json", "run_results.json"]  # no freshness ran
     last, why = store.last()
     assert (last.folder, last.commit, why) == (saved.folder, "abc123", "") if last else pytest.fail(why)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", last.saved_at), last.saved_at  # UTC, to the second
     assert json.loads((saved.folder / "manifest.json").read_text()) == {"file": "manifest.json"}
 
 
@@ -208,7 +210,7 @@ def test_a_state_that_does_not_fit_on_the_volume_is_a_warning_and_the_next_run_b
             "the next --only-changed run builds everything"
         ]
         assert store.last() == (None, "no build of target duckdb saved yet")
-        assert not list(store.root.glob(".*.partial"))
+        assert sorted(path.name for path in store.root.iterdir()) == ["c1"]  # the half-copied c2 is gone
     finally:
         subprocess.run(["umount", "-l", str(volume)], check=False)
 
@@ -477,10 +479,11 @@ def test_only_a_build_keeps_its_state(built_project: DbtProject) -> None:
 
 
 def test_the_deployed_commit_is_the_checkouts_head_and_unversioned_outside_git(tmp_path: Path) -> None:
+    """The project is a folder of the repo (ELT_DBT_PROJECT_DIR), not necessarily its top."""
     folder = tmp_path / "repo"
-    folder.mkdir()
-    (folder / "dbt_project.yml").write_text("name: p\nprofile: p\n")
-    project = DbtProject.at(folder)
+    (folder / "dbt").mkdir(parents=True)
+    (folder / "dbt" / "dbt_project.yml").write_text("name: p\nprofile: p\n")
+    project = DbtProject.at(folder / "dbt")
     assert dbt_state.deployed_commit(project) == "unversioned"
     git = ["git", "-C", str(folder), "-c", "user.name=t", "-c", "user.email=t@example.com"]
     subprocess.run([*git, "init", "-q"], check=True)
@@ -545,3 +548,9 @@ def test_what_keep_state_says_for_each_outcome(built_project: DbtProject, caplog
         "dbt state of target duckdb could not be forgotten either (the volume is gone)",
     ]
     assert sorted(path.name for path in (root / "c1").iterdir()) == ["manifest.json", "run_results.json"]
+
+
+def test_a_target_name_is_a_safe_folder_name(built_project: DbtProject, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("ELT_DBT_TARGET", "prod/eu west.1")
+    store = dbt_state.StateStore(load_settings())
+    assert store.root == tmp_path / "data" / "dbt-state" / "prod_eu_west.1" and store.target == "prod/eu west.1"
