@@ -539,6 +539,16 @@ def test_a_guard_whose_watchdog_has_died_says_so_and_its_block_goes_on(tmp_path:
     assert processes.active_guard() is None
 
 
+def test_a_nested_guard_is_the_outer_one_and_leaves_it_active() -> None:
+    """A flow under guard_run inside run_with_watchdog: one watchdog, the outermost guard's, which
+    stays active (what remove_if_run_dies tells) until the outer block ends."""
+    with processes.RunGuard() as outer:
+        with processes.RunGuard() as inner:
+            assert inner is outer
+        assert processes.active_guard() is outer and outer.watchdog is not None and outer.watchdog.poll() is None
+    assert processes.active_guard() is None and outer.watchdog.wait(timeout=RESPONSE_SECONDS) == 0
+
+
 def test_signalling_a_process_that_has_ended_is_no_error() -> None:
     """stop() checks each process is alive, then signals it: it may end in between."""
     ended = subprocess.Popen(["true"])
