@@ -641,10 +641,14 @@ def test_a_process_whose_name_holds_a_parenthesis_is_read_right(tmp_path: Path) 
         assert read is not None and read.parent == os.getpid(), read
         assert read.started == int(Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
         assert read.alive and child.pid in [process.pid for process in processes.descendants(os.getpid())]
+        child.kill()  # not reaped yet: a zombie, whose state follows the name too
+        _wait_until(lambda: psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE, 10, "the child is a zombie")
+        assert not read.alive
     finally:
         child.kill()
         child.wait()
     assert not read.alive
+    assert processes._is_zombie(child.pid)  # gone altogether: not alive either, were it read between two checks
 
 
 # A flow under guard_run that a signal interrupts (Prefect turns SIGTERM into an exception in the
