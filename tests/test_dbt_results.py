@@ -341,3 +341,398 @@ def test_the_summary_of_a_completed_run_lists_the_sources_that_were_not_fresh() 
         "`dbt build`: 1 success\n\n- source faker.products is stale: last loaded 2026-11-28 10:00 UTC, warn_after 1 day\n\n"
         in (render_summary(EtlSummary(dbt_run=run)))
     )
+
+
+@pytest.mark.parametrize(
+    ("arguments", "writes"),
+    [
+        (["build", "--select", "a"], True),
+        (["parse"], True),
+        (["source", "freshness"], True),
+        (["compile"], True),
+        (["ls", "--select", "a"], False),
+        (["show", "--inline", "select 1"], False),
+        (["run-operation", "grant"], False),
+        (["build", "--target-path", "/elsewhere"], False),
+        (["compile", "--target-path=/elsewhere"], False),
+        (["run", "--no-write-json"], False),
+    ],
+)
+def test_which_commands_leave_the_manifest_they_ran_on_in_the_projects_target(arguments: list[str], writes: bool) -> None:
+    """What tells a Dbt its project's target/manifest.json is its own parse (`parsed`)."""
+    assert dbt_runner._writes_manifest(arguments) is writes
+
+
+def test_the_parse_before_a_command_gets_where_it_writes_and_what_it_renders() -> None:
+    arguments = ["docs", "generate", "--target-path", "/t", "--log-path=/l", "--vars", "{a: 1}", "--select", "a", "--vars"]
+    assert dbt_runner._parse_options(arguments) == ["--target-path", "/t", "--log-path=/l", "--vars", "{a: 1}"]
+    assert dbt_runner._parse_options(["compile", "--target-path"]) == []  # no value: nothing to pass on
+
+
+def test_an_ended_dbt_process_has_its_pipes_closed_and_is_reaped_in_the_background() -> None:
+    """`cat` stands in for the dbt process (it too exits when its input closes)."""
+    import subprocess
+    import time
+
+    driver = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    dbt_runner._end_driver(driver)
+    assert driver.stdin is not None and driver.stdin.closed and driver.stdout is not None and driver.stdout.closed
+    deadline = time.monotonic() + 30
+    while driver.returncode is None and time.monotonic() < deadline:  # set by the reaping thread's wait()
+        time.sleep(0.01)
+    assert driver.returncode == 0
+
+
+def test_a_dbt_process_that_does_not_exit_when_its_input_closes_is_killed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import time
+
+    monkeypatch.setattr(dbt_runner, "DBT_EXIT_SECONDS", 0.2)
+    driver = subprocess.Popen(["sleep", "900"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        dbt_runner._end_driver(driver)
+        deadline = time.monotonic() + 30
+        while driver.returncode is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert driver.returncode == -9
+    finally:
+        driver.kill()
+        driver.wait()
+
+
+class ScriptedDbt:
+    """Stands in for dbt_runner.Dbt: every command prints `lines`, leaves `files` (name → JSON) in
+    the project's target/ as dbt does, and exits `return_code`; `asked` keeps each command's arguments."""
+
+    def __init__(self, project: DbtProject, lines: list[str], return_code: int = 0, files: dict | None = None) -> None:
+        self.project = project
+        self.lines = lines
+        self.return_code = return_code
+        self.files = files or {}
+        self.asked: list[list[str]] = []
+        self.last_return_code = 0
+
+    def invoke(self, arguments: list[str]):
+        import time
+
+        self.asked.append(list(arguments))
+        time.sleep(0.02)  # a file's time is the kernel's coarse clock, which may lag time.time() by a tick
+        (self.project.path / "target").mkdir(exist_ok=True)
+        for name, document in self.files.items():
+            (self.project.path / "target" / name).write_text(json.dumps(document))
+        yield from (line + "\n" for line in self.lines)
+        self.last_return_code = self.return_code
+
+    def run_captured(self, *arguments: str, timeout: float | None = None):
+        import subprocess
+
+        lines = list(self.invoke(list(arguments)))
+        return subprocess.CompletedProcess(["dbt", *arguments], self.last_return_code, "".join(lines), "")
+
+
+def _project(tmp_path: Path, *yaml_files: str) -> DbtProject:
+    (tmp_path / "dbt_project.yml").write_text("name: shop\nprofile: shop\n")
+    for number, text in enumerate(yaml_files):
+        (tmp_path / "models").mkdir(exist_ok=True)
+        (tmp_path / "models" / f"sources_{number}.yml").write_text(text)
+    return DbtProject.at(tmp_path)
+
+
+def test_a_dbt_command_is_logged_as_dbt_prints_it_and_returns_its_nodes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Each line at its level without dbt's timestamp, START lines and blank ones left out of the
+    log (START lines are kept in the tail), the nodes from the run_results.json it wrote."""
+    project = _project(tmp_path)
+    lines = [
+        "12:00:01  Running with dbt=1.11.2",
+        "12:00:02  1 of 2 START sql table model main.a ........ [RUN]",
+        "12:00:03  1 of 2 ERROR creating sql table model main.a ........ [ERROR in 0.1s]",
+        "12:00:03  ",
+        "",
+        "12:00:04  2 of 2 WARN 1 not_null_a_id ........ [WARN 1]",
+    ]
+    results = {"results": [{"unique_id": "model.shop.a", "status": "error", "message": "boom"}]}
+    dbt = ScriptedDbt(project, lines, return_code=1, files={"run_results.json": results})
+    log = logging.getLogger("tests.dbt")
+    with caplog.at_level(logging.INFO, logger="tests.dbt"):
+        run = dbt_runner.run_dbt(dbt, ["build", "--select", "a"], log=log)  # type: ignore[arg-type]
+    assert [(record.levelno, record.getMessage()) for record in caplog.records] == [
+        (logging.INFO, "Running dbt build --select a"),
+        (logging.INFO, "Running with dbt=1.11.2"),
+        (logging.ERROR, "1 of 2 ERROR creating sql table model main.a ........ [ERROR in 0.1s]"),
+        (logging.WARNING, "2 of 2 WARN 1 not_null_a_id ........ [WARN 1]"),
+    ]
+    assert run == DbtRun(
+        "build",
+        project.path,
+        1,
+        results=[NodeResult("model.shop.a", "error", 0.0, "boom", None)],
+        output_tail=[line[10:] for line in lines if line[10:].strip()],
+        error_lines=["1 of 2 ERROR creating sql table model main.a ........ [ERROR in 0.1s]"],
+    )
+
+
+def test_the_tail_of_a_long_output_is_its_last_40_lines(tmp_path: Path) -> None:
+    lines = [f"12:00:01  line {number}" for number in range(100)]
+    run = dbt_runner.run_dbt(ScriptedDbt(_project(tmp_path), lines), ["run"])  # type: ignore[arg-type]
+    assert run.output_tail == [f"line {number}" for number in range(60, 100)] and run.results == []
+
+
+LISTED_SOURCES = [
+    "12:00:01  Running with dbt=1.11.2",
+    json.dumps(
+        {"unique_id": "source.shop.faker.users", "name": "users", "meta": {}, "config": {"meta": {"airbyte_connection": "faker"}}}
+    ),
+    json.dumps(
+        {
+            "unique_id": "source.shop.faker.products",
+            "meta": {"airbyte_connection": ["faker", "crm"], "owner": "a"},
+            "config": {"meta": {"owner": "b"}},
+        }
+    ),
+    json.dumps({"unique_id": "source.shop.crm.leads", "meta": {"airbyte_connection": "crm"}, "config": None}),
+    json.dumps({"unique_id": "source.shop.web.events", "meta": None}),
+    json.dumps({"name": "not a node"}),
+    "{not json",
+    json.dumps(["a list"]),
+]
+
+
+def test_sources_are_listed_with_the_meta_of_their_config_and_their_own(tmp_path: Path) -> None:
+    dbt = ScriptedDbt(_project(tmp_path), LISTED_SOURCES)
+    sources = dbt_runner.list_sources(dbt)  # type: ignore[arg-type]
+    assert dbt.asked == [
+        [
+            "ls",
+            "--resource-type",
+            "source",
+            "--output",
+            "json",
+            "--output-keys",
+            "unique_id database schema name meta config",
+            "--quiet",
+        ]
+    ]
+    assert [(source["unique_id"], source["meta"]) for source in sources] == [
+        ("source.shop.faker.users", {"airbyte_connection": "faker"}),
+        ("source.shop.faker.products", {"owner": "a", "airbyte_connection": ["faker", "crm"]}),  # its own meta wins
+        ("source.shop.crm.leads", {"airbyte_connection": "crm"}),
+        ("source.shop.web.events", {}),
+    ]
+
+
+def test_what_a_failed_connection_feeds_is_named_by_source_with_everything_downstream(tmp_path: Path) -> None:
+    dbt = ScriptedDbt(_project(tmp_path), LISTED_SOURCES)
+    assert dbt_runner.downstream_of_connections(dbt, ["crm"]) == ["source:faker.products+", "source:crm.leads+"]  # type: ignore[arg-type]
+    assert dbt_runner.downstream_of_connections(dbt, ["faker"]) == ["source:faker.users+", "source:faker.products+"]  # type: ignore[arg-type]
+    assert dbt_runner.downstream_of_connections(dbt, ["web"]) == []  # type: ignore[arg-type]
+
+
+def test_sources_that_cannot_be_listed_say_why(tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    dbt = ScriptedDbt(project, ["12:00:01  Encountered an error:", "12:00:01  Parsing Error: bad yaml"], return_code=2)
+    with pytest.raises(DbtInvocationError) as raised:
+        dbt_runner.list_sources(dbt)  # type: ignore[arg-type]
+    assert str(raised.value) == f"dbt ls in {project.path} could not list sources: Parsing Error: bad yaml"
+
+
+FRESHNESS_YAML = """
+sources:
+  - name: faker
+    config: {freshness: {error_after: {count: 48, period: hour}}, loaded_at_field: _loaded_at}
+    tables: [{name: users}, {name: products}]
+"""
+CHECKED_MANIFEST = {
+    "sources": {
+        "source.shop.faker.users": {
+            "source_name": "faker",
+            "name": "users",
+            "config": {"freshness": {"error_after": {"count": 48}}},
+        },
+        "source.shop.faker.products": {"source_name": "faker", "name": "products", "freshness": {"warn_after": {"count": 1}}},
+        "source.shop.faker.orders": {
+            "source_name": "faker",
+            "name": "orders",
+            "config": {"freshness": {"warn_after": {"count": None}}},
+        },
+        "source.shop.crm.leads": {"source_name": "crm", "name": "leads", "config": {"freshness": {"error_after": {"count": 2}}}},
+    }
+}
+
+
+def test_freshness_is_read_per_source_and_a_selected_source_without_a_result_is_a_runtime_error(tmp_path: Path) -> None:
+    """dbt 1.11 leaves a source it could not check out of sources.json (dbt-core#12812): it is a
+    runtime error with the line dbt logged after its header. Left-out sources are not checked."""
+    project = _project(tmp_path, FRESHNESS_YAML)
+    sources = {
+        "results": [
+            {
+                "unique_id": "source.shop.faker.users",
+                "status": "error",
+                "max_loaded_at": "2026-11-28T10:00:00",
+                "criteria": {"error_after": {"count": 48, "period": "hour"}},
+            },
+            {
+                "unique_id": "source.shop.faker.orders",
+                "status": "runtime error",
+                "error": "\n  Database Error\n  no such column\n",
+            },
+        ]
+    }
+    lines = [
+        "12:00:01  Runtime Error in source products (models/sources_0.yml)",
+        "  Catalog Error: Table with name products does not exist!",
+        "12:00:02  Done.",
+    ]
+    dbt = ScriptedDbt(project, lines, return_code=1, files={"sources.json": sources, "manifest.json": CHECKED_MANIFEST})
+    checked = dbt_runner.check_freshness(dbt, ["source:crm.leads+", "source:web.events+"])  # type: ignore[arg-type]
+    assert dbt.asked == [["source", "freshness", "--exclude", "source:crm.leads+ source:web.events+"]]
+    assert checked == [
+        dbt_runner.SourceFreshness("source.shop.faker.orders", "runtime error", None, {}, "Database Error"),
+        dbt_runner.SourceFreshness(
+            "source.shop.faker.products", "runtime error", error="Catalog Error: Table with name products does not exist!"
+        ),
+        dbt_runner.SourceFreshness(
+            "source.shop.faker.users", "error", "2026-11-28T10:00:00", {"error_after": {"count": 48, "period": "hour"}}
+        ),
+    ]
+    dbt = ScriptedDbt(project, ["12:00:01  Done."], files={"sources.json": {"results": []}, "manifest.json": CHECKED_MANIFEST})
+    assert [source.error for source in dbt_runner.check_freshness(dbt)] == [  # type: ignore[arg-type]
+        "dbt wrote no result for it (the transform's log says why)",
+        "dbt wrote no result for it (the transform's log says why)",
+        "dbt wrote no result for it (the transform's log says why)",
+    ]
+    assert dbt.asked == [["source", "freshness"]]
+
+
+def test_a_project_without_a_freshness_block_is_not_checked_at_all(tmp_path: Path) -> None:
+    """Not even one dbt invocation (its start-up and parse cost seconds). A `freshness` under
+    target/ or logs/ (dbt's own output) or in a non-YAML file does not count."""
+    project = _project(tmp_path, "sources:\n  - name: faker\n    tables: [{name: users}]\n")
+    for folder in ("target", "logs"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "copy.yml").write_text(FRESHNESS_YAML)
+    (tmp_path / "models" / "notes.md").write_text("freshness")
+    (tmp_path / "models" / "dir.yml").mkdir()
+    dbt = ScriptedDbt(project, [])
+    assert dbt_runner.check_freshness(dbt) == [] and dbt.asked == []  # type: ignore[arg-type]
+    (tmp_path / "models" / "more.yaml").write_text(FRESHNESS_YAML)
+    assert dbt_runner.declares_freshness(project)
+
+
+def test_a_freshness_check_that_wrote_nothing_is_nothing_to_check_or_says_why_it_could_not_run(tmp_path: Path) -> None:
+    project = _project(tmp_path, FRESHNESS_YAML)
+    assert dbt_runner.check_freshness(ScriptedDbt(project, ["12:00:01  Nothing to do."])) == []  # type: ignore[arg-type]
+    failed = ScriptedDbt(project, ["12:00:01  Encountered an error:", "12:00:01  Could not connect"], return_code=2)
+    with pytest.raises(DbtInvocationError) as raised:
+        dbt_runner.check_freshness(failed)  # type: ignore[arg-type]
+    assert str(raised.value) == f"dbt source freshness in {project.path} could not run: Could not connect"
+
+
+def test_dbts_blank_events_are_neither_logged_nor_read_as_part_of_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """dbt prints an empty event as its timestamp and two spaces. It was logged as a bare
+    `12:00:04` and, inside an error event, became part of the error: `could not run: 12:00:04:
+    Runtime Error in model a ...`."""
+    lines = [
+        "12:00:01  Running with dbt=1.11.2",
+        "12:00:04  Encountered an error:",
+        "12:00:04  ",
+        "12:00:04  Runtime Error in model a (models/a.sql)",
+        "  Binder Error: nope",
+        "12:00:04  ",
+    ]
+    project = _project(tmp_path)
+    with caplog.at_level(logging.INFO, logger="tests.dbt"):
+        run = dbt_runner.run_dbt(ScriptedDbt(project, lines, return_code=2), ["build"], log=logging.getLogger("tests.dbt"))  # type: ignore[arg-type]
+    assert "12:00:04" not in caplog.messages and run.output_tail[-1] == "  Binder Error: nope"
+    with pytest.raises(DbtInvocationError) as raised:
+        dbt_runner.raise_if_failed(run)
+    assert (
+        str(raised.value)
+        == f"dbt build in {project.path} could not run: Runtime Error in model a (models/a.sql): Binder Error: nope"
+    )
+
+
+def test_every_dbt_command_names_the_project_the_profiles_folder_and_the_target(tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    dbt = dbt_runner.Dbt(project, tmp_path / "profiles", "prod", {})
+    assert dbt.command("build", "--select", "a") == [
+        dbt_runner.dbt_executable(),
+        "build",
+        "--select",
+        "a",
+        "--project-dir",
+        str(project.path),
+        "--profiles-dir",
+        str(tmp_path / "profiles"),
+        "--target",
+        "prod",
+    ]
+    assert Path(dbt_runner.dbt_executable()).name == "dbt" and Path(dbt_runner.dbt_executable()).is_file()
+    dbt.close()  # no dbt process started: nothing to end
+
+
+def test_dbt_runs_without_usage_stats_colours_or_a_narrow_printer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from elt.settings import load_settings
+
+    monkeypatch.setenv("ELT_HOME", str(tmp_path))
+    monkeypatch.setenv("KEPT_FROM_THE_RUN", "yes")
+    env = dbt_runner.dbt_environment(load_settings())
+    assert {
+        name: env[name] for name in ("DBT_SEND_ANONYMOUS_USAGE_STATS", "DBT_USE_COLORS", "DBT_PRINTER_WIDTH", "KEPT_FROM_THE_RUN")
+    } == {
+        "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+        "DBT_USE_COLORS": "false",
+        "DBT_PRINTER_WIDTH": "120",
+        "KEPT_FROM_THE_RUN": "yes",
+    }
+
+
+def test_the_rendered_profiles_folder_lives_while_its_block_runs_and_old_ones_of_dead_processes_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The profile under the project's profile name and the target, in a temporary folder named
+    after this process; a folder left by a process that has ended is removed, others stay."""
+    import subprocess
+    import tempfile
+
+    import yaml
+
+    from elt.settings import load_settings
+
+    monkeypatch.setenv("ELT_HOME", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    of_ended = tmp_path / f"elt-profiles-{ended.pid}-abcd1234"
+    of_live = tmp_path / f"elt-profiles-{os.getpid()}-efgh5678"
+    not_a_pid = tmp_path / "elt-profiles-x-1234"
+    for folder in (of_ended, of_live, not_a_pid):
+        folder.mkdir()
+    (tmp_path / "project").mkdir()
+    project = _project(tmp_path / "project")
+    with dbt_runner.profiles_dir(load_settings(), project) as rendered:
+        assert rendered.name.startswith(f"elt-profiles-{os.getpid()}-") and rendered.parent == tmp_path
+        profile = yaml.safe_load((rendered / "profiles.yml").read_text())
+        assert list(profile) == ["shop"] and profile["shop"]["target"] == "duckdb"
+        assert profile["shop"]["outputs"]["duckdb"]["type"] == "duckdb"
+    assert not rendered.exists() and not of_ended.exists() and of_live.exists() and not_a_pid.exists()
+
+
+def test_the_projects_own_profiles_are_used_when_told_and_their_absence_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from elt.errors import ConfigurationError
+    from elt.settings import load_settings
+
+    monkeypatch.setenv("ELT_HOME", str(tmp_path))
+    monkeypatch.setenv("ELT_DBT_USE_PROJECT_PROFILES", "true")
+    (tmp_path / "project").mkdir()
+    project = _project(tmp_path / "project")
+    with pytest.raises(ConfigurationError) as raised, dbt_runner.profiles_dir(load_settings(), project):
+        pass
+    assert str(raised.value) == f"{project.path}: ELT_DBT_USE_PROJECT_PROFILES is set but the project has no profiles.yml"
+    (project.path / "profiles.yml").write_text("shop: {}\n")
+    with dbt_runner.profiles_dir(load_settings(), project) as folder:
+        assert folder == project.path

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from elt import dbt_state
-from elt.dbt_runner import DbtProject, DbtRun, NodeResult
+from elt.dbt_runner import DbtInvocationError, DbtProject, DbtRun, NodeResult, SourceFreshness
 from elt.settings import load_settings
 
 
@@ -35,6 +36,7 @@ def test_a_build_is_kept_per_target_and_commit_and_is_what_the_next_run_compares
     assert sorted(path.name for path in saved.folder.iterdir()) == ["manifest.json", "run_results.json"]  # no freshness ran
     last, why = store.last()
     assert (last.folder, last.commit, why) == (saved.folder, "abc123", "") if last else pytest.fail(why)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", last.saved_at), last.saved_at  # UTC, to the second
     assert json.loads((saved.folder / "manifest.json").read_text()) == {"file": "manifest.json"}
 
 
@@ -208,6 +210,347 @@ def test_a_state_that_does_not_fit_on_the_volume_is_a_warning_and_the_next_run_b
             "the next --only-changed run builds everything"
         ]
         assert store.last() == (None, "no build of target duckdb saved yet")
-        assert not list(store.root.glob(".*.partial"))
+        assert sorted(path.name for path in store.root.iterdir()) == ["c1"]  # the half-copied c2 is gone
     finally:
         subprocess.run(["umount", "-l", str(volume)], check=False)
+
+
+# plan_build's selection logic without dbt: a manifest as `dbt parse` leaves it, and a stand-in
+# for dbt_runner.Dbt whose `dbt ls` answers with the nodes given for each --select it is asked.
+SOURCE_ORDERS = "source.p.shop.orders"
+SOURCE_USERS = "source.p.faker.users"
+SOURCE_EVENTS = "source.p.web.events"
+SEED = "seed.p.countries"
+STG_ORDERS = "model.p.stg_orders"
+TOTALS = "model.p.totals"
+TOTALS_TEST = "test.p.not_null_totals_id"
+USERS = "model.p.users"
+EVENTS = "model.p.events"
+UNIT_TEST = "unit_test.p.totals.adds_up"
+EVERYTHING = [SEED, STG_ORDERS, TOTALS, TOTALS_TEST, USERS, EVENTS, UNIT_TEST]
+MANIFEST = {
+    "nodes": {
+        SEED: {"resource_type": "seed"},
+        STG_ORDERS: {"resource_type": "model"},
+        TOTALS: {"resource_type": "model"},
+        TOTALS_TEST: {"resource_type": "test"},
+        USERS: {"resource_type": "model"},
+        EVENTS: {"resource_type": "model"},
+        "analysis.p.scratch": {"resource_type": "analysis"},  # `dbt build` does not run analyses
+        "operation.p.hooks": {},
+    },
+    "unit_tests": {UNIT_TEST: {}},
+    "sources": {
+        SOURCE_ORDERS: {"source_name": "shop", "name": "orders"},
+        SOURCE_USERS: {"source_name": "faker", "name": "users"},
+        SOURCE_EVENTS: {"source_name": "web", "name": "events"},
+    },
+    "child_map": {
+        SOURCE_ORDERS: [STG_ORDERS],
+        STG_ORDERS: [TOTALS],
+        TOTALS: [TOTALS_TEST, UNIT_TEST],
+        SOURCE_USERS: [USERS],
+        SOURCE_EVENTS: [EVENTS],
+        SEED: [],
+    },
+}
+BUILD_CRITERIA = "state:modified+ result:error+ result:fail+ result:skipped+"
+
+
+class ListingDbt:
+    """plan_build's dbt: `parse` leaves MANIFEST in target/; `dbt ls` answers with `listed[<its --select>]`."""
+
+    def __init__(self, project: DbtProject, listed: dict[str, set[str]], return_code: int = 0) -> None:
+        self.project = project
+        self.listed = listed
+        self.return_code = return_code
+        self.asked: list[list[str]] = []
+
+    def parse(self) -> None:
+        (self.project.path / "target" / "manifest.json").write_text(json.dumps(MANIFEST))
+
+    def run_captured(self, *arguments: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+        assert arguments[0] == "ls" and timeout is None
+        self.asked.append(list(arguments[1:]))
+        select = arguments[arguments.index("--select") + 1] if "--select" in arguments else ""
+        output = [
+            "10:00:01  Running with dbt=1.11.0",
+            *(json.dumps({"unique_id": uid}) for uid in sorted(self.listed.get(select, set()))),
+        ]
+        return subprocess.CompletedProcess(["dbt", *arguments], self.return_code, "\n".join(output) + "\n", "")
+
+
+def _reasons(plan: dbt_state.Plan) -> dict[str, tuple[str, str]]:
+    return {node.unique_id: (node.action, node.reason) for node in plan.nodes}
+
+
+def _freshness(unique_id: str, max_loaded_at: str | None, status: str = "pass") -> SourceFreshness:
+    return SourceFreshness(unique_id, status, max_loaded_at)
+
+
+def _save_build(
+    store: dbt_state.StateStore, project: DbtProject, *, nodes: list[str], results: dict[str, str], loaded: dict[str, str] | None
+) -> Path:
+    """A saved build whose manifest had `nodes`, whose run results were `results` (unique id →
+    status), and whose freshness check saw `loaded` (unique id → max_loaded_at; None: no check)."""
+    target = project.path / "target"
+    (target / "manifest.json").write_text(json.dumps({"nodes": {uid: {} for uid in nodes}}))
+    (target / "run_results.json").write_text(
+        json.dumps({"results": [{"unique_id": uid, "status": s} for uid, s in results.items()]})
+    )
+    sources = [{"unique_id": uid, "max_loaded_at": at} for uid, at in (loaded or {}).items()]
+    (target / "sources.json").write_text(json.dumps({"results": [*sources, {"unique_id": "source.p.x.gone"}]}))
+    return store.save(project, "c0", with_sources=loaded is not None).folder
+
+
+def test_without_a_saved_state_the_plan_builds_what_dbt_selects_and_calls_it_never_built(built_project: DbtProject) -> None:
+    store = dbt_state.StateStore(load_settings())
+    selected = set(EVERYTHING) - {SEED}
+    dbt = ListingDbt(built_project, {"marts": selected})
+    plan = dbt_state.plan_build(dbt, store, [], {}, "marts", "legacy", full_refresh=True)  # type: ignore[arg-type]
+    assert plan.note == "no build of target duckdb saved yet: building everything"
+    assert plan.arguments == ["build", "--select", "marts", "--exclude", "legacy", "--full-refresh"]
+    assert dbt.asked == [["--select", "marts", "--exclude", "legacy", "--resource-type", *dbt_state.BUILT_TYPES,
+                          "--output", "json", "--output-keys", "unique_id", "--quiet"]]  # fmt: skip
+    assert _reasons(plan) == {
+        **{uid: ("run", "never built") for uid in selected},
+        SEED: ("skip", "not selected by --select/--exclude (never built)"),
+    }
+    assert [node.unique_id for node in plan.nodes] == sorted(EVERYTHING)
+    assert not plan.complete and plan.counts == {"run": 6, "skip": 1}
+    everything = dbt_state.plan_build(ListingDbt(built_project, {"": set(EVERYTHING)}), store, [], {})  # type: ignore[arg-type]
+    assert everything.arguments == ["build"] and everything.complete
+
+
+def test_against_a_saved_state_each_node_runs_for_its_reason(built_project: DbtProject) -> None:
+    """What failed or was skipped last run, what is new, what fresher or unknown sources feed,
+    and what dbt's state:modified+ adds; the rest is skipped as unchanged. With nothing narrowing
+    the build, what dbt selects that no other reason explains is `modified`, with no second `dbt ls`."""
+    store = dbt_state.StateStore(load_settings())
+    folder = _save_build(
+        store,
+        built_project,
+        nodes=[SEED, STG_ORDERS, TOTALS, TOTALS_TEST, USERS, EVENTS],
+        results={TOTALS: "error", TOTALS_TEST: "skipped", SEED: "success"},
+        loaded={SOURCE_ORDERS: "2026-12-01T10:00:00+00:00", SOURCE_EVENTS: "2026-12-01T10:00:00+00:00"},
+    )
+    freshness = [
+        _freshness(SOURCE_ORDERS, "2026-12-01T10:00:00.000001+00:00"),  # a microsecond newer
+        _freshness(SOURCE_EVENTS, "2026-12-01T10:00:00+00:00"),  # no new rows
+        _freshness(SOURCE_USERS, None),  # no result to compare
+    ]
+    select = f"{BUILD_CRITERIA} source:faker.users+ source_status:fresher+"
+    dbt = ListingDbt(built_project, {select: {SEED, STG_ORDERS, TOTALS, TOTALS_TEST, USERS, UNIT_TEST}})
+    plan = dbt_state.plan_build(dbt, store, freshness, {})  # type: ignore[arg-type]
+    assert plan.arguments == ["build", "--select", select, "--state", str(folder)]
+    assert len(dbt.asked) == 1
+    assert plan.note.startswith("compared with the build of commit c0 saved 20")
+    assert _reasons(plan) == {
+        SEED: ("run", "modified"),
+        STG_ORDERS: ("run", "new rows in source shop.orders since 2026-12-01 10:00 UTC"),
+        TOTALS: ("run", "failed last run"),
+        TOTALS_TEST: ("run", "skipped last run"),
+        USERS: ("run", "no freshness result to compare for source faker.users"),
+        UNIT_TEST: ("run", "never built"),
+        EVENTS: ("skip", "no new data and code unchanged"),
+    }
+    assert plan.complete
+
+
+def test_a_source_the_saved_build_did_not_check_has_new_rows_and_one_without_a_result_is_built(built_project: DbtProject) -> None:
+    """The saved build had no freshness check (no sources.json): every source with a result now
+    reads `none at the last build`; one dbt cannot compare is selected by name (dbt's
+    source_status:fresher+ would skip it), and with no result at all to compare, no
+    source_status selector is asked for."""
+    store = dbt_state.StateStore(load_settings())
+    nodes = [SEED, STG_ORDERS, TOTALS, TOTALS_TEST, USERS, EVENTS, UNIT_TEST]
+    _save_build(store, built_project, nodes=nodes, results={}, loaded=None)
+    select = f"{BUILD_CRITERIA} source:faker.users+ source:shop.orders+ source:web.events+"
+    plan = dbt_state.plan_build(
+        ListingDbt(built_project, {select: {STG_ORDERS}}), store, [_freshness(SOURCE_ORDERS, "2026-12-01T10:00:00")], {}
+    )  # type: ignore[arg-type]
+    assert plan.arguments[:3] == ["build", "--select", select]
+    assert _reasons(plan)[STG_ORDERS] == ("run", "no freshness result to compare for source shop.orders")
+
+    _save_build(store, built_project, nodes=nodes, results={}, loaded={SOURCE_EVENTS: "2026-12-01T10:00:00"})
+    freshness = [_freshness(SOURCE_ORDERS, "2026-12-01T10:00:00"), _freshness(SOURCE_EVENTS, "2026-12-01T09:00:00")]
+    select = f"{BUILD_CRITERIA} source:faker.users+ source_status:fresher+"
+    plan = dbt_state.plan_build(ListingDbt(built_project, {select: {STG_ORDERS, USERS}}), store, freshness, {})  # type: ignore[arg-type]
+    assert _reasons(plan)[STG_ORDERS] == ("run", "new rows in source shop.orders (none at the last build)")
+    assert _reasons(plan)[EVENTS] == ("skip", "no new data and code unchanged")  # older than at the last build
+
+
+def test_a_narrowed_build_asks_dbt_what_is_modified_and_names_what_it_leaves_out(built_project: DbtProject) -> None:
+    """A left-out source's nodes are skipped with its reason, what --select leaves out reads
+    `not selected` with why it was wanted, and the plan is not complete (its state is not kept)."""
+    store = dbt_state.StateStore(load_settings())
+    folder = _save_build(store, built_project, nodes=EVERYTHING, results={}, loaded={SOURCE_ORDERS: "2026-12-01T10:00:00"})
+    freshness = [_freshness(SOURCE_ORDERS, "2026-12-01T10:00:00"), _freshness(SOURCE_USERS, "2026-12-01T10:00:00", "error")]
+    left_out = {"source:faker.users+": "source faker.users stale"}
+    criteria = [*BUILD_CRITERIA.split(), "source:web.events+", "source_status:fresher+"]
+    select = " ".join(f"{part},{criterion}" for part in ("marts", "+totals") for criterion in criteria)
+    dbt = ListingDbt(built_project, {select: {TOTALS}, "state:modified+": {TOTALS, TOTALS_TEST, USERS}})
+    plan = dbt_state.plan_build(dbt, store, freshness, left_out, "marts +totals", "legacy")  # type: ignore[arg-type]
+    assert plan.arguments == ["build", "--select", select, "--exclude", "legacy source:faker.users+", "--state", str(folder)]
+    assert dbt.asked[1][:4] == ["--select", "state:modified+", "--state", str(folder)]
+    assert _reasons(plan) == {
+        TOTALS: ("run", "modified"),
+        TOTALS_TEST: ("skip", "not selected by --select/--exclude (modified)"),
+        USERS: ("skip", "source faker.users stale"),
+        EVENTS: ("skip", "not selected by --select/--exclude (no freshness result to compare for source web.events)"),
+        SEED: ("skip", "no new data and code unchanged"),
+        STG_ORDERS: ("skip", "no new data and code unchanged"),
+        UNIT_TEST: ("skip", "no new data and code unchanged"),
+    }
+    assert not plan.complete
+
+
+def test_a_dbt_ls_that_fails_is_named_with_its_arguments_and_dbts_cause(built_project: DbtProject) -> None:
+    dbt = ListingDbt(built_project, {}, return_code=2)
+    with pytest.raises(DbtInvocationError) as raised:
+        dbt_state.plan_build(dbt, dbt_state.StateStore(load_settings()), [], {}, "marts")  # type: ignore[arg-type]
+    assert str(raised.value) == (f"dbt ls --select marts in {built_project.path} could not run: Running with dbt=1.11.0")
+
+
+def test_the_plans_lines_and_rows_say_each_nodes_action_and_reason() -> None:
+    plan = dbt_state.Plan(
+        [dbt_state.PlannedNode("model.p.a", "run", "modified"), dbt_state.PlannedNode("seed.p.long_name", "skip", "no new data")],
+        ["build"],
+        "",
+        True,
+    )
+    assert plan.lines() == ["run   model.p.a         modified", "skip  seed.p.long_name  no new data"]
+    assert plan.rows()[1] == {"action": "skip", "node": "seed.p.long_name", "reason": "no new data"}
+    assert dbt_state.Plan([], [], "", True).lines() == []
+
+
+def test_what_a_failed_connection_or_a_blocking_source_leaves_out_and_why() -> None:
+    freshness = [
+        _freshness("source.p.faker.users", "2026-12-01T10:00:00", "error"),
+        _freshness("source.p.shop.orders", None, "runtime error"),
+        _freshness("source.p.web.events", "2026-12-01T10:00:00", "warn"),  # a warning leaves nothing out
+        _freshness("source.p.faker.products", "2026-12-01T10:00:00", "error"),
+    ]
+    reasons = dbt_state.left_out_reasons(["source:faker.products+", "source:crm.leads+"], ["faker", "crm"], freshness)
+    assert reasons == {
+        "source:faker.products+": "connection faker, crm failed",  # the failed connection is the reason given
+        "source:crm.leads+": "connection faker, crm failed",
+        "source:faker.users+": "source faker.users stale",
+        "source:shop.orders+": "source shop.orders freshness could not be checked",
+    }
+
+
+def test_a_saved_state_without_its_manifest_is_not_compared_with(built_project: DbtProject) -> None:
+    store = dbt_state.StateStore(load_settings())
+    saved = store.save(built_project, "abc123", with_sources=True)
+    (saved.folder / "manifest.json").unlink()
+    assert store.last() == (None, f"the saved state of target duckdb ({saved.folder}) has no manifest.json")
+
+
+def test_only_the_last_ten_builds_are_kept_besides_the_one_compared_with(built_project: DbtProject) -> None:
+    """Each save prunes to the ten newest (by file time) beside the one saved: here c0 and c1 went
+    at the 12th and 13th saves; then c3 is made the newest, and saving c0 again removes c2."""
+    store = dbt_state.StateStore(load_settings())
+    for number in range(13):
+        folder = store.save(built_project, f"c{number}", with_sources=True).folder
+        os.utime(folder, (1_000_000 + number, 1_000_000 + number))
+    (store.root / ".c99.123.partial").mkdir()  # a save stopped part-way is not a build
+    os.utime(store.root / "c3", (2_000_000, 2_000_000))  # the newest file time, so kept
+    store.save(built_project, "c0", with_sources=True)  # the oldest commit again: the one compared with
+    kept = sorted(path.name for path in store.root.iterdir() if not path.name.startswith("."))
+    assert kept == sorted(["c0", *(f"c{number}" for number in range(3, 13)), dbt_state.POINTER])  # newest first by file time
+
+
+def test_forgetting_removes_the_pointer_and_what_a_stopped_save_left(built_project: DbtProject) -> None:
+    store = dbt_state.StateStore(load_settings())
+    store.save(built_project, "abc123", with_sources=True)
+    (store.root / ".abc123.77.partial").mkdir()
+    (store.root / ".last-successful.json.77.partial").write_text("{")
+    store.forget()
+    assert store.last() == (None, "no build of target duckdb saved yet")
+    assert sorted(path.name for path in store.root.iterdir()) == ["abc123"]
+
+
+def test_only_a_build_keeps_its_state(built_project: DbtProject) -> None:
+    store = dbt_state.StateStore(load_settings())
+    ran = DbtRun("run", built_project.path, 0, results=[NodeResult("model.p.a", "success", 0.1, None, None)])
+    dbt_state.keep_state(store, ran, "c1", complete=True, with_sources=True)
+    assert store.last()[0] is None
+
+
+def test_the_deployed_commit_is_the_checkouts_head_and_unversioned_outside_git(tmp_path: Path) -> None:
+    """The project is a folder of the repo (ELT_DBT_PROJECT_DIR), not necessarily its top."""
+    folder = tmp_path / "repo"
+    (folder / "dbt").mkdir(parents=True)
+    (folder / "dbt" / "dbt_project.yml").write_text("name: p\nprofile: p\n")
+    project = DbtProject.at(folder / "dbt")
+    assert dbt_state.deployed_commit(project) == "unversioned"
+    git = ["git", "-C", str(folder), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    assert dbt_state.deployed_commit(project) == "unversioned"  # no commit yet
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "first"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert dbt_state.deployed_commit(project) == head
+
+
+def test_a_build_that_leaves_out_only_a_stale_sources_nodes_is_complete(built_project: DbtProject) -> None:
+    """A stale source has no new rows to bring: what only it feeds is skipped with its reason and
+    is not wanted, so the build's state may be kept. dbt is asked what is modified (the left-out
+    source narrows the build)."""
+    store = dbt_state.StateStore(load_settings())
+    loaded = {SOURCE_ORDERS: "2026-12-01T10:00:00", SOURCE_EVENTS: "2026-12-01T10:00:00"}
+    _save_build(store, built_project, nodes=EVERYTHING, results={}, loaded=loaded)
+    freshness = [_freshness(uid, at) for uid, at in loaded.items()] + [_freshness(SOURCE_USERS, "2026-11-01T10:00:00", "error")]
+    left_out = dbt_state.left_out_reasons([], [], freshness)
+    select = f"{BUILD_CRITERIA} source_status:fresher+"
+    dbt = ListingDbt(built_project, {select: {TOTALS}, "state:modified+": {TOTALS}})
+    plan = dbt_state.plan_build(dbt, store, freshness, left_out)  # type: ignore[arg-type]
+    assert plan.arguments[:5] == ["build", "--select", select, "--exclude", "source:faker.users+"]
+    assert [asked[:2] for asked in dbt.asked] == [["--select", select], ["--select", "state:modified+"]]
+    assert _reasons(plan)[TOTALS] == ("run", "modified") and _reasons(plan)[USERS] == ("skip", "source faker.users stale")
+    assert plan.counts == {"run": 1, "skip": 6} and plan.complete
+
+
+class UnwritableStore(dbt_state.StateStore):
+    """A store on a volume that refuses every write (read-only, or gone)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(load_settings())
+        self.error = error
+
+    def save(self, project: DbtProject, commit: str, *, with_sources: bool) -> dbt_state.SavedState:
+        raise self.error
+
+    def forget(self) -> None:
+        raise self.error
+
+
+def test_what_keep_state_says_for_each_outcome(built_project: DbtProject, caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("tests.state")
+    built = DbtRun("build", built_project.path, 0, results=[NodeResult("model.p.a", "success", 0.1, None, None)])
+    store = dbt_state.StateStore(load_settings())
+    with caplog.at_level(logging.INFO, logger="tests.state"):
+        dbt_state.keep_state(store, DbtRun("build", built_project.path, 2), "c1", complete=True, with_sources=True, log=log)
+        dbt_state.keep_state(store, built, "c1", complete=True, with_sources=False, log=log)
+        read_only = OSError(30, "Read-only file system")
+        dbt_state.keep_state(UnwritableStore(read_only), built, "c2", complete=True, with_sources=True, log=log)
+        dbt_state.keep_state(
+            UnwritableStore(OSError("the volume is gone")), built, "c3", complete=True, with_sources=True, log=log
+        )
+    root = store.root
+    assert caplog.messages == [
+        "dbt state of target duckdb not saved: dbt build did not run",
+        f"Saved the dbt state of target duckdb at commit c1 in {root / 'c1'}",
+        f"dbt state of target duckdb not saved in {root}: Read-only file system; the next --only-changed run builds everything",
+        "dbt state of target duckdb could not be forgotten either ([Errno 30] Read-only file system)",
+        f"dbt state of target duckdb not saved in {root}: the volume is gone; the next --only-changed run builds everything",
+        "dbt state of target duckdb could not be forgotten either (the volume is gone)",
+    ]
+    assert sorted(path.name for path in (root / "c1").iterdir()) == ["manifest.json", "run_results.json"]
+
+
+def test_a_target_name_is_a_safe_folder_name(built_project: DbtProject, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("ELT_DBT_TARGET", "prod/eu west.1")
+    store = dbt_state.StateStore(load_settings())
+    assert store.root == tmp_path / "data" / "dbt-state" / "prod_eu_west.1" and store.target == "prod/eu west.1"

@@ -10,6 +10,7 @@ import fcntl
 import json
 import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -25,6 +26,10 @@ from elt import processes
 from tests.conftest import BIN, GitRemote, PrefectServer
 
 CHILDREN_END_SECONDS = 10
+# How long a test waits for a guarded Python to print a line or to exit: far more than it needs
+# on a loaded machine, and well under mutmut's timeout, so a mutant that makes it hang fails the
+# test rather than running until mutmut kills it.
+RESPONSE_SECONDS = 30
 
 # A dbt Python model (dbt-duckdb runs it inside dbt's process) that, when the test asks, says it
 # has started and then holds the warehouse until the run is stopped.
@@ -42,15 +47,20 @@ def model(dbt, session):
 """
 
 GUARDED_PARENT = """
-import subprocess, sys, time
+import subprocess, sys, threading, time
 from pathlib import Path
 from elt import processes
 with processes.RunGuard() as guard:
     folder = Path(sys.argv[1])
+    processes.remove_if_run_dies(folder.with_name("removed-already"))  # the run removed it itself
     folder.mkdir()
     processes.remove_if_run_dies(folder)
     # Like a connector: no parent-death signal, and a child of its own.
     child = subprocess.Popen(["sh", "-c", "sleep 900 & wait"])
+    # Like dbt, started by a worker thread that goes on running.
+    started = threading.Event()
+    threading.Thread(target=lambda: (subprocess.Popen(["sleep", "901"]), started.set(), time.sleep(900)), daemon=True).start()
+    started.wait()
     guard.sync()
     print(child.pid, flush=True)
     time.sleep(900)
@@ -224,14 +234,31 @@ class GuardedPython:
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         self.recorded: dict[int, psutil.Process] = {}
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read_lines, daemon=True).start()
+
+    def _read_lines(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(line)
+        self._lines.put("")  # the end of its output
 
     def record(self) -> dict[int, psutil.Process]:
         for child in _descendants(self.process.pid):
             self.recorded.setdefault(child.pid, child)
         return self.recorded
 
+    def record_at_least(self, count: int) -> dict[int, psutil.Process]:
+        """Its descendants, once `count` have been seen: `sh -c "sleep 900 & wait"` has started
+        when the process prints, its `sleep` may not have yet (on a loaded machine)."""
+        _wait_until(lambda: len(self.record()) >= count, RESPONSE_SECONDS, f"{count} descendants run", self.process, self.log)
+        return self.recorded
+
     def read_line(self) -> str:
-        line = self.process.stdout.readline()
+        try:
+            line = self._lines.get(timeout=RESPONSE_SECONDS)
+        except queue.Empty:
+            pytest.fail(f"the process printed no line in {RESPONSE_SECONDS}s:\n{self.stderr[-3000:]}")
         if not line:
             self.process.wait()
             pytest.fail(f"the process exited ({self.process.returncode}) before printing:\n{self.stderr[-3000:]}")
@@ -259,13 +286,17 @@ class GuardedPython:
 
 
 def test_watchdog_stops_the_children_of_a_killed_process(tmp_path: Path) -> None:
-    """kill -9 of a guarded process: its child and grandchild (re-parented to PID 1) are stopped,
-    and the folder it registered is removed."""
+    """kill -9 of a guarded process: its children (one started by a thread) and grandchild
+    (re-parented to PID 1) are stopped, and the folder it registered is removed (one registered
+    before and gone since is no matter)."""
     folder = tmp_path / "run-folder"
     with GuardedPython(GUARDED_PARENT, str(folder), log=tmp_path / "parent.err") as parent:
         child_pid = int(parent.read_line())
-        recorded = dict(parent.record())
-        assert child_pid in recorded and len(recorded) >= 3, "watchdog, child and grandchild should be running"
+        recorded = dict(parent.record_at_least(4))
+        assert child_pid in recorded, "watchdog, child, grandchild and the thread's child should be running"
+        assert any(_cmdline(process) == ["sleep", "901"] for process in recorded.values()), recorded
+        watchdog = parent.watchdog()
+        assert os.getsid(watchdog.pid) == watchdog.pid  # a session of its own: the run's terminal's signals miss it
         _assert_all_stay_running(recorded, WATCHED_SECONDS)  # the watchdog stops nothing while its run lives
         parent.process.kill()
         parent.process.wait()
@@ -314,13 +345,13 @@ def test_stopped_run_stops_its_children_itself_and_says_so(
     stops the children is the run itself."""
     with GuardedPython(STOPPED_RUN, flow_run_id, log=tmp_path / "run.err") as run:
         server_pid, connector_pid = map(int, run.read_line().split())
-        children = dict(run.record())
-        assert {server_pid, connector_pid} <= set(children) and len(children) >= 4, children
+        children = dict(run.record_at_least(4))
+        assert {server_pid, connector_pid} <= set(children), children
         watchdog = run.watchdog()
         watchdog.kill()
         _assert_all_end({watchdog.pid: watchdog})
         run.process.send_signal(stop_signal)
-        assert run.process.wait(timeout=60) == 128 + stop_signal, run.stderr
+        assert run.process.wait(timeout=RESPONSE_SECONDS) == 128 + stop_signal, run.stderr
         assert run.stderr.strip().splitlines()[-1] == last_line
         _assert_all_end(children)
 
@@ -331,6 +362,7 @@ def test_stopped_run_names_the_signal_prefect_reports() -> None:
 
     assert processes.signal_name(TerminationSignal(signal.SIGHUP)) == "SIGHUP"
     assert processes.signal_name(KeyboardInterrupt()) == "SIGINT"
+    assert processes.signal_name(SystemExit()) == "SIGTERM"  # a stop that names no signal
 
 
 # A stopped run whose last logs cannot be sent to Prefect (its API unreachable, say): Prefect's
@@ -354,10 +386,10 @@ APILogWorker.drain_all = staticmethod(drain_all)
 def test_stopped_run_whose_last_logs_cannot_be_sent_says_so_and_still_stops(tmp_path: Path) -> None:
     with GuardedPython(LOGS_NOT_SENT, "0b5e-flow-run", log=tmp_path / "run.err") as run:
         pids = set(map(int, run.read_line().split()))
-        children = dict(run.record())
+        children = dict(run.record_at_least(4))
         assert pids <= set(children), children
         run.process.send_signal(signal.SIGTERM)
-        assert run.process.wait(timeout=60) == 128 + signal.SIGTERM, run.stderr
+        assert run.process.wait(timeout=RESPONSE_SECONDS) == 128 + signal.SIGTERM, run.stderr
         lines = run.stderr.strip().splitlines()
         assert lines[-1].startswith("all-etl stopped by SIGTERM: flow run 0b5e-flow-run is marked Crashed"), lines
         assert "Could not send the last logs to Prefect: the API is unreachable" in lines, lines
@@ -389,7 +421,7 @@ with processes.RunGuard() as guard:
 def test_stop_children_stops_and_names_them_but_keeps_the_watchdog_and_the_prefect_server(tmp_path: Path) -> None:
     with GuardedPython(STOP_CHILDREN, log=tmp_path / "run.err") as run:
         server_pid, connector_pid = map(int, run.read_line().split())
-        children = dict(run.record())
+        children = dict(run.record_at_least(4))
         watchdog = run.watchdog()
         connector = {pid: process for pid, process in children.items() if pid not in (server_pid, watchdog.pid)}
         assert connector_pid in connector and len(connector) == 2, children  # sh and its sleep
@@ -428,8 +460,8 @@ def test_stop_gives_sigterm_its_grace_and_returns_once_all_have_ended() -> None:
         assert process is not None
         stopper = threading.Thread(target=processes.stop, args=([process],), kwargs={"grace_seconds": 3600}, daemon=True)
         stopper.start()
-        stopper.join(timeout=60)
-        assert not stopper.is_alive(), "stop() still waiting 60 s after its only process was sent SIGTERM"
+        stopper.join(timeout=RESPONSE_SECONDS)
+        assert not stopper.is_alive(), f"stop() still waiting {RESPONSE_SECONDS} s after its only process was sent SIGTERM"
         assert child.wait(timeout=10) == 7
     finally:
         child.kill()
@@ -461,6 +493,69 @@ def test_stop_kills_what_ignores_sigterm_after_the_grace_and_says_so(caplog: pyt
         child.wait()
 
 
+# A guarded run whose child starts a child of its own once the trigger file exists.
+LATE_GRANDCHILD = """
+import subprocess, sys, time
+from elt import processes
+with processes.RunGuard() as guard:
+    child = subprocess.Popen(["sh", "-c", 'while [ ! -e "$0" ]; do sleep 0.05; done; sleep 902 & wait', sys.argv[1]])
+    guard.sync()
+    print(child.pid, guard.watchdog_pid, flush=True)
+    time.sleep(900)
+"""
+
+
+def test_watchdog_stops_what_the_runs_children_started_after_its_last_scan(tmp_path: Path) -> None:
+    """The run dies while its watchdog is not scanning (stopped with SIGSTOP here, as a loaded
+    machine can hold it between two scans): what a recorded child started meanwhile, which no scan
+    saw, is found through that child and stopped too."""
+    trigger = tmp_path / "trigger"
+    with GuardedPython(LATE_GRANDCHILD, str(trigger), log=tmp_path / "parent.err") as parent:
+        child_pid, watchdog_pid = map(int, parent.read_line().split())
+        watchdog = psutil.Process(watchdog_pid)
+        child = parent.record()[child_pid]
+        watchdog.suspend()
+        trigger.touch()
+        [late] = _wait_until(
+            lambda: [process for process in _descendants(child_pid) if _cmdline(process) == ["sleep", "902"]],
+            RESPONSE_SECONDS,
+            "the child starts its own",
+        )
+        parent.record()
+        parent.process.kill()
+        parent.process.wait()
+        watchdog.resume()
+        _assert_all_end({child_pid: child, late.pid: late})
+
+
+def test_a_guard_whose_watchdog_has_died_says_so_and_its_block_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="elt.processes"), processes.RunGuard() as guard:
+        assert guard.watchdog is not None
+        pid = guard.watchdog.pid
+        guard.watchdog.kill()
+        guard.watchdog.wait()
+        processes.remove_if_run_dies(tmp_path / "folder")
+        assert caplog.messages == [f"The run's watchdog (PID {pid}) has exited"]
+    assert processes.active_guard() is None
+
+
+def test_a_nested_guard_is_the_outer_one_and_leaves_it_active() -> None:
+    """A flow under guard_run inside run_with_watchdog: one watchdog, the outermost guard's, which
+    stays active (what remove_if_run_dies tells) until the outer block ends."""
+    with processes.RunGuard() as outer:
+        with processes.RunGuard() as inner:
+            assert inner is outer
+        assert processes.active_guard() is outer and outer.watchdog is not None and outer.watchdog.poll() is None
+    assert processes.active_guard() is None and outer.watchdog.wait(timeout=RESPONSE_SECONDS) == 0
+
+
+def test_signalling_a_process_that_has_ended_is_no_error() -> None:
+    """stop() checks each process is alive, then signals it: it may end in between."""
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    processes._signal(processes.Process(pid=ended.pid, started=0, parent=os.getpid()), signal.SIGTERM)
+
+
 # A guarded process that forks (as multiprocessing does): the fork holds every descriptor the
 # parent had, the write end of the watchdog's pipe included, so the watchdog sees no end of input
 # when the parent dies and must notice the death itself.
@@ -488,10 +583,12 @@ def test_watchdog_notices_its_run_died_even_when_a_fork_holds_its_pipe(tmp_path:
         _assert_all_end({fork_pid: recorded[fork_pid]})
 
 
-# A guarded block that ends while its watchdog is hung (stopped here with SIGSTOP).
+# A guarded block that ends while its watchdog is hung (stopped here with SIGSTOP). The guard's
+# wait for its watchdog is shortened from 10 s so the test (run for each mutant) stays short.
 HUNG_WATCHDOG = """
 import sys
 from elt import processes
+processes.WATCHDOG_EXIT_SECONDS = 0.5
 with processes.RunGuard() as guard:
     print(guard.watchdog_pid, flush=True)
     sys.stdin.readline()
@@ -499,17 +596,16 @@ print("ended", flush=True)
 """
 
 
-def test_a_hung_watchdog_does_not_keep_the_run_from_ending(tmp_path: Path) -> None:
-    """The guard waits a bounded time (10 s) for its watchdog to exit, then kills it."""
+def test_a_hung_watchdog_is_killed_once_the_guard_has_waited_for_it(tmp_path: Path) -> None:
+    """The guard waits a bounded time (WATCHDOG_EXIT_SECONDS) for its watchdog to exit, then kills it."""
     with GuardedPython(HUNG_WATCHDOG, log=tmp_path / "run.err") as run:
         watchdog = psutil.Process(int(run.read_line()))
         run.record()
         watchdog.suspend()
         run.process.stdin.write("end\n")
         run.process.stdin.flush()
-        _wait_until(lambda: run.process.poll() is not None, 60, "the guarded process ends despite its hung watchdog")
-        assert run.process.returncode == 0, run.stderr
-        assert run.process.stdout.read() == "ended\n"
+        assert run.read_line() == "ended\n"
+        assert run.process.wait(timeout=RESPONSE_SECONDS) == 0, run.stderr
         _assert_all_end({watchdog.pid: watchdog})
 
 
@@ -545,10 +641,14 @@ def test_a_process_whose_name_holds_a_parenthesis_is_read_right(tmp_path: Path) 
         assert read is not None and read.parent == os.getpid(), read
         assert read.started == int(Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
         assert read.alive and child.pid in [process.pid for process in processes.descendants(os.getpid())]
+        child.kill()  # not reaped yet: a zombie, whose state follows the name too
+        _wait_until(lambda: psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE, 10, "the child is a zombie")
+        assert not read.alive
     finally:
         child.kill()
         child.wait()
     assert not read.alive
+    assert processes._is_zombie(child.pid)  # gone altogether: not alive either, were it read between two checks
 
 
 # A flow under guard_run that a signal interrupts (Prefect turns SIGTERM into an exception in the
@@ -579,13 +679,13 @@ with processes.RunGuard() as next_run:  # the next run in this process is guarde
 def test_interrupted_flow_stops_its_children_but_not_the_prefect_server(tmp_path: Path) -> None:
     with GuardedPython(INTERRUPTED_FLOW, log=tmp_path / "run.err") as run:
         server_pid, connector_pid = map(int, run.read_line().split())
-        children = dict(run.record())
+        children = dict(run.record_at_least(4))
         watchdog = run.watchdog()
         run.process.stdin.write("stop\n")
         run.process.stdin.flush()
         assert run.read_line() == "interrupted\n"
         assert run.read_line() == "True\n"
-        assert run.process.wait(timeout=60) == 0
+        assert run.process.wait(timeout=RESPONSE_SECONDS) == 0
         _assert_all_end({watchdog.pid: watchdog})
         connector = {pid: process for pid, process in children.items() if pid not in (server_pid, watchdog.pid)}
         assert connector_pid in connector and len(connector) >= 2, children

@@ -412,10 +412,13 @@ def _start_driver(env: dict[str, str], *, warm_up: bool = False) -> subprocess.P
     )
 
 
+DBT_EXIT_SECONDS = 60.0  # how long an ended dbt process may take to exit before it is killed
+
+
 def _end_driver(driver: subprocess.Popen[str]) -> None:
     """A dbt process exits when its input closes. It has finished its last command and closed the
     warehouse by then; its exit (Python's shutdown with dbt loaded: ~0.5 s here) is awaited in the
-    background, not by the stage, and it is killed if it has not exited within a minute."""
+    background, not by the stage, and it is killed if it has not exited within DBT_EXIT_SECONDS."""
     for stream in (driver.stdin, driver.stdout):
         if stream is not None:
             stream.close()
@@ -424,7 +427,7 @@ def _end_driver(driver: subprocess.Popen[str]) -> None:
 
 def _reap(driver: subprocess.Popen[str]) -> None:
     try:
-        driver.wait(timeout=60)
+        driver.wait(timeout=DBT_EXIT_SECONDS)
     except subprocess.TimeoutExpired:
         driver.kill()
         driver.wait()
@@ -479,8 +482,8 @@ def run_dbt(dbt: Dbt, arguments: list[str], *, log: logging.Logger | logging.Log
     levels = DbtLogLevels()
     started = time.time()
     for line in dbt.invoke(arguments):
-        level = levels.of(line.rstrip())
-        message = _TIMESTAMP.sub("", line.rstrip())
+        level = levels.of(line)
+        message = _TIMESTAMP.sub("", line).rstrip()  # a blank event is a timestamp and spaces: stripped first, it would stay
         if not message.strip():
             continue
         tail.append(message)

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 PROC = Path("/proc")
 STOP_GRACE_SECONDS = 4.0
 SCAN_SECONDS = 0.1
+WATCHDOG_EXIT_SECONDS = 10.0  # how long a run's end waits for its watchdog to exit before killing it
 # The temporary Prefect server's command line (prefect/server/api/server.py, SubprocessASGIServer).
 _PREFECT_SERVER_MARK = "prefect.server.api.server:create_app"
 _WATCHDOG_MARK = "elt.processes"
@@ -217,7 +218,7 @@ class RunGuard:
         try:
             assert self.watchdog.stdin is not None  # started with stdin=PIPE
             self.watchdog.stdin.close()
-            self.watchdog.wait(timeout=10)
+            self.watchdog.wait(timeout=WATCHDOG_EXIT_SECONDS)
         except (OSError, subprocess.TimeoutExpired):
             self.watchdog.kill()
 
