@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,26 +26,58 @@ class Measurement:
     seconds: float
     peak_mb: float
     return_code: int
+    timed_out: bool = False
 
 
-def measure(command: list[str], *, cwd: Path, env: dict[str, str] | None = None, log: Path | None = None) -> Measurement:
-    """Wall time and peak resident memory summed over the process and all its children (sampled every 20 ms)."""
+def measure(
+    command: list[str],
+    *,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+    timeout: float | None = None,
+) -> Measurement:
+    """Wall time and peak resident memory summed over the process and all its children (sampled every 20 ms).
+
+    A process tree still running after `timeout` seconds is killed; its Measurement says `timed_out`."""
     output = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - the log file outlives this function: the process writes to it
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT)
     root = psutil.Process(process.pid)
     peak = 0
+    timed_out = False
     while process.poll() is None:
         try:
             tree = [root, *root.children(recursive=True)]
             peak = max(peak, sum(_rss(member) for member in tree))
         except psutil.NoSuchProcess:
             pass
+        if timeout is not None and time.monotonic() - started > timeout:
+            timed_out = True
+            _kill_tree(root)
+            process.wait()
+            break
         time.sleep(0.02)
     seconds = time.monotonic() - started
     if log:
         output.close()
-    return Measurement(round(seconds, 2), round(peak / 2**20, 1), process.returncode)
+    return Measurement(round(seconds, 2), round(peak / 2**20, 1), process.returncode, timed_out)
+
+
+def _kill_tree(root: psutil.Process) -> None:
+    """SIGTERM to the process and its descendants, SIGKILL to those still there after 10 s."""
+    try:
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for member in tree:
+        with suppress(psutil.NoSuchProcess):
+            member.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=10)
+    for member in alive:
+        with suppress(psutil.NoSuchProcess):
+            member.kill()
+    psutil.wait_procs(alive, timeout=10)
 
 
 def _rss(process: psutil.Process) -> int:
