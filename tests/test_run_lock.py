@@ -336,3 +336,93 @@ def test_prefect_unreachable_while_marking_the_dead_run_is_a_warning(
     assert caplog.records[-1].getMessage() == (
         "Could not mark flow run 99999999-9999-9999-9999-999999999999 Crashed: All connection attempts failed"
     )
+
+
+def _left_running(prefect_server: PrefectServer) -> tuple[str, str, str]:
+    """A parent flow run with a child left Running and a child that finished, as a process killed
+    during the second child leaves them: (parent, running child, completed child)."""
+    from prefect.runtime import flow_run as current
+
+    from prefect import flow
+
+    ids: dict[str, str] = {}
+
+    @flow(name="finished-child")
+    def finished_child() -> None:
+        ids["completed"] = str(current.id)
+
+    @flow(name="killed-child")
+    def killed_child() -> None:
+        ids["running"], ids["parent"] = str(current.id), str(current.parent_flow_run_id)
+        raise KeyboardInterrupt  # the test plays the dead process
+
+    @flow(name="killed-run")
+    def killed_run() -> None:
+        finished_child()
+        killed_child()
+
+    with pytest.raises(KeyboardInterrupt):
+        killed_run()
+    for flow_run_id in (ids["running"], ids["parent"]):
+        prefect_server.post(
+            f"/flow_runs/{flow_run_id}/set_state", {"state": {"type": "RUNNING"}, "force": True}
+        ).raise_for_status()
+    return ids["parent"], ids["running"], ids["completed"]
+
+
+class _Warnings(logging.Handler):
+    """What run_lock logs (Prefect's logging setup replaces the root handlers pytest's caplog uses)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> list[str]:
+        run_lock.logger.addHandler(self)
+        return self.messages
+
+    def __exit__(self, *exc: object) -> None:
+        run_lock.logger.removeHandler(self)
+
+
+def test_mark_crashed_sets_the_unfinished_run_and_children_crashed_and_leaves_the_finished_one(
+    prefect_server: PrefectServer,
+) -> None:
+    """mark_crashed itself against the real Prefect server (the slow test above goes through a killed holder)."""
+    parent, running, completed = _left_running(prefect_server)
+
+    with _Warnings() as warnings:
+        marked = run_lock.mark_crashed(parent, "the process died")
+
+    assert sorted(marked) == sorted([parent, running])
+    assert marked[0] == parent
+    states = {run: prefect_server.get(f"/flow_runs/{run}").json()["state"] for run in (parent, running, completed)}
+    assert {run: (state["type"], state["message"]) for run, state in states.items()} == {
+        parent: ("CRASHED", "the process died"),
+        running: ("CRASHED", "the process died"),
+        completed: ("COMPLETED", states[completed]["message"]),
+    }
+    assert warnings == [
+        f"Flow run {completed} is already Completed; leaving it so",
+        f"Marked flow run(s) {', '.join(marked)} Crashed",
+    ]
+
+
+def test_mark_crashed_leaves_a_finished_run_and_an_unknown_one_alone(prefect_server: PrefectServer) -> None:
+    parent, running, completed = _left_running(prefect_server)
+    run_lock.mark_crashed(parent, "first")
+    unknown = "66666666-6666-6666-6666-666666666666"
+
+    with _Warnings() as warnings:
+        assert run_lock.mark_crashed(parent, "again") == []
+        assert run_lock.mark_crashed(unknown, "never ran here") == []
+
+    assert prefect_server.get(f"/flow_runs/{parent}").json()["state"]["message"] == "first"
+    assert warnings[0] == f"Flow run {parent} is already Crashed; leaving it so"
+    assert sorted(warnings[1:3]) == sorted(
+        [f"Flow run {running} is already Crashed; leaving it so", f"Flow run {completed} is already Completed; leaving it so"]
+    )
+    assert warnings[3:] == [f"Flow run {unknown} is not on this Prefect server; nothing to mark"]
