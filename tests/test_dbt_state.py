@@ -405,6 +405,27 @@ def test_a_narrowed_build_asks_dbt_what_is_modified_and_names_what_it_leaves_out
     assert not plan.complete
 
 
+def test_select_alone_narrows_the_build_so_a_modified_node_it_leaves_out_keeps_the_state_from_advancing(
+    built_project: DbtProject,
+) -> None:
+    """--select and nothing else: what it leaves out that is modified is named so, and the plan is
+    not complete, so the next run still builds it (the state of this build is not kept)."""
+    store = dbt_state.StateStore(load_settings())
+    loaded = {SOURCE_ORDERS: "2026-12-01T10:00:00", SOURCE_USERS: "2026-12-01T10:00:00", SOURCE_EVENTS: "2026-12-01T10:00:00"}
+    folder = _save_build(store, built_project, nodes=EVERYTHING, results={}, loaded=loaded)
+    freshness = [_freshness(uid, at) for uid, at in loaded.items()]
+    select = " ".join(f"marts,{criterion}" for criterion in [*BUILD_CRITERIA.split(), "source_status:fresher+"])
+    dbt = ListingDbt(built_project, {select: {TOTALS}, "state:modified+": {TOTALS, TOTALS_TEST}})
+
+    plan = dbt_state.plan_build(dbt, store, freshness, {}, "marts")  # type: ignore[arg-type]
+
+    assert plan.arguments == ["build", "--select", select, "--state", str(folder)]
+    assert [asked[:2] for asked in dbt.asked] == [["--select", select], ["--select", "state:modified+"]]
+    assert _reasons(plan)[TOTALS] == ("run", "modified")
+    assert _reasons(plan)[TOTALS_TEST] == ("skip", "not selected by --select/--exclude (modified)")
+    assert not plan.complete
+
+
 def test_a_dbt_ls_that_fails_is_named_with_its_arguments_and_dbts_cause(built_project: DbtProject) -> None:
     dbt = ListingDbt(built_project, {}, return_code=2)
     with pytest.raises(DbtInvocationError) as raised:
