@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import duckdb
@@ -24,6 +25,7 @@ import pytest
 
 from elt import processes
 from tests.conftest import BIN, GitRemote, PrefectServer
+from tests.fakes.clock import FakeClock
 
 CHILDREN_END_SECONDS = 10
 # How long a test waits for a guarded Python to print a line or to exit: far more than it needs
@@ -466,6 +468,44 @@ def test_stop_gives_sigterm_its_grace_and_returns_once_all_have_ended() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+class _EndsOn:
+    """A process as stop() sees it: alive until it receives `ends_on` (None: never)."""
+
+    def __init__(self, pid: int, ends_on: int | None) -> None:
+        self.pid, self.ends_on, self.alive = pid, ends_on, True
+
+    def receive(self, signum: int) -> None:
+        if signum == self.ends_on:
+            self.alive = False
+
+
+def _stop_on_a_fake_clock(monkeypatch: pytest.MonkeyPatch, *doomed: _EndsOn, grace_seconds: float) -> tuple[FakeClock, list]:
+    clock = FakeClock()
+    monkeypatch.setattr(processes, "time", types.SimpleNamespace(monotonic=clock.monotonic, sleep=clock.sleep))
+    sent: list[tuple[int, int]] = []
+
+    def signal_process(process: _EndsOn, signum: int) -> None:
+        sent.append((process.pid, signum))
+        process.receive(signum)
+
+    monkeypatch.setattr(processes, "_signal", signal_process)
+    processes.stop(list(doomed), grace_seconds=grace_seconds)  # type: ignore[arg-type]
+    return clock, sent
+
+
+def test_stop_returns_within_a_tenth_of_a_second_of_the_last_process_ending(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a fake clock: what ends on SIGTERM is seen gone at the next look, not at the grace's end."""
+    clock, sent = _stop_on_a_fake_clock(monkeypatch, _EndsOn(101, signal.SIGTERM), _EndsOn(102, signal.SIGTERM), grace_seconds=4)
+    assert sent == [(101, signal.SIGTERM), (102, signal.SIGTERM)]
+    assert 0 < sum(clock.sleeps) <= 0.1, clock.sleeps
+
+
+def test_stop_waits_the_whole_grace_then_kills_only_what_is_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock, sent = _stop_on_a_fake_clock(monkeypatch, _EndsOn(101, signal.SIGTERM), _EndsOn(102, None), grace_seconds=4)
+    assert sent == [(101, signal.SIGTERM), (102, signal.SIGTERM), (102, signal.SIGKILL)]
+    assert 4 <= sum(clock.sleeps) <= 4.1, sum(clock.sleeps)
 
 
 IGNORES_SIGTERM = """
