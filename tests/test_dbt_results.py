@@ -585,7 +585,7 @@ def test_freshness_is_read_per_source_and_a_selected_source_without_a_result_is_
     ]
     dbt = ScriptedDbt(project, lines, return_code=1, files={"sources.json": sources, "manifest.json": CHECKED_MANIFEST})
     checked = dbt_runner.check_freshness(dbt, ["source:crm.leads+", "source:web.events+"])  # type: ignore[arg-type]
-    assert dbt.asked == [["source", "freshness", "--exclude", "source:crm.leads+ source:web.events+"]]
+    assert dbt.asked == [["source", "freshness", "--no-populate-cache", "--exclude", "source:crm.leads+ source:web.events+"]]
     assert checked == [
         dbt_runner.SourceFreshness("source.shop.faker.orders", "runtime error", None, {}, "Database Error"),
         dbt_runner.SourceFreshness(
@@ -601,7 +601,7 @@ def test_freshness_is_read_per_source_and_a_selected_source_without_a_result_is_
         "dbt wrote no result for it (the transform's log says why)",
         "dbt wrote no result for it (the transform's log says why)",
     ]
-    assert dbt.asked == [["source", "freshness"]]
+    assert dbt.asked == [["source", "freshness", "--no-populate-cache"]]
 
 
 def test_a_project_without_a_freshness_block_is_not_checked_at_all(tmp_path: Path) -> None:
