@@ -315,6 +315,7 @@ def test_a_stale_source_fails_a_clean_build_and_is_named_beside_failed_nodes() -
     unchecked, fresh = _freshness("orders", "runtime error"), _freshness("carts", "pass", "0001-01-01T00:00:00+00:00")
     assert late.line == "source faker.products is stale: last loaded 2026-11-28 10:30 UTC, warn_after 1 day"
     assert fresh.line == "source faker.carts is fresh: last loaded never"
+    assert _freshness("carts", "pass", None).line == "source faker.carts is fresh: last loaded never"  # no max_loaded_at
     clean = DbtRun("build", Path("/p"), 0, results=[_node("model.shop.a", "success")], freshness=[late, fresh])
     assert dbt_runner.raise_if_failed(clean) is clean
     with pytest.raises(dbt_runner.DbtSourcesStale) as error:
@@ -329,6 +330,14 @@ def test_a_stale_source_fails_a_clean_build_and_is_named_beside_failed_nodes() -
     assert str(build_error.value) == (
         "dbt build failed on 1 node(s): model.shop.a (error: bad); "
         "source faker.users is stale: last loaded 2026-11-28 10:00 UTC, error_after 48 hours"
+    )
+    failed.freshness = [stale, unchecked]
+    with pytest.raises(DbtBuildFailed) as build_error:
+        dbt_runner.raise_if_failed(failed)
+    assert str(build_error.value) == (
+        "dbt build failed on 1 node(s): model.shop.a (error: bad); "
+        "source faker.users is stale: last loaded 2026-11-28 10:00 UTC, error_after 48 hours; "
+        "source faker.orders freshness could not be checked: boom"
     )
 
 
@@ -355,6 +364,7 @@ def test_the_summary_of_a_completed_run_lists_the_sources_that_were_not_fresh() 
         (["run-operation", "grant"], False),
         (["build", "--target-path", "/elsewhere"], False),
         (["compile", "--target-path=/elsewhere"], False),
+        (["compile", "--target-path=/t=1"], False),  # an `=` in the value too
         (["run", "--no-write-json"], False),
     ],
 )
@@ -367,6 +377,8 @@ def test_the_parse_before_a_command_gets_where_it_writes_and_what_it_renders() -
     arguments = ["docs", "generate", "--target-path", "/t", "--log-path=/l", "--vars", "{a: 1}", "--select", "a", "--vars"]
     assert dbt_runner._parse_options(arguments) == ["--target-path", "/t", "--log-path=/l", "--vars", "{a: 1}"]
     assert dbt_runner._parse_options(["compile", "--target-path"]) == []  # no value: nothing to pass on
+    assert dbt_runner._parse_options(["compile", "--target-path", "/t"]) == ["--target-path", "/t"]  # the last two
+    assert dbt_runner._parse_options(["compile", '--vars={a: "b=c"}']) == ['--vars={a: "b=c"}']  # an `=` in the value too
 
 
 def test_an_ended_dbt_process_has_its_pipes_closed_and_is_reaped_in_the_background() -> None:
@@ -533,6 +545,10 @@ def test_sources_that_cannot_be_listed_say_why(tmp_path: Path) -> None:
     with pytest.raises(DbtInvocationError) as raised:
         dbt_runner.list_sources(dbt)  # type: ignore[arg-type]
     assert str(raised.value) == f"dbt ls in {project.path} could not list sources: Parsing Error: bad yaml"
+    killed = ScriptedDbt(project, ["12:00:01  Running with dbt=1.11.2"], return_code=-9)
+    with pytest.raises(DbtInvocationError) as raised:
+        dbt_runner.list_sources(killed)  # type: ignore[arg-type]
+    assert str(raised.value) == f"dbt ls in {project.path} could not list sources: the dbt process was killed (signal 9)"
 
 
 FRESHNESS_YAML = """
@@ -626,6 +642,17 @@ def test_a_freshness_check_that_wrote_nothing_is_nothing_to_check_or_says_why_it
     with pytest.raises(DbtInvocationError) as raised:
         dbt_runner.check_freshness(failed)  # type: ignore[arg-type]
     assert str(raised.value) == f"dbt source freshness in {project.path} could not run: Could not connect"
+    for silent, cause in [
+        (ScriptedDbt(project, [], return_code=2), "exit code 2"),
+        (ScriptedDbt(project, ["12:00:01  Running with dbt=1.11.2"], return_code=-9), "the dbt process was killed (signal 9)"),
+        (
+            ScriptedDbt(project, ["12:00:01  Running with dbt=1.11.2", "Segmentation fault"], return_code=1),
+            "Running with dbt=1.11.2: Segmentation fault",
+        ),
+    ]:  # no error event: the return code, or what it printed last
+        with pytest.raises(DbtInvocationError) as raised:
+            dbt_runner.check_freshness(silent)  # type: ignore[arg-type]
+        assert str(raised.value) == f"dbt source freshness in {project.path} could not run: {cause}"
 
 
 def test_dbts_blank_events_are_neither_logged_nor_read_as_part_of_an_error(
@@ -736,3 +763,69 @@ def test_the_projects_own_profiles_are_used_when_told_and_their_absence_is_named
     (project.path / "profiles.yml").write_text("shop: {}\n")
     with dbt_runner.profiles_dir(load_settings(), project) as folder:
         assert folder == project.path
+
+
+def test_each_unchecked_source_gets_the_line_after_its_own_header_and_long_lines_are_cut(tmp_path: Path) -> None:
+    """Two sources dbt wrote no result for: users' header comes first, its cause on the next line
+    (over 300 characters: cut at 300); products' header is dbt's last error line, with nothing
+    after it to name. An error in sources.json is cut at 300 characters too."""
+    project = _project(tmp_path, FRESHNESS_YAML)
+    long_cause = "Catalog Error: " + "x" * 400
+    lines = [
+        "12:00:01  Runtime Error in source users (models/sources_0.yml)",
+        f"  {long_cause}",
+        "12:00:01  Runtime Error in source products (models/sources_0.yml)",
+        "12:00:02  Done.",
+    ]
+    long_error = "Database Error " + "y" * 400
+    sources = {"results": [{"unique_id": "source.shop.crm.leads", "status": "runtime error", "error": f"\n  {long_error}\n"}]}
+    dbt = ScriptedDbt(project, lines, return_code=1, files={"sources.json": sources, "manifest.json": CHECKED_MANIFEST})
+    assert (
+        {source.unique_id: source.error for source in dbt_runner.check_freshness(dbt)}
+        == {  # type: ignore[arg-type]
+            "source.shop.crm.leads": long_error[:300],
+            "source.shop.faker.products": "dbt wrote no result for it (the transform's log says why)",
+            "source.shop.faker.users": long_cause[:300],
+        }
+    )
+
+
+def test_a_freshness_check_logs_to_the_runs_logger(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    project = _project(tmp_path, FRESHNESS_YAML)
+    dbt = ScriptedDbt(project, ["12:00:01  Nothing to do."])
+    with caplog.at_level(logging.INFO):
+        dbt_runner.check_freshness(dbt, log=logging.getLogger("tests.freshness"))  # type: ignore[arg-type]
+    assert [record.getMessage() for record in caplog.records if record.name == "tests.freshness"] == [
+        "Running dbt source freshness --no-populate-cache",
+        "Nothing to do.",
+    ]
+
+
+def test_a_yaml_file_that_is_not_utf8_still_declares_its_freshness(tmp_path: Path) -> None:
+    """A latin-1 description (é as one byte) does not stop the check, nor skip it."""
+    project = _project(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "sources.yml").write_bytes(("# Café\n" + FRESHNESS_YAML).encode("latin-1"))
+    assert dbt_runner.declares_freshness(project)
+
+
+def test_settings_given_in_code_make_the_profile_and_dbts_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not the environment's settings: the warehouse the caller's settings name is the one dbt is given."""
+    import yaml
+
+    from elt.settings import load_settings
+
+    monkeypatch.setenv("ELT_HOME", str(tmp_path))
+    other = tmp_path / "other.duckdb"
+    profile = yaml.safe_load(dbt_runner.render_profile(load_settings(duckdb_path=str(other)), "shop"))
+    assert profile["shop"]["outputs"]["duckdb"]["path"] == str(other)
+    snowflake = load_settings(
+        warehouse="snowflake",
+        snowflake_account="acme-x1",
+        snowflake_user="loader",
+        snowflake_password="pw",
+        snowflake_database="DB",
+        snowflake_warehouse="WH",
+    )
+    env = dbt_runner.dbt_environment(snowflake)
+    assert (env["SNOWFLAKE_ACCOUNT"], env["SNOWFLAKE_USER"], env["SNOWFLAKE_PASSWORD"]) == ("acme-x1", "loader", "pw")

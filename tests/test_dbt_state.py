@@ -37,6 +37,7 @@ def test_a_build_is_kept_per_target_and_commit_and_is_what_the_next_run_compares
     last, why = store.last()
     assert (last.folder, last.commit, why) == (saved.folder, "abc123", "") if last else pytest.fail(why)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", last.saved_at), last.saved_at  # UTC, to the second
+    assert saved == last  # what save hands back is what the next run reads
     assert json.loads((saved.folder / "manifest.json").read_text()) == {"file": "manifest.json"}
 
 
@@ -258,16 +259,19 @@ BUILD_CRITERIA = "state:modified+ result:error+ result:fail+ result:skipped+"
 
 
 class ListingDbt:
-    """plan_build's dbt: `parse` leaves MANIFEST in target/; `dbt ls` answers with `listed[<its --select>]`."""
+    """plan_build's dbt: `parse` leaves MANIFEST (or the manifest given) in target/; `dbt ls` answers with `listed[<its --select>]`."""
 
-    def __init__(self, project: DbtProject, listed: dict[str, set[str]], return_code: int = 0) -> None:
+    def __init__(
+        self, project: DbtProject, listed: dict[str, set[str]], return_code: int = 0, manifest: dict | None = None
+    ) -> None:
         self.project = project
         self.listed = listed
         self.return_code = return_code
+        self.manifest = manifest or MANIFEST
         self.asked: list[list[str]] = []
 
     def parse(self) -> None:
-        (self.project.path / "target" / "manifest.json").write_text(json.dumps(MANIFEST))
+        (self.project.path / "target" / "manifest.json").write_text(json.dumps(self.manifest))
 
     def run_captured(self, *arguments: str, timeout: float | None = None) -> subprocess.CompletedProcess:
         assert arguments[0] == "ls" and timeout is None
@@ -575,3 +579,113 @@ def test_a_target_name_is_a_safe_folder_name(built_project: DbtProject, monkeypa
     monkeypatch.setenv("ELT_DBT_TARGET", "prod/eu west.1")
     store = dbt_state.StateStore(load_settings())
     assert store.root == tmp_path / "data" / "dbt-state" / "prod_eu_west.1" and store.target == "prod/eu west.1"
+
+
+def test_what_is_downstream_of_a_node_that_failed_last_run_is_rebuilt_to_the_last_grandchild(built_project: DbtProject) -> None:
+    """stg_orders failed in the saved build, whose run results name nothing else (what it feeds
+    now reads it since: today's graph decides). Every node downstream of it, grandchildren
+    included, runs as `skipped last run`, not as `modified`."""
+    store = dbt_state.StateStore(load_settings())
+    loaded = {SOURCE_ORDERS: "2026-12-01T10:00:00", SOURCE_USERS: "2026-12-01T10:00:00", SOURCE_EVENTS: "2026-12-01T10:00:00"}
+    _save_build(store, built_project, nodes=EVERYTHING, results={STG_ORDERS: "error"}, loaded=loaded)
+    freshness = [_freshness(uid, at) for uid, at in loaded.items()]
+    select = f"{BUILD_CRITERIA} source_status:fresher+"
+    dbt = ListingDbt(built_project, {select: {STG_ORDERS, TOTALS, TOTALS_TEST, UNIT_TEST}})
+    plan = dbt_state.plan_build(dbt, store, freshness, {})  # type: ignore[arg-type]
+    assert _reasons(plan) == {
+        STG_ORDERS: ("run", "failed last run"),
+        TOTALS: ("run", "skipped last run"),
+        TOTALS_TEST: ("run", "skipped last run"),
+        UNIT_TEST: ("run", "skipped last run"),
+        SEED: ("skip", "no new data and code unchanged"),
+        USERS: ("skip", "no new data and code unchanged"),
+        EVENTS: ("skip", "no new data and code unchanged"),
+    }
+    assert plan.complete
+
+
+def test_a_node_fed_new_rows_by_two_sources_names_both(built_project: DbtProject) -> None:
+    """totals reads faker.users as well as stg_orders: it and what it feeds read both sources'
+    new rows, one after the other."""
+    store = dbt_state.StateStore(load_settings())
+    loaded = {SOURCE_ORDERS: "2026-12-01T10:00:00", SOURCE_USERS: "2026-12-01T09:00:00", SOURCE_EVENTS: "2026-12-01T10:00:00"}
+    _save_build(store, built_project, nodes=EVERYTHING, results={}, loaded=loaded)
+    freshness = [
+        _freshness(SOURCE_ORDERS, "2026-12-02T10:00:00"),
+        _freshness(SOURCE_USERS, "2026-12-02T10:00:00"),
+        _freshness(SOURCE_EVENTS, "2026-12-01T10:00:00"),
+    ]
+    joined = {**MANIFEST, "child_map": {**MANIFEST["child_map"], SOURCE_USERS: [USERS, TOTALS]}}
+    select = f"{BUILD_CRITERIA} source_status:fresher+"
+    dbt = ListingDbt(built_project, {select: {STG_ORDERS, TOTALS, TOTALS_TEST, UNIT_TEST, USERS}}, manifest=joined)
+    plan = dbt_state.plan_build(dbt, store, freshness, {})  # type: ignore[arg-type]
+    both = "new rows in source shop.orders since 2026-12-01 10:00 UTC; new rows in source faker.users since 2026-12-01 09:00 UTC"
+    assert _reasons(plan) == {
+        STG_ORDERS: ("run", "new rows in source shop.orders since 2026-12-01 10:00 UTC"),
+        USERS: ("run", "new rows in source faker.users since 2026-12-01 09:00 UTC"),
+        **dict.fromkeys([TOTALS, TOTALS_TEST, UNIT_TEST], ("run", both)),
+        SEED: ("skip", "no new data and code unchanged"),
+        EVENTS: ("skip", "no new data and code unchanged"),
+    }
+
+
+def test_a_node_dbt_selects_that_no_reason_explains_reads_selected(built_project: DbtProject) -> None:
+    """--exclude narrows the build, so dbt is asked what is modified, and the seed is not; dbt's
+    build selection has it all the same (its own freshness comparison, say). The plan says no more
+    than that it was selected."""
+    store = dbt_state.StateStore(load_settings())
+    loaded = {SOURCE_ORDERS: "2026-12-01T10:00:00", SOURCE_USERS: "2026-12-01T10:00:00", SOURCE_EVENTS: "2026-12-01T10:00:00"}
+    _save_build(store, built_project, nodes=EVERYTHING, results={}, loaded=loaded)
+    select = f"{BUILD_CRITERIA} source_status:fresher+"
+    dbt = ListingDbt(built_project, {select: {SEED}, "state:modified+": set()})
+    plan = dbt_state.plan_build(dbt, store, [_freshness(uid, at) for uid, at in loaded.items()], {}, exclude="legacy")  # type: ignore[arg-type]
+    assert [asked[:2] for asked in dbt.asked] == [["--select", select], ["--select", "state:modified+"]]
+    assert _reasons(plan)[SEED] == ("run", "selected")
+    assert plan.counts == {"run": 1, "skip": 6} and plan.complete
+
+
+def test_a_dbt_ls_killed_by_a_signal_is_named_so(built_project: DbtProject) -> None:
+    """What it printed before it was killed is not why it failed."""
+    dbt = ListingDbt(built_project, {}, return_code=-9)
+    with pytest.raises(DbtInvocationError) as raised:
+        dbt_state.plan_build(dbt, dbt_state.StateStore(load_settings()), [], {}, "marts")  # type: ignore[arg-type]
+    assert (
+        str(raised.value) == f"dbt ls --select marts in {built_project.path} could not run: the dbt process was killed (signal 9)"
+    )
+
+
+def test_a_build_with_nothing_to_do_keeps_its_state_with_this_runs_freshness(
+    built_project: DbtProject, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Everything was up to date: dbt ran nothing and succeeded. This commit's state (its
+    sources.json included) is what the next run compares with."""
+    store = dbt_state.StateStore(load_settings())
+    store.save(built_project, "c1", with_sources=True)
+    with caplog.at_level(logging.INFO, logger="tests.state"):
+        dbt_state.keep_state(
+            store,
+            DbtRun("build", built_project.path, 0),
+            "c2",
+            complete=True,
+            with_sources=True,
+            log=logging.getLogger("tests.state"),
+        )
+    assert caplog.messages == [f"Saved the dbt state of target duckdb at commit c2 in {store.root / 'c2'}"]
+    last, why = store.last()
+    assert last is not None and last.commit == "c2", why
+    assert sorted(path.name for path in last.folder.iterdir()) == ["manifest.json", "run_results.json", "sources.json"]
+
+
+def test_settings_given_in_code_name_the_warehouse_the_state_is_of(
+    built_project: DbtProject, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Not the environment's warehouse: a store of settings made with another DuckDB file saves
+    the state of that file, and one of the environment's settings does not compare with it."""
+    other = tmp_path / "other.duckdb"
+    store = dbt_state.StateStore(load_settings(duckdb_path=str(other)))
+    store.save(built_project, "abc123", with_sources=True)
+    assert store.last()[1] == ""
+    assert dbt_state.StateStore(load_settings()).last() == (
+        None,
+        f"the saved state of target duckdb is of {other}, not {tmp_path / 'data' / 'warehouse.duckdb'}",
+    )
