@@ -601,7 +601,7 @@ def test_freshness_is_read_per_source_and_a_selected_source_without_a_result_is_
     ]
     dbt = ScriptedDbt(project, lines, return_code=1, files={"sources.json": sources, "manifest.json": CHECKED_MANIFEST})
     checked = dbt_runner.check_freshness(dbt, ["source:crm.leads+", "source:web.events+"])  # type: ignore[arg-type]
-    assert dbt.asked == [["source", "freshness", "--no-populate-cache", "--exclude", "source:crm.leads+ source:web.events+"]]
+    assert dbt.asked == [["source", "freshness", "--exclude", "source:crm.leads+ source:web.events+"]]
     assert checked == [
         dbt_runner.SourceFreshness("source.shop.faker.orders", "runtime error", None, {}, "Database Error"),
         dbt_runner.SourceFreshness(
@@ -617,7 +617,7 @@ def test_freshness_is_read_per_source_and_a_selected_source_without_a_result_is_
         "dbt wrote no result for it (the transform's log says why)",
         "dbt wrote no result for it (the transform's log says why)",
     ]
-    assert dbt.asked == [["source", "freshness", "--no-populate-cache"]]
+    assert dbt.asked == [["source", "freshness"]]
 
 
 def test_a_project_without_a_freshness_block_is_not_checked_at_all(tmp_path: Path) -> None:
@@ -796,7 +796,7 @@ def test_a_freshness_check_logs_to_the_runs_logger(tmp_path: Path, caplog: pytes
     with caplog.at_level(logging.INFO):
         dbt_runner.check_freshness(dbt, log=logging.getLogger("tests.freshness"))  # type: ignore[arg-type]
     assert [record.getMessage() for record in caplog.records if record.name == "tests.freshness"] == [
-        "Running dbt source freshness --no-populate-cache",
+        "Running dbt source freshness",
         "Nothing to do.",
     ]
 
