@@ -49,6 +49,7 @@ def main() -> None:
         os.environ.update(request["env"])
         arguments = request["arguments"]
         return_code = None
+        parse_seconds = 0.0
         parse_started = time.monotonic()
         if request.get("manifest") and manifest is None:
             # Not written to target/: the command that follows writes the manifest if it writes any.
@@ -57,7 +58,7 @@ def main() -> None:
                 manifest = parsed.result
             else:
                 return_code = 2
-        parse_seconds = time.monotonic() - parse_started
+            parse_seconds = time.monotonic() - parse_started
         if return_code is None:
             result = dbtRunner(manifest=manifest if request.get("manifest") else None).invoke(arguments)
             if isinstance(result.exception, DbtUsageException):  # the dbt command prints these itself

@@ -31,8 +31,6 @@ def install() -> bool:
 
     if not prefect.__version__.startswith(PATCHED_VERSIONS):
         return False
-    if getattr(flow_engine._send_heartbeats, "__wrapped_by_elt__", False):
-        return True
     flow_engine._send_heartbeats = send_heartbeats
     return True
 
@@ -70,6 +68,3 @@ def send_heartbeats(engine: Any, join_on_exit: bool = True) -> Iterator[None]:
         stop_event.set()
         if join_on_exit:
             thread.join(timeout=2)
-
-
-send_heartbeats.__wrapped_by_elt__ = True  # type: ignore[attr-defined]
