@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from elt.errors import ConfigurationError, EltError, TerminalError, TransientError, first_line
 from elt.extract.base import SyncResult
 from elt.extract.connections import ConnectionSpec, load_connections, resolve_config
+from elt.extract.pyairbyte_imports import only_what_duckdb_needs
 from elt.settings import Settings
 from elt.warehouse import warehouse_for
 
@@ -670,8 +671,7 @@ def _is_network_error(exc: BaseException) -> bool:
 
 
 def preload_pyairbyte() -> threading.Thread:
-    """Start importing PyAirbyte (10-18 s: it imports the BigQuery, Snowflake and Postgres
-    clients) in a background thread, so that the import overlaps Prefect's start-up instead of
+    """Start importing PyAirbyte (seconds, even with only its DuckDB cache) in a background thread, so that the import overlaps Prefect's start-up instead of
     delaying the first sync; a sync's own import waits for it. A failed preload is only logged:
     the sync's import fails again where the user sees it."""
     thread = threading.Thread(target=_preload, name="elt-pyairbyte-import", daemon=True)
@@ -700,7 +700,7 @@ def _import_pyairbyte_once() -> ModuleType:
     os.environ.setdefault("NO_LIVE_PROGRESS", "1")
     root = logging.getLogger()
     handlers_before = list(root.handlers)
-    with warnings.catch_warnings(), _without_airbyte_cdk_logging_config():
+    with warnings.catch_warnings(), _without_airbyte_cdk_logging_config(), only_what_duckdb_needs():
         warnings.simplefilter("ignore", FutureWarning)  # google-cloud's Python 3.11 end-of-life notices
         # requests' check of its dependencies' versions, on the lock's chardet: nothing a run can act on
         warnings.filterwarnings("ignore", message=r"urllib3 \(.*\) or chardet \(.*\)/charset_normalizer")

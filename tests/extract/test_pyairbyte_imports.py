@@ -1,0 +1,138 @@
+"""PyAirbyte imported with only its DuckDB cache: the stand-ins, the absent optional backends,
+and that other threads import as usual. The fast tests use a small package written for them; the
+slow one imports the real PyAirbyte the way a run does."""
+
+import importlib
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from elt.extract.pyairbyte_imports import only_what_duckdb_needs
+
+
+@pytest.fixture
+def package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """`shop`: its __init__ imports a heavy cache (which refuses to run, and names what it would
+    import) and tries an optional backend, as airbyte and requests_cache do."""
+    name = f"shop_{tmp_path.name.replace('-', '_')}"
+    root = tmp_path / name
+    root.mkdir()
+    (root / "__init__.py").write_text(
+        textwrap.dedent(
+            f"""
+            from {name}.heavy import HeavyCache
+            from {name}.light import LightCache
+            try:
+                from {name}.optional import Backend
+            except ImportError as error:
+                Backend = None
+                why_not = str(error)
+            """
+        )
+    )
+    (root / "heavy.py").write_text("raise AssertionError('the heavy cache was imported')\n")
+    (root / "light.py").write_text("class LightCache: pass\n")
+    (root / "optional.py").write_text("class Backend: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    for module in [m for m in sys.modules if m == name or m.startswith(f"{name}.")]:
+        del sys.modules[module]
+
+
+def test_the_stand_in_is_imported_and_its_classes_refuse_to_be_used_naming_why(package: str) -> None:
+    with only_what_duckdb_needs(stand_ins=[f"{package}.heavy"], absent=[]):
+        shop = importlib.import_module(package)
+
+    assert shop.LightCache.__module__ == f"{package}.light"
+    with pytest.raises(RuntimeError) as error:
+        shop.HeavyCache(project_name="x")
+    assert str(error.value) == (
+        f"{package}.heavy.HeavyCache is not loaded: elt imports PyAirbyte with only its DuckDB cache "
+        "(elt.extract.pyairbyte_imports)"
+    )
+    assert shop.HeavyCache is sys.modules[f"{package}.heavy"].HeavyCache
+
+
+def test_an_absent_module_is_an_import_error_the_package_handles(package: str) -> None:
+    with only_what_duckdb_needs(stand_ins=[f"{package}.heavy"], absent=[f"{package}.optional"]):
+        shop = importlib.import_module(package)
+
+    assert shop.Backend is None
+    assert shop.why_not == f"{package}.optional is left out of the embedded backend's PyAirbyte"
+    assert f"{package}.optional" not in sys.modules
+
+
+def test_another_threads_imports_meanwhile_are_untouched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    heavy, optional = f"heavy_{tmp_path.name}".replace("-", "_"), f"optional_{tmp_path.name}".replace("-", "_")
+    (tmp_path / f"{heavy}.py").write_text("raise AssertionError('the heavy cache was imported')\n")
+    (tmp_path / f"{optional}.py").write_text("class Backend: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    outcomes: list[str] = []
+
+    def import_both() -> None:
+        outcomes.append(importlib.import_module(optional).Backend.__module__)
+        try:
+            importlib.import_module(heavy)
+        except AssertionError as error:
+            outcomes.append(str(error))
+
+    try:
+        with only_what_duckdb_needs(stand_ins=[heavy], absent=[optional]):
+            thread = threading.Thread(target=import_both)
+            thread.start()
+            thread.join(timeout=30)
+            assert not thread.is_alive()
+    finally:
+        sys.modules.pop(optional, None)
+
+    assert outcomes == [optional, "the heavy cache was imported"]
+
+
+def test_after_the_block_imports_are_as_before_even_when_it_raised(package: str) -> None:
+    finders = list(sys.meta_path)
+    with pytest.raises(ZeroDivisionError), only_what_duckdb_needs(stand_ins=[f"{package}.heavy"], absent=[]):
+        raise ZeroDivisionError
+    assert sys.meta_path == finders
+
+    with pytest.raises(AssertionError, match="the heavy cache was imported"):
+        importlib.import_module(package)
+
+
+def test_a_stand_in_has_no_dunder_names_so_tools_that_probe_them_see_a_plain_module(package: str) -> None:
+    with only_what_duckdb_needs(stand_ins=[f"{package}.heavy"], absent=[]):
+        importlib.import_module(package)
+    heavy = sys.modules[f"{package}.heavy"]
+    assert not hasattr(heavy, "__all__")
+    assert not hasattr(heavy, "__path__")
+
+
+@pytest.mark.slow
+def test_the_runs_pyairbyte_has_its_duckdb_cache_and_none_of_the_other_warehouses_clients() -> None:
+    """The real `import airbyte` as a sync makes it, in a fresh interpreter."""
+    script = textwrap.dedent(
+        """
+        import sys
+        from elt.extract import embedded
+        airbyte = embedded._import_pyairbyte()
+        print(airbyte.DuckDBCache.__module__, airbyte.get_source.__module__)
+        heavy = ["google.cloud.bigquery", "google.cloud.secretmanager_v1", "snowflake.connector",
+                 "psycopg2", "psycopg", "boto3", "redis", "pymongo"]
+        print([name for name in heavy if name in sys.modules])
+        try:
+            airbyte.caches.SnowflakeCache(account="x")
+        except RuntimeError as error:
+            print(error)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    assert result.stdout.splitlines() == [
+        "airbyte.caches.duckdb airbyte.sources.util",
+        "[]",
+        "airbyte.caches.snowflake.SnowflakeCache is not loaded: elt imports PyAirbyte with only its DuckDB "
+        "cache (elt.extract.pyairbyte_imports)",
+    ]
