@@ -141,6 +141,24 @@ def test_full_refresh_leaves_exactly_what_the_source_emitted(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
+def test_incremental_streams_are_named_with_elts_way_to_a_full_refresh_not_pyairbytes(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """From the second sync on, PyAirbyte's own notice tells the user to pass `force_full_refresh=True` to `read()`,
+    which nobody running elt can do."""
+    _backend(tmp_path, count=100, streams="[users, products]").sync("faker", full_refresh=False)
+    capfd.readouterr()
+    with caplog.at_level("INFO", logger="elt.extract.embedded"):  # the second sync has a state
+        _backend(tmp_path, count=100, streams="[users, products]").sync("faker", full_refresh=False)
+
+    assert "force_full_refresh" not in capfd.readouterr().err
+    assert (
+        "connection 'faker': incremental streams products, users (a full refresh: `elt run --full-refresh`, "
+        "or all-etl's full_refresh parameter)"
+    ) in [record.getMessage() for record in caplog.records]
+
+
+@pytest.mark.slow
 def test_full_refresh_on_snowflake_publishes_exactly_what_the_source_emitted(tmp_path: Path, snowflake_env) -> None:
     """The same on Snowflake (fakesnow): the DuckDB staging is exact, so the published table is."""
     _backend(tmp_path, count=1500).sync("faker", full_refresh=False)

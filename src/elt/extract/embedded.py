@@ -171,6 +171,7 @@ class EmbeddedBackend:
                 source, installed = self._source(spec, folder, rediscover=full_refresh)
                 streams = self._selected_streams(spec, source)
                 source.select_streams(streams)
+                _log_incremental_streams_as_elt_runs_them(source, spec)
                 _stop_reading_when_cancelled(source, self._cancelled, self._cancel_error(spec))
                 cache, cache_path = self._cache(spec, folder.records)
                 with _warehouse_locks[str(cache_path)]:
@@ -314,6 +315,21 @@ class EmbeddedBackend:
         path.parent.mkdir(parents=True, exist_ok=True)
         cache = DuckDBCache(db_path=path, schema_name=spec.destination.schema_, cache_dir=records)
         return cache, path
+
+
+def _log_incremental_streams_as_elt_runs_them(source: Source, spec: ConnectionSpec) -> None:
+    """PyAirbyte prints on stderr which streams sync incrementally and that a full refresh is
+    `force_full_refresh=True` in `read()`, its own API; here a full refresh is asked for otherwise."""
+
+    def log(*, incremental_streams: set[str] | None = None) -> None:
+        logger.info(
+            "connection '%s': incremental streams %s (a full refresh: `elt run --full-refresh`, or all-etl's "
+            "full_refresh parameter)",
+            spec.name,
+            ", ".join(sorted(incremental_streams or ())),
+        )
+
+    source._log_incremental_streams = log  # type: ignore[method-assign]
 
 
 def _stop_reading_when_cancelled(source: Source, cancelled: threading.Event, error: EmbeddedSyncCancelled) -> None:
