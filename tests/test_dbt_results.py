@@ -1230,3 +1230,93 @@ def test_dbt_for_gives_the_settings_profile_target_and_environment_and_ends_the_
     assert list(profile) == ["shop"] and dbt.target == settings.effective_dbt_target == "duckdb"
     assert [call["env"] for call in fake.calls()] == [environment, environment]  # the parse first, then the build
     assert driver is not None and driver.wait(timeout=RESPONSE_SECONDS) == 0 and not dbt.profiles_dir.exists()
+
+
+def test_dbt_found_on_the_path_runs_on_the_python_beside_it_or_else_on_elts_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bounded: None
+) -> None:
+    """Where elt's Python has no dbt beside it (a system Python, dbt installed elsewhere), the dbt
+    command is the one on PATH, and the dbt process runs on the Python beside that dbt, or on
+    elt's own Python when there is none (the driver needs only the standard library). Without a
+    dbt anywhere, the message says how to install it."""
+    import sys
+
+    from elt.errors import ConfigurationError
+
+    venv_bin = Path(sys.executable).parent
+    own = tmp_path / "elts-python"
+    own.mkdir()
+    (own / "python").symlink_to(sys.executable)
+    monkeypatch.setattr(sys, "executable", str(own / "python"))
+    project = _project_in(tmp_path)
+    fake = FakeDbtLibrary(tmp_path, {})
+    elt_folder = str(Path(dbt_runner.__file__).resolve().parents[1])  # the driver's `elt`, whichever Python runs it
+    env = fake.env(PYTHONPATH=os.pathsep.join([fake.variables()["PYTHONPATH"], elt_folder]))
+
+    monkeypatch.setenv("PATH", str(venv_bin))
+    assert dbt_runner.dbt_executable() == str(venv_bin / "dbt")
+    dbt = dbt_runner.Dbt(project, tmp_path / "profiles", "duckdb", env)
+    assert dbt_runner.run_dbt(dbt, ["ls"]).return_code == 0
+    assert _ended(dbt) == 0
+
+    dbt_alone = tmp_path / "dbt-alone"
+    dbt_alone.mkdir()
+    (dbt_alone / "dbt").write_text("#!/bin/sh\nexit 2\n")
+    (dbt_alone / "dbt").chmod(0o755)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(tmp_path / "nothing-here"), str(dbt_alone)]))
+    assert dbt_runner.dbt_executable() == str(dbt_alone / "dbt")
+    dbt = dbt_runner.Dbt(project, tmp_path / "profiles", "duckdb", env)
+    assert dbt_runner.run_dbt(dbt, ["ls"]).return_code == 0
+    assert _ended(dbt) == 0
+    assert [call["executable"] for call in fake.calls()] == [str(venv_bin / "python")] * 2 + [str(own / "python")] * 2
+
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    with pytest.raises(ConfigurationError) as raised:
+        dbt_runner.dbt_executable()
+    assert str(raised.value) == "the dbt command was not found; install the project with `make venv`"
+
+
+def test_a_dbt_process_that_will_not_exit_does_not_hold_up_the_exit_of_elts_process() -> None:
+    """The wait for it (up to DBT_EXIT_SECONDS) runs in a daemon thread: a Python that ended a
+    dbt process (a `sleep` here, which does not exit when its input closes) exits at once."""
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import subprocess\n"
+        "from elt import dbt_runner\n"
+        "dbt_runner.DBT_EXIT_SECONDS = 600\n"
+        "driver = subprocess.Popen(['sleep', '900'], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)\n"
+        "print(driver.pid, flush=True)\n"
+        "dbt_runner._end_driver(driver)\n"
+    )
+    python = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert python.stdout is not None
+    sleeper = int(python.stdout.readline())
+    try:
+        assert python.wait(timeout=RESPONSE_SECONDS) == 0
+    finally:
+        python.kill()
+        python.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(sleeper, signal.SIGKILL)  # orphaned: whoever adopted it reaps it
+
+
+def test_times_are_shown_in_utc_on_a_machine_set_to_another_zone() -> None:
+    """dbt writes max_loaded_at in UTC, naive or with an offset; a machine whose zone is not UTC
+    (here 9 hours east) shows it in UTC all the same."""
+    import time
+
+    saved = os.environ.get("TZ")
+    os.environ["TZ"] = "JST-9"
+    time.tzset()
+    try:
+        assert dbt_runner.utc_minute("2026-11-28T10:00:00") == "2026-11-28 10:00 UTC"
+        assert dbt_runner.utc_minute("2026-11-28T12:30:00+02:00") == "2026-11-28 10:30 UTC"
+    finally:
+        if saved is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = saved
+        time.tzset()

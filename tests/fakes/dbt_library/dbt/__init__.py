@@ -20,6 +20,6 @@ work takes), `wait_for` (a path: the command waits until it exists, at most `wai
 WAIT_SECONDS, and fails if it does not appear) with `print_after` (lines printed once it does), `exit` (the process exits with that code mid-command) and
 `signal` (the process is killed by that signal mid-command). A command without an entry
 succeeds and prints nothing. Each invocation is appended to the file named by FAKE_DBT_LOG as
-one JSON line: pid, `via` (`runner` or `cli`), arguments, working directory, whether it was
+one JSON line: pid, the Python running it, `via` (`runner` or `cli`), arguments, working directory, whether it was
 given a manifest, and its environment.
 """

@@ -49,7 +49,8 @@ def _run(args: list[str], *, via: str, manifest: bool) -> str:
     entry = _script().get(args[0] if args else "", {})
     log = os.environ.get("FAKE_DBT_LOG")
     if log:
-        record = {"pid": os.getpid(), "via": via, "arguments": args, "cwd": os.getcwd(), "manifest": manifest}
+        record = {"pid": os.getpid(), "executable": sys.executable, "via": via, "arguments": args, "cwd": os.getcwd()}
+        record["manifest"] = manifest
         with open(log, "a") as file:
             file.write(json.dumps({**record, "env": dict(os.environ)}) + "\n")
     for line in entry.get("print", []):
