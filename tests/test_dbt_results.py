@@ -502,12 +502,16 @@ LISTED_SOURCES = [
     json.dumps(
         {
             "unique_id": "source.shop.faker.products",
+            "name": "products",
             "meta": {"airbyte_connection": ["faker", "crm"], "owner": "a"},
             "config": {"meta": {"owner": "b"}},
         }
     ),
-    json.dumps({"unique_id": "source.shop.crm.leads", "meta": {"airbyte_connection": "crm"}, "config": None}),
-    json.dumps({"unique_id": "source.shop.web.events", "meta": None}),
+    json.dumps({"unique_id": "source.shop.crm.leads", "name": "leads", "meta": {"airbyte_connection": "crm"}, "config": None}),
+    json.dumps({"unique_id": "source.shop.web.events", "name": "events", "meta": None}),
+    # Names holding dots (a table `users.v2`, a source `mobile.app`), and fnmatch's wildcards.
+    json.dumps({"unique_id": "source.shop.faker.users.v2", "name": "users.v2", "meta": {"airbyte_connection": "faker_v2"}}),
+    json.dumps({"unique_id": "source.shop.mobile.app.hits[1]*", "name": "hits[1]*", "meta": {"airbyte_connection": "app"}}),
     json.dumps({"name": "not a node"}),
     "{not json",
     json.dumps(["a list"]),
@@ -534,6 +538,8 @@ def test_sources_are_listed_with_the_meta_of_their_config_and_their_own(tmp_path
         ("source.shop.faker.products", {"owner": "a", "airbyte_connection": ["faker", "crm"]}),  # its own meta wins
         ("source.shop.crm.leads", {"airbyte_connection": "crm"}),
         ("source.shop.web.events", {}),
+        ("source.shop.faker.users.v2", {"airbyte_connection": "faker_v2"}),
+        ("source.shop.mobile.app.hits[1]*", {"airbyte_connection": "app"}),
     ]
 
 
@@ -542,6 +548,41 @@ def test_what_a_failed_connection_feeds_is_named_by_source_with_everything_downs
     assert dbt_runner.downstream_of_connections(dbt, ["crm"]) == ["source:faker.products+", "source:crm.leads+"]  # type: ignore[arg-type]
     assert dbt_runner.downstream_of_connections(dbt, ["faker"]) == ["source:faker.users+", "source:faker.products+"]  # type: ignore[arg-type]
     assert dbt_runner.downstream_of_connections(dbt, ["web"]) == []  # type: ignore[arg-type]
+    # dbt splits a source selector at each dot: a dot in a name is `?` (see source_selector).
+    assert dbt_runner.downstream_of_connections(dbt, ["faker_v2", "app"]) == [  # type: ignore[arg-type]
+        "source:faker.users?v2+",
+        "source:mobile?app.hits[[]1][*]+",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("source_name", "table", "others"),
+    [
+        ("faker", "users", ["user", "users2", "Users"]),
+        ("faker", "users.v2", ["users", "v2", "users.v3"]),
+        ("mobile.app", "hits", ["hit", "hits2"]),
+        ("web", "hits[1]*", ["hits1", "hits[1]", "hits[1]x"]),
+        ("web", "a?b", ["axb"]),
+        ("web", "page views,daily", []),
+    ],
+)
+def test_a_source_selector_selects_that_table_as_dbt_reads_it(source_name: str, table: str, others: list[str]) -> None:
+    """As dbt 1.11's SourceSelectorMethod reads `source:` (dbt/graph/selector_methods.py): the
+    value split at each dot into source and table (three parts: package first), each matched
+    with fnmatch (case-sensitive on Linux); a selection's value ends at a space (a union) or a
+    comma (an intersection). tests/test_dbt.py checks one against dbt itself.
+    The table is selected, and no other table of the source but one differing only where the
+    name has a dot, space or comma (the cost of `?`, said in source_selector)."""
+    from fnmatch import fnmatchcase
+
+    selector = dbt_runner.source_selector(source_name, table)
+    assert selector.startswith("source:") and selector.endswith("+") and not {" ", ","} & set(selector)
+    parts = selector.removeprefix("source:").removesuffix("+").split(".")
+    assert len(parts) == 2
+    assert fnmatchcase(source_name, parts[0]) and fnmatchcase(table, parts[1])
+    assert not any(fnmatchcase(other, parts[1]) for other in others)
+    if "." in table:
+        assert fnmatchcase(table.replace(".", "_"), parts[1])  # what `?` costs
 
 
 def test_sources_that_cannot_be_listed_say_why(tmp_path: Path) -> None:
@@ -1320,3 +1361,21 @@ def test_times_are_shown_in_utc_on_a_machine_set_to_another_zone() -> None:
         else:
             os.environ["TZ"] = saved
         time.tzset()
+
+
+def test_a_source_left_out_whose_name_holds_a_dot_is_not_checked_for_freshness(tmp_path: Path) -> None:
+    """The selectors of downstream_of_connections, as `--exclude`, and the sources it leaves out
+    of the check known by them (not reported as sources dbt could not check)."""
+    gated = {"config": {"freshness": {"error_after": {"count": 48}}}}
+    manifest = {
+        "sources": {
+            "source.shop.faker.users.v2": {"source_name": "faker", "name": "users.v2", **gated},
+            "source.shop.faker.users": {"source_name": "faker", "name": "users", **gated},
+        }
+    }
+    project = _project(tmp_path, FRESHNESS_YAML)
+    dbt = ScriptedDbt(project, ["12:00:01  Done."], files={"sources.json": {"results": []}, "manifest.json": manifest})
+    left_out = [dbt_runner.source_selector("faker", "users.v2")]
+    checked = dbt_runner.check_freshness(dbt, left_out)  # type: ignore[arg-type]
+    assert dbt.asked == [["source", "freshness", "--exclude", "source:faker.users?v2+"]]
+    assert [source.unique_id for source in checked] == ["source.shop.faker.users"]

@@ -530,9 +530,37 @@ def downstream_of_connections(dbt: Dbt, connections: list[str]) -> list[str]:
         fed_by = source["meta"].get("airbyte_connection")
         fed_by = [fed_by] if isinstance(fed_by, str) else list(fed_by or [])
         if set(fed_by) & set(connections):
-            _, _, source_name, table = source["unique_id"].split(".", 3)
-            selectors.append(f"source:{source_name}.{table}+")
+            table = str(source["name"])  # `source.<package>.<source>.<table>`: either name may hold a dot
+            source_name = source["unique_id"].split(".", 2)[2].removesuffix(f".{table}")
+            selectors.append(source_selector(source_name, table))
     return selectors
+
+
+_NOT_LITERAL = re.compile(r"([*?\[])")  # fnmatch's wildcards
+
+
+def source_selector(source_name: str, table: str) -> str:
+    """`source:<source>.<table>+`: a source table and all that depends on it, in dbt's syntax.
+
+    dbt splits a source selector at every dot (one part a source, two a source and a table,
+    three a package, a source and a table) and matches each part with fnmatch, and reads a
+    space as a union and a comma as an intersection. So a name holding a dot (`users.v2`) would
+    be read as more parts and select nothing: each dot, space or comma is `?` there (any one
+    character), and fnmatch's wildcards in a name match only themselves. The cost of `?`:
+    another table of the same source whose name differs from this one only at that character
+    (`users_v2` beside `users.v2`) is selected with it, so left out with it, never built by
+    mistake.
+
+    >>> source_selector("faker", "users.v2")
+    'source:faker.users?v2+'
+    >>> source_selector("web", "hits[1]*")
+    'source:web.hits[[]1][*]+'
+    """
+    return f"source:{_as_one_part(source_name)}.{_as_one_part(table)}+"
+
+
+def _as_one_part(name: str) -> str:
+    return re.sub(r"[.,\s]", "?", _NOT_LITERAL.sub(r"[\1]", name))
 
 
 def check_freshness(
@@ -593,7 +621,7 @@ def _checked_sources(project: DbtProject, left_out: list[str]) -> dict[str, str]
     for unique_id, source in sources.items():
         freshness = (source.get("config") or {}).get("freshness") or source.get("freshness") or {}
         gated = any((freshness.get(threshold) or {}).get("count") for threshold in ("warn_after", "error_after"))
-        if gated and f"source:{source.get('source_name')}.{source.get('name')}+" not in left_out:
+        if gated and source_selector(str(source.get("source_name")), str(source.get("name"))) not in left_out:
             checked[unique_id] = str(source.get("name"))
     return checked
 
