@@ -649,12 +649,19 @@ def test_freshness_is_read_per_source_and_a_selected_source_without_a_result_is_
     checked = dbt_runner.check_freshness(dbt, ["source:crm.leads+", "source:web.events+"])  # type: ignore[arg-type]
     assert dbt.asked == [["source", "freshness", "--exclude", "source:crm.leads+ source:web.events+"]]
     assert checked == [
-        dbt_runner.SourceFreshness("source.shop.faker.orders", "runtime error", None, {}, "Database Error"),
+        dbt_runner.SourceFreshness("source.shop.faker.orders", "runtime error", None, {}, "Database Error", "orders"),
         dbt_runner.SourceFreshness(
-            "source.shop.faker.products", "runtime error", error="Catalog Error: Table with name products does not exist!"
+            "source.shop.faker.products",
+            "runtime error",
+            error="Catalog Error: Table with name products does not exist!",
+            table="products",
         ),
         dbt_runner.SourceFreshness(
-            "source.shop.faker.users", "error", "2026-11-28T10:00:00", {"error_after": {"count": 48, "period": "hour"}}
+            "source.shop.faker.users",
+            "error",
+            "2026-11-28T10:00:00",
+            {"error_after": {"count": 48, "period": "hour"}},
+            table="users",
         ),
     ]
     dbt = ScriptedDbt(project, ["12:00:01  Done."], files={"sources.json": {"results": []}, "manifest.json": CHECKED_MANIFEST})
@@ -1379,3 +1386,26 @@ def test_a_source_left_out_whose_name_holds_a_dot_is_not_checked_for_freshness(t
     checked = dbt_runner.check_freshness(dbt, left_out)  # type: ignore[arg-type]
     assert dbt.asked == [["source", "freshness", "--exclude", "source:faker.users?v2+"]]
     assert [source.unique_id for source in checked] == ["source.shop.faker.users"]
+
+
+def test_a_blocking_source_is_left_out_by_a_selector_of_its_own_table_whatever_dots_its_names_hold(tmp_path: Path) -> None:
+    """Its table's name comes from the manifest: the unique id `source.shop.mobile.app.hits.v2`
+    alone could be source `mobile.app`'s `hits.v2` or source `mobile`'s `app.hits.v2`. Without
+    the manifest's name, the source's name is taken to hold no dot."""
+    gated = {"config": {"freshness": {"error_after": {"count": 48}}}}
+    manifest = {
+        "sources": {
+            "source.shop.mobile.app.hits.v2": {"source_name": "mobile.app", "name": "hits.v2", **gated},
+            "source.shop.mobile.web.hits": {"source_name": "mobile.web", "name": "hits", **gated},
+        }
+    }
+    stale = {"unique_id": "source.shop.mobile.app.hits.v2", "status": "error", "max_loaded_at": "2026-11-28T10:00:00"}
+    project = _project(tmp_path, FRESHNESS_YAML)
+    files = {"sources.json": {"results": [stale]}, "manifest.json": manifest}
+    checked = dbt_runner.check_freshness(ScriptedDbt(project, ["12:00:01  Done."], files=files))  # type: ignore[arg-type]
+    assert [(source.unique_id, source.status, source.selector) for source in checked] == [
+        ("source.shop.mobile.app.hits.v2", "error", "source:mobile?app.hits?v2+"),
+        ("source.shop.mobile.web.hits", "runtime error", "source:mobile?web.hits+"),  # no result: not checkable
+    ]
+    assert dbt_runner.SourceFreshness("source.shop.faker.users.v2", "error").selector == "source:faker.users?v2+"
+    assert dbt_runner.SourceFreshness("source.shop.faker.users", "error").selector == "source:faker.users+"

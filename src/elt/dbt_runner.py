@@ -129,11 +129,19 @@ class SourceFreshness:
     max_loaded_at: str | None = None  # ISO 8601, as dbt writes it
     criteria: dict[str, Any] = field(default_factory=dict)  # {"warn_after": {"count": 24, "period": "hour"}, ...}
     error: str | None = None  # why dbt could not check it (runtime error)
+    table: str | None = None  # its name, from the manifest: `source.p.a.b.c` alone is a.b's c or a's b.c
 
     @property
     def source(self) -> str:
-        """`<source>.<table>`, as dbt's selectors and the project's YAML name it."""
+        """`<source>.<table>`, as the project's YAML names it."""
         return self.unique_id.split(".", 2)[2]
+
+    @property
+    def selector(self) -> str:
+        """This table and what it feeds, as dbt selects them (`source_selector`); without its
+        name from the manifest, the source's name is taken to hold no dot."""
+        table = self.table or self.source.split(".", 1)[-1]
+        return source_selector(self.source.removesuffix(f".{table}"), table)
 
     @property
     def blocks(self) -> bool:
@@ -585,6 +593,8 @@ def check_freshness(
             cause = _one_line(run.error_lines, run.output_tail, run.return_code)
             raise DbtInvocationError(f"dbt source freshness in {dbt.project.path} could not run: {cause}")
         return []  # no source has a freshness block: dbt had nothing to do
+    manifest = dbt.project.path / "target" / "manifest.json"
+    sources = json.loads(manifest.read_text()).get("sources", {}) if manifest.exists() else {}
     results = {}
     for result in json.loads(sources_path.read_text()).get("results", []):
         results[result["unique_id"]] = SourceFreshness(
@@ -593,10 +603,13 @@ def check_freshness(
             max_loaded_at=result.get("max_loaded_at"),
             criteria=result.get("criteria") or {},
             error=_first_line_of(result.get("error")),
+            table=(sources.get(result["unique_id"]) or {}).get("name"),
         )
-    for unique_id, table in _checked_sources(dbt.project, left_out or []).items():
+    for unique_id, table in _checked_sources(sources, left_out or []).items():
         if unique_id not in results:
-            results[unique_id] = SourceFreshness(unique_id, "runtime error", error=_runtime_error_of(table, run.error_lines))
+            results[unique_id] = SourceFreshness(
+                unique_id, "runtime error", error=_runtime_error_of(table, run.error_lines), table=table
+            )
     return sorted(results.values(), key=lambda result: result.unique_id)
 
 
@@ -612,11 +625,9 @@ def declares_freshness(project: DbtProject) -> bool:
     )
 
 
-def _checked_sources(project: DbtProject, left_out: list[str]) -> dict[str, str]:
+def _checked_sources(sources: dict[str, dict], left_out: list[str]) -> dict[str, str]:
     """The sources `dbt source freshness` selected (a freshness block, not left out), from the
-    manifest it wrote: unique_id → table name."""
-    manifest = project.path / "target" / "manifest.json"
-    sources = json.loads(manifest.read_text()).get("sources", {}) if manifest.exists() else {}
+    manifest it wrote (its `sources`): unique_id → table name."""
     checked = {}
     for unique_id, source in sources.items():
         freshness = (source.get("config") or {}).get("freshness") or source.get("freshness") or {}
