@@ -313,6 +313,43 @@ def test_failed_connection_leaves_out_its_sources_and_everything_downstream(
     assert dbt_runner.downstream_of_connections(dbt, ["faker"]) == []
 
 
+@pytest.mark.slow
+def test_a_failed_connection_leaves_out_what_a_table_whose_name_holds_a_dot_feeds(
+    project: dbt_runner.DbtProject, profiles_dir: Path
+) -> None:
+    """dbt splits a `source:` selector at each dot: `source:faker.users.v2+` selected nothing
+    (`does not match any enabled nodes`), and the model on the failed sync's table was built.
+    The selector dbt is given now leaves out the table and what it feeds, and nothing else
+    (users_v3 differs from users.v2 at more than the dot)."""
+    (project.path / "models" / "sources.yml").write_text(
+        yaml.safe_dump(
+            {
+                "version": 2,
+                "sources": [
+                    {
+                        "name": "faker",
+                        "config": {"meta": {"airbyte_connection": "faker"}},
+                        "tables": [{"name": "users.v2"}, {"name": "users_v3", "config": {"meta": {"airbyte_connection": "v3"}}}],
+                    }
+                ],
+            }
+        )
+    )
+    (project.path / "models" / "users_v2.sql").write_text("select * from {{ source('faker', 'users.v2') }}\n")
+    (project.path / "models" / "users_v3.sql").write_text("select * from {{ source('faker', 'users_v3') }}\n")
+    dbt = _dbt(project, profiles_dir)
+    try:
+        stale = dbt_runner.downstream_of_connections(dbt, ["faker"])
+        everything = _would_build(dbt, dbt_runner.build_arguments())
+        assert everything - _would_build(dbt, dbt_runner.build_arguments(stale=stale)) == {
+            "source.tiny_shop.faker.users.v2",
+            "model.tiny_shop.users_v2",
+        }
+        assert stale == ["source:faker.users?v2+"]
+    finally:
+        dbt.close()
+
+
 def test_freshness_checks_only_sources_with_a_freshness_block_and_not_those_left_out(
     project: dbt_runner.DbtProject, profiles_dir: Path, tmp_path: Path
 ) -> None:

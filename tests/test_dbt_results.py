@@ -1,13 +1,18 @@
 """dbt's results read back as data, without running dbt: target/run_results.json and manifest.json
 as dbt 1.11 writes them, dbt's text log lines as it prints them, and the messages a user reads.
+The dbt process (src/elt/dbt_driver.py, and the `dbt` command) runs for real, with a stand-in
+for the dbt library first on its PYTHONPATH (tests/fakes/dbt_library, `FakeDbtLibrary`).
 tests/test_dbt.py runs the real dbt for the same paths (10-20 s a test); these take
 milliseconds, so `make mutation` can run them for every mutant of dbt_runner.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -497,12 +502,16 @@ LISTED_SOURCES = [
     json.dumps(
         {
             "unique_id": "source.shop.faker.products",
+            "name": "products",
             "meta": {"airbyte_connection": ["faker", "crm"], "owner": "a"},
             "config": {"meta": {"owner": "b"}},
         }
     ),
-    json.dumps({"unique_id": "source.shop.crm.leads", "meta": {"airbyte_connection": "crm"}, "config": None}),
-    json.dumps({"unique_id": "source.shop.web.events", "meta": None}),
+    json.dumps({"unique_id": "source.shop.crm.leads", "name": "leads", "meta": {"airbyte_connection": "crm"}, "config": None}),
+    json.dumps({"unique_id": "source.shop.web.events", "name": "events", "meta": None}),
+    # Names holding dots (a table `users.v2`, a source `mobile.app`), and fnmatch's wildcards.
+    json.dumps({"unique_id": "source.shop.faker.users.v2", "name": "users.v2", "meta": {"airbyte_connection": "faker_v2"}}),
+    json.dumps({"unique_id": "source.shop.mobile.app.hits[1]*", "name": "hits[1]*", "meta": {"airbyte_connection": "app"}}),
     json.dumps({"name": "not a node"}),
     "{not json",
     json.dumps(["a list"]),
@@ -529,6 +538,8 @@ def test_sources_are_listed_with_the_meta_of_their_config_and_their_own(tmp_path
         ("source.shop.faker.products", {"owner": "a", "airbyte_connection": ["faker", "crm"]}),  # its own meta wins
         ("source.shop.crm.leads", {"airbyte_connection": "crm"}),
         ("source.shop.web.events", {}),
+        ("source.shop.faker.users.v2", {"airbyte_connection": "faker_v2"}),
+        ("source.shop.mobile.app.hits[1]*", {"airbyte_connection": "app"}),
     ]
 
 
@@ -537,6 +548,41 @@ def test_what_a_failed_connection_feeds_is_named_by_source_with_everything_downs
     assert dbt_runner.downstream_of_connections(dbt, ["crm"]) == ["source:faker.products+", "source:crm.leads+"]  # type: ignore[arg-type]
     assert dbt_runner.downstream_of_connections(dbt, ["faker"]) == ["source:faker.users+", "source:faker.products+"]  # type: ignore[arg-type]
     assert dbt_runner.downstream_of_connections(dbt, ["web"]) == []  # type: ignore[arg-type]
+    # dbt splits a source selector at each dot: a dot in a name is `?` (see source_selector).
+    assert dbt_runner.downstream_of_connections(dbt, ["faker_v2", "app"]) == [  # type: ignore[arg-type]
+        "source:faker.users?v2+",
+        "source:mobile?app.hits[[]1][*]+",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("source_name", "table", "others"),
+    [
+        ("faker", "users", ["user", "users2", "Users"]),
+        ("faker", "users.v2", ["users", "v2", "users.v3"]),
+        ("mobile.app", "hits", ["hit", "hits2"]),
+        ("web", "hits[1]*", ["hits1", "hits[1]", "hits[1]x"]),
+        ("web", "a?b", ["axb"]),
+        ("web", "page views,daily", []),
+    ],
+)
+def test_a_source_selector_selects_that_table_as_dbt_reads_it(source_name: str, table: str, others: list[str]) -> None:
+    """As dbt 1.11's SourceSelectorMethod reads `source:` (dbt/graph/selector_methods.py): the
+    value split at each dot into source and table (three parts: package first), each matched
+    with fnmatch (case-sensitive on Linux); a selection's value ends at a space (a union) or a
+    comma (an intersection). tests/test_dbt.py checks one against dbt itself.
+    The table is selected, and no other table of the source but one differing only where the
+    name has a dot, space or comma (the cost of `?`, said in source_selector)."""
+    from fnmatch import fnmatchcase
+
+    selector = dbt_runner.source_selector(source_name, table)
+    assert selector.startswith("source:") and selector.endswith("+") and not {" ", ","} & set(selector)
+    parts = selector.removeprefix("source:").removesuffix("+").split(".")
+    assert len(parts) == 2
+    assert fnmatchcase(source_name, parts[0]) and fnmatchcase(table, parts[1])
+    assert not any(fnmatchcase(other, parts[1]) for other in others)
+    if "." in table:
+        assert fnmatchcase(table.replace(".", "_"), parts[1])  # what `?` costs
 
 
 def test_sources_that_cannot_be_listed_say_why(tmp_path: Path) -> None:
@@ -603,12 +649,19 @@ def test_freshness_is_read_per_source_and_a_selected_source_without_a_result_is_
     checked = dbt_runner.check_freshness(dbt, ["source:crm.leads+", "source:web.events+"])  # type: ignore[arg-type]
     assert dbt.asked == [["source", "freshness", "--exclude", "source:crm.leads+ source:web.events+"]]
     assert checked == [
-        dbt_runner.SourceFreshness("source.shop.faker.orders", "runtime error", None, {}, "Database Error"),
+        dbt_runner.SourceFreshness("source.shop.faker.orders", "runtime error", None, {}, "Database Error", "orders"),
         dbt_runner.SourceFreshness(
-            "source.shop.faker.products", "runtime error", error="Catalog Error: Table with name products does not exist!"
+            "source.shop.faker.products",
+            "runtime error",
+            error="Catalog Error: Table with name products does not exist!",
+            table="products",
         ),
         dbt_runner.SourceFreshness(
-            "source.shop.faker.users", "error", "2026-11-28T10:00:00", {"error_after": {"count": 48, "period": "hour"}}
+            "source.shop.faker.users",
+            "error",
+            "2026-11-28T10:00:00",
+            {"error_after": {"count": 48, "period": "hour"}},
+            table="users",
         ),
     ]
     dbt = ScriptedDbt(project, ["12:00:01  Done."], files={"sources.json": {"results": []}, "manifest.json": CHECKED_MANIFEST})
@@ -829,3 +882,530 @@ def test_settings_given_in_code_make_the_profile_and_dbts_environment(tmp_path: 
     )
     env = dbt_runner.dbt_environment(snowflake)
     assert (env["SNOWFLAKE_ACCOUNT"], env["SNOWFLAKE_USER"], env["SNOWFLAKE_PASSWORD"]) == ("acme-x1", "loader", "pw")
+
+
+# The dbt process (src/elt/dbt_driver.py) for real, with a stand-in for the dbt library.
+
+FAKE_DBT_LIBRARY = Path(__file__).parent / "fakes" / "dbt_library"
+RESPONSE_SECONDS = 30  # a dbt process that has not answered by then is killed: the test fails
+
+
+class FakeDbtLibrary:
+    """tests/fakes/dbt_library first on the dbt process's PYTHONPATH: the real driver (`python -m
+    elt.dbt_driver`, started by dbt_runner) and the venv's real `dbt` command run, and the dbt
+    they import is the stand-in, which keeps dbtRunner's contract (its docstring), does what
+    `script` says for each command, and writes down every invocation (`calls`). The real dbt
+    takes 10-20 s a test (tests/test_dbt.py)."""
+
+    def __init__(self, folder: Path, script: dict) -> None:
+        self.script_path = folder / "fake-dbt-script.json"
+        self.log_path = folder / "fake-dbt-calls.jsonl"
+        self.script(script)
+
+    def script(self, script: dict) -> None:
+        self.script_path.write_text(json.dumps(script))
+
+    def variables(self) -> dict[str, str]:
+        return {
+            "PYTHONPATH": os.pathsep.join([str(FAKE_DBT_LIBRARY), *filter(None, [os.environ.get("PYTHONPATH")])]),
+            "FAKE_DBT_SCRIPT": str(self.script_path),
+            "FAKE_DBT_LOG": str(self.log_path),
+        }
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {**os.environ, **self.variables(), **extra}
+
+    def calls(self) -> list[dict]:
+        if not self.log_path.exists():
+            return []
+        return [json.loads(line) for line in self.log_path.read_text().splitlines()]
+
+    def seen(self) -> list[tuple[str, list[str], bool]]:
+        """Each invocation as (via, arguments, given the parsed manifest)."""
+        return [(call["via"], call["arguments"], call["manifest"]) for call in self.calls()]
+
+    @contextmanager
+    def in_environment(self) -> Iterator[None]:
+        """On this process's environment for the block (what dbt_environment() and dbt_started_early read)."""
+        saved = {name: os.environ.get(name) for name in self.variables()}
+        os.environ.update(self.variables())
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+@pytest.fixture
+def bounded() -> Iterator[None]:
+    """Every process this test starts is killed if it is still running after RESPONSE_SECONDS:
+    a dbt process that never answers ends the command (and fails the test) instead of hanging it."""
+    import signal
+    import threading
+
+    def kill_children() -> None:
+        for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                for child in (task / "children").read_text().split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(child), signal.SIGKILL)
+
+    fired = threading.Event()
+    timer = threading.Timer(RESPONSE_SECONDS, lambda: (fired.set(), kill_children()))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+    if fired.is_set():
+        pytest.fail(f"a process of this test was still running after {RESPONSE_SECONDS} s, and was killed")
+
+
+def _project_in(tmp_path: Path) -> DbtProject:
+    (tmp_path / "project").mkdir()
+    return _project(tmp_path / "project")
+
+
+def _common(dbt: dbt_runner.Dbt) -> list[str]:
+    return ["--project-dir", str(dbt.project.path), "--profiles-dir", str(dbt.profiles_dir), "--target", dbt.target]
+
+
+def _ended(dbt: dbt_runner.Dbt) -> int:
+    """Close the Dbt and wait for its dbt process's exit code."""
+    driver = dbt._driver
+    assert driver is not None
+    dbt.close()
+    return driver.wait(timeout=RESPONSE_SECONDS)
+
+
+def test_commands_run_one_after_the_other_in_one_dbt_process_in_the_project_with_its_environment(
+    tmp_path: Path, bounded: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first command starts the process, which parses the project first (with the command's
+    project, profiles folder and target); each command after runs on that parse, in the project
+    folder, with the Dbt's environment and nothing else; the process ends when the Dbt closes."""
+    project = _project_in(tmp_path)
+    results = {"results": [{"unique_id": "model.shop.a", "status": "error", "message": "boom"}]}
+    fake = FakeDbtLibrary(
+        tmp_path,
+        {
+            "build": {
+                "print": ["12:00:01  Running with dbt=1.11.2", "12:00:03  1 of 1 ERROR creating sql table model main.a"],
+                "files": {"run_results.json": results},
+                "outcome": "failed",
+            },
+            "ls": {"print": ["source.shop.faker.users", "source.shop.faker.orders"]},
+        },
+    )
+    dbt = dbt_runner.Dbt(project, tmp_path / "profiles", "prod", fake.env(ELT_TEST_MARK="this dbt's"))
+    with caplog.at_level(logging.INFO, logger="tests.dbt"):
+        run = dbt_runner.run_dbt(dbt, ["build", "--select", "a"], log=logging.getLogger("tests.dbt"))
+    assert [record.getMessage() for record in caplog.records] == [
+        "Running dbt build --select a",
+        "Running with dbt=1.11.2",
+        "1 of 1 ERROR creating sql table model main.a",
+    ]
+    assert (run.return_code, run.results) == (1, [NodeResult("model.shop.a", "error", 0.0, "boom", None)])
+    with pytest.raises(DbtBuildFailed, match=r"^dbt build failed on 1 node\(s\): model\.shop\.a \(error: boom\)$"):
+        dbt_runner.raise_if_failed(run)
+    listed = dbt.run_captured("ls", "--quiet")
+    assert (listed.args, listed.returncode, listed.stdout, listed.stderr) == (
+        ["dbt", "ls", "--quiet"],
+        0,
+        "source.shop.faker.users\nsource.shop.faker.orders\n",
+        "",
+    )
+    assert fake.seen() == [
+        ("runner", ["parse", "--quiet", "--no-write-json", *_common(dbt)], False),
+        ("runner", ["build", "--select", "a", *_common(dbt)], True),
+        ("runner", ["ls", "--quiet", *_common(dbt)], True),
+    ]
+    calls = fake.calls()
+    assert {call["pid"] for call in calls} != {os.getpid()} and len({call["pid"] for call in calls}) == 1
+    assert all(call["cwd"] == str(project.path) and call["env"] == dbt.env for call in calls)
+    assert _ended(dbt) == 0
+
+
+def test_a_project_is_parsed_once_per_dbt_process_and_again_after_deps_or_a_new_process(tmp_path: Path, bounded: None) -> None:
+    """`parse()` parses unless the process's parse is in target/: after `parse`, or a command that
+    writes its manifest there and got as far as running nodes (exit code 0 or 1, not 2). `deps`
+    (new packages change the project) and a new process forget it. The seconds spent parsing add up."""
+    project = _project_in(tmp_path)
+    fake = FakeDbtLibrary(tmp_path, {"parse": {"seconds": 0.05}, "build": {"outcome": "error"}, "run": {"outcome": "failed"}})
+    dbt = dbt_runner.Dbt(project, tmp_path / "profiles", "duckdb", fake.env())
+    dbt.parse()
+    assert fake.seen() == [("runner", ["parse", "--quiet", *_common(dbt)], False)]
+    assert dbt.parsed and dbt.parse_seconds >= 0.05
+    parsed_in = dbt.parse_seconds
+    dbt.parse()
+    dbt_runner.run_dbt(dbt, ["build"])  # could not run (2): the parse stays the process's
+    dbt_runner.run_dbt(dbt, ["ls"])
+    assert fake.seen()[1:] == [("runner", ["build", *_common(dbt)], True), ("runner", ["ls", *_common(dbt)], True)]
+    assert dbt.parsed and dbt.parse_seconds == parsed_in  # both ran on the parse the process has
+    dbt_runner.run_dbt(dbt, ["deps"])
+    assert fake.seen()[3] == ("runner", ["deps", *_common(dbt)], False) and not dbt.parsed
+    dbt.parse()
+    assert len(fake.seen()) == 5 and dbt.parse_seconds >= parsed_in + 0.05
+    assert _ended(dbt) == 0
+    dbt.parse()  # a new process: parsed again
+    assert [arguments[0] for _, arguments, _ in fake.seen()] == ["parse", "build", "ls", "deps", "parse", "parse"]
+    assert len({call["pid"] for call in fake.calls()}) == 2
+    assert _ended(dbt) == 0
+
+    fresh = dbt_runner.Dbt(project, tmp_path / "profiles", "duckdb", fake.env())
+    dbt_runner.run_dbt(fresh, ["build"])  # could not run: it wrote no manifest of its own
+    assert not fresh.parsed
+    dbt_runner.run_dbt(fresh, ["run", "--target-path", str(tmp_path / "elsewhere")])  # its manifest went elsewhere
+    assert not fresh.parsed
+    dbt_runner.run_dbt(fresh, ["run"])  # nodes failed (1): it parsed, and wrote the manifest
+    assert fresh.parsed
+    fake.script({"build": {"outcome": "success"}})
+    other = dbt_runner.Dbt(project, tmp_path / "profiles", "duckdb", fake.env())
+    dbt_runner.run_dbt(other, ["build"])
+    assert other.parsed
+    assert _ended(fresh) == 0 and _ended(other) == 0
+
+
+def test_a_parse_that_fails_says_why_in_one_line(tmp_path: Path, bounded: None) -> None:
+    project = _project_in(tmp_path)
+    fake = FakeDbtLibrary(
+        tmp_path,
+        {"parse": {"print": ["12:00:01  Encountered an error:", "12:00:01  Parsing Error: bad yaml"], "outcome": "error"}},
+    )
+    dbt = dbt_runner.Dbt(project, tmp_path / "profiles", "duckdb", fake.env())
+    with pytest.raises(DbtInvocationError) as raised:
+        dbt.parse()
+    assert str(raised.value) == f"dbt parse in {project.path} could not run: Parsing Error: bad yaml"
+    assert not dbt.parsed
+    fake.script({"parse": {"print": ["12:00:01  Running with dbt=1.11.2"], "signal": 9}})
+    with pytest.raises(DbtInvocationError) as raised:
+        dbt.parse()
+    assert str(raised.value) == f"dbt parse in {project.path} could not run: the dbt process was killed (signal 9)"
+    assert not dbt.parsed
+    dbt.close()
+
+
+def test_a_dbt_process_that_dies_mid_command_gives_its_exit_code_and_the_next_command_a_new_process(
+    tmp_path: Path, bounded: None
+) -> None:
+    """What it printed on stderr before it died is part of the output (a crash's traceback)."""
+    project = _project_in(tmp_path)
+    fake = FakeDbtLibrary(
+        tmp_path,
+        {
+            "build": {
+                "print": ["12:00:01  Running with dbt=1.11.2"],
+                "stderr": ["Traceback (most recent call last):", "MemoryError"],
+                "exit": 3,
+            }
+        },
+    )
+    dbt = dbt_runner.Dbt(project, tmp_path / "profiles", "duckdb", fake.env())
+    dbt.parse()
+    run = dbt_runner.run_dbt(dbt, ["build"])
+    assert (run.return_code, run.output_tail) == (
+        3,
+        ["Running with dbt=1.11.2", "Traceback (most recent call last):", "MemoryError"],
+    )
+    with pytest.raises(DbtInvocationError, match=r"could not run: Running with dbt=1\.11\.2: MemoryError$"):
+        dbt_runner.raise_if_failed(run)
+    assert not dbt.parsed
+    fake.script({"build": {"exit": 0}})  # exited without ending the command: dbt could not run it
+    assert dbt_runner.run_dbt(dbt, ["build"]).return_code == 2
+    fake.script({"build": {"signal": 9}})
+    killed = dbt_runner.run_dbt(dbt, ["build"])
+    with pytest.raises(DbtInvocationError, match=r"could not run: the dbt process was killed \(signal 9\)$"):
+        dbt_runner.raise_if_failed(killed)
+    fake.script({"build": {"print": ["12:00:09  Done."]}})
+    assert dbt_runner.run_dbt(dbt, ["build"]).output_tail == ["Done."]
+    dbt.parse()  # the last build's parse
+    pids = [call["pid"] for call in fake.calls()]
+    assert [arguments[0] for _, arguments, _ in fake.seen()] == ["parse", "build"] * 4  # each new process parses first
+    assert len(set(pids)) == 4 and pids[-2] == pids[-1]  # one process per death, and the last one lives on
+    assert _ended(dbt) == 0
+
+
+def test_a_command_whose_output_is_not_read_to_the_end_ends_its_dbt_process(tmp_path: Path, bounded: None) -> None:
+    """The rest of its output would be read as the next command's: the process is killed, the
+    command is not taken for a success, and the next command runs in a new process."""
+    project = _project_in(tmp_path)
+    fake = FakeDbtLibrary(tmp_path, {"build": {"print": ["12:00:01  one", "12:00:02  two", "12:00:03  three"]}})
+    dbt = dbt_runner.Dbt(project, tmp_path / "profiles", "duckdb", fake.env())
+    assert dbt_runner.run_dbt(dbt, ["ls"]).return_code == 0
+    lines = dbt.invoke(["build"])
+    assert next(lines) == "12:00:01  one\n"
+    driver = dbt._driver
+    assert driver is not None
+    lines.close()
+    assert dbt.last_return_code == 2
+    fake.script({"build": {"print": ["12:00:04  four"]}})
+    assert dbt_runner.run_dbt(dbt, ["build"]).output_tail == ["four"]
+    assert driver.wait(timeout=RESPONSE_SECONDS) == -9
+    assert len({call["pid"] for call in fake.calls()}) == 2
+    assert _ended(dbt) == 0
+
+
+def test_dbts_lines_come_as_dbt_prints_them_not_when_the_command_ends(tmp_path: Path, bounded: None) -> None:
+    """The command prints a line, then waits (for a file this test makes once it has read the
+    line). Without PYTHONUNBUFFERED, which this machine sets and a deployment may not."""
+    project = _project_in(tmp_path)
+    go = tmp_path / "go"
+    fake = FakeDbtLibrary(
+        tmp_path, {"build": {"print": ["12:00:01  1 of 1 START"], "wait_for": str(go), "print_after": ["12:00:02  Done."]}}
+    )
+    env = fake.env()
+    env.pop("PYTHONUNBUFFERED", None)
+    dbt = dbt_runner.Dbt(project, tmp_path / "profiles", "duckdb", env)
+    lines = dbt.invoke(["build"])
+    assert next(lines) == "12:00:01  1 of 1 START\n"
+    go.touch()
+    assert list(lines) == ["12:00:02  Done.\n"] and dbt.last_return_code == 0
+    assert _ended(dbt) == 0
+
+
+def test_a_dbt_command_with_a_timeout_runs_as_the_dbt_command_that_the_timeout_ends(tmp_path: Path, bounded: None) -> None:
+    """`run_captured(..., timeout=)` runs the venv's `dbt` command (not the dbt process), in the
+    project folder with the Dbt's environment; its output and stderr apart, its exit code."""
+    import subprocess
+
+    project = _project_in(tmp_path)
+    fake = FakeDbtLibrary(
+        tmp_path, {"debug": {"print": ["12:00:01  Connection test: [ERROR]"], "stderr": ["a warning"], "outcome": "failed"}}
+    )
+    dbt = dbt_runner.Dbt(project, tmp_path / "profiles", "duckdb", fake.env(ELT_TEST_MARK="this dbt's"))
+    completed = dbt.run_captured("debug", timeout=RESPONSE_SECONDS)
+    assert (completed.returncode, completed.stdout, completed.stderr) == (
+        1,
+        "12:00:01  Connection test: [ERROR]\n",
+        "a warning\n",
+    )
+    assert completed.args == dbt.command("debug")
+    [call] = fake.calls()
+    assert (call["via"], call["arguments"], call["cwd"], call["env"]) == (
+        "cli",
+        ["debug", *_common(dbt)],
+        str(project.path),
+        dbt.env,
+    )
+    fake.script({"debug": {"wait_for": str(tmp_path / "never"), "wait_seconds": 5}})
+    with pytest.raises(subprocess.TimeoutExpired):
+        dbt.run_captured("debug", timeout=0.5)
+    assert dbt._driver is None  # no dbt process was started
+
+
+def test_dbt_started_early_serves_the_first_dbt_of_its_thread_with_that_dbts_environment(tmp_path: Path, bounded: None) -> None:
+    """The process starts warmed up, before the project is known; the command still gets its own
+    Dbt's environment. A Dbt of another thread starts its own; one that died is not used."""
+    import threading
+
+    from elt.settings import load_settings
+
+    project = _project_in(tmp_path)
+    fake = FakeDbtLibrary(tmp_path, {})
+    with fake.in_environment():
+        settings = load_settings()
+        with dbt_runner.dbt_started_early(settings):
+            elsewhere = dbt_runner.Dbt(project, tmp_path / "profiles", "duckdb", fake.env())
+            thread = threading.Thread(target=lambda: dbt_runner.run_dbt(elsewhere, ["ls"]))
+            thread.start()
+            thread.join(timeout=RESPONSE_SECONDS)
+            dbt = dbt_runner.Dbt(project, tmp_path / "profiles", "duckdb", fake.env(ELT_TEST_MARK="this dbt's"))
+            dbt_runner.run_dbt(dbt, ["build"])
+    calls = fake.calls()
+    assert [call["arguments"][0] for call in calls if call["pid"] == elsewhere._driver.pid] == ["parse", "ls"]  # type: ignore[union-attr]
+    early = [call for call in calls if call["pid"] == dbt._driver.pid]  # type: ignore[union-attr]
+    warm_up, parse, build = early
+    assert warm_up["arguments"][:2] == ["parse", "--log-level"] and "elt-dbt-warm-up-" in warm_up["arguments"][-1]
+    assert (parse["arguments"][0], build["arguments"][0], build["env"]) == ("parse", "build", dbt.env)
+    assert len(calls) == 5 and _ended(dbt) == 0 and _ended(elsewhere) == 0
+
+    with fake.in_environment(), dbt_runner.dbt_started_early(load_settings()):
+        unused = dbt_runner._early_drivers[threading.get_ident()]
+    # Ended with the block: its input closed (0), or its output did before it could say it is ready (1).
+    assert unused.wait(timeout=RESPONSE_SECONDS) in (0, 1)
+
+    with fake.in_environment(), dbt_runner.dbt_started_early(load_settings()):
+        died = dbt_runner._early_drivers[threading.get_ident()]
+        died.kill()
+        died.wait(timeout=RESPONSE_SECONDS)
+        dbt = dbt_runner.Dbt(project, tmp_path / "profiles", "duckdb", fake.env())
+        assert dbt_runner.run_dbt(dbt, ["build"]).return_code == 0 and dbt._driver is not died
+    assert _ended(dbt) == 0
+
+
+def test_the_project_is_the_folder_the_settings_name_in_the_repos_checkout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    from elt.git_repo import RepoSource
+    from elt.settings import load_settings
+
+    home = tmp_path / "home"
+    home.mkdir()
+    subprocess.run(["git", "init", "-q", str(home)], check=True)
+    monkeypatch.setenv("ELT_HOME", str(home))
+    settings = load_settings()
+    assert dbt_runner.project_folder(settings) == home.resolve() / "dbt"  # ELT_GIT_REPO unset: the checkout holding ELT_HOME
+    assert dbt_runner.project_folder(settings, project_dir="transform") == home.resolve() / "transform"
+    source = RepoSource("git@example.com:shop/analytics.git", tmp_path / "checkout", "main")
+    assert dbt_runner.project_folder(settings, source) == tmp_path / "checkout" / "dbt"
+    monkeypatch.setenv("ELT_DBT_PROJECT_DIR", "analytics/dbt")
+    assert dbt_runner.project_folder(load_settings(), source) == tmp_path / "checkout" / "analytics" / "dbt"
+
+
+def test_dbt_for_gives_the_settings_profile_target_and_environment_and_ends_the_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bounded: None
+) -> None:
+    import yaml
+
+    from elt.settings import load_settings
+
+    monkeypatch.setenv("ELT_HOME", str(tmp_path))
+    project = _project_in(tmp_path)
+    fake = FakeDbtLibrary(tmp_path, {})
+    with fake.in_environment():
+        settings = load_settings()
+        with dbt_runner.dbt_for(settings, project) as dbt:
+            assert dbt_runner.run_dbt(dbt, ["build"]).return_code == 0
+            profile = yaml.safe_load((dbt.profiles_dir / "profiles.yml").read_text())
+            driver = dbt._driver
+        environment = dbt_runner.dbt_environment(settings)
+    assert list(profile) == ["shop"] and dbt.target == settings.effective_dbt_target == "duckdb"
+    assert [call["env"] for call in fake.calls()] == [environment, environment]  # the parse first, then the build
+    assert driver is not None and driver.wait(timeout=RESPONSE_SECONDS) == 0 and not dbt.profiles_dir.exists()
+
+
+def test_dbt_found_on_the_path_runs_on_the_python_beside_it_or_else_on_elts_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bounded: None
+) -> None:
+    """Where elt's Python has no dbt beside it (a system Python, dbt installed elsewhere), the dbt
+    command is the one on PATH, and the dbt process runs on the Python beside that dbt, or on
+    elt's own Python when there is none (the driver needs only the standard library). Without a
+    dbt anywhere, the message says how to install it."""
+    import sys
+
+    from elt.errors import ConfigurationError
+
+    venv_bin = Path(sys.executable).parent
+    own = tmp_path / "elts-python"
+    own.mkdir()
+    (own / "python").symlink_to(sys.executable)
+    monkeypatch.setattr(sys, "executable", str(own / "python"))
+    project = _project_in(tmp_path)
+    fake = FakeDbtLibrary(tmp_path, {})
+    elt_folder = str(Path(dbt_runner.__file__).resolve().parents[1])  # the driver's `elt`, whichever Python runs it
+    env = fake.env(PYTHONPATH=os.pathsep.join([fake.variables()["PYTHONPATH"], elt_folder]))
+
+    monkeypatch.setenv("PATH", str(venv_bin))
+    assert dbt_runner.dbt_executable() == str(venv_bin / "dbt")
+    dbt = dbt_runner.Dbt(project, tmp_path / "profiles", "duckdb", env)
+    assert dbt_runner.run_dbt(dbt, ["ls"]).return_code == 0
+    assert _ended(dbt) == 0
+
+    dbt_alone = tmp_path / "dbt-alone"
+    dbt_alone.mkdir()
+    (dbt_alone / "dbt").write_text("#!/bin/sh\nexit 2\n")
+    (dbt_alone / "dbt").chmod(0o755)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(tmp_path / "nothing-here"), str(dbt_alone)]))
+    assert dbt_runner.dbt_executable() == str(dbt_alone / "dbt")
+    dbt = dbt_runner.Dbt(project, tmp_path / "profiles", "duckdb", env)
+    assert dbt_runner.run_dbt(dbt, ["ls"]).return_code == 0
+    assert _ended(dbt) == 0
+    assert [call["executable"] for call in fake.calls()] == [str(venv_bin / "python")] * 2 + [str(own / "python")] * 2
+
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    with pytest.raises(ConfigurationError) as raised:
+        dbt_runner.dbt_executable()
+    assert str(raised.value) == "the dbt command was not found; install the project with `make venv`"
+
+
+def test_a_dbt_process_that_will_not_exit_does_not_hold_up_the_exit_of_elts_process() -> None:
+    """The wait for it (up to DBT_EXIT_SECONDS) runs in a daemon thread: a Python that ended a
+    dbt process (a `sleep` here, which does not exit when its input closes) exits at once."""
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import subprocess\n"
+        "from elt import dbt_runner\n"
+        "dbt_runner.DBT_EXIT_SECONDS = 600\n"
+        "driver = subprocess.Popen(['sleep', '900'], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)\n"
+        "print(driver.pid, flush=True)\n"
+        "dbt_runner._end_driver(driver)\n"
+    )
+    python = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert python.stdout is not None
+    sleeper = int(python.stdout.readline())
+    try:
+        assert python.wait(timeout=RESPONSE_SECONDS) == 0
+    finally:
+        python.kill()
+        python.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(sleeper, signal.SIGKILL)  # orphaned: whoever adopted it reaps it
+
+
+def test_times_are_shown_in_utc_on_a_machine_set_to_another_zone() -> None:
+    """dbt writes max_loaded_at in UTC, naive or with an offset; a machine whose zone is not UTC
+    (here 9 hours east) shows it in UTC all the same."""
+    import time
+
+    saved = os.environ.get("TZ")
+    os.environ["TZ"] = "JST-9"
+    time.tzset()
+    try:
+        assert dbt_runner.utc_minute("2026-11-28T10:00:00") == "2026-11-28 10:00 UTC"
+        assert dbt_runner.utc_minute("2026-11-28T12:30:00+02:00") == "2026-11-28 10:30 UTC"
+    finally:
+        if saved is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = saved
+        time.tzset()
+
+
+def test_a_source_left_out_whose_name_holds_a_dot_is_not_checked_for_freshness(tmp_path: Path) -> None:
+    """The selectors of downstream_of_connections, as `--exclude`, and the sources it leaves out
+    of the check known by them (not reported as sources dbt could not check)."""
+    gated = {"config": {"freshness": {"error_after": {"count": 48}}}}
+    manifest = {
+        "sources": {
+            "source.shop.faker.users.v2": {"source_name": "faker", "name": "users.v2", **gated},
+            "source.shop.faker.users": {"source_name": "faker", "name": "users", **gated},
+        }
+    }
+    project = _project(tmp_path, FRESHNESS_YAML)
+    dbt = ScriptedDbt(project, ["12:00:01  Done."], files={"sources.json": {"results": []}, "manifest.json": manifest})
+    left_out = [dbt_runner.source_selector("faker", "users.v2")]
+    checked = dbt_runner.check_freshness(dbt, left_out)  # type: ignore[arg-type]
+    assert dbt.asked == [["source", "freshness", "--exclude", "source:faker.users?v2+"]]
+    assert [source.unique_id for source in checked] == ["source.shop.faker.users"]
+
+
+def test_a_blocking_source_is_left_out_by_a_selector_of_its_own_table_whatever_dots_its_names_hold(tmp_path: Path) -> None:
+    """Its table's name comes from the manifest: the unique id `source.shop.mobile.app.hits.v2`
+    alone could be source `mobile.app`'s `hits.v2` or source `mobile`'s `app.hits.v2`. Without
+    the manifest's name, the source's name is taken to hold no dot."""
+    gated = {"config": {"freshness": {"error_after": {"count": 48}}}}
+    manifest = {
+        "sources": {
+            "source.shop.mobile.app.hits.v2": {"source_name": "mobile.app", "name": "hits.v2", **gated},
+            "source.shop.mobile.web.hits": {"source_name": "mobile.web", "name": "hits", **gated},
+        }
+    }
+    stale = {"unique_id": "source.shop.mobile.app.hits.v2", "status": "error", "max_loaded_at": "2026-11-28T10:00:00"}
+    project = _project(tmp_path, FRESHNESS_YAML)
+    files = {"sources.json": {"results": [stale]}, "manifest.json": manifest}
+    checked = dbt_runner.check_freshness(ScriptedDbt(project, ["12:00:01  Done."], files=files))  # type: ignore[arg-type]
+    assert [(source.unique_id, source.status, source.selector) for source in checked] == [
+        ("source.shop.mobile.app.hits.v2", "error", "source:mobile?app.hits?v2+"),
+        ("source.shop.mobile.web.hits", "runtime error", "source:mobile?web.hits+"),  # no result: not checkable
+    ]
+    assert dbt_runner.SourceFreshness("source.shop.faker.users.v2", "error").selector == "source:faker.users?v2+"
+    assert dbt_runner.SourceFreshness("source.shop.faker.users", "error").selector == "source:faker.users+"

@@ -129,11 +129,19 @@ class SourceFreshness:
     max_loaded_at: str | None = None  # ISO 8601, as dbt writes it
     criteria: dict[str, Any] = field(default_factory=dict)  # {"warn_after": {"count": 24, "period": "hour"}, ...}
     error: str | None = None  # why dbt could not check it (runtime error)
+    table: str | None = None  # its name, from the manifest: `source.p.a.b.c` alone is a.b's c or a's b.c
 
     @property
     def source(self) -> str:
-        """`<source>.<table>`, as dbt's selectors and the project's YAML name it."""
+        """`<source>.<table>`, as the project's YAML names it."""
         return self.unique_id.split(".", 2)[2]
+
+    @property
+    def selector(self) -> str:
+        """This table and what it feeds, as dbt selects them (`source_selector`); without its
+        name from the manifest, the source's name is taken to hold no dot."""
+        table = self.table or self.source.split(".", 1)[-1]
+        return source_selector(self.source.removesuffix(f".{table}"), table)
 
     @property
     def blocks(self) -> bool:
@@ -530,9 +538,37 @@ def downstream_of_connections(dbt: Dbt, connections: list[str]) -> list[str]:
         fed_by = source["meta"].get("airbyte_connection")
         fed_by = [fed_by] if isinstance(fed_by, str) else list(fed_by or [])
         if set(fed_by) & set(connections):
-            _, _, source_name, table = source["unique_id"].split(".", 3)
-            selectors.append(f"source:{source_name}.{table}+")
+            table = str(source["name"])  # `source.<package>.<source>.<table>`: either name may hold a dot
+            source_name = source["unique_id"].split(".", 2)[2].removesuffix(f".{table}")
+            selectors.append(source_selector(source_name, table))
     return selectors
+
+
+_NOT_LITERAL = re.compile(r"([*?\[])")  # fnmatch's wildcards
+
+
+def source_selector(source_name: str, table: str) -> str:
+    """`source:<source>.<table>+`: a source table and all that depends on it, in dbt's syntax.
+
+    dbt splits a source selector at every dot (one part a source, two a source and a table,
+    three a package, a source and a table) and matches each part with fnmatch, and reads a
+    space as a union and a comma as an intersection. So a name holding a dot (`users.v2`) would
+    be read as more parts and select nothing: each dot, space or comma is `?` there (any one
+    character), and fnmatch's wildcards in a name match only themselves. The cost of `?`:
+    another table of the same source whose name differs from this one only at that character
+    (`users_v2` beside `users.v2`) is selected with it, so left out with it, never built by
+    mistake.
+
+    >>> source_selector("faker", "users.v2")
+    'source:faker.users?v2+'
+    >>> source_selector("web", "hits[1]*")
+    'source:web.hits[[]1][*]+'
+    """
+    return f"source:{_as_one_part(source_name)}.{_as_one_part(table)}+"
+
+
+def _as_one_part(name: str) -> str:
+    return re.sub(r"[.,\s]", "?", _NOT_LITERAL.sub(r"[\1]", name))
 
 
 def check_freshness(
@@ -557,6 +593,8 @@ def check_freshness(
             cause = _one_line(run.error_lines, run.output_tail, run.return_code)
             raise DbtInvocationError(f"dbt source freshness in {dbt.project.path} could not run: {cause}")
         return []  # no source has a freshness block: dbt had nothing to do
+    manifest = dbt.project.path / "target" / "manifest.json"
+    sources = json.loads(manifest.read_text()).get("sources", {}) if manifest.exists() else {}
     results = {}
     for result in json.loads(sources_path.read_text()).get("results", []):
         results[result["unique_id"]] = SourceFreshness(
@@ -565,10 +603,13 @@ def check_freshness(
             max_loaded_at=result.get("max_loaded_at"),
             criteria=result.get("criteria") or {},
             error=_first_line_of(result.get("error")),
+            table=(sources.get(result["unique_id"]) or {}).get("name"),
         )
-    for unique_id, table in _checked_sources(dbt.project, left_out or []).items():
+    for unique_id, table in _checked_sources(sources, left_out or []).items():
         if unique_id not in results:
-            results[unique_id] = SourceFreshness(unique_id, "runtime error", error=_runtime_error_of(table, run.error_lines))
+            results[unique_id] = SourceFreshness(
+                unique_id, "runtime error", error=_runtime_error_of(table, run.error_lines), table=table
+            )
     return sorted(results.values(), key=lambda result: result.unique_id)
 
 
@@ -584,16 +625,14 @@ def declares_freshness(project: DbtProject) -> bool:
     )
 
 
-def _checked_sources(project: DbtProject, left_out: list[str]) -> dict[str, str]:
+def _checked_sources(sources: dict[str, dict], left_out: list[str]) -> dict[str, str]:
     """The sources `dbt source freshness` selected (a freshness block, not left out), from the
-    manifest it wrote: unique_id → table name."""
-    manifest = project.path / "target" / "manifest.json"
-    sources = json.loads(manifest.read_text()).get("sources", {}) if manifest.exists() else {}
+    manifest it wrote (its `sources`): unique_id → table name."""
     checked = {}
     for unique_id, source in sources.items():
         freshness = (source.get("config") or {}).get("freshness") or source.get("freshness") or {}
         gated = any((freshness.get(threshold) or {}).get("count") for threshold in ("warn_after", "error_after"))
-        if gated and f"source:{source.get('source_name')}.{source.get('name')}+" not in left_out:
+        if gated and source_selector(str(source.get("source_name")), str(source.get("name"))) not in left_out:
             checked[unique_id] = str(source.get("name"))
     return checked
 

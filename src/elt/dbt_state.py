@@ -334,7 +334,7 @@ def left_out_reasons(
     for source in freshness:
         if source.blocks:
             stale = "stale" if source.status == "error" else "freshness could not be checked"
-            reasons.setdefault(f"source:{source.source}+", f"source {source.source} {stale}")
+            reasons.setdefault(source.selector, f"source {source.source} {stale}")
     return reasons
 
 

@@ -186,10 +186,10 @@ def _left_out_as_stale(freshness: list[dbt_runner.SourceFreshness], logger: Any)
     """Selectors of the sources freshness blocks, each logged with why."""
     for source in freshness:
         if source.blocks:
-            logger.warning("Not building source:%s+: %s", source.source, source.line)
+            logger.warning("Not building %s: %s", source.selector, source.line)
         elif source.status == "warn":
             logger.warning("%s (building it anyway: only error_after leaves it out)", source.line)
-    return [f"source:{source.source}+" for source in freshness if source.blocks]
+    return [source.selector for source in freshness if source.blocks]
 
 
 @flow(name="all-etl")
