@@ -426,3 +426,20 @@ def test_mark_crashed_leaves_a_finished_run_and_an_unknown_one_alone(prefect_ser
         [f"Flow run {running} is already Crashed; leaving it so", f"Flow run {completed} is already Completed; leaving it so"]
     )
     assert warnings[3:] == [f"Flow run {unknown} is not on this Prefect server; nothing to mark"]
+
+
+def test_a_run_being_cancelled_when_its_process_died_is_marked_crashed(prefect_server: PrefectServer) -> None:
+    """The run was Cancelling (cancelled from the UI) when its process was killed, so it never
+    reached Cancelled. Prefect's orchestration refuses to take a Cancelling run anywhere but
+    Cancelled (EnforceCancellingToCancelledTransition: checked here, unforced, first), so only a
+    forced state marks it Crashed; unforced, it would stay Cancelling for ever."""
+    parent, cancelling, _ = _left_running(prefect_server)
+    prefect_server.post(f"/flow_runs/{cancelling}/set_state", {"state": {"type": "CANCELLING"}, "force": True}).raise_for_status()
+    refused = prefect_server.post(f"/flow_runs/{cancelling}/set_state", {"state": {"type": "CRASHED"}})
+    assert refused.json()["status"] == "REJECT", refused.json()
+
+    assert sorted(run_lock.mark_crashed(parent, "the process died")) == sorted([parent, cancelling])
+
+    for run in (parent, cancelling):
+        state = prefect_server.get(f"/flow_runs/{run}").json()["state"]
+        assert (state["type"], state["message"]) == ("CRASHED", "the process died")
