@@ -816,3 +816,84 @@ def test_elt_plan_while_a_run_holds_the_warehouse_does_not_wait_and_starts_no_db
         f"{tmp_path / 'data' / 'warehouse.duckdb'} after 0 s; the elt plan did not start: run it again when that ends"
     )
     assert opened == []
+
+
+def _mount_tmpfs(folder: Path):
+    """A real 1 MB tmpfs mounted on `folder` (made first) until the block ends."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def mounted():
+        folder.mkdir(parents=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], check=True)
+        try:
+            yield folder
+        finally:
+            subprocess.run(["umount", "-l", str(folder)], check=False)
+
+    return mounted()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
+def test_an_old_build_that_cannot_be_removed_is_left_and_the_new_state_is_kept(
+    built_project: DbtProject, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pruning is tidying: the oldest of eleven builds will not go (a volume is mounted in it, so
+    removing it fails with EBUSY, as a file of another user fails it for a user who is not root).
+    It is left for a later prune, and this build's state is saved all the same, with no warning."""
+    store = dbt_state.StateStore(load_settings())
+    built = DbtRun("build", built_project.path, 0, results=[NodeResult("model.p.a", "success", 0.1, None, None)])
+    for number in range(11):
+        store.save(built_project, f"c{number}", with_sources=True)
+    with _mount_tmpfs(store.root / "c0" / "volume"):
+        for number in range(11):
+            os.utime(store.root / f"c{number}", (1_000_000 + number, 1_000_000 + number))  # c0 the oldest
+        with caplog.at_level(logging.INFO, logger="tests.state"):
+            dbt_state.keep_state(store, built, "c11", complete=True, with_sources=True, log=logging.getLogger("tests.state"))
+        assert caplog.messages == [f"Saved the dbt state of target duckdb at commit c11 in {store.root / 'c11'}"]
+        last, why = store.last()
+        assert last is not None and last.commit == "c11", why
+        assert (store.root / "c0" / "volume").is_dir()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
+def test_a_leftover_that_cannot_be_removed_does_not_stop_a_failed_save_from_forgetting_the_state(
+    built_project: DbtProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The data folder on a real 1 MB tmpfs, and a folder a stopped save left there that will not
+    go (a volume mounted in it). The next build's state does not fit: it is not saved, the
+    state is forgotten (the pointer goes, and this save's own partial folder), and the folder that
+    will not go is left without a second warning."""
+    with _mount_tmpfs(tmp_path / "data-volume") as volume:
+        monkeypatch.setenv("ELT_DATA_DIR", str(volume))
+        store = dbt_state.StateStore(load_settings())
+        built = DbtRun("build", built_project.path, 0, results=[NodeResult("model.p.a", "success", 0.1, None, None)])
+        dbt_state.keep_state(store, built, "c1", complete=True, with_sources=True)
+        with _mount_tmpfs(store.root / ".c9.77.partial" / "volume"):
+            (built_project.path / "target" / "manifest.json").write_text(json.dumps({"pad": "x" * 2_000_000}))
+            with caplog.at_level(logging.WARNING, logger="tests.state"):
+                dbt_state.keep_state(store, built, "c2", complete=True, with_sources=True, log=logging.getLogger("tests.state"))
+            assert caplog.messages == [
+                f"dbt state of target duckdb not saved in {store.root}: No space left on device; "
+                "the next --only-changed run builds everything"
+            ]
+            assert store.last() == (None, "no build of target duckdb saved yet")
+            assert sorted(path.name for path in store.root.iterdir()) == [".c9.77.partial", "c1"]
+
+
+def test_what_a_killed_save_left_under_this_processs_pid_does_not_stop_the_next_save(
+    built_project: DbtProject, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A save killed part-way (kill -9) leaves `.<commit>.<pid>.partial` behind, and in a container
+    the next run often gets the same PID. Its save of the same commit starts afresh: saved, with
+    only this build's files (with_sources=False: no sources.json), and no warning."""
+    store = dbt_state.StateStore(load_settings())
+    staging = store.root / f".c1.{os.getpid()}.partial"
+    staging.mkdir(parents=True)
+    (staging / "sources.json").write_text('{"results": [')  # half written when the save was killed
+    built = DbtRun("build", built_project.path, 0, results=[NodeResult("model.p.a", "success", 0.1, None, None)])
+    with caplog.at_level(logging.INFO, logger="tests.state"):
+        dbt_state.keep_state(store, built, "c1", complete=True, with_sources=False, log=logging.getLogger("tests.state"))
+    assert caplog.messages == [f"Saved the dbt state of target duckdb at commit c1 in {store.root / 'c1'}"]
+    assert sorted(path.name for path in (store.root / "c1").iterdir()) == ["manifest.json", "run_results.json"]
+    assert sorted(path.name for path in store.root.iterdir()) == ["c1", dbt_state.POINTER]
