@@ -201,6 +201,30 @@ def test_second_run_names_the_lock_file_when_the_holder_never_writes_itself(
     assert sum(clock.sleeps) == pytest.approx(2.0, abs=0.06) and set(clock.sleeps) == {0.05}
 
 
+def test_a_task_waits_for_a_run_only_as_long_as_it_was_told_then_names_the_lock_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backup told to wait 1 s for the run holding the warehouse (fake clock) polls every 0.5 s,
+    and is then refused at once: a run that has not written itself yet is named by its lock
+    file, without a further wait for its record."""
+    settings = load_settings(home=tmp_path)
+    descriptor = _lock_file_held_without_a_holder(settings)
+    clock = _fake_clock(monkeypatch)
+    try:
+        with (
+            pytest.raises(run_lock.WarehouseInUse) as refused,
+            run_lock.hold_for_task(settings, "warehouse backup", wait_seconds=1),
+        ):
+            pytest.fail("the backup got the lock")
+    finally:
+        os.close(descriptor)
+    assert str(refused.value) == (
+        f"another all-etl run (see {run_lock.lock_path(settings)}) still holds {tmp_path / 'data' / 'warehouse.duckdb'} "
+        "after 1 s; the warehouse backup did not start: run it again when that ends"
+    )
+    assert clock.sleeps == [0.5, 0.5]
+
+
 def test_unreadable_lock_file_is_ignored_with_a_warning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
