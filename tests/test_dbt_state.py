@@ -689,3 +689,211 @@ def test_settings_given_in_code_name_the_warehouse_the_state_is_of(
         None,
         f"the saved state of target duckdb is of {other}, not {tmp_path / 'data' / 'warehouse.duckdb'}",
     )
+
+
+class CheckingDbt(ListingDbt):
+    """`elt plan`'s dbt: ListingDbt, and `dbt source freshness` as dbt 1.11 runs it (prints a line,
+    leaves target/sources.json with `results`, exits 0). `during()` runs at each command, while
+    the plan holds whatever it holds then."""
+
+    def __init__(self, project: DbtProject, listed: dict[str, set[str]], sources: list[dict], during) -> None:
+        super().__init__(project, listed)
+        self.sources = sources
+        self.during = during
+        self.last_return_code = 0
+
+    def invoke(self, arguments: list[str]):
+        import time
+
+        assert arguments == ["source", "freshness"], arguments
+        self.asked.append(list(arguments))
+        self.during()
+        path = self.project.path / "target" / "sources.json"
+        path.write_text(json.dumps({"results": self.sources}))
+        now = time.time_ns()  # the kernel stamps a file by its coarse clock, which may lag time.time() by a tick
+        os.utime(path, ns=(now, now))
+        yield "10:00:01  Running with dbt=1.11.0\n"
+
+    def run_captured(self, *arguments: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+        self.during()
+        return super().run_captured(*arguments, timeout=timeout)
+
+
+def _dbt_for(dbt: ListingDbt, opened: list):
+    """A stand-in for dbt_runner.dbt_for that hands out `dbt` and records what it was opened with."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def dbt_for(settings, project: DbtProject):
+        opened.append((settings, project.path))
+        yield dbt
+
+    return dbt_for
+
+
+def test_elt_plan_checks_freshness_and_plans_the_build_while_no_run_can_start(
+    built_project: DbtProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`elt plan --select marts --exclude legacy` against a saved build, with the real run lock of
+    the warehouse its settings name (given in code: the environment names another, which it
+    never touches). A run that starts while dbt checks freshness or lists nodes is refused, naming
+    `elt plan`; the freshness check finds shop.orders fresher and faker.users stale, so the plan
+    builds what shop.orders feeds within marts, leaves out what faker.users feeds, and is not
+    complete. The lock is free and empty after."""
+    from elt import run_lock
+
+    monkeypatch.setenv("ELT_DUCKDB_PATH", str(tmp_path / "environments-warehouse" / "warehouse.duckdb"))
+    warehouse = tmp_path / "warehouse" / "warehouse.duckdb"
+    settings = load_settings(duckdb_path=str(warehouse))
+    (built_project.path / "models").mkdir()
+    (built_project.path / "models" / "sources.yml").write_text("sources:\n  - name: shop\n    freshness: {}\n")
+    store = dbt_state.StateStore(settings)
+    loaded = {SOURCE_ORDERS: "2026-12-01T10:00:00", SOURCE_USERS: "2026-12-01T10:00:00", SOURCE_EVENTS: "2026-12-01T10:00:00"}
+    folder = _save_build(store, built_project, nodes=EVERYTHING, results={}, loaded=loaded)
+    sources = [
+        {"unique_id": SOURCE_ORDERS, "status": "pass", "max_loaded_at": "2026-12-02T10:00:00"},
+        {"unique_id": SOURCE_USERS, "status": "error", "max_loaded_at": "2026-11-01T10:00:00"},
+        {"unique_id": SOURCE_EVENTS, "status": "pass", "max_loaded_at": "2026-12-01T10:00:00"},
+    ]
+    refusals: list[str] = []
+
+    def a_run_starts() -> None:
+        with pytest.raises(run_lock.WarehouseInUse) as refused, run_lock.hold(settings, "12121212-1212-1212-1212-121212121212"):
+            pytest.fail("a run took the lock while elt plan held it")
+        refusals.append(str(refused.value))
+
+    criteria = [*BUILD_CRITERIA.split(), "source_status:fresher+"]
+    select = " ".join(f"marts,{criterion}" for criterion in criteria)
+    dbt = CheckingDbt(built_project, {select: {STG_ORDERS, TOTALS}, "state:modified+": set()}, sources, a_run_starts)
+    opened: list = []
+
+    plan = dbt_state.plan_checkout(settings, built_project.path, "marts", "legacy", dbt_for=_dbt_for(dbt, opened))
+
+    assert opened == [(settings, built_project.path)] and opened[0][0] is settings
+    assert [asked[:2] for asked in dbt.asked] == [["source", "freshness"], ["--select", select], ["--select", "state:modified+"]]
+    assert refusals == [f"the elt plan (PID {os.getpid()}) is using {warehouse}; wait for it or cancel it"] * 3
+    assert plan.arguments == ["build", "--select", select, "--exclude", "legacy source:faker.users+", "--state", str(folder)]
+    new_rows = "new rows in source shop.orders since 2026-12-01 10:00 UTC"
+    assert _reasons(plan) == {
+        STG_ORDERS: ("run", new_rows),
+        TOTALS: ("run", new_rows),
+        TOTALS_TEST: ("skip", f"not selected by --select/--exclude ({new_rows})"),
+        UNIT_TEST: ("skip", f"not selected by --select/--exclude ({new_rows})"),
+        USERS: ("skip", "source faker.users stale"),
+        SEED: ("skip", "no new data and code unchanged"),
+        EVENTS: ("skip", "no new data and code unchanged"),
+    }
+    assert not plan.complete
+    assert run_lock.lock_path(settings).read_text() == ""
+    assert not (tmp_path / "environments-warehouse").exists()
+    with run_lock.hold(settings, "12121212-1212-1212-1212-121212121212"):
+        pass
+
+
+def test_elt_plan_while_a_run_holds_the_warehouse_does_not_wait_and_starts_no_dbt(
+    built_project: DbtProject, tmp_path: Path
+) -> None:
+    """The run's real flock, taken on its own descriptor with its record written, as a run does."""
+    import fcntl
+
+    from elt import run_lock
+
+    settings = load_settings()
+    path = run_lock.lock_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    opened: list = []
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder = {"flow_run_id": "66666666-6666-6666-6666-666666666666", "pid": 4242, "started": "2026-12-02T10:00:00+00:00"}
+        os.pwrite(descriptor, json.dumps(holder).encode(), 0)
+        with pytest.raises(run_lock.WarehouseInUse) as refused:
+            dbt_state.plan_checkout(settings, built_project.path, dbt_for=_dbt_for(ListingDbt(built_project, {}), opened))
+    finally:
+        os.close(descriptor)
+    assert str(refused.value) == (
+        "another all-etl run (flow run 66666666-6666-6666-6666-666666666666, PID 4242) still holds "
+        f"{tmp_path / 'data' / 'warehouse.duckdb'} after 0 s; the elt plan did not start: run it again when that ends"
+    )
+    assert opened == []
+
+
+def _mount_tmpfs(folder: Path):
+    """A real 1 MB tmpfs mounted on `folder` (made first) until the block ends."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def mounted():
+        folder.mkdir(parents=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], check=True)
+        try:
+            yield folder
+        finally:
+            subprocess.run(["umount", "-l", str(folder)], check=False)
+
+    return mounted()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
+def test_an_old_build_that_cannot_be_removed_is_left_and_the_new_state_is_kept(
+    built_project: DbtProject, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pruning is tidying: the oldest of eleven builds will not go (a volume is mounted in it, so
+    removing it fails with EBUSY, as a file of another user fails it for a user who is not root).
+    It is left for a later prune, and this build's state is saved all the same, with no warning."""
+    store = dbt_state.StateStore(load_settings())
+    built = DbtRun("build", built_project.path, 0, results=[NodeResult("model.p.a", "success", 0.1, None, None)])
+    for number in range(11):
+        store.save(built_project, f"c{number}", with_sources=True)
+    with _mount_tmpfs(store.root / "c0" / "volume"):
+        for number in range(11):
+            os.utime(store.root / f"c{number}", (1_000_000 + number, 1_000_000 + number))  # c0 the oldest
+        with caplog.at_level(logging.INFO, logger="tests.state"):
+            dbt_state.keep_state(store, built, "c11", complete=True, with_sources=True, log=logging.getLogger("tests.state"))
+        assert caplog.messages == [f"Saved the dbt state of target duckdb at commit c11 in {store.root / 'c11'}"]
+        last, why = store.last()
+        assert last is not None and last.commit == "c11", why
+        assert (store.root / "c0" / "volume").is_dir()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
+def test_a_leftover_that_cannot_be_removed_does_not_stop_a_failed_save_from_forgetting_the_state(
+    built_project: DbtProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The data folder on a real 1 MB tmpfs, and a folder a stopped save left there that will not
+    go (a volume mounted in it). The next build's state does not fit: it is not saved, the
+    state is forgotten (the pointer goes, and this save's own partial folder), and the folder that
+    will not go is left without a second warning."""
+    with _mount_tmpfs(tmp_path / "data-volume") as volume:
+        monkeypatch.setenv("ELT_DATA_DIR", str(volume))
+        store = dbt_state.StateStore(load_settings())
+        built = DbtRun("build", built_project.path, 0, results=[NodeResult("model.p.a", "success", 0.1, None, None)])
+        dbt_state.keep_state(store, built, "c1", complete=True, with_sources=True)
+        with _mount_tmpfs(store.root / ".c9.77.partial" / "volume"):
+            (built_project.path / "target" / "manifest.json").write_text(json.dumps({"pad": "x" * 2_000_000}))
+            with caplog.at_level(logging.WARNING, logger="tests.state"):
+                dbt_state.keep_state(store, built, "c2", complete=True, with_sources=True, log=logging.getLogger("tests.state"))
+            assert caplog.messages == [
+                f"dbt state of target duckdb not saved in {store.root}: No space left on device; "
+                "the next --only-changed run builds everything"
+            ]
+            assert store.last() == (None, "no build of target duckdb saved yet")
+            assert sorted(path.name for path in store.root.iterdir()) == [".c9.77.partial", "c1"]
+
+
+def test_what_a_killed_save_left_under_this_processs_pid_does_not_stop_the_next_save(
+    built_project: DbtProject, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A save killed part-way (kill -9) leaves `.<commit>.<pid>.partial` behind, and in a container
+    the next run often gets the same PID. Its save of the same commit starts afresh: saved, with
+    only this build's files (with_sources=False: no sources.json), and no warning."""
+    store = dbt_state.StateStore(load_settings())
+    staging = store.root / f".c1.{os.getpid()}.partial"
+    staging.mkdir(parents=True)
+    (staging / "sources.json").write_text('{"results": [')  # half written when the save was killed
+    built = DbtRun("build", built_project.path, 0, results=[NodeResult("model.p.a", "success", 0.1, None, None)])
+    with caplog.at_level(logging.INFO, logger="tests.state"):
+        dbt_state.keep_state(store, built, "c1", complete=True, with_sources=False, log=logging.getLogger("tests.state"))
+    assert caplog.messages == [f"Saved the dbt state of target duckdb at commit c1 in {store.root / 'c1'}"]
+    assert sorted(path.name for path in (store.root / "c1").iterdir()) == ["manifest.json", "run_results.json"]
+    assert sorted(path.name for path in store.root.iterdir()) == ["c1", dbt_state.POINTER]

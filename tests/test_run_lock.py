@@ -201,6 +201,30 @@ def test_second_run_names_the_lock_file_when_the_holder_never_writes_itself(
     assert sum(clock.sleeps) == pytest.approx(2.0, abs=0.06) and set(clock.sleeps) == {0.05}
 
 
+def test_a_task_waits_for_a_run_only_as_long_as_it_was_told_then_names_the_lock_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backup told to wait 1 s for the run holding the warehouse (fake clock) polls every 0.5 s,
+    and is then refused at once: a run that has not written itself yet is named by its lock
+    file, without a further wait for its record."""
+    settings = load_settings(home=tmp_path)
+    descriptor = _lock_file_held_without_a_holder(settings)
+    clock = _fake_clock(monkeypatch)
+    try:
+        with (
+            pytest.raises(run_lock.WarehouseInUse) as refused,
+            run_lock.hold_for_task(settings, "warehouse backup", wait_seconds=1),
+        ):
+            pytest.fail("the backup got the lock")
+    finally:
+        os.close(descriptor)
+    assert str(refused.value) == (
+        f"another all-etl run (see {run_lock.lock_path(settings)}) still holds {tmp_path / 'data' / 'warehouse.duckdb'} "
+        "after 1 s; the warehouse backup did not start: run it again when that ends"
+    )
+    assert clock.sleeps == [0.5, 0.5]
+
+
 def test_unreadable_lock_file_is_ignored_with_a_warning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -426,3 +450,20 @@ def test_mark_crashed_leaves_a_finished_run_and_an_unknown_one_alone(prefect_ser
         [f"Flow run {running} is already Crashed; leaving it so", f"Flow run {completed} is already Completed; leaving it so"]
     )
     assert warnings[3:] == [f"Flow run {unknown} is not on this Prefect server; nothing to mark"]
+
+
+def test_a_run_being_cancelled_when_its_process_died_is_marked_crashed(prefect_server: PrefectServer) -> None:
+    """The run was Cancelling (cancelled from the UI) when its process was killed, so it never
+    reached Cancelled. Prefect's orchestration refuses to take a Cancelling run anywhere but
+    Cancelled (EnforceCancellingToCancelledTransition: checked here, unforced, first), so only a
+    forced state marks it Crashed; unforced, it would stay Cancelling for ever."""
+    parent, cancelling, _ = _left_running(prefect_server)
+    prefect_server.post(f"/flow_runs/{cancelling}/set_state", {"state": {"type": "CANCELLING"}, "force": True}).raise_for_status()
+    refused = prefect_server.post(f"/flow_runs/{cancelling}/set_state", {"state": {"type": "CRASHED"}})
+    assert refused.json()["status"] == "REJECT", refused.json()
+
+    assert sorted(run_lock.mark_crashed(parent, "the process died")) == sorted([parent, cancelling])
+
+    for run in (parent, cancelling):
+        state = prefect_server.get(f"/flow_runs/{run}").json()["state"]
+        assert (state["type"], state["message"]) == ("CRASHED", "the process died")

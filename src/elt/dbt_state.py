@@ -21,6 +21,8 @@ import os
 import re
 import shutil
 from collections import deque
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -382,13 +384,21 @@ def keep_state(
     log.info("Saved the dbt state of target %s at commit %s in %s", store.target, commit, saved.folder)
 
 
-def plan_checkout(settings: Settings, folder: Path, select: str | None = None, exclude: str | None = None) -> Plan:
+def plan_checkout(
+    settings: Settings,
+    folder: Path,
+    select: str | None = None,
+    exclude: str | None = None,
+    *,
+    dbt_for: Callable[[Settings, dbt_runner.DbtProject], AbstractContextManager[dbt_runner.Dbt]] = dbt_runner.dbt_for,
+) -> Plan:
     """`elt plan`: the `--only-changed` build of the checkout as it is, nothing built. Runs the
-    freshness check the build would; holds the warehouse's run lock, so no run changes target/ meanwhile."""
+    freshness check the build would; holds the warehouse's run lock, so no run changes target/ meanwhile.
+    `dbt_for`: how dbt is run (`dbt_runner.dbt_for`; a test gives a stand-in)."""
     from elt import run_lock
 
     project = dbt_runner.DbtProject.at(folder)
     warehouse_for(settings).prepare_for_dbt()
-    with run_lock.hold_for_task(settings, "elt plan", wait_seconds=0), dbt_runner.dbt_for(settings, project) as dbt:
+    with run_lock.hold_for_task(settings, "elt plan", wait_seconds=0), dbt_for(settings, project) as dbt:
         freshness = dbt_runner.check_freshness(dbt)
         return plan_build(dbt, StateStore(settings), freshness, left_out_reasons([], [], freshness), select, exclude)
