@@ -537,6 +537,47 @@ def test_a_build_that_leaves_out_only_a_stale_sources_nodes_is_complete(built_pr
     assert plan.counts == {"run": 1, "skip": 6} and plan.complete
 
 
+DOTTED_USERS = "source.p.faker.users.v2"
+DOTTED = {
+    **MANIFEST,
+    "sources": {
+        **{k: v for k, v in MANIFEST["sources"].items() if k != SOURCE_USERS},
+        DOTTED_USERS: {"source_name": "faker", "name": "users.v2"},
+    },
+    "child_map": {**{k: v for k, v in MANIFEST["child_map"].items() if k != SOURCE_USERS}, DOTTED_USERS: [USERS]},
+}
+
+
+def test_a_stale_source_whose_table_name_holds_a_dot_leaves_out_what_it_feeds_with_its_reason(built_project: DbtProject) -> None:
+    """dbt reads `source:faker.users.v2+` as three parts and selects nothing: the plan excludes
+    and names it as dbt selects it (`users?v2`), and what it feeds is skipped as stale."""
+    store = dbt_state.StateStore(load_settings())
+    loaded = {SOURCE_ORDERS: "2026-12-01T10:00:00", SOURCE_EVENTS: "2026-12-01T10:00:00"}
+    _save_build(store, built_project, nodes=EVERYTHING, results={}, loaded=loaded)
+    freshness = [_freshness(uid, at) for uid, at in loaded.items()] + [_freshness(DOTTED_USERS, "2026-11-01T10:00:00", "error")]
+    left_out = dbt_state.left_out_reasons([], [], freshness)
+    select = f"{BUILD_CRITERIA} source_status:fresher+"
+    dbt = ListingDbt(built_project, {select: {TOTALS}, "state:modified+": {TOTALS}}, manifest=DOTTED)
+    plan = dbt_state.plan_build(dbt, store, freshness, left_out)  # type: ignore[arg-type]
+    assert plan.arguments[:5] == ["build", "--select", select, "--exclude", "source:faker.users?v2+"]
+    assert _reasons(plan)[USERS] == ("skip", "source faker.users.v2 stale")
+    assert plan.complete
+
+
+def test_a_source_whose_table_name_holds_a_dot_and_has_no_freshness_result_is_built_by_a_selector_dbt_reads(
+    built_project: DbtProject,
+) -> None:
+    store = dbt_state.StateStore(load_settings())
+    loaded = {SOURCE_ORDERS: "2026-12-01T10:00:00", SOURCE_EVENTS: "2026-12-01T10:00:00"}
+    _save_build(store, built_project, nodes=EVERYTHING, results={}, loaded=loaded)
+    freshness = [_freshness(uid, at) for uid, at in loaded.items()]
+    select = f"{BUILD_CRITERIA} source:faker.users?v2+ source_status:fresher+"
+    dbt = ListingDbt(built_project, {select: {USERS}}, manifest=DOTTED)
+    plan = dbt_state.plan_build(dbt, store, freshness, {})  # type: ignore[arg-type]
+    assert plan.arguments[:3] == ["build", "--select", select]
+    assert _reasons(plan)[USERS] == ("run", "no freshness result to compare for source faker.users.v2")
+
+
 class UnwritableStore(dbt_state.StateStore):
     """A store on a volume that refuses every write (read-only, or gone)."""
 

@@ -177,7 +177,12 @@ def plan_build(
     manifest = json.loads((dbt.project.path / "target" / "manifest.json").read_text())
     everything = _built_nodes(manifest)
     sources = {f"{source['source_name']}.{source['name']}": uid for uid, source in manifest.get("sources", {}).items()}
-    left_out_sources = {selector.removeprefix("source:").removesuffix("+") for selector in left_out}
+    # As dbt selects a source table and what it feeds: either name may hold a dot.
+    selector_of = {
+        f"{source['source_name']}.{source['name']}": dbt_runner.source_selector(source["source_name"], source["name"])
+        for source in manifest.get("sources", {}).values()
+    }
+    left_out_sources = {name for name, selector in selector_of.items() if selector in left_out}
 
     if state is None:
         criteria: list[str] | None = None
@@ -191,7 +196,7 @@ def plan_build(
         unknown = sorted(
             name for name, uid in sources.items() if name not in left_out_sources and (not fresher_known or uid not in current)
         )
-        criteria = ["state:modified+", *FAILED_LAST_RUN, *([f"source:{name}+" for name in unknown])]
+        criteria = ["state:modified+", *FAILED_LAST_RUN, *(selector_of[name] for name in unknown)]
         criteria += ["source_status:fresher+"] if fresher_known else []
         note = f"compared with the build of commit {state.commit} saved {state.saved_at}"
     state_arguments = ["--state", str(state.folder)] if state else []
@@ -239,10 +244,10 @@ def plan_build(
                 reasons[uid] = "; ".join(fed_by[uid])
         wanted = set(reasons)
     blocked: dict[str, str] = {}
+    source_of = {selector: name for name, selector in selector_of.items()}
     for selector, why in left_out.items():
-        name = selector.removeprefix("source:").removesuffix("+")
-        if name in sources:
-            for node in _descendants(manifest, sources[name]):
+        if selector in source_of:
+            for node in _descendants(manifest, sources[source_of[selector]]):
                 blocked.setdefault(node, why)
 
     nodes = []
