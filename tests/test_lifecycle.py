@@ -508,6 +508,14 @@ def test_stop_waits_the_whole_grace_then_kills_only_what_is_left(monkeypatch: py
     assert 4 <= sum(clock.sleeps) <= 4.1, sum(clock.sleeps)
 
 
+def test_a_grace_of_one_poll_looks_once_then_kills(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a fake clock: the SIGKILL comes when the grace is over, not a poll after it (a grace of
+    one 50 ms poll, where the fake clock lands on the deadline exactly)."""
+    clock, sent = _stop_on_a_fake_clock(monkeypatch, _EndsOn(101, None), grace_seconds=0.05)
+    assert sent == [(101, signal.SIGTERM), (101, signal.SIGKILL)]
+    assert clock.sleeps == [0.05]
+
+
 IGNORES_SIGTERM = """
 import signal, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
