@@ -576,6 +576,28 @@ def test_watchdog_stops_what_the_runs_children_started_after_its_last_scan(tmp_p
         _assert_all_end({child_pid: child, late.pid: late})
 
 
+@pytest.mark.parametrize("where", ["no /proc", "not Linux"])
+def test_without_proc_a_run_goes_unguarded_and_its_guard_does_nothing(
+    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linux without /proc mounted (an empty folder stands in for the mount point) or another
+    system: no watchdog is started, and the guard's sync, remove_if_run_dies, its end and
+    stop_children are no-ops, not errors."""
+    if where == "no /proc":
+        (tmp_path / "proc").mkdir()
+        monkeypatch.setattr(processes, "PROC", tmp_path / "proc")
+    else:
+        monkeypatch.setattr(sys, "platform", "darwin")
+    assert not processes.supported()
+    with processes.RunGuard() as guard:
+        assert guard.watchdog is None and guard.watchdog_pid is None
+        assert processes.active_guard() is guard
+        guard.sync()
+        processes.remove_if_run_dies(tmp_path / "folder")
+        processes.stop_children()
+    assert processes.active_guard() is None
+
+
 def test_a_guard_whose_watchdog_has_died_says_so_and_its_block_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="elt.processes"), processes.RunGuard() as guard:
         assert guard.watchdog is not None
