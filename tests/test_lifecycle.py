@@ -598,6 +598,49 @@ def test_without_proc_a_run_goes_unguarded_and_its_guard_does_nothing(
     assert processes.active_guard() is None
 
 
+def _fake_proc(root: Path, pid: int, tasks: dict[int, str | None]) -> Path:
+    """/proc/<pid>/task/<tid>/children as the kernel lays it out, for a process whose threads
+    come and go between two reads (which no test can time on the real /proc): a task whose
+    value is None has ended since its folder was listed, so reading its `children` fails."""
+    for tid, children in tasks.items():
+        task = root / str(pid) / "task" / str(tid)
+        task.mkdir(parents=True)
+        if children is not None:
+            (task / "children").write_text(children)
+    return root
+
+
+def test_the_children_of_every_thread_are_read_even_when_a_thread_ends_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread that ended between the listing of the run's tasks and the read of its children
+    is skipped, and the threads listed after it are still read (on a fake /proc, said above)."""
+    tasks = {tid: (f"{tid + 1000} " if tid % 2 == 0 else None) for tid in range(100, 110)}
+    proc = _fake_proc(tmp_path / "proc", 100, tasks)
+    listed = [tasks[int(task.name)] for task in (proc / "100" / "task").iterdir()]
+    first_ended = listed.index(None)
+    assert any(children is not None for children in listed[first_ended:]), "no thread read after an ended one"
+    monkeypatch.setattr(processes, "PROC", proc)
+    assert sorted(processes._children(100)) == [1100, 1102, 1104, 1106, 1108]
+
+
+@pytest.mark.parametrize(("state", "ended"), [("S", False), ("R", False), ("D", False), ("Z", True), ("X", True)])
+def test_a_process_the_kernel_shows_as_zombie_or_dead_is_not_alive(
+    state: str, ended: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """State `X` (dead: a task being torn down) shows in /proc/<pid>/stat only for an instant, so
+    this test's own stat line is copied into a fake /proc with its state changed."""
+    real = Path(f"/proc/{os.getpid()}/stat").read_text()
+    state_at = real.rindex(")") + 2
+    fake = tmp_path / "proc" / str(os.getpid())
+    fake.mkdir(parents=True)
+    (fake / "stat").write_text(real[:state_at] + state + real[state_at + 1 :])
+    monkeypatch.setattr(processes, "PROC", tmp_path / "proc")
+    assert processes._is_zombie(os.getpid()) is ended
+    process = processes._read_process(os.getpid())
+    assert process is not None and process.alive is not ended
+
+
 def test_a_guard_whose_watchdog_has_died_says_so_and_its_block_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="elt.processes"), processes.RunGuard() as guard:
         assert guard.watchdog is not None
