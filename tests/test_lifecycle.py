@@ -508,6 +508,14 @@ def test_stop_waits_the_whole_grace_then_kills_only_what_is_left(monkeypatch: py
     assert 4 <= sum(clock.sleeps) <= 4.1, sum(clock.sleeps)
 
 
+def test_a_grace_of_one_poll_looks_once_then_kills(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a fake clock: the SIGKILL comes when the grace is over, not a poll after it (a grace of
+    one 50 ms poll, where the fake clock lands on the deadline exactly)."""
+    clock, sent = _stop_on_a_fake_clock(monkeypatch, _EndsOn(101, None), grace_seconds=0.05)
+    assert sent == [(101, signal.SIGTERM), (101, signal.SIGKILL)]
+    assert clock.sleeps == [0.05]
+
+
 IGNORES_SIGTERM = """
 import signal, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -566,6 +574,71 @@ def test_watchdog_stops_what_the_runs_children_started_after_its_last_scan(tmp_p
         parent.process.wait()
         watchdog.resume()
         _assert_all_end({child_pid: child, late.pid: late})
+
+
+@pytest.mark.parametrize("where", ["no /proc", "not Linux"])
+def test_without_proc_a_run_goes_unguarded_and_its_guard_does_nothing(
+    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linux without /proc mounted (an empty folder stands in for the mount point) or another
+    system: no watchdog is started, and the guard's sync, remove_if_run_dies, its end and
+    stop_children are no-ops, not errors."""
+    if where == "no /proc":
+        (tmp_path / "proc").mkdir()
+        monkeypatch.setattr(processes, "PROC", tmp_path / "proc")
+    else:
+        monkeypatch.setattr(sys, "platform", "darwin")
+    assert not processes.supported()
+    with processes.RunGuard() as guard:
+        assert guard.watchdog is None and guard.watchdog_pid is None
+        assert processes.active_guard() is guard
+        guard.sync()
+        processes.remove_if_run_dies(tmp_path / "folder")
+        processes.stop_children()
+    assert processes.active_guard() is None
+
+
+def _fake_proc(root: Path, pid: int, tasks: dict[int, str | None]) -> Path:
+    """/proc/<pid>/task/<tid>/children as the kernel lays it out, for a process whose threads
+    come and go between two reads (which no test can time on the real /proc): a task whose
+    value is None has ended since its folder was listed, so reading its `children` fails."""
+    for tid, children in tasks.items():
+        task = root / str(pid) / "task" / str(tid)
+        task.mkdir(parents=True)
+        if children is not None:
+            (task / "children").write_text(children)
+    return root
+
+
+def test_the_children_of_every_thread_are_read_even_when_a_thread_ends_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread that ended between the listing of the run's tasks and the read of its children
+    is skipped, and the threads listed after it are still read (on a fake /proc, said above)."""
+    tasks = {tid: (f"{tid + 1000} " if tid % 2 == 0 else None) for tid in range(100, 110)}
+    proc = _fake_proc(tmp_path / "proc", 100, tasks)
+    listed = [tasks[int(task.name)] for task in (proc / "100" / "task").iterdir()]
+    first_ended = listed.index(None)
+    assert any(children is not None for children in listed[first_ended:]), "no thread read after an ended one"
+    monkeypatch.setattr(processes, "PROC", proc)
+    assert sorted(processes._children(100)) == [1100, 1102, 1104, 1106, 1108]
+
+
+@pytest.mark.parametrize(("state", "ended"), [("S", False), ("R", False), ("D", False), ("Z", True), ("X", True)])
+def test_a_process_the_kernel_shows_as_zombie_or_dead_is_not_alive(
+    state: str, ended: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """State `X` (dead: a task being torn down) shows in /proc/<pid>/stat only for an instant, so
+    this test's own stat line is copied into a fake /proc with its state changed."""
+    real = Path(f"/proc/{os.getpid()}/stat").read_text()
+    state_at = real.rindex(")") + 2
+    fake = tmp_path / "proc" / str(os.getpid())
+    fake.mkdir(parents=True)
+    (fake / "stat").write_text(real[:state_at] + state + real[state_at + 1 :])
+    monkeypatch.setattr(processes, "PROC", tmp_path / "proc")
+    assert processes._is_zombie(os.getpid()) is ended
+    process = processes._read_process(os.getpid())
+    assert process is not None and process.alive is not ended
 
 
 def test_a_guard_whose_watchdog_has_died_says_so_and_its_block_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
