@@ -63,6 +63,31 @@ def test_cli_runs_all_etl_end_to_end(prefect_server: PrefectServer, appliance_re
     assert "purchases" in str(extract_rows)
 
 
+def test_a_second_run_names_its_incremental_streams_with_elts_way_to_a_full_refresh(
+    prefect_server: PrefectServer, appliance_remote: GitRemote, appliance_env: Path
+) -> None:
+    """What `elt run` prints, as the user reads it: from the second sync on, PyAirbyte's own
+    notice would tell them to pass `force_full_refresh=True` to `airbyte.read()`."""
+    outputs = []
+    for _ in range(2):
+        completed = subprocess.run(
+            [str(BIN / "elt"), "run", "--repo", str(appliance_remote.bare), "--skip-transform"],
+            env=prefect_server.env() | {"ELT_HOME": str(appliance_env)},
+            cwd=appliance_env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert completed.returncode == 0, completed.stderr[-3000:] + completed.stdout[-3000:]
+        outputs.append(completed.stdout + completed.stderr)
+
+    assert "force_full_refresh" not in outputs[1]
+    assert (
+        "connection 'faker': incremental streams products, purchases, users (a full refresh: `elt run "
+        "--full-refresh`, or all-etl's full_refresh parameter)"
+    ) in outputs[1]
+
+
 def test_cli_run_loads_settings_once_and_passes_its_flags_as_flow_parameters(
     prefect_server: PrefectServer, tiny_remote: GitRemote, appliance_env: Path, settings_loads: list[dict]
 ) -> None:

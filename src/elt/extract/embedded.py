@@ -322,7 +322,7 @@ def _log_incremental_streams_as_elt_runs_them(source: Source, spec: ConnectionSp
     `force_full_refresh=True` in `read()`, its own API; here a full refresh is asked for otherwise."""
 
     def log(*, incremental_streams: set[str] | None = None) -> None:
-        logger.info(
+        _run_logger().info(
             "connection '%s': incremental streams %s (a full refresh: `elt run --full-refresh`, or all-etl's "
             "full_refresh parameter)",
             spec.name,
@@ -330,6 +330,18 @@ def _log_incremental_streams_as_elt_runs_them(source: Source, spec: ConnectionSp
         )
 
     source._log_incremental_streams = log  # type: ignore[method-assign]
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """Inside a Prefect run, its logger (its lines are the run's logs and `elt run`'s output);
+    outside one, this module's."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logger
 
 
 def _stop_reading_when_cancelled(source: Source, cancelled: threading.Event, error: EmbeddedSyncCancelled) -> None:
