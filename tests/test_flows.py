@@ -30,18 +30,24 @@ def _artifact(server: PrefectServer, key: str, flow_run_id: str | None = None) -
     return artifacts[0]
 
 
-def test_cli_runs_all_etl_end_to_end(prefect_server: PrefectServer, appliance_remote: GitRemote, appliance_env: Path) -> None:
-    """`elt run`: source-faker → DuckDB → git clone → dbt build; marts have rows, every dbt test passes,
-    and the run's artifacts show rows per stream, the commit SHA and per-node results."""
+def _elt_run(prefect_server: PrefectServer, home: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """`elt run` as a user runs it, in `home`, against the session's Prefect server; it must succeed."""
     completed = subprocess.run(
-        [str(BIN / "elt"), "run", "--repo", str(appliance_remote.bare), "--branch", "main"],
-        env=prefect_server.env() | {"ELT_HOME": str(appliance_env)},
-        cwd=appliance_env,
+        [str(BIN / "elt"), "run", *arguments],
+        env=prefect_server.env() | {"ELT_HOME": str(home)},
+        cwd=home,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-3000:] + completed.stdout[-3000:]
+    return completed
+
+
+def test_cli_runs_all_etl_end_to_end(prefect_server: PrefectServer, appliance_remote: GitRemote, appliance_env: Path) -> None:
+    """`elt run`: source-faker → DuckDB → git clone → dbt build; marts have rows, every dbt test passes,
+    and the run's artifacts show rows per stream, the commit SHA and per-node results."""
+    completed = _elt_run(prefect_server, appliance_env, "--repo", str(appliance_remote.bare), "--branch", "main")
     sha = git("rev-parse", "HEAD", cwd=appliance_remote.author_clone)
     assert "all-etl completed" in completed.stdout
     assert sha in completed.stdout
@@ -70,15 +76,7 @@ def test_a_second_run_names_its_incremental_streams_with_elts_way_to_a_full_refr
     notice would tell them to pass `force_full_refresh=True` to `airbyte.read()`."""
     outputs = []
     for _ in range(2):
-        completed = subprocess.run(
-            [str(BIN / "elt"), "run", "--repo", str(appliance_remote.bare), "--skip-transform"],
-            env=prefect_server.env() | {"ELT_HOME": str(appliance_env)},
-            cwd=appliance_env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert completed.returncode == 0, completed.stderr[-3000:] + completed.stdout[-3000:]
+        completed = _elt_run(prefect_server, appliance_env, "--repo", str(appliance_remote.bare), "--skip-transform")
         outputs.append(completed.stdout + completed.stderr)
 
     assert "force_full_refresh" not in outputs[1]
