@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from elt.extract.pyairbyte_imports import only_what_duckdb_needs
+from elt.extract.pyairbyte_imports import NotLoaded, only_what_duckdb_needs
 
 
 @pytest.fixture
@@ -111,9 +111,50 @@ def test_a_stand_in_has_no_dunder_names_so_tools_that_probe_them_see_a_plain_mod
     assert not hasattr(heavy, "__path__")
 
 
+@pytest.fixture
+def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """`client`: a package whose __init__ imports its models, as airbyte_api does."""
+    name = f"client_{tmp_path.name.replace('-', '_')}"
+    root = tmp_path / name
+    root.mkdir()
+    (root / "__init__.py").write_text("from . import models\nfrom .models import Thing\n")
+    (root / "models.py").write_text("class Thing: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    for module in [m for m in sys.modules if m == name or m.startswith(f"{name}.")]:
+        del sys.modules[module]
+
+
+def _loaded(package: str) -> list[str]:
+    return sorted(m for m in sys.modules if m == package or m.startswith(f"{package}."))
+
+
+def test_a_package_dropped_after_the_block_is_imported_whole_by_the_next_import(client: str) -> None:
+    """What elt's server backend needs: the real airbyte_api, though PyAirbyte got a stand-in for its models."""
+    with only_what_duckdb_needs(stand_ins=[f"{client}.models"], absent=[], dropped_after=[client]):
+        within = importlib.import_module(client)
+    assert issubclass(within.Thing, NotLoaded)
+    assert _loaded(client) == []
+
+    after = importlib.import_module(client)
+    assert after is not within
+    assert after.Thing.__module__ == f"{client}.models"
+    assert not issubclass(after.Thing, NotLoaded)
+
+
+def test_a_dropped_package_imported_before_the_block_is_kept(client: str) -> None:
+    before = importlib.import_module(client)
+    with only_what_duckdb_needs(stand_ins=[f"{client}.models"], absent=[], dropped_after=[client]):
+        within = importlib.import_module(client)
+    assert within is before
+    assert _loaded(client) == [client, f"{client}.models"]
+    assert not issubclass(within.Thing, NotLoaded)
+
+
 @pytest.mark.slow
 def test_the_runs_pyairbyte_has_its_duckdb_cache_and_none_of_the_other_warehouses_clients() -> None:
-    """The real `import airbyte` as a sync makes it, in a fresh interpreter."""
+    """The real `import airbyte` as a sync makes it, in a fresh interpreter; after it, the
+    Airbyte API client the server backend imports is the real one."""
     script = textwrap.dedent(
         """
         import sys
@@ -127,6 +168,9 @@ def test_the_runs_pyairbyte_has_its_duckdb_cache_and_none_of_the_other_warehouse
             airbyte.caches.SnowflakeCache(account="x")
         except RuntimeError as error:
             print(error)
+        print([name for name in sys.modules if name.split(".")[0] == "airbyte_api"])
+        from elt.extract import server
+        print(server.models.DestinationDuckdb.__module__)
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
@@ -135,4 +179,6 @@ def test_the_runs_pyairbyte_has_its_duckdb_cache_and_none_of_the_other_warehouse
         "[]",
         "airbyte.caches.snowflake.SnowflakeCache is not loaded: elt imports PyAirbyte with only its DuckDB "
         "cache (elt.extract.pyairbyte_imports)",
+        "[]",
+        "airbyte_api.models.destination_duckdb",
     ]

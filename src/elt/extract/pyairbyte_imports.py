@@ -7,6 +7,12 @@ modules, 10-18 s on these machines. The embedded backend writes to DuckDB and us
 While `import airbyte` runs, in the importing thread only, those caches are stand-in modules
 and requests_cache's optional backends are absent, as if their packages were not installed,
 which requests_cache is written for. A stand-in's class says why it cannot be used.
+
+`airbyte_api.models` (the Airbyte API's request and response types: 1-1.5 s to import here) is a
+stand-in too: the DuckDB cache only names its destination type, for Airbyte Cloud. elt's server
+backend drives that API, so at the block's end every `airbyte_api` module imported within it is
+dropped from `sys.modules`: PyAirbyte keeps what it was given, and the next `import airbyte_api`
+loads the real package whole. (A run uses one backend, so no other thread imports it meanwhile.)
 """
 
 from __future__ import annotations
@@ -20,13 +26,15 @@ from collections.abc import Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
-UNUSED_CACHES = (
+UNUSED_BY_THE_DUCKDB_PATH = (
     "airbyte.caches.bigquery",
     "airbyte.caches.motherduck",
     "airbyte.caches.postgres",
     "airbyte.caches.snowflake",
     "airbyte.secrets.google_gsm",
+    "airbyte_api.models",
 )
+DROPPED_AFTER = ("airbyte_api",)
 OPTIONAL_HTTP_CACHE_BACKENDS = (
     "requests_cache.backends.dynamodb",
     "requests_cache.backends.gridfs",
@@ -82,13 +90,20 @@ class _DuckDBOnly(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 @contextlib.contextmanager
 def only_what_duckdb_needs(
-    stand_ins: Sequence[str] = UNUSED_CACHES, absent: Sequence[str] = OPTIONAL_HTTP_CACHE_BACKENDS
+    stand_ins: Sequence[str] = UNUSED_BY_THE_DUCKDB_PATH,
+    absent: Sequence[str] = OPTIONAL_HTTP_CACHE_BACKENDS,
+    dropped_after: Sequence[str] = DROPPED_AFTER,
 ) -> Iterator[None]:
     """Within this block, imports made by this thread get stand-ins for `stand_ins` and an
-    ImportError for `absent`; other threads import as usual."""
+    ImportError for `absent`; other threads import as usual. At its end, the modules of the
+    `dropped_after` packages imported within it leave `sys.modules`, stand-ins included."""
     finder = _DuckDBOnly(stand_ins, absent)
+    imported_before = set(sys.modules.copy())
     sys.meta_path.insert(0, finder)
     try:
         yield
     finally:
         sys.meta_path.remove(finder)
+        for name in set(sys.modules.copy()) - imported_before:
+            if any(name == package or name.startswith(f"{package}.") for package in dropped_after):
+                sys.modules.pop(name, None)
