@@ -168,6 +168,8 @@ def test_the_runs_pyairbyte_has_its_duckdb_cache_and_none_of_the_other_warehouse
             airbyte.caches.SnowflakeCache(account="x")
         except RuntimeError as error:
             print(error)
+        from elt.extract.pyairbyte_imports import NotLoaded
+        print(issubclass(airbyte.caches.duckdb.DestinationDuckdb, NotLoaded))
         print([name for name in sys.modules if name.split(".")[0] == "airbyte_api"])
         from elt.extract import server
         print(server.models.DestinationDuckdb.__module__)
@@ -179,6 +181,7 @@ def test_the_runs_pyairbyte_has_its_duckdb_cache_and_none_of_the_other_warehouse
         "[]",
         "airbyte.caches.snowflake.SnowflakeCache is not loaded: elt imports PyAirbyte with only its DuckDB "
         "cache (elt.extract.pyairbyte_imports)",
+        "True",
         "[]",
         "airbyte_api.models.destination_duckdb",
     ]
