@@ -62,7 +62,7 @@ bench: venv
 	$(BIN)/python bench/p2_extract_concurrency.py
 	$(BIN)/python bench/pyairbyte_import.py
 	$(BIN)/python bench/extract_throughput.py
-	$(BIN)/python bench/p3_embedded_all_etl.py
+	$(BIN)/python bench/p3_embedded_all_etl.py --repeat 3
 	$(BIN)/python bench/p4_stack.py
 	$(BIN)/python bench/p5_only_changed.py --repeat 3
 
