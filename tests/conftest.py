@@ -297,3 +297,33 @@ def settings_loads(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
 
     monkeypatch.setattr(Settings, "__init__", counted)
     return loads
+
+
+@pytest.fixture
+def run_events(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What all-etl does in this process from now on, in order: each dbt process it starts (the
+    one started before the transform needs it is "dbt process started early") and each sync's
+    start and end, whichever backend runs it."""
+    from elt import dbt_runner
+    from elt.extract.embedded import EmbeddedBackend
+    from elt.extract.server import ServerBackend
+
+    events: list[str] = []
+    start_driver = dbt_runner._start_driver
+
+    def recorded_start(env: dict[str, str], *, warm_up: bool = False) -> object:
+        events.append("dbt process started early" if warm_up else "dbt process started")
+        return start_driver(env, warm_up=warm_up)
+
+    monkeypatch.setattr(dbt_runner, "_start_driver", recorded_start)
+    for backend in (EmbeddedBackend, ServerBackend):
+
+        def recorded_sync(self: object, connection: str, *, full_refresh: bool, sync: object = backend.sync) -> object:
+            events.append(f"sync {connection} starts")
+            try:
+                return sync(self, connection, full_refresh=full_refresh)  # type: ignore[operator]
+            finally:
+                events.append(f"sync {connection} ends")
+
+        monkeypatch.setattr(backend, "sync", recorded_sync)
+    return events

@@ -1237,6 +1237,37 @@ def test_dbt_started_early_serves_the_first_dbt_of_its_thread_with_that_dbts_env
     assert _ended(dbt) == 0
 
 
+def test_dbt_started_later_starts_one_process_when_the_block_says_and_none_if_it_never_does(
+    tmp_path: Path, bounded: None
+) -> None:
+    """all-etl with embedded syncs starts dbt's process when they end (`now=False`, then the
+    `start` it yields): nothing runs before; `start` twice is one process, which the first Dbt
+    takes; a block that never calls it starts none."""
+    import threading
+
+    from elt.settings import load_settings
+
+    project = _project_in(tmp_path)
+    fake = FakeDbtLibrary(tmp_path, {})
+    thread = threading.get_ident()
+    with fake.in_environment(), dbt_runner.dbt_started_early(load_settings(), now=False) as start:
+        assert thread not in dbt_runner._early_drivers
+        start()
+        early = dbt_runner._early_drivers[thread]
+        start()
+        assert dbt_runner._early_drivers[thread] is early
+        dbt = dbt_runner.Dbt(project, tmp_path / "profiles", "duckdb", fake.env())
+        dbt_runner.run_dbt(dbt, ["build"])
+        start()  # after the Dbt took it: no second process
+        assert dbt._driver is early and thread not in dbt_runner._early_drivers
+    assert [call["arguments"][0] for call in fake.calls()] == ["parse", "parse", "build"]  # the warm-up, then the Dbt's
+    assert _ended(dbt) == 0
+
+    with fake.in_environment(), dbt_runner.dbt_started_early(load_settings(), now=False):
+        assert thread not in dbt_runner._early_drivers
+    assert thread not in dbt_runner._early_drivers and len(fake.calls()) == 3
+
+
 def test_the_project_is_the_folder_the_settings_name_in_the_repos_checkout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -80,6 +80,24 @@ def test_twenty_syncs_one_fails_and_dbt_builds_what_it_does_not_feed(
     assert "crm" in str(rows) and "job-history" in str(rows)
 
 
+def test_dbts_process_starts_before_an_airbyte_servers_syncs_and_the_transform_uses_it(
+    prefect_server: PrefectServer,
+    fake_airbyte: FakeAirbyte,
+    airbyte_env: None,
+    two_source_remote,
+    raw_tables: Path,
+    run_events: list[str],
+) -> None:
+    """While an Airbyte server syncs, the run only waits on its API: dbt's process starts at once,
+    so its import overlaps the syncs, and the transform takes that process over."""
+    fake_airbyte.add_connection("shop", sync_seconds=1.0)
+    fake_airbyte.add_connection("crm", sync_seconds=1.0)
+    state = all_etl(repo=str(two_source_remote.bare), return_state=True)
+    assert state.is_completed()
+    assert run_events[0] == "dbt process started early"
+    assert sorted(run_events[1:]) == ["sync crm ends", "sync crm starts", "sync shop ends", "sync shop starts"]
+
+
 def test_unknown_connection_stops_before_any_sync(
     prefect_server: PrefectServer, fake_airbyte: FakeAirbyte, airbyte_env: None, two_source_remote, raw_tables: Path
 ) -> None:

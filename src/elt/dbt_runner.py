@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -389,15 +389,25 @@ _early_drivers: dict[int, subprocess.Popen[str]] = {}
 
 
 @contextmanager
-def dbt_started_early(settings: Settings) -> Iterator[None]:
-    """Start a dbt process now, for the first `Dbt` of this thread to use (each command brings its
-    own environment):
-    dbt's import (seconds: bench/p3_embedded_all_etl.py) then overlaps the syncs and the pull
-    instead of following them. Ended with the block if nothing used it."""
+def dbt_started_early(settings: Settings, *, now: bool = True) -> Iterator[Callable[[], None]]:
+    """A dbt process for the first `Dbt` of this thread to use (each command brings its own
+    environment), started before that `Dbt` needs it: dbt's import (seconds:
+    bench/p3_embedded_all_etl.py) then overlaps what runs before the transform instead of
+    following it. Started on entering the block, or with `now=False` when the block calls the
+    `start` it yields (once: later calls do nothing). Ended with the block if nothing used it."""
     thread = threading.get_ident()
-    _early_drivers[thread] = _start_driver(dbt_environment(settings), warm_up=True)
+    started = False
+
+    def start() -> None:
+        nonlocal started
+        if not started:
+            started = True
+            _early_drivers[thread] = _start_driver(dbt_environment(settings), warm_up=True)
+
+    if now:
+        start()
     try:
-        yield
+        yield start
     finally:
         unused = _early_drivers.pop(thread, None)
         if unused is not None:

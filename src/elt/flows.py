@@ -6,7 +6,7 @@ Prefect (summary, artifacts, events) is src/elt/reporting.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from pathlib import Path
@@ -23,7 +23,7 @@ from elt.errors import EltError, TransientError, first_line
 from elt.extract import backend_for
 from elt.extract.base import ExtractBackend, ExtractFailed, ExtractReport, SyncFailure, SyncResult, UnknownConnections
 from elt.reporting import EtlSummary
-from elt.settings import Settings, load_settings
+from elt.settings import AirbyteBackend, Settings, load_settings
 from elt.warehouse import warehouse_for
 from prefect import Task, flow, get_run_logger, task
 
@@ -177,9 +177,21 @@ def transform(
     return dbt_runner.raise_if_failed(run)
 
 
-def _dbt_early(settings: Settings, skip_transform: bool) -> AbstractContextManager[None]:
-    """dbt's process, started while the syncs run, for the transform to use."""
-    return nullcontext() if skip_transform else dbt_runner.dbt_started_early(settings)
+def _dbt_early(settings: Settings, *, skip_extract: bool, skip_transform: bool) -> AbstractContextManager[Callable[[], None]]:
+    """dbt's process, started before the transform needs it; the block calls what it yields once
+    the syncs are done. While an Airbyte server syncs, this process only waits on its API, so dbt's
+    process starts at once. Embedded syncs run the connector and PyAirbyte on this machine: dbt's
+    import beside them would compete for the same cores, and its memory (~150 MB) would add to
+    theirs at the run's peak, so it starts when they end (bench P3: 0.78x the peak memory for
+    about 2% more time)."""
+    if skip_transform:
+        return nullcontext(_nothing_to_start)
+    embedded_syncs = not skip_extract and settings.airbyte_backend is AirbyteBackend.embedded
+    return dbt_runner.dbt_started_early(settings, now=not embedded_syncs)
+
+
+def _nothing_to_start() -> None:
+    pass
 
 
 def _left_out_as_stale(freshness: list[dbt_runner.SourceFreshness], logger: Any) -> list[str]:
@@ -240,7 +252,11 @@ def all_etl(
     summary = EtlSummary()
     extract_failure: ExtractFailed | None = None
     # The lock before any sync; taking it marks a previous run that died Crashed.
-    with _settings_of_this_run(settings), run_lock.hold(settings, str(flow_run.id)), _dbt_early(settings, skip_transform):
+    with (
+        _settings_of_this_run(settings),
+        run_lock.hold(settings, str(flow_run.id)),
+        _dbt_early(settings, skip_extract=skip_extract, skip_transform=skip_transform) as start_dbt,
+    ):
         try:
             if not skip_extract:
                 runner = ThreadPoolTaskRunner[Any](max_workers=settings.extract_concurrency)
@@ -252,6 +268,7 @@ def all_etl(
                     summary.extract = state.result()
                 except ExtractFailed as failure:
                     summary.extract, extract_failure = failure.report, failure
+            start_dbt()
 
             source = git_repo.RepoSource.from_settings(settings, repo, branch)
             if not skip_pull:
