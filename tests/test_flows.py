@@ -69,14 +69,30 @@ def test_cli_runs_all_etl_end_to_end(prefect_server: PrefectServer, appliance_re
     assert "purchases" in str(extract_rows)
 
 
-def test_embedded_syncs_end_before_dbts_process_starts_and_the_transform_uses_it(
-    prefect_server: PrefectServer, appliance_remote: GitRemote, appliance_env: Path, run_events: list[str]
+@pytest.mark.parametrize(
+    ("dbt_start", "events"),
+    [
+        (None, ["dbt process started early", "sync faker starts", "sync faker ends"]),
+        ("after-syncs", ["sync faker starts", "sync faker ends", "dbt process started early"]),
+    ],
+)
+def test_dbts_process_starts_with_the_embedded_syncs_or_after_them_and_the_transform_uses_it(
+    prefect_server: PrefectServer,
+    appliance_remote: GitRemote,
+    appliance_env: Path,
+    run_events: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    dbt_start: str | None,
+    events: list[str],
 ) -> None:
-    """Embedded syncs run the connector and PyAirbyte on this machine: dbt's process (its import,
-    ~150 MB) starts when they end, not beside them, and the transform takes that process over."""
+    """By default dbt's process starts with the embedded syncs (its import overlaps them); with
+    ELT_DBT_START=after-syncs, when they end (its ~150 MB not beside the connector's and
+    PyAirbyte's). Either way the transform takes that process over: one dbt process in the run."""
+    if dbt_start:
+        monkeypatch.setenv("ELT_DBT_START", dbt_start)
     state = all_etl(repo=str(appliance_remote.bare), return_state=True)
     assert state.is_completed()
-    assert run_events == ["sync faker starts", "sync faker ends", "dbt process started early"]
+    assert run_events == events
 
 
 def test_a_second_run_names_its_incremental_streams_with_elts_way_to_a_full_refresh(

@@ -87,9 +87,12 @@ def test_dbts_process_starts_before_an_airbyte_servers_syncs_and_the_transform_u
     two_source_remote,
     raw_tables: Path,
     run_events: list[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """While an Airbyte server syncs, the run only waits on its API: dbt's process starts at once,
-    so its import overlaps the syncs, and the transform takes that process over."""
+    ELT_DBT_START=after-syncs or not (it is about embedded syncs), so its import overlaps the
+    syncs, and the transform takes that process over."""
+    monkeypatch.setenv("ELT_DBT_START", "after-syncs")
     fake_airbyte.add_connection("shop", sync_seconds=1.0)
     fake_airbyte.add_connection("crm", sync_seconds=1.0)
     state = all_etl(repo=str(two_source_remote.bare), return_state=True)

@@ -46,6 +46,16 @@ def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "ELT_WAREHOUSE" in message and "\n" not in message
 
 
+def test_when_dbt_starts_is_one_of_two_named_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().dbt_start.value == "with-syncs"
+    monkeypatch.setenv("ELT_DBT_START", "after-syncs")
+    assert load_settings().dbt_start.value == "after-syncs"
+    monkeypatch.setenv("ELT_DBT_START", "later")
+    with pytest.raises(ConfigurationError) as error:
+        load_settings()
+    assert str(error.value) == "invalid settings: ELT_DBT_START: Input should be 'with-syncs' or 'after-syncs'"
+
+
 def test_secrets_are_hidden_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SNOWFLAKE_PASSWORD", "p@ss:w0rd/with@signs")
     monkeypatch.setenv("ELT_GIT_TOKEN", "ghp_supersecret")

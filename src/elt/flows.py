@@ -23,7 +23,7 @@ from elt.errors import EltError, TransientError, first_line
 from elt.extract import backend_for
 from elt.extract.base import ExtractBackend, ExtractFailed, ExtractReport, SyncFailure, SyncResult, UnknownConnections
 from elt.reporting import EtlSummary
-from elt.settings import AirbyteBackend, Settings, load_settings
+from elt.settings import AirbyteBackend, DbtStart, Settings, load_settings
 from elt.warehouse import warehouse_for
 from prefect import Task, flow, get_run_logger, task
 
@@ -178,16 +178,16 @@ def transform(
 
 
 def _dbt_early(settings: Settings, *, skip_extract: bool, skip_transform: bool) -> AbstractContextManager[Callable[[], None]]:
-    """dbt's process, started before the transform needs it; the block calls what it yields once
-    the syncs are done. While an Airbyte server syncs, this process only waits on its API, so dbt's
-    process starts at once. Embedded syncs run the connector and PyAirbyte on this machine: dbt's
-    import beside them would compete for the same cores, and its memory (~150 MB) would add to
-    theirs at the run's peak, so it starts when they end (bench P3: 0.78x the peak memory for
-    about 2% more time)."""
+    """dbt's process, started before the transform needs it, so that dbt's import overlaps the
+    syncs; the block calls what it yields once they are done. Embedded syncs run the connector and
+    PyAirbyte on this machine, where dbt's process adds its memory (~150 MB) to their peak:
+    ELT_DBT_START=after-syncs starts it when they end instead (bench P3 measures both)."""
     if skip_transform:
         return nullcontext(_nothing_to_start)
-    embedded_syncs = not skip_extract and settings.airbyte_backend is AirbyteBackend.embedded
-    return dbt_runner.dbt_started_early(settings, now=not embedded_syncs)
+    after_syncs = (
+        not skip_extract and settings.airbyte_backend is AirbyteBackend.embedded and settings.dbt_start is DbtStart.after_syncs
+    )
+    return dbt_runner.dbt_started_early(settings, now=not after_syncs)
 
 
 def _nothing_to_start() -> None:

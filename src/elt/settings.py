@@ -29,6 +29,11 @@ class AirbyteBackend(str, Enum):
     server = "server"
 
 
+class DbtStart(str, Enum):
+    with_syncs = "with-syncs"
+    after_syncs = "after-syncs"
+
+
 class SmtpTls(str, Enum):
     starttls = "starttls"
     ssl = "ssl"
@@ -142,6 +147,11 @@ class Settings(BaseSettings):
     )
     dbt_threads: int = Field(4, ge=1, description="dbt threads.")
     dbt_schema: str = Field("main", description="Base schema dbt builds into; marts go to <schema>_marts.")
+    dbt_start: DbtStart = Field(
+        DbtStart.with_syncs,
+        description="When dbt's process starts beside embedded syncs: 'with-syncs' (its import overlaps them) or "
+        "'after-syncs' (a peak ~150 MB lower, for ~4 s more: docs/benchmarks.md, P3). With an Airbyte server: with them.",
+    )
 
     snowflake_account: str | None = Field(
         None,
