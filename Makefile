@@ -12,7 +12,9 @@ UV_VERSION := 0.8.24
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
-	$(BIN)/uv pip sync --quiet --python $(BIN)/python requirements.lock
+	# Compiled at install: where PYTHONDONTWRITEBYTECODE is set (Docker images, CI) Python would
+	# otherwise compile every module it imports, in every process, on every run.
+	$(BIN)/uv pip sync --quiet --compile-bytecode --python $(BIN)/python requirements.lock
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	# The temporary Prefect server's database, migrated once here, not in a first `make demo`.
 	$(BIN)/python -m elt.temporary_server
@@ -25,7 +27,7 @@ venv: $(VENV)/.installed
 FAKESNOW_VENV := .venv-fakesnow
 $(FAKESNOW_VENV)/.installed: tests/fakesnow.lock $(VENV)/.installed
 	$(BIN)/uv venv --quiet --python $(PYTHON) $(FAKESNOW_VENV)
-	$(BIN)/uv pip sync --quiet --python $(FAKESNOW_VENV)/bin/python tests/fakesnow.lock
+	$(BIN)/uv pip sync --quiet --compile-bytecode --python $(FAKESNOW_VENV)/bin/python tests/fakesnow.lock
 	touch $@
 
 demo: venv

@@ -161,6 +161,21 @@ def test_the_ui_is_served_not_just_the_api(stack: Stack) -> None:
     assert built_for == f"v2:{version}:/v2"
 
 
+_UNCOMPILED = """
+import glob, importlib.util, os, sys
+sources = [importlib.util.find_spec(name).origin for name in ("prefect", "airbyte", "airbyte_cdk", "dbt.version", "pandas")]
+sources += glob.glob("/opt/connectors/.installs/*/lib/python*/site-packages/source_faker/source.py")
+assert len(sources) == 6, sources
+print(" ".join(source for source in sources if not os.path.exists(importlib.util.cache_from_source(source))))
+"""
+
+
+def test_the_workers_packages_and_connectors_are_compiled_in_the_image(stack: Stack) -> None:
+    """The image sets PYTHONDONTWRITEBYTECODE and its venv is root-owned: without bytecode from the
+    build, every flow run would compile each module it imports again, the connector's too."""
+    assert stack.exec_worker("python", "-c", _UNCOMPILED).strip() == ""
+
+
 def test_ports_are_published_on_localhost_only(stack: Stack) -> None:
     ports = sh(
         [

@@ -409,6 +409,8 @@ def test_connector_installed_in_place_by_an_earlier_version_is_used_then_replace
     assert legacy.is_symlink() and executable == legacy.resolve() / "bin" / "source-faker"
     assert (legacy / ".installed-from").read_text() == "airbyte-source-faker==7.2.0"
     assert [entry.name for entry in (connectors / ".installs").iterdir()] == [legacy.resolve().name]
+    # Compiled at install: where PYTHONDONTWRITEBYTECODE is set, each sync would compile it again.
+    assert list(legacy.resolve().glob("lib/python*/site-packages/source_faker/__pycache__/source.*.pyc"))
     spec = subprocess.run([str(executable), "spec"], capture_output=True, text=True, timeout=120)
     assert '"SPEC"' in spec.stdout, spec.stderr
 

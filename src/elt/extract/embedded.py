@@ -660,7 +660,9 @@ def _install(pip: str, venv: Path, where: str, kept: str) -> None:
     if uv:
         commands = [
             [uv, "venv", "--quiet", "--python", sys.executable, str(venv)],
-            [uv, "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"), pip],
+            # Compiled now (pip does by default): where PYTHONDONTWRITEBYTECODE is set, each sync
+            # would compile the connector's modules again.
+            [uv, "pip", "install", "--quiet", "--compile-bytecode", "--python", str(venv / "bin" / "python"), pip],
         ]
     else:
         commands = [
