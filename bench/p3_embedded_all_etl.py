@@ -8,9 +8,8 @@ In one benchmark run, side by side (issue #12's definition):
   run (no Prefect database, no cached catalog; venv and connector installed) and a second one
   (what a scheduled run looks like);
 - `elt run` against a Prefect server already running (the appliance's case);
-- the second run and the running-server run again with ELT_DBT_START=with-syncs (dbt's
-  process started with the syncs, not after them: its import overlaps theirs, its memory adds
-  to their peak).
+- the second run and the running-server run again with ELT_DBT_START=after-syncs (dbt's
+  process started when the syncs end: less memory at the peak, dbt's import after them).
 
 Targets: second run ≤ 2.0× the parts with the temporary server, ≤ 1.5× with a running server;
 first run ≤ 60 s; peak memory of a run ≤ 600 MB. Results land in bench/out/p3.md.
@@ -41,7 +40,7 @@ RUNNING_SERVER_TARGET = 1.5
 FIRST_RUN_SECONDS = 60
 PEAK_MB = 600
 STAGES = ("extract-load", "update-code", "transform")
-WITH_SYNCS = {"ELT_DBT_START": "with-syncs"}
+AFTER_SYNCS = {"ELT_DBT_START": "after-syncs"}
 
 
 def main() -> None:
@@ -85,11 +84,11 @@ def main() -> None:
             raise SystemExit(f"dbt build failed; see {OUT / 'p3_dbt.log'}")
         print(f"round {number}: parts: read {read.seconds:.1f} s + dbt build {dbt.seconds:.1f} s", flush=True)
         second = _elt_run("second", env)
-        second_with = _elt_run("second-with-syncs", env | WITH_SYNCS)
+        second_after = _elt_run("second-after-syncs", env | AFTER_SYNCS)
         with prefect_server(startup_seconds=900) as api_url:
             running = _elt_run("running", env | {"PREFECT_API_URL": api_url})
-            running_with = _elt_run("running-with-syncs", env | WITH_SYNCS | {"PREFECT_API_URL": api_url})
-        rounds.append(Round(read, dbt, second, running, second_with, running_with))
+            running_after = _elt_run("running-after-syncs", env | AFTER_SYNCS | {"PREFECT_API_URL": api_url})
+        rounds.append(Round(read, dbt, second, running, second_after, running_after))
 
     parts = statistics.median(r.parts for r in rounds)
 
@@ -120,8 +119,8 @@ def main() -> None:
         ),
         judged("second run, temporary server", [r.second for r in rounds], PARTS_TARGET),
         judged("second run, running server", [r.running for r in rounds], RUNNING_SERVER_TARGET),
-        judged("second run, temporary server, with-syncs", [r.second_with for r in rounds], PARTS_TARGET),
-        judged("second run, running server, with-syncs", [r.running_with for r in rounds], RUNNING_SERVER_TARGET),
+        judged("second run, temporary server, after-syncs", [r.second_after for r in rounds], PARTS_TARGET),
+        judged("second run, running server, after-syncs", [r.running_after for r in rounds], RUNNING_SERVER_TARGET),
     ]
     rows = []
     for name, (result, stages), wall, target, met in runs:
@@ -144,13 +143,13 @@ def main() -> None:
     per_round = ""
     if len(rounds) > 1:
         per_round = (
-            "\n\nPer round (parts; then the second run, the running-server run and each with-syncs: wall and ÷ that "
+            "\n\nPer round (parts; then the second run, the running-server run and each after-syncs: wall and ÷ that "
             "round's parts): "
             + "; ".join(
                 f"{r.parts:.1f} s; "
                 + ", ".join(
                     f"{run[0].seconds:.1f} s {run[0].seconds / r.parts:.2f}×"
-                    for run in (r.second, r.running, r.second_with, r.running_with)
+                    for run in (r.second, r.running, r.second_after, r.running_after)
                 )
                 for r in rounds
             )
@@ -160,7 +159,7 @@ def main() -> None:
         f"P3 embedded all-etl — {machine()}, load average {_load()}\n\n"
         f"Parts run alone ({medians}ratios against their sum): connector `read` to /dev/null {read_seconds:.1f} s "
         f"({rounds[0].read.peak_mb:.0f} MB), plain `dbt build` {dbt_seconds:.1f} s ({rounds[0].dbt.peak_mb:.0f} MB): "
-        f"{parts:.1f} s. Stage columns: the run whose wall is the median. with-syncs: ELT_DBT_START=with-syncs."
+        f"{parts:.1f} s. Stage columns: the run whose wall is the median. after-syncs: ELT_DBT_START=after-syncs."
         + per_round
         + "\n\n"
         + table(
@@ -188,8 +187,8 @@ class Round:
     dbt: Measurement
     second: tuple[Measurement, dict[str, float]]
     running: tuple[Measurement, dict[str, float]]
-    second_with: tuple[Measurement, dict[str, float]]
-    running_with: tuple[Measurement, dict[str, float]]
+    second_after: tuple[Measurement, dict[str, float]]
+    running_after: tuple[Measurement, dict[str, float]]
 
     @property
     def parts(self) -> float:

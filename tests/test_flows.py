@@ -72,11 +72,11 @@ def test_cli_runs_all_etl_end_to_end(prefect_server: PrefectServer, appliance_re
 @pytest.mark.parametrize(
     ("dbt_start", "events"),
     [
-        (None, ["sync faker starts", "sync faker ends", "dbt process started early"]),
-        ("with-syncs", ["dbt process started early", "sync faker starts", "sync faker ends"]),
+        (None, ["dbt process started early", "sync faker starts", "sync faker ends"]),
+        ("after-syncs", ["sync faker starts", "sync faker ends", "dbt process started early"]),
     ],
 )
-def test_dbts_process_starts_after_the_embedded_syncs_or_with_them_and_the_transform_uses_it(
+def test_dbts_process_starts_with_the_embedded_syncs_or_after_them_and_the_transform_uses_it(
     prefect_server: PrefectServer,
     appliance_remote: GitRemote,
     appliance_env: Path,
@@ -85,9 +85,9 @@ def test_dbts_process_starts_after_the_embedded_syncs_or_with_them_and_the_trans
     dbt_start: str | None,
     events: list[str],
 ) -> None:
-    """By default dbt's process starts when the embedded syncs end (its ~150 MB not beside the
-    connector's and PyAirbyte's); with ELT_DBT_START=with-syncs, with them (its import overlaps
-    theirs). Either way the transform takes that process over: one dbt process in the run."""
+    """By default dbt's process starts with the embedded syncs (its import overlaps them); with
+    ELT_DBT_START=after-syncs, when they end (its ~150 MB not beside the connector's and
+    PyAirbyte's). Either way the transform takes that process over: one dbt process in the run."""
     if dbt_start:
         monkeypatch.setenv("ELT_DBT_START", dbt_start)
     state = all_etl(repo=str(appliance_remote.bare), return_state=True)

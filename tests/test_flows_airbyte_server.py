@@ -90,8 +90,8 @@ def test_dbts_process_starts_before_an_airbyte_servers_syncs_and_the_transform_u
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """While an Airbyte server syncs, the run only waits on its API: dbt's process starts at once,
-    whatever ELT_DBT_START says (it is about embedded syncs), so its import overlaps the syncs,
-    and the transform takes that process over."""
+    ELT_DBT_START=after-syncs or not (it is about embedded syncs), so its import overlaps the
+    syncs, and the transform takes that process over."""
     monkeypatch.setenv("ELT_DBT_START", "after-syncs")
     fake_airbyte.add_connection("shop", sync_seconds=1.0)
     fake_airbyte.add_connection("crm", sync_seconds=1.0)

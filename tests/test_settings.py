@@ -47,9 +47,9 @@ def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_when_dbt_starts_is_one_of_two_named_values(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert load_settings().dbt_start.value == "after-syncs"
-    monkeypatch.setenv("ELT_DBT_START", "with-syncs")
     assert load_settings().dbt_start.value == "with-syncs"
+    monkeypatch.setenv("ELT_DBT_START", "after-syncs")
+    assert load_settings().dbt_start.value == "after-syncs"
     monkeypatch.setenv("ELT_DBT_START", "later")
     with pytest.raises(ConfigurationError) as error:
         load_settings()

@@ -178,15 +178,14 @@ def transform(
 
 
 def _dbt_early(settings: Settings, *, skip_extract: bool, skip_transform: bool) -> AbstractContextManager[Callable[[], None]]:
-    """dbt's process, started before the transform needs it; the block calls what it yields once
-    the syncs are done. While an Airbyte server syncs, this process only waits on its API: dbt's
-    process starts at once and its import overlaps the syncs. Embedded syncs run the connector and
-    PyAirbyte on this machine, where dbt's process would add its memory (~150 MB) to their peak:
-    it starts when they end unless ELT_DBT_START=with-syncs (bench P3 measures both)."""
+    """dbt's process, started before the transform needs it, so that dbt's import overlaps the
+    syncs; the block calls what it yields once they are done. Embedded syncs run the connector and
+    PyAirbyte on this machine, where dbt's process adds its memory (~150 MB) to their peak:
+    ELT_DBT_START=after-syncs starts it when they end instead (bench P3 measures both)."""
     if skip_transform:
         return nullcontext(_nothing_to_start)
     after_syncs = (
-        not skip_extract and settings.airbyte_backend is AirbyteBackend.embedded and settings.dbt_start is not DbtStart.with_syncs
+        not skip_extract and settings.airbyte_backend is AirbyteBackend.embedded and settings.dbt_start is DbtStart.after_syncs
     )
     return dbt_runner.dbt_started_early(settings, now=not after_syncs)
 

@@ -148,10 +148,9 @@ class Settings(BaseSettings):
     dbt_threads: int = Field(4, ge=1, description="dbt threads.")
     dbt_schema: str = Field("main", description="Base schema dbt builds into; marts go to <schema>_marts.")
     dbt_start: DbtStart = Field(
-        DbtStart.after_syncs,
-        description="When dbt's process starts on a run with embedded syncs: 'after-syncs' (its ~150 MB not beside "
-        "theirs) or 'with-syncs' (its import overlaps them: a second or two sooner; docs/benchmarks.md, P3). "
-        "With an Airbyte server it starts with the syncs.",
+        DbtStart.with_syncs,
+        description="When dbt's process starts beside embedded syncs: 'with-syncs' (its import overlaps them) or "
+        "'after-syncs' (a peak ~150 MB lower, for ~4 s more: docs/benchmarks.md, P3). With an Airbyte server: with them.",
     )
 
     snowflake_account: str | None = Field(
