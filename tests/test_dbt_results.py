@@ -1240,8 +1240,8 @@ def test_dbt_started_early_serves_the_first_dbt_of_its_thread_with_that_dbts_env
 def test_dbt_started_later_starts_one_process_when_the_block_says_and_none_if_it_never_does(
     tmp_path: Path, bounded: None
 ) -> None:
-    """all-etl with embedded syncs starts dbt's process when they end (`now=False`, then the
-    `start` it yields): nothing runs before; `start` twice is one process, which the first Dbt
+    """With ELT_DBT_START=after-syncs all-etl starts dbt's process when its embedded syncs end
+    (`now=False`, then the `start` it yields): nothing runs before; `start` twice is one process, which the first Dbt
     takes; a block that never calls it starts none."""
     import threading
 

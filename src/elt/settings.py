@@ -150,7 +150,7 @@ class Settings(BaseSettings):
     dbt_start: DbtStart = Field(
         DbtStart.with_syncs,
         description="When dbt's process starts beside embedded syncs: 'with-syncs' (its import overlaps them) or "
-        "'after-syncs' (a peak ~150 MB lower, for ~4 s more: docs/benchmarks.md, P3). With an Airbyte server: with them.",
+        "'after-syncs' (a peak ~150 MB lower, for 1-3 s more: docs/benchmarks.md, P3). With an Airbyte server: with them.",
     )
 
     snowflake_account: str | None = Field(
