@@ -2,6 +2,8 @@
 and that other threads import as usual. The fast tests use a small package written for them; the
 slow one imports the real PyAirbyte the way a run does."""
 
+import builtins
+import contextlib
 import importlib
 import subprocess
 import sys
@@ -151,10 +153,80 @@ def test_a_dropped_package_imported_before_the_block_is_kept(client: str) -> Non
     assert not issubclass(within.Thing, NotLoaded)
 
 
+@pytest.fixture
+def sdk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """`sdk`: its __init__ imports everything it has to re-export it (as airbyte_cdk's does) and
+    counts its runs; `sdk.models` is the light submodule a user imports."""
+    name = f"sdk_{tmp_path.name.replace('-', '_')}"
+    root = tmp_path / name
+    root.mkdir()
+    (root / "__init__.py").write_text(
+        "import builtins\n"
+        f"builtins.{name}_inits = getattr(builtins, '{name}_inits', 0) + 1\n"
+        "from .heavy import Engine\n"
+        "from .models import Record\n"
+        "VERSION = '1.0'\n"
+    )
+    (root / "heavy.py").write_text("class Engine: pass\n")
+    (root / "models.py").write_text("class Record: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    for module in [m for m in sys.modules if m == name or m.startswith(f"{name}.")]:
+        del sys.modules[module]
+    with contextlib.suppress(AttributeError):
+        delattr(builtins, f"{name}_inits")
+
+
+def test_a_deferred_packages_submodule_imports_without_its_init(sdk: str) -> None:
+    with only_what_duckdb_needs(stand_ins=[], absent=[], dropped_after=[], init_deferred=[sdk]):
+        from_models = importlib.import_module(f"{sdk}.models").Record
+
+    assert from_models.__module__ == f"{sdk}.models"
+    assert getattr(builtins, f"{sdk}_inits", 0) == 0
+    assert _loaded(sdk) == [sdk, f"{sdk}.models"]
+
+
+def test_a_deferred_packages_init_runs_once_when_one_of_its_names_is_asked_for(sdk: str) -> None:
+    with only_what_duckdb_needs(stand_ins=[], absent=[], dropped_after=[], init_deferred=[sdk]):
+        importlib.import_module(f"{sdk}.models")
+    package = importlib.import_module(sdk)
+
+    assert package.VERSION == "1.0"
+    assert package.Engine.__module__ == f"{sdk}.heavy"
+    assert package.Record is sys.modules[f"{sdk}.models"].Record
+    assert getattr(builtins, f"{sdk}_inits") == 1
+    with pytest.raises(AttributeError, match=f"module '{sdk}' has no attribute 'Missing'"):
+        package.Missing  # noqa: B018 - the attribute access is the test
+    assert getattr(builtins, f"{sdk}_inits") == 1
+
+
+def test_a_deferred_init_that_raised_raises_again_when_asked_again(sdk: str, tmp_path: Path) -> None:
+    (tmp_path / sdk / "heavy.py").write_text("raise ImportError('heavy needs a library that is not installed')\n")
+    with only_what_duckdb_needs(stand_ins=[], absent=[], dropped_after=[], init_deferred=[sdk]):
+        package = importlib.import_module(sdk)
+
+    for _ in range(2):
+        with pytest.raises(ImportError, match="heavy needs a library that is not installed"):
+            package.VERSION  # noqa: B018 - the attribute access is the test
+
+
+def test_a_stand_in_package_holds_its_stand_in_submodules(tmp_path: Path) -> None:
+    name = f"frames_{tmp_path.name.replace('-', '_')}"
+    try:
+        with only_what_duckdb_needs(stand_ins=[name, f"{name}.dataset"], absent=[], dropped_after=[name]):
+            dataset = importlib.import_module(f"{name}.dataset")
+        assert issubclass(dataset.Dataset, NotLoaded)
+        assert _loaded(name) == []
+    finally:
+        for module in [m for m in sys.modules if m == name or m.startswith(f"{name}.")]:
+            del sys.modules[module]
+
+
 @pytest.mark.slow
 def test_the_runs_pyairbyte_has_its_duckdb_cache_and_none_of_the_other_warehouses_clients() -> None:
-    """The real `import airbyte` as a sync makes it, in a fresh interpreter; after it, the
-    Airbyte API client the server backend imports is the real one."""
+    """The real `import airbyte` as a sync makes it, in a fresh interpreter, without pandas,
+    pyarrow or the CDK's declarative sources; after it, the Airbyte API client the server backend
+    imports, pandas and airbyte_cdk's own names are the real ones."""
     script = textwrap.dedent(
         """
         import sys
@@ -163,6 +235,7 @@ def test_the_runs_pyairbyte_has_its_duckdb_cache_and_none_of_the_other_warehouse
         print(airbyte.DuckDBCache.__module__, airbyte.get_source.__module__)
         heavy = ["google.cloud.bigquery", "google.cloud.secretmanager_v1", "snowflake.connector",
                  "psycopg2", "psycopg", "boto3", "redis", "pymongo"]
+        heavy += ["pandas", "pyarrow", "airbyte_cdk.sources.declarative", "airbyte_cdk.entrypoint"]
         print([name for name in heavy if name in sys.modules])
         try:
             airbyte.caches.SnowflakeCache(account="x")
@@ -173,6 +246,8 @@ def test_the_runs_pyairbyte_has_its_duckdb_cache_and_none_of_the_other_warehouse
         print([name for name in sys.modules if name.split(".")[0] == "airbyte_api"])
         from elt.extract import server
         print(server.models.DestinationDuckdb.__module__)
+        import pandas, airbyte_cdk
+        print(pandas.DataFrame({"rows": [1, 2]}).shape, airbyte_cdk.AirbyteEntrypoint.__module__)
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
@@ -184,4 +259,5 @@ def test_the_runs_pyairbyte_has_its_duckdb_cache_and_none_of_the_other_warehouse
         "True",
         "[]",
         "airbyte_api.models.destination_duckdb",
+        "(2, 1) airbyte_cdk.entrypoint",
     ]
