@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from elt.extract.pyairbyte_imports import NotLoaded, only_what_duckdb_needs
+from elt.extract.pyairbyte_imports import NotLoaded, only_what_duckdb_needs, without_dataframe_libraries
 
 
 @pytest.fixture
@@ -261,3 +261,62 @@ def test_the_runs_pyairbyte_has_its_duckdb_cache_and_none_of_the_other_warehouse
         "airbyte_api.models.destination_duckdb",
         "(2, 1) airbyte_cdk.entrypoint",
     ]
+
+
+def test_without_dataframe_libraries_this_threads_import_fails_and_others_and_later_ones_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    frames = f"frames_{tmp_path.name}".replace("-", "_")
+    (tmp_path / f"{frames}.py").write_text("class DataFrame: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    in_other_thread: list[str] = []
+    try:
+        with without_dataframe_libraries([frames]):
+            with pytest.raises(ImportError, match=f"{frames} is left out"):
+                importlib.import_module(frames)
+            thread = threading.Thread(target=lambda: in_other_thread.append(importlib.import_module(frames).__name__))
+            thread.start()
+            thread.join(timeout=30)
+            sys.modules.pop(frames)
+        assert in_other_thread == [frames]
+        assert importlib.import_module(frames).DataFrame.__module__ == frames
+    finally:
+        sys.modules.pop(frames, None)
+
+
+@pytest.mark.slow
+def test_an_embedded_sync_loads_its_rows_without_importing_pandas_numpy_or_pyarrow(tmp_path: Path) -> None:
+    """A real source-faker sync through PyAirbyte into real DuckDB, in a fresh interpreter as a
+    run makes it: DuckDB's Python client would import pandas to bind duckdb_engine's parameters.
+    After the sync, pandas imports and DuckDB hands it a DataFrame."""
+    from tests.conftest import CONNECTORS_DIR
+
+    connections = tmp_path / "connections.yaml"
+    connections.write_text(
+        "connections:\n"
+        "  - name: faker\n"
+        "    source: {connector: source-faker, pip: airbyte-source-faker==7.2.1, config: {count: 40, seed: 42, parallelism: 1}}\n"
+        "    streams: [users, products]\n"
+        "    destination: {schema: raw_faker}\n"
+    )
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        from elt.extract.embedded import EmbeddedBackend
+        from elt.settings import load_settings
+        settings = load_settings(home=Path({str(tmp_path)!r}), airbyte_connections_file=Path({str(connections)!r}),
+                                 connectors_dir=Path({str(CONNECTORS_DIR)!r}))
+        backend = EmbeddedBackend(settings)
+        result = backend.sync("faker", full_refresh=False)
+        print(result.rows_per_stream)
+        print([name for name in ("pandas", "numpy", "pyarrow") if name in sys.modules])
+        import duckdb, pandas
+        with duckdb.connect(str(settings.path(settings.duckdb_path)), read_only=True) as connection:
+            frame = connection.execute("select count(*) as users from raw_faker.users").df()
+        print(type(frame).__name__, int(frame.users[0]))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-3:] == ["{'users': 40, 'products': 40}", "[]", "DataFrame 40"]

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 from elt.errors import ConfigurationError, EltError, TerminalError, TransientError, first_line
 from elt.extract.base import SyncResult
 from elt.extract.connections import ConnectionSpec, load_connections, resolve_config
-from elt.extract.pyairbyte_imports import only_what_duckdb_needs
+from elt.extract.pyairbyte_imports import only_what_duckdb_needs, without_dataframe_libraries
 from elt.settings import Settings
 from elt.warehouse import warehouse_for
 
@@ -173,8 +173,9 @@ class EmbeddedBackend:
                 source.select_streams(streams)
                 _log_incremental_streams_as_elt_runs_them(source, spec)
                 _stop_reading_when_cancelled(source, self._cancelled, self._cancel_error(spec))
-                cache, cache_path = self._cache(spec, folder.records)
-                with _warehouse_locks[str(cache_path)]:
+                with without_dataframe_libraries():
+                    cache, cache_path = self._cache(spec, folder.records)
+                with _warehouse_locks[str(cache_path)], without_dataframe_libraries():
                     try:
                         self._raise_if_cancelled(spec)
                         result = source.read(

@@ -52,6 +52,7 @@ UNUSED_BY_THE_DUCKDB_PATH = (
 )
 DROPPED_AFTER = ("airbyte_api", "pandas", "pyarrow")
 INIT_DEFERRED = ("airbyte_cdk", "airbyte_cdk.utils")
+DATAFRAME_LIBRARIES = ("numpy", "pandas", "pyarrow")
 OPTIONAL_HTTP_CACHE_BACKENDS = (
     "requests_cache.backends.dynamodb",
     "requests_cache.backends.gridfs",
@@ -144,6 +145,21 @@ class _DuckDBOnly(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module: ModuleType) -> None:
         pass
+
+
+@contextlib.contextmanager
+def without_dataframe_libraries(packages: Sequence[str] = DATAFRAME_LIBRARIES) -> Iterator[None]:
+    """DuckDB's Python client imports pandas (with numpy and pyarrow: 85 MB) the first time it
+    binds a query's parameters, to see whether one is a DataFrame; duckdb_engine binds some when
+    PyAirbyte creates its cache. A sync has no DataFrames. Within this block, this thread's
+    imports of `packages` raise ImportError, which DuckDB takes for 'not installed'; other
+    threads, and this one after the block, import them as usual (DuckDB then finds them)."""
+    finder = _DuckDBOnly(stand_ins=(), absent=packages, init_deferred=())
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
 
 
 @contextlib.contextmanager
