@@ -27,6 +27,10 @@ class Measurement:
     peak_mb: float
     return_code: int
     timed_out: bool = False
+    # Proportional set size summed over the tree: each page shared by n processes (a forked
+    # worker's inherited pages, shared libraries) counts 1/n in each, so the sum is what the
+    # tree holds. The RSS sum (peak_mb) counts such a page once per process that maps it.
+    peak_pss_mb: float = 0.0
 
 
 def measure(
@@ -37,19 +41,21 @@ def measure(
     log: Path | None = None,
     timeout: float | None = None,
 ) -> Measurement:
-    """Wall time and peak resident memory summed over the process and all its children (sampled every 20 ms).
+    """Wall time and peak memory summed over the process and all its children, as RSS and as PSS (sampled every 20 ms).
 
     A process tree still running after `timeout` seconds is killed; its Measurement says `timed_out`."""
     output = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - the log file outlives this function: the process writes to it
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT)
     root = psutil.Process(process.pid)
-    peak = 0
+    peak = peak_pss = 0
     timed_out = False
     while process.poll() is None:
         try:
             tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(_rss(member) for member in tree))
+            memory = [_memory(member) for member in tree]
+            peak = max(peak, sum(rss for rss, _ in memory))
+            peak_pss = max(peak_pss, sum(pss for _, pss in memory))
         except psutil.NoSuchProcess:
             pass
         if timeout is not None and time.monotonic() - started > timeout:
@@ -61,7 +67,9 @@ def measure(
     seconds = time.monotonic() - started
     if log:
         output.close()
-    return Measurement(round(seconds, 2), round(peak / 2**20, 1), process.returncode, timed_out)
+    return Measurement(
+        round(seconds, 2), round(peak / 2**20, 1), process.returncode, timed_out, peak_pss_mb=round(peak_pss / 2**20, 1)
+    )
 
 
 def _kill_tree(root: psutil.Process) -> None:
@@ -80,11 +88,13 @@ def _kill_tree(root: psutil.Process) -> None:
     psutil.wait_procs(alive, timeout=10)
 
 
-def _rss(process: psutil.Process) -> int:
+def _memory(process: psutil.Process) -> tuple[int, int]:
+    """(RSS, PSS) in bytes; (0, 0) for a process gone meanwhile."""
     try:
-        return process.memory_info().rss
-    except psutil.NoSuchProcess:
-        return 0
+        full = process.memory_full_info()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return 0, 0
+    return full.rss, full.pss
 
 
 def machine() -> str:
