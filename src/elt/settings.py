@@ -150,7 +150,8 @@ class Settings(BaseSettings):
     dbt_start: DbtStart = Field(
         DbtStart.with_syncs,
         description="When dbt's process starts beside embedded syncs: 'with-syncs' (its import overlaps them) or "
-        "'after-syncs' (a peak ~150 MB lower, for 1-3 s more: docs/benchmarks.md, P3). With an Airbyte server: with them.",
+        "'after-syncs' (a peak ~85 MB lower, ~150 MB of summed RSS, for 0.3-3 s more: docs/benchmarks.md, P3). "
+        "With an Airbyte server: with them.",
     )
 
     snowflake_account: str | None = Field(
