@@ -17,33 +17,46 @@ import pytest
 from elt.extract.pyairbyte_imports import NotLoaded, only_what_duckdb_needs, without_dataframe_libraries
 
 
-@pytest.fixture
-def package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """`shop`: its __init__ imports a heavy cache (which refuses to run, and names what it would
-    import) and tries an optional backend, as airbyte and requests_cache do."""
-    name = f"shop_{tmp_path.name.replace('-', '_')}"
+def _package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefix: str, files: dict[str, str]) -> Iterator[str]:
+    """A package `<prefix>_<test>` of `files` (name: source, `{name}` filled in) on sys.path for
+    one test; its modules leave `sys.modules` after it."""
+    name = f"{prefix}_{tmp_path.name.replace('-', '_')}"
     root = tmp_path / name
     root.mkdir()
-    (root / "__init__.py").write_text(
-        textwrap.dedent(
-            f"""
-            from {name}.heavy import HeavyCache
-            from {name}.light import LightCache
-            try:
-                from {name}.optional import Backend
-            except ImportError as error:
-                Backend = None
-                why_not = str(error)
-            """
-        )
-    )
-    (root / "heavy.py").write_text("raise AssertionError('the heavy cache was imported')\n")
-    (root / "light.py").write_text("class LightCache: pass\n")
-    (root / "optional.py").write_text("class Backend: pass\n")
+    for file, source in files.items():
+        (root / file).write_text(source.replace("{name}", name))
     monkeypatch.syspath_prepend(str(tmp_path))
     yield name
     for module in [m for m in sys.modules if m == name or m.startswith(f"{name}.")]:
         del sys.modules[module]
+
+
+@pytest.fixture
+def package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """`shop`: its __init__ imports a heavy cache (which refuses to run, and names what it would
+    import) and tries an optional backend, as airbyte and requests_cache do."""
+    init = textwrap.dedent(
+        """
+        from {name}.heavy import HeavyCache
+        from {name}.light import LightCache
+        try:
+            from {name}.optional import Backend
+        except ImportError as error:
+            Backend = None
+            why_not = str(error)
+        """
+    )
+    yield from _package(
+        tmp_path,
+        monkeypatch,
+        "shop",
+        {
+            "__init__.py": init,
+            "heavy.py": "raise AssertionError('the heavy cache was imported')\n",
+            "light.py": "class LightCache: pass\n",
+            "optional.py": "class Backend: pass\n",
+        },
+    )
 
 
 def test_the_stand_in_is_imported_and_its_classes_refuse_to_be_used_naming_why(package: str) -> None:
@@ -116,15 +129,12 @@ def test_a_stand_in_has_no_dunder_names_so_tools_that_probe_them_see_a_plain_mod
 @pytest.fixture
 def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """`client`: a package whose __init__ imports its models, as airbyte_api does."""
-    name = f"client_{tmp_path.name.replace('-', '_')}"
-    root = tmp_path / name
-    root.mkdir()
-    (root / "__init__.py").write_text("from . import models\nfrom .models import Thing\n")
-    (root / "models.py").write_text("class Thing: pass\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield name
-    for module in [m for m in sys.modules if m == name or m.startswith(f"{name}.")]:
-        del sys.modules[module]
+    yield from _package(
+        tmp_path,
+        monkeypatch,
+        "client",
+        {"__init__.py": "from . import models\nfrom .models import Thing\n", "models.py": "class Thing: pass\n"},
+    )
 
 
 def _loaded(package: str) -> list[str]:
@@ -157,24 +167,18 @@ def test_a_dropped_package_imported_before_the_block_is_kept(client: str) -> Non
 def sdk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """`sdk`: its __init__ imports everything it has to re-export it (as airbyte_cdk's does) and
     counts its runs; `sdk.models` is the light submodule a user imports."""
-    name = f"sdk_{tmp_path.name.replace('-', '_')}"
-    root = tmp_path / name
-    root.mkdir()
-    (root / "__init__.py").write_text(
+    init = (
         "import builtins\n"
-        f"builtins.{name}_inits = getattr(builtins, '{name}_inits', 0) + 1\n"
+        "builtins.{name}_inits = getattr(builtins, '{name}_inits', 0) + 1\n"
         "from .heavy import Engine\n"
         "from .models import Record\n"
         "VERSION = '1.0'\n"
     )
-    (root / "heavy.py").write_text("class Engine: pass\n")
-    (root / "models.py").write_text("class Record: pass\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield name
-    for module in [m for m in sys.modules if m == name or m.startswith(f"{name}.")]:
-        del sys.modules[module]
-    with contextlib.suppress(AttributeError):
-        delattr(builtins, f"{name}_inits")
+    files = {"__init__.py": init, "heavy.py": "class Engine: pass\n", "models.py": "class Record: pass\n"}
+    for name in _package(tmp_path, monkeypatch, "sdk", files):
+        yield name
+        with contextlib.suppress(AttributeError):
+            delattr(builtins, f"{name}_inits")
 
 
 def test_a_deferred_packages_submodule_imports_without_its_init(sdk: str) -> None:
