@@ -17,8 +17,14 @@ mirror="$(grep -rhoE '^(URIs:|deb) +https?://[^ ]+/debian/?( |$)' /etc/apt/sourc
   | grep -oE 'https?://[^ ]+' | head -n1 || true)"
 mirror="${mirror:-http://deb.debian.org/debian}"
 
-root="$(mktemp -d /tmp/elt-base.XXXXXX)"
-trap 'rm -rf "$root"' EXIT
+# Not in /tmp, which other tests scan. Whatever debootstrap left mounted inside (its /proc, when
+# something held it busy) is unmounted first, and the removal stays on this filesystem.
+root="$(mktemp -d /var/tmp/elt-base.XXXXXX)"
+remove_root() {
+  findmnt -rn -o TARGET | grep -F "$root/" | sort -r | while read -r mounted; do umount -l "$mounted" || true; done
+  rm -rf --one-file-system "$root"
+}
+trap remove_root EXIT
 echo "build_base_image.sh: debootstrap bookworm from $mirror into $root"
 debootstrap --variant=minbase \
   --include=python3,python3-venv,ca-certificates,git,postgresql,procps \

@@ -105,18 +105,35 @@ def _files_under(folder: Path) -> list[Path]:
 
 
 def _files_holding(secret: str, folders: list[Path], since: float) -> list[Path]:
-    """Files under `folders` changed since `since` whose bytes contain `secret`."""
+    """Regular files under `folders`, on the folder's own filesystem, changed since `since`
+    whose bytes contain `secret`. Another filesystem mounted below is left out: the appliance
+    lane's debootstrap mounts /proc inside its chroot in /tmp, whose /proc/kmsg blocks a read."""
     holding = []
     for folder in folders:
+        device = folder.stat().st_dev
         # os.walk skips a folder that vanishes while it walks (the other lane's tests write in /tmp).
-        for parent, _, names in os.walk(folder):
+        for parent, folders_below, names in os.walk(folder):
+            folders_below[:] = [name for name in folders_below if _on_device(Path(parent) / name, device)]
             for path in (Path(parent) / name for name in names):
                 try:
-                    if path.is_file() and path.stat().st_mtime >= since and secret.encode() in path.read_bytes():
+                    status = path.lstat()
+                    if (
+                        stat.S_ISREG(status.st_mode)
+                        and status.st_dev == device
+                        and status.st_mtime >= since
+                        and secret.encode() in path.read_bytes()
+                    ):
                         holding.append(path)
                 except OSError:  # another process's file, gone or unreadable
                     pass
     return holding
+
+
+def _on_device(path: Path, device: int) -> bool:
+    try:
+        return path.lstat().st_dev == device
+    except OSError:
+        return False
 
 
 def _crashing_connector(folder: Path, lines: int) -> Path:
