@@ -21,7 +21,7 @@ mirror="${mirror:-http://deb.debian.org/debian}"
 # something held it busy) is unmounted first, and the removal stays on this filesystem.
 root="$(mktemp -d /var/tmp/elt-base.XXXXXX)"
 remove_root() {
-  findmnt -rn -o TARGET | grep -F "$root/" | sort -r | while read -r mounted; do umount -l "$mounted" || true; done
+  { findmnt -rn -o TARGET | grep -F "$root/" || true; } | sort -r | while read -r mounted; do umount -l "$mounted" || true; done
   rm -rf --one-file-system "$root"
 }
 trap remove_root EXIT
