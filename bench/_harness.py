@@ -92,7 +92,7 @@ def _memory(process: psutil.Process) -> tuple[int, int]:
     """(RSS, PSS) in bytes; (0, 0) for a process gone meanwhile."""
     try:
         full = process.memory_full_info()
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+    except psutil.NoSuchProcess:  # a zombie's ZombieProcess included
         return 0, 0
     return full.rss, full.pss
 
