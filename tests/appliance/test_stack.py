@@ -357,6 +357,10 @@ def test_a_run_whose_worker_is_killed_ends_crashed_and_the_next_completes(stack:
         time.sleep(2)
     changed = _prefect_setup(stack, KILL_TEST_ZOMBIE_SECONDS)
     assert "automation crash-zombie-flow-runs: updated" in changed, changed
+    worker = stack.container_ids()["prefect-worker"]
+    # The demo run takes ~8 s on a quiet machine: the worker gets half a core, as on a busy VM,
+    # so that the run is still going when the worker is killed after its first heartbeat.
+    sh(["docker", "update", "--cpus", "0.5", worker])
     try:
         with stack.api as api:
             version_before = api.get("/deployments/name/all-etl/all-etl").json()["version"]
@@ -369,7 +373,6 @@ def test_a_run_whose_worker_is_killed_ends_crashed_and_the_next_completes(stack:
             assert time.monotonic() < deadline, f"no heartbeat of run {run_id} within 120 s"
             time.sleep(2)
         assert stack.state(run_id)["type"] == "RUNNING"
-        worker = stack.container_ids()["prefect-worker"]
         t = time.monotonic()
         sh(["docker", "kill", worker])
         state = stack.wait_state(run_id, TERMINAL, 600)
@@ -400,6 +403,7 @@ def test_a_run_whose_worker_is_killed_ends_crashed_and_the_next_completes(stack:
                 assert lines[3:] == [_run_link(stack, run_id)], (channel, lines)
             assert_no_secret(receivers.all())
     finally:
+        sh(["docker", "update", "--cpus", str(os.cpu_count()), worker])
         restored = _prefect_setup(stack, stack.env["ELT_ZOMBIE_SECONDS"])
         assert "automation crash-zombie-flow-runs: updated" in restored, restored
 
