@@ -10,6 +10,8 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -200,6 +202,20 @@ def prepare_checkout(
 
 
 SERVICES = ("postgres", "prefect-server", "prefect-worker", "dbt-docs")
+
+
+@contextmanager
+def slowed_worker(stack: Stack, cpus: float = 0.5) -> Iterator[str]:
+    """The worker's container held to `cpus` cores, as on a busy VM, for a test that acts on a
+    run while it runs: the demo run takes ~8 s on a quiet machine, less than some tests need to
+    act. The limit stays with the container through a restart until the block ends. Yields the
+    container's id."""
+    worker = stack.container_ids()["prefect-worker"]
+    sh(["docker", "update", "--cpus", str(cpus), worker])
+    try:
+        yield worker
+    finally:
+        sh(["docker", "update", "--cpus", str(os.cpu_count()), worker], check=False)
 
 
 def health(container: str) -> str:

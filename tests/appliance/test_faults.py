@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.appliance.stack import HERE, TERMINAL, Stack, sh, wait_stack_healthy
+from tests.appliance.stack import HERE, TERMINAL, Stack, sh, slowed_worker, wait_stack_healthy
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(1200)]
 
@@ -175,54 +175,57 @@ def test_vm_reboot_mid_run_the_stack_comes_back_and_the_scheduled_run_completes(
         deployment = api.get("/deployments/name/all-etl/all-etl").json()
         runs_before = api.post("/flow_runs/count", json={}).json()
     facts_before = warehouse_facts(stack) if marts_built(stack) else None
-    interrupted = stack.start_run()
-    wait_until_syncing(stack, interrupted)
-    # A daily schedule whose run comes due while the machine is down.
-    due = datetime.now(UTC) + timedelta(seconds=10)
-    with stack.api as api:
-        created = api.post(
-            f"/deployments/{deployment['id']}/schedules",
-            json=[
-                {
-                    "schedule": {"interval": 86400, "anchor_date": due.isoformat()},
-                    "active": True,
-                }
-            ],
-        )
-        created.raise_for_status()
-        schedule_id = created.json()[0]["id"]
-        api.post(f"/deployments/{deployment['id']}/schedule", json={"max_runs": 1}).raise_for_status()
-        scheduled = api.post(
-            "/flow_runs/filter",
-            json={"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}}},
-        ).json()
-    soon = (due + timedelta(hours=1)).isoformat()
-    due_runs = [run for run in scheduled if run["auto_scheduled"] and run["expected_start_time"] < soon]
-    assert len(due_runs) == 1, scheduled
-    try:
-        reboot_docker_engine()
-        wait_stack_healthy(stack)  # by itself: restart: unless-stopped, no compose command
-        state = stack.wait_state(interrupted, TERMINAL, 120)
-        assert state["type"] == "CRASHED", state
-        # Marked by docker/worker_start.py when the worker's container started again: the
-        # server stops with the other containers, so the run cannot record its own end.
-        assert state["message"] == (
-            "The worker restarted during this run (its container or the machine restarted), so the run's "
-            "process is gone; marked Crashed by the worker on its start."
-        ), state
-        state = stack.wait_state(due_runs[0]["id"], TERMINAL, 600)
-        assert_completed_with_the_right_data(stack, due_runs[0]["id"], state)
-    finally:
+    with slowed_worker(stack):  # the run still going when the machine goes down
+        interrupted = stack.start_run()
+        wait_until_syncing(stack, interrupted)
+        # A daily schedule whose run comes due while the machine is down.
+        due = datetime.now(UTC) + timedelta(seconds=10)
         with stack.api as api:
-            api.delete(f"/deployments/{deployment['id']}/schedules/{schedule_id}")
-            left = api.post(
+            created = api.post(
+                f"/deployments/{deployment['id']}/schedules",
+                json=[
+                    {
+                        "schedule": {"interval": 86400, "anchor_date": due.isoformat()},
+                        "active": True,
+                    }
+                ],
+            )
+            created.raise_for_status()
+            schedule_id = created.json()[0]["id"]
+            api.post(f"/deployments/{deployment['id']}/schedule", json={"max_runs": 1}).raise_for_status()
+            scheduled = api.post(
                 "/flow_runs/filter",
                 json={"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}}},
             ).json()
-            for run in left:
-                if run["auto_scheduled"]:
-                    api.delete(f"/flow_runs/{run['id']}")
-        wait_stack_healthy(stack)
+        soon = (due + timedelta(hours=1)).isoformat()
+        due_runs = [run for run in scheduled if run["auto_scheduled"] and run["expected_start_time"] < soon]
+        assert len(due_runs) == 1, scheduled
+        try:
+            reboot_docker_engine()
+            wait_stack_healthy(stack)  # by itself: restart: unless-stopped, no compose command
+            state = stack.wait_state(interrupted, TERMINAL, 120)
+            assert state["type"] == "CRASHED", state
+            # Marked by docker/worker_start.py when the worker's container started again: the
+            # server stops with the other containers, so the run cannot record its own end.
+            assert state["message"] == (
+                "The worker restarted during this run (its container or the machine restarted), so the run's "
+                "process is gone; marked Crashed by the worker on its start."
+            ), state
+            state = stack.wait_state(due_runs[0]["id"], TERMINAL, 600)
+            assert_completed_with_the_right_data(stack, due_runs[0]["id"], state)
+        finally:
+            with stack.api as api:
+                api.delete(f"/deployments/{deployment['id']}/schedules/{schedule_id}")
+                left = api.post(
+                    "/flow_runs/filter",
+                    json={
+                        "flow_runs": {"deployment_id": {"any_": [deployment["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}}
+                    },
+                ).json()
+                for run in left:
+                    if run["auto_scheduled"]:
+                        api.delete(f"/flow_runs/{run['id']}")
+            wait_stack_healthy(stack)
 
     with stack.api as api:
         assert api.get("/deployments/name/all-etl/all-etl").json()["id"] == deployment["id"]

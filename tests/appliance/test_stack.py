@@ -27,7 +27,17 @@ import pytest
 
 # BASE_IMAGE, HERE, Stack, prepare_checkout, sh: also imported from here by bench/p4_stack.py.
 from tests.alert_receivers import SLACK_URL, SMTP_PASSWORD, WEBHOOK_SECRET, Receivers, assert_no_secret, one_per_channel
-from tests.appliance.stack import BASE_IMAGE, HERE, TERMINAL, Stack, git, prepare_checkout, sh, wait_stack_healthy  # noqa: F401
+from tests.appliance.stack import (  # noqa: F401
+    BASE_IMAGE,
+    HERE,
+    TERMINAL,
+    Stack,
+    git,
+    prepare_checkout,
+    sh,
+    slowed_worker,
+    wait_stack_healthy,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(2400)]
 
@@ -357,53 +367,52 @@ def test_a_run_whose_worker_is_killed_ends_crashed_and_the_next_completes(stack:
         time.sleep(2)
     changed = _prefect_setup(stack, KILL_TEST_ZOMBIE_SECONDS)
     assert "automation crash-zombie-flow-runs: updated" in changed, changed
-    worker = stack.container_ids()["prefect-worker"]
-    # The demo run takes ~8 s on a quiet machine: the worker gets half a core, as on a busy VM,
-    # so that the run is still going when the worker is killed after its first heartbeat.
-    sh(["docker", "update", "--cpus", "0.5", worker])
     try:
-        with stack.api as api:
-            version_before = api.get("/deployments/name/all-etl/all-etl").json()["version"]
-        run_id = stack.start_run()
-        stack.wait_state(run_id, {"RUNNING"} | TERMINAL, 300)
-        # The updated automation's trigger starts its window at the run's next heartbeat.
-        since = stack.state(run_id)["timestamp"]
-        deadline = time.monotonic() + 120
-        while not _heartbeats_since(stack, run_id, since):
-            assert time.monotonic() < deadline, f"no heartbeat of run {run_id} within 120 s"
-            time.sleep(2)
-        assert stack.state(run_id)["type"] == "RUNNING"
-        t = time.monotonic()
-        sh(["docker", "kill", worker])
-        state = stack.wait_state(run_id, TERMINAL, 600)
-        stack.timings["killed run marked crashed after"] = time.monotonic() - t
-        assert state["type"] == "CRASHED", state
-        assert state["message"] == (
-            f"No heartbeat for {KILL_TEST_ZOMBIE_SECONDS} s: the worker or the machine stopped during the run."
-        ), state
-        # A stack this session brought up has the alert receivers (ELT_APPLIANCE_CHECKOUT's has none).
-        if stack.receivers is not None:
-            receivers = stack.receivers
-            label, version = _deployed_commits(stack, run_id)
-            commit = label or version
-            for channel, message in one_per_channel(receivers, run_id, "all-etl Crashed").items():
-                lines = message.text.strip().splitlines()
-                assert lines[0].endswith(" is Crashed."), (channel, lines)
-                assert lines[2:] == [f"Cause: {state['message']}", f"Commit: {commit}", _run_link(stack, run_id)], (
-                    channel,
-                    lines,
-                )
-            # It ran past ELT_ALERT_RUNNING_SECONDS (10 s) before it crashed.
-            for channel, message in one_per_channel(receivers, run_id, "all-etl still running").items():
-                lines = message.text.strip().splitlines()
-                assert " has been Running for more than 10 s (since " in lines[0], (channel, lines)
-                assert lines[1] == "Cause: no end yet; a sync or a dbt query may be stuck (see the run's logs).", (channel, lines)
-                # Sent 10 s in: before update-code pulled (the version of before the run), or after.
-                assert lines[2] in {f"Commit: {label}", f"Commit: {version_before}"}, (channel, lines, label, version_before)
-                assert lines[3:] == [_run_link(stack, run_id)], (channel, lines)
-            assert_no_secret(receivers.all())
+        with slowed_worker(stack) as worker:
+            with stack.api as api:
+                version_before = api.get("/deployments/name/all-etl/all-etl").json()["version"]
+            run_id = stack.start_run()
+            stack.wait_state(run_id, {"RUNNING"} | TERMINAL, 300)
+            # The updated automation's trigger starts its window at the run's next heartbeat.
+            since = stack.state(run_id)["timestamp"]
+            deadline = time.monotonic() + 120
+            while not _heartbeats_since(stack, run_id, since):
+                assert time.monotonic() < deadline, f"no heartbeat of run {run_id} within 120 s"
+                time.sleep(2)
+            assert stack.state(run_id)["type"] == "RUNNING"
+            t = time.monotonic()
+            sh(["docker", "kill", worker])
+            state = stack.wait_state(run_id, TERMINAL, 600)
+            stack.timings["killed run marked crashed after"] = time.monotonic() - t
+            assert state["type"] == "CRASHED", state
+            assert state["message"] == (
+                f"No heartbeat for {KILL_TEST_ZOMBIE_SECONDS} s: the worker or the machine stopped during the run."
+            ), state
+            # A stack this session brought up has the alert receivers (ELT_APPLIANCE_CHECKOUT's has none).
+            if stack.receivers is not None:
+                receivers = stack.receivers
+                label, version = _deployed_commits(stack, run_id)
+                commit = label or version
+                for channel, message in one_per_channel(receivers, run_id, "all-etl Crashed").items():
+                    lines = message.text.strip().splitlines()
+                    assert lines[0].endswith(" is Crashed."), (channel, lines)
+                    assert lines[2:] == [f"Cause: {state['message']}", f"Commit: {commit}", _run_link(stack, run_id)], (
+                        channel,
+                        lines,
+                    )
+                # It ran past ELT_ALERT_RUNNING_SECONDS (10 s) before it crashed.
+                for channel, message in one_per_channel(receivers, run_id, "all-etl still running").items():
+                    lines = message.text.strip().splitlines()
+                    assert " has been Running for more than 10 s (since " in lines[0], (channel, lines)
+                    assert lines[1] == "Cause: no end yet; a sync or a dbt query may be stuck (see the run's logs).", (
+                        channel,
+                        lines,
+                    )
+                    # Sent 10 s in: before update-code pulled (the version of before the run), or after.
+                    assert lines[2] in {f"Commit: {label}", f"Commit: {version_before}"}, (channel, lines, label, version_before)
+                    assert lines[3:] == [_run_link(stack, run_id)], (channel, lines)
+                assert_no_secret(receivers.all())
     finally:
-        sh(["docker", "update", "--cpus", str(os.cpu_count()), worker])
         restored = _prefect_setup(stack, stack.env["ELT_ZOMBIE_SECONDS"])
         assert "automation crash-zombie-flow-runs: updated" in restored, restored
 
