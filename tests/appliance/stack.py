@@ -215,7 +215,7 @@ def slowed_worker(stack: Stack, cpus: float = 0.5) -> Iterator[str]:
     try:
         yield worker
     finally:
-        sh(["docker", "update", "--cpus", str(os.cpu_count()), worker], check=False)
+        sh(["docker", "update", "--cpus", str(os.cpu_count()), worker])
 
 
 def health(container: str) -> str:

@@ -105,9 +105,9 @@ def _files_under(folder: Path) -> list[Path]:
 
 
 def _files_holding(secret: str, folders: list[Path], since: float) -> list[Path]:
-    """Regular files under `folders`, on the folder's own filesystem, changed since `since`
-    whose bytes contain `secret`. Another filesystem mounted below is left out: the appliance
-    lane's debootstrap mounts /proc inside its chroot in /tmp, whose /proc/kmsg blocks a read."""
+    """Files under `folders` changed since `since` whose bytes contain `secret`. A filesystem
+    mounted below a folder is not walked: a chroot's /proc, say, whose /proc/kmsg blocks a read
+    (the appliance lane's debootstrap once mounted one in /tmp while this scanned it)."""
     holding = []
     for folder in folders:
         device = folder.stat().st_dev
@@ -116,13 +116,7 @@ def _files_holding(secret: str, folders: list[Path], since: float) -> list[Path]
             folders_below[:] = [name for name in folders_below if _on_device(Path(parent) / name, device)]
             for path in (Path(parent) / name for name in names):
                 try:
-                    status = path.lstat()
-                    if (
-                        stat.S_ISREG(status.st_mode)
-                        and status.st_dev == device
-                        and status.st_mtime >= since
-                        and secret.encode() in path.read_bytes()
-                    ):
+                    if path.is_file() and path.stat().st_mtime >= since and secret.encode() in path.read_bytes():
                         holding.append(path)
                 except OSError:  # another process's file, gone or unreadable
                     pass

@@ -175,20 +175,21 @@ class EmbeddedBackend:
                 _stop_reading_when_cancelled(source, self._cancelled, self._cancel_error(spec))
                 with without_dataframe_libraries():
                     cache, cache_path = self._cache(spec, folder.records)
-                with _warehouse_locks[str(cache_path)], without_dataframe_libraries():
-                    try:
-                        self._raise_if_cancelled(spec)
-                        result = source.read(
-                            cache=cache,
-                            force_full_refresh=full_refresh,
-                            # "auto" merges on the primary key: rows the source no longer emits would stay.
-                            write_strategy="replace" if full_refresh else "auto",
-                        )
-                        counts = dict(result._progress_tracker.stream_read_counts)  # PyAirbyte exposes only the total
-                        if full_refresh:
-                            _empty_streams_without_records(cache, streams, counts)
-                    finally:
-                        cache.close()
+                with _warehouse_locks[str(cache_path)]:
+                    with without_dataframe_libraries():
+                        try:
+                            self._raise_if_cancelled(spec)
+                            result = source.read(
+                                cache=cache,
+                                force_full_refresh=full_refresh,
+                                # "auto" merges on the primary key: rows the source no longer emits would stay.
+                                write_strategy="replace" if full_refresh else "auto",
+                            )
+                            counts = dict(result._progress_tracker.stream_read_counts)  # PyAirbyte exposes only the total
+                            if full_refresh:
+                                _empty_streams_without_records(cache, streams, counts)
+                        finally:
+                            cache.close()
                     self._catalogs.store_spec(spec.source.connector, installed, source)
                     self._raise_if_cancelled(spec)
                     self._publish(spec, cache_path, streams)
